@@ -1,0 +1,36 @@
+# Set-up and the two user-facing jobs. `make report` and `make test` each create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast report bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+report: $(STAMP)
+	$(BIN)/sensitivity components --model tiny:mamba2
+	$(BIN)/sensitivity evaluate --model tiny:mamba2 --seqlen 256 --max-windows 8
+
+bench: $(STAMP)
+	MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 $(BIN)/python benchmarks/bench_scan.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check sensitivity tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,203 @@
+"""Instrumented, hookable mixer forwards for Mamba-1, FalconMamba and Mamba-2 (pure PyTorch).
+
+transformers' CPU path reads ``conv1d.weight`` and ``dt_proj.weight`` directly, so hooks on those modules never
+fire, and its Mamba-1 scan has a backward that is quadratic in the sequence length. :func:`instrument` swaps each
+mixer's class for a subclass whose forward
+
+* calls every submodule (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``norm``, ``out_proj``) as a module,
+* passes every canonical activation through a named :class:`HookPoint` (see ``Registry.hooks``), and
+* runs an exact chunked scan (:mod:`sensitivity.models.scan`) with a fast backward.
+
+It matches the HF forward to 1e-5 in float32. Hook points hold no parameters, so ``state_dict`` keys do not change.
+With a generation cache the HF forward runs unchanged (hook points do not fire then).
+
+Shape legend: B batch, L sequence length, D model width, ED inner channels, N state size, R Δ rank, H heads,
+P head dim, G B/C groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
+from transformers.models.mamba.modeling_mamba import MambaMixer
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+from .registry import _M1_HOOKS, _M2_HOOKS
+from .scan import selective_scan_chunked, selective_scan_ref, ssd_scan
+
+__all__ = ["HookPoint", "SCANS", "instrument", "is_instrumented", "uninstrument"]
+
+SCANS = ("chunked", "sequential")
+
+
+class HookPoint(nn.Identity):
+    """Identity module marking one named activation; forward hooks on it may read or replace the activation."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def _mask(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padded positions, as HF does before in_proj and after the convolution."""
+    if attention_mask is None:
+        return hidden
+    return (hidden * attention_mask[:, :, None]).to(hidden.dtype)  # (B, L, ·)
+
+
+def _causal_conv(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv1d through the module (so its hooks fire), then SiLU. (B, L, C) -> (B, L, C)."""
+    L = x.shape[1]
+    out = mixer.conv1d(x.transpose(1, 2).to(mixer.conv1d.weight.dtype))[..., :L]  # (B, C, L)
+    return mixer.act(out).transpose(1, 2).to(x.dtype)  # (B, L, C)
+
+
+def _mamba1_forward(self: MambaMixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
+    hp, dtype = self.hook_points, hidden_states.dtype
+    R, N = self.time_step_rank, self.ssm_state_size
+    # 1. Input projection into the x and gate branches.
+    hidden_states = _mask(hidden_states, attention_mask)  # (B, L, D)
+    x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, ED) each
+    x, z = hp["x"](x), hp["z"](z)
+    # 2. Causal convolution.
+    conv = hp["conv"](_mask(_causal_conv(self, x), attention_mask))  # (B, L, ED)
+    u = hp["u"](conv)  # (B, L, ED)
+    # 3. Input-dependent Δ, B, C.
+    dt_low, B, C = self.x_proj(u).split([R, N, N], dim=-1)  # (B, L, R), (B, L, N), (B, L, N)
+    if isinstance(self, FalconMambaMixer):
+        dt_low, B, C = self.dt_layernorm(dt_low), self.b_layernorm(B), self.c_layernorm(C)
+    dt_low = hp["dt_low"](dt_low)  # (B, L, R)
+    dt_raw = hp["dt_raw"](self.dt_proj(dt_low))  # (B, L, ED)
+    dt = hp["dt"](F.softplus(dt_raw.float()))  # (B, L, ED)
+    B, C = hp["B"](B), hp["C"](C)  # (B, L, N)
+    A = hp["A"](-torch.exp(self.A_log.float()))  # (ED, N)
+    # 4. Selective scan plus the D skip term, then the gate.
+    scan = selective_scan_ref if self._sensitivity_scan == "sequential" else selective_scan_chunked
+    y = hp["y"](scan(u, dt, A, B, C) + u.float() * self.D.float())  # (B, L, ED)
+    gated = hp["gated"](y * F.silu(z.float()))  # (B, L, ED)
+    # 5. Output projection.
+    return hp["out"](self.out_proj(hp["out_proj_in"](gated).to(dtype)))  # (B, L, D)
+
+
+def _mamba2_forward(self: Mamba2Mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
+    hp, dtype = self.hook_points, hidden_states.dtype
+    bsz, L, _ = hidden_states.shape
+    ED, H, P, G, N = self.intermediate_size, self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
+    # 1. Input projection into [z | x | B | C | dt].
+    hidden_states = _mask(hidden_states, attention_mask)  # (B, L, D)
+    z, x, B_in, C_in, dt_in = self.in_proj(hidden_states).split([ED, ED, G * N, G * N, H], dim=-1)
+    x, z = hp["x"](x), hp["z"](z)  # (B, L, ED)
+    # 2. Causal convolution over [x | B | C].
+    conv = _causal_conv(self, torch.cat([x, B_in, C_in], dim=-1))  # (B, L, ED+2GN)
+    conv = hp["conv"](_mask(conv, attention_mask))
+    u, B, C = conv.split([ED, G * N, G * N], dim=-1)
+    u = hp["u"](u)  # (B, L, ED)
+    B, C = hp["B"](B.reshape(bsz, L, G, N)), hp["C"](C.reshape(bsz, L, G, N))  # (B, L, G, N)
+    # 3. Δ with its bias, softplus and the time-step limit; per-head decay.
+    dt_raw = hp["dt_raw"](dt_in + self.dt_bias.to(dt_in.dtype))  # (B, L, H)
+    dt = hp["dt"](torch.clamp(F.softplus(dt_raw.float()), *self.time_step_limit))  # (B, L, H)
+    A = hp["A"](-torch.exp(self.A_log.float()))  # (H,)
+    # 4. Scan plus the D skip term.
+    u_heads = u.reshape(bsz, L, H, P).float()  # (B, L, H, P)
+    if self._sensitivity_scan == "sequential":
+        y = _mamba2_sequential(u_heads, dt, A, B, C)
+    else:
+        y = ssd_scan(u_heads, dt, A, B, C, chunk_size=self.chunk_size)  # (B, L, H, P)
+    y = hp["y"]((y + self.D.float()[:, None] * u_heads).reshape(bsz, L, ED))  # (B, L, ED)
+    # 5. Gate, grouped RMS norm, output projection.
+    gated = hp["gated"](y * F.silu(z.float()))  # (B, L, ED)
+    normed = hp["out_proj_in"](self.norm(gated))  # (B, L, ED)
+    return hp["out"](self.out_proj(normed.to(dtype)))  # (B, L, D)
+
+
+def _mamba2_sequential(x, dt, A, B, C) -> torch.Tensor:
+    """Mamba-2 through the per-channel reference scan (for cross-checks). Shapes as in ``ssd_scan``."""
+    bsz, L, H, P = x.shape
+    rep = H // B.shape[2]
+    per_channel = lambda t: t.repeat_interleave(rep, dim=2).repeat_interleave(P, dim=2)  # (B, L, ED, N)  # noqa: E731
+    A_ch = A.repeat_interleave(P)[:, None].expand(H * P, B.shape[-1])  # (ED, N)
+    y = selective_scan_ref(x.reshape(bsz, L, H * P), dt.repeat_interleave(P, dim=2), A_ch, per_channel(B), per_channel(C))
+    return y.reshape(bsz, L, H, P)
+
+
+class _InstrumentedMixin:
+    """Routes cache-free forwards through the instrumented path."""
+
+    _sensitivity_forward = None
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        if cache is not None or kwargs.get("cache_params") is not None:
+            return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+        return type(self)._sensitivity_forward(self, hidden_states, attention_mask)
+
+
+class InstrumentedMambaMixer(_InstrumentedMixin, MambaMixer):
+    _sensitivity_forward = _mamba1_forward
+
+
+class InstrumentedFalconMambaMixer(_InstrumentedMixin, FalconMambaMixer):
+    _sensitivity_forward = _mamba1_forward
+
+
+class InstrumentedMamba2Mixer(_InstrumentedMixin, Mamba2Mixer):
+    _sensitivity_forward = _mamba2_forward
+
+
+_SWAP = {
+    MambaMixer: (InstrumentedMambaMixer, _M1_HOOKS),
+    FalconMambaMixer: (InstrumentedFalconMambaMixer, _M1_HOOKS),
+    Mamba2Mixer: (InstrumentedMamba2Mixer, _M2_HOOKS),
+}
+_UNSWAP = {new: base for base, (new, _) in _SWAP.items()}
+
+
+def _mixers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m) in _SWAP or type(m) in _UNSWAP]
+
+
+def instrument(model: nn.Module, scan: str = "chunked") -> nn.Module:
+    """Give every Mamba mixer of ``model`` the instrumented forward and its hook points (in place).
+
+    Args:
+        model: A HF Mamba, Mamba2 or FalconMamba model (any wrapper holding their mixers).
+        scan: ``"chunked"`` (exact and fast) or ``"sequential"`` (the step-by-step reference).
+
+    Returns:
+        The same model. Each mixer gains a ``hook_points`` ``ModuleDict`` of :class:`HookPoint`.
+
+    Raises:
+        ValueError: If ``scan`` is unknown or the model has no Mamba mixer.
+    """
+    if scan not in SCANS:
+        raise ValueError(f"unknown scan {scan!r}; allowed: {', '.join(SCANS)}")
+    mixers = _mixers(model)
+    if not mixers:
+        raise ValueError(f"{type(model).__name__} has no Mamba, Mamba2 or FalconMamba mixer to instrument")
+    for mixer in mixers:
+        base = _UNSWAP.get(type(mixer), type(mixer))
+        new_cls, specs = _SWAP[base]
+        mixer.__class__ = new_cls
+        if "hook_points" not in mixer._modules:
+            mixer.hook_points = nn.ModuleDict({h.name: HookPoint(h.name) for h in specs})
+        mixer._sensitivity_scan = scan
+    return model
+
+
+def uninstrument(model: nn.Module) -> nn.Module:
+    """Undo :func:`instrument` in place: restore the HF mixer classes and drop the hook points."""
+    for mixer in _mixers(model):
+        if type(mixer) in _UNSWAP:
+            mixer.__class__ = _UNSWAP[type(mixer)]
+            del mixer.hook_points
+    return model
+
+
+def is_instrumented(model: nn.Module) -> bool:
+    """True when every mixer of ``model`` runs the instrumented forward."""
+    mixers = _mixers(model)
+    return bool(mixers) and all(type(m) in _UNSWAP for m in mixers)

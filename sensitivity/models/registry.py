@@ -1,0 +1,316 @@
+"""The component registry: canonical mixer components and where they live in each architecture.
+
+This module is the only place in the package that knows how ``in_proj``, ``x_proj`` and the per-head parameters
+are packed. Everything else asks the registry for a component's tensors, row slices and hook point.
+
+Shape legend: D model width, ED inner channels (expand·D), N state size, R Δ low rank, H heads, P head dim,
+G B/C groups, K conv kernel.
+
+Mamba-1 / FalconMamba mixer: ``in_proj`` (2·ED, D) rows ``[x | z]``; depthwise ``conv1d`` (ED, 1, K);
+``x_proj`` (R+2N, ED) rows ``[dt_low_rank | B | C]``; ``dt_proj`` (ED, R) + bias; ``A_log`` (ED, N); ``D`` (ED,);
+``out_proj`` (D, ED). FalconMamba adds weightless RMS norms on the Δ low-rank input, B and C.
+
+Mamba-2 mixer: ``in_proj`` (2·ED + 2·G·N + H, D) rows ``[z | x | B | C | dt]``; ``conv1d`` over ``[x | B | C]``;
+``dt_bias``, ``A_log``, ``D`` (H,); gated RMS ``norm`` (ED,) with G groups; ``out_proj`` (D, ED).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import reduce
+
+import pandas as pd
+import torch
+from torch import nn
+
+__all__ = ["ARCHITECTURES", "Component", "HookSpec", "Registry", "TensorSlice", "build_registry"]
+
+ARCHITECTURES = ("mamba", "mamba2", "falcon_mamba")
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Rows ``[start, stop)`` of one parameter of a mixer (all rows when ``rows`` is None).
+
+    Attributes:
+        param: Dotted path relative to the mixer, e.g. ``"in_proj.weight"``.
+        rows: Half-open row range along dim 0, or None for the whole tensor.
+        layout: Names of the axes the selected rows reshape into, e.g. ``("H", "P")`` for per-head rows.
+    """
+
+    param: str
+    rows: tuple[int, int] | None = None
+    layout: tuple[str, ...] = ()
+
+    def get(self, mixer: nn.Module) -> torch.Tensor:
+        """A view of the selected rows of the parameter (writes go to the model)."""
+        tensor = reduce(getattr, self.param.split("."), mixer)
+        return tensor if self.rows is None else tensor[self.rows[0] : self.rows[1]]
+
+    def describe(self) -> str:
+        return self.param if self.rows is None else f"{self.param}[{self.rows[0]}:{self.rows[1]}]"
+
+
+@dataclass(frozen=True)
+class Component:
+    """A canonical part of a mixer layer.
+
+    Attributes:
+        name: Canonical name (``x``, ``z``, ``B``, ``C``, ``dt``, ``conv1d``, ``A_log``, ``D``, ``norm``,
+            ``out_proj``, and FalconMamba's ``dt_norm``, ``B_norm``, ``C_norm``).
+        description: One line for tables.
+        tensors: The parameter rows it owns (empty for weightless parts).
+        hook: The hook point carrying the activation it produces.
+    """
+
+    name: str
+    description: str
+    tensors: tuple[TensorSlice, ...]
+    hook: str
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """A named activation of the instrumented mixer forward and its shape (legend letters plus B, L)."""
+
+    name: str
+    shape: str
+    description: str
+
+
+_M1_HOOKS = (
+    HookSpec("x", "(B, L, ED)", "x branch of in_proj, before the convolution"),
+    HookSpec("z", "(B, L, ED)", "gate branch of in_proj"),
+    HookSpec("conv", "(B, L, ED)", "conv1d output after SiLU"),
+    HookSpec("u", "(B, L, ED)", "SSM input (equals conv on Mamba-1)"),
+    HookSpec("dt_low", "(B, L, R)", "Δ low-rank projection (after the RMS norm on FalconMamba)"),
+    HookSpec("dt_raw", "(B, L, ED)", "Δ before softplus (dt_proj output + bias)"),
+    HookSpec("dt", "(B, L, ED)", "Δ after softplus"),
+    HookSpec("B", "(B, L, N)", "input matrix B"),
+    HookSpec("C", "(B, L, N)", "output matrix C"),
+    HookSpec("A", "(ED, N)", "continuous decay A = -exp(A_log)"),
+    HookSpec("y", "(B, L, ED)", "scan output including the D skip term"),
+    HookSpec("gated", "(B, L, ED)", "y * silu(z)"),
+    HookSpec("out_proj_in", "(B, L, ED)", "input of out_proj (equals gated on Mamba-1)"),
+    HookSpec("out", "(B, L, D)", "mixer output"),
+)
+
+_M2_HOOKS = (
+    HookSpec("x", "(B, L, ED)", "x branch of in_proj, before the convolution"),
+    HookSpec("z", "(B, L, ED)", "gate branch of in_proj"),
+    HookSpec("conv", "(B, L, ED+2GN)", "conv1d output after SiLU over [x | B | C]"),
+    HookSpec("u", "(B, L, ED)", "SSM input: the x channels of conv"),
+    HookSpec("dt_raw", "(B, L, H)", "Δ before softplus (in_proj dt rows + dt_bias)"),
+    HookSpec("dt", "(B, L, H)", "Δ after softplus and the time-step limit"),
+    HookSpec("B", "(B, L, G, N)", "input matrix B (after the convolution)"),
+    HookSpec("C", "(B, L, G, N)", "output matrix C (after the convolution)"),
+    HookSpec("A", "(H,)", "continuous decay A = -exp(A_log)"),
+    HookSpec("y", "(B, L, ED)", "scan output including the D skip term"),
+    HookSpec("gated", "(B, L, ED)", "y * silu(z), before the gated RMS norm"),
+    HookSpec("out_proj_in", "(B, L, ED)", "gated RMS norm output, the input of out_proj"),
+    HookSpec("out", "(B, L, D)", "mixer output"),
+)
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Canonical components and hook points of every mixer layer of one model.
+
+    Attributes:
+        arch: ``"mamba"``, ``"mamba2"`` or ``"falcon_mamba"``.
+        n_layers: Number of mixer layers.
+        dims: Sizes by legend letter (``D``, ``ED``, ``N``, ``K``, and ``R`` or ``H``, ``P``, ``G``).
+        components: Components of one mixer layer, in a fixed order.
+        hooks: Hook points of one mixer layer, in forward order.
+        layers_path: Dotted path from the causal-LM model to the list of blocks.
+        mixer_attr: Attribute of a block holding its mixer.
+
+    Example:
+        >>> reg = build_registry(model.config)
+        >>> reg.component("B").tensors[0].get(reg.mixer(model, 0)).shape
+        torch.Size([16, 256])
+    """
+
+    arch: str
+    n_layers: int
+    dims: dict[str, int]
+    components: tuple[Component, ...]
+    hooks: tuple[HookSpec, ...]
+    layers_path: str = "backbone.layers"
+    mixer_attr: str = "mixer"
+    _by_name: dict[str, Component] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._by_name.update({c.name: c for c in self.components})
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components)
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        return tuple(h.name for h in self.hooks)
+
+    def component(self, name: str) -> Component:
+        """The component called ``name``; ValueError naming the allowed names otherwise."""
+        if name not in self._by_name:
+            raise ValueError(
+                f"unknown component {name!r} for {self.arch}; allowed: {', '.join(self.component_names)}"
+            )
+        return self._by_name[name]
+
+    def check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer!r} out of range; allowed: 0..{self.n_layers - 1}")
+        return layer
+
+    def mixer(self, model: nn.Module, layer: int) -> nn.Module:
+        """The mixer module of ``layer``."""
+        layers = reduce(getattr, self.layers_path.split("."), model)
+        return getattr(layers[self.check_layer(layer)], self.mixer_attr)
+
+    def tensors(self, model: nn.Module, layer: int, name: str) -> list[torch.Tensor]:
+        """Views of the parameter rows owned by component ``name`` in ``layer`` (writes go to the model)."""
+        mixer = self.mixer(model, layer)
+        return [t.get(mixer) for t in self.component(name).tensors]
+
+    def hook_point(self, model: nn.Module, layer: int, name: str) -> nn.Module:
+        """The hook-point module carrying activation ``name`` in ``layer`` (model must be instrumented)."""
+        if name not in self.hook_names:
+            raise ValueError(f"unknown hook point {name!r} for {self.arch}; allowed: {', '.join(self.hook_names)}")
+        mixer = self.mixer(model, layer)
+        points = getattr(mixer, "hook_points", None)
+        if points is None:
+            raise ValueError("model is not instrumented; call sensitivity.instrument(model) first")
+        return points[name]
+
+    def table(self, model: nn.Module | None = None) -> pd.DataFrame:
+        """One row per (layer, component, tensor): names, row ranges, shapes, layouts and hook points."""
+        rows = []
+        for layer in range(self.n_layers):
+            mixer = self.mixer(model, layer) if model is not None else None
+            for comp in self.components:
+                for t in comp.tensors or (None,):
+                    shape = tuple(t.get(mixer).shape) if (t is not None and mixer is not None) else None
+                    rows.append(
+                        {
+                            "layer": layer,
+                            "component": comp.name,
+                            "tensor": t.param if t else "",
+                            "rows": f"{t.rows[0]}:{t.rows[1]}" if (t and t.rows) else "",
+                            "shape": "x".join(map(str, shape)) if shape else "",
+                            "layout": ",".join(t.layout) if t else "",
+                            "hook": comp.hook,
+                            "description": comp.description,
+                        }
+                    )
+        return pd.DataFrame(rows)
+
+
+def _mamba1(config) -> Registry:
+    D, ED, N = config.hidden_size, config.intermediate_size, config.state_size
+    R, K = int(config.time_step_rank), config.conv_kernel
+    in_bias = getattr(config, "use_bias", False)
+    conv_bias = getattr(config, "use_conv_bias", True)
+
+    def in_rows(lo: int, hi: int) -> tuple[TensorSlice, ...]:
+        weight = TensorSlice("in_proj.weight", (lo, hi), ("ED",))
+        return (weight, TensorSlice("in_proj.bias", (lo, hi), ("ED",))) if in_bias else (weight,)
+
+    comps = [
+        Component("x", "x branch rows of in_proj", in_rows(0, ED), "x"),
+        Component("z", "gate rows of in_proj", in_rows(ED, 2 * ED), "z"),
+        Component(
+            "conv1d",
+            "depthwise causal convolution",
+            (TensorSlice("conv1d.weight", None, ("ED",)),) + ((TensorSlice("conv1d.bias", None, ("ED",)),) if conv_bias else ()),
+            "conv",
+        ),
+        Component(
+            "dt",
+            "Δ path: x_proj dt rows, dt_proj and its bias",
+            (
+                TensorSlice("x_proj.weight", (0, R), ("R",)),
+                TensorSlice("dt_proj.weight", None, ("ED",)),
+                TensorSlice("dt_proj.bias", None, ("ED",)),
+            ),
+            "dt",
+        ),
+        Component("B", "B rows of x_proj", (TensorSlice("x_proj.weight", (R, R + N), ("N",)),), "B"),
+        Component("C", "C rows of x_proj", (TensorSlice("x_proj.weight", (R + N, R + 2 * N), ("N",)),), "C"),
+        Component("A_log", "log of the negated decay rates", (TensorSlice("A_log", None, ("ED", "N")),), "A"),
+        Component("D", "skip connection D", (TensorSlice("D", None, ("ED",)),), "y"),
+        Component(
+            "out_proj",
+            "output projection",
+            (TensorSlice("out_proj.weight", None, ("D",)),) + ((TensorSlice("out_proj.bias", None, ("D",)),) if in_bias else ()),
+            "out",
+        ),
+    ]
+    arch = config.model_type
+    if arch == "falcon_mamba":
+        comps += [
+            Component("dt_norm", "weightless RMS norm on the Δ low-rank input", (), "dt_low"),
+            Component("B_norm", "weightless RMS norm on B", (), "B"),
+            Component("C_norm", "weightless RMS norm on C", (), "C"),
+        ]
+    return Registry(arch, config.num_hidden_layers, {"D": D, "ED": ED, "N": N, "R": R, "K": K}, tuple(comps), _M1_HOOKS)
+
+
+def _mamba2(config) -> Registry:
+    D, H, P = config.hidden_size, config.num_heads, config.head_dim
+    ED, N, G, K = int(config.expand * config.hidden_size), config.state_size, config.n_groups, config.conv_kernel
+    in_bias = getattr(config, "use_bias", False)
+    conv_bias = getattr(config, "use_conv_bias", True)
+    bounds = {"z": (0, ED), "x": (ED, 2 * ED), "B": (2 * ED, 2 * ED + G * N), "C": (2 * ED + G * N, 2 * ED + 2 * G * N)}
+    bounds["dt"] = (2 * ED + 2 * G * N, 2 * ED + 2 * G * N + H)
+    layouts = {"z": ("H", "P"), "x": ("H", "P"), "B": ("G", "N"), "C": ("G", "N"), "dt": ("H",)}
+
+    def in_rows(name: str) -> tuple[TensorSlice, ...]:
+        weight = TensorSlice("in_proj.weight", bounds[name], layouts[name])
+        return (weight, TensorSlice("in_proj.bias", bounds[name], layouts[name])) if in_bias else (weight,)
+
+    comps = (
+        Component("z", "gate rows of in_proj", in_rows("z"), "z"),
+        Component("x", "x rows of in_proj", in_rows("x"), "x"),
+        Component("B", "B rows of in_proj", in_rows("B"), "B"),
+        Component("C", "C rows of in_proj", in_rows("C"), "C"),
+        Component("dt", "Δ path: in_proj dt rows and dt_bias", in_rows("dt") + (TensorSlice("dt_bias", None, ("H",)),), "dt"),
+        Component(
+            "conv1d",
+            "depthwise causal convolution over [x | B | C]",
+            (TensorSlice("conv1d.weight", None, ("ED+2GN",)),)
+            + ((TensorSlice("conv1d.bias", None, ("ED+2GN",)),) if conv_bias else ()),
+            "conv",
+        ),
+        Component("A_log", "log of the negated per-head decay rates", (TensorSlice("A_log", None, ("H",)),), "A"),
+        Component("D", "per-head skip connection D", (TensorSlice("D", None, ("H",)),), "y"),
+        Component("norm", "gated RMS norm weight", (TensorSlice("norm.weight", None, ("H", "P")),), "out_proj_in"),
+        Component(
+            "out_proj",
+            "output projection",
+            (TensorSlice("out_proj.weight", None, ("D",)),) + ((TensorSlice("out_proj.bias", None, ("D",)),) if in_bias else ()),
+            "out",
+        ),
+    )
+    dims = {"D": D, "ED": ED, "N": N, "H": H, "P": P, "G": G, "K": K}
+    return Registry("mamba2", config.num_hidden_layers, dims, comps, _M2_HOOKS)
+
+
+def build_registry(config) -> Registry:
+    """Build the registry for a HF Mamba, Mamba2 or FalconMamba config.
+
+    Raises:
+        ValueError: For any other ``model_type``.
+    """
+    arch = getattr(config, "model_type", None)
+    if arch in ("mamba", "falcon_mamba"):
+        return _mamba1(config)
+    if arch == "mamba2":
+        if int(config.expand * config.hidden_size) != config.num_heads * config.head_dim:
+            raise ValueError(
+                f"mamba2 config has expand*hidden_size={int(config.expand * config.hidden_size)} but "
+                f"num_heads*head_dim={config.num_heads * config.head_dim}; they must be equal"
+            )
+        return _mamba2(config)
+    raise ValueError(f"unsupported model_type {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
