@@ -118,8 +118,10 @@ def load_corpus(spec: str = SAMPLE_NAME, *, text_field: str = "text", heldout_fr
         ValueError: For invalid arguments, empty or malformed input, or an
             unknown spec.
     """
-    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) or not (
-        0 < heldout_fraction < 1
+    if (
+        isinstance(heldout_fraction, bool)
+        or not isinstance(heldout_fraction, (int, float))
+        or not (0 < heldout_fraction < 1)
     ):
         raise ValueError(f"heldout_fraction={heldout_fraction!r} is invalid; it must be a number with 0 < x < 1")
     if spec == SAMPLE_NAME:
@@ -248,7 +250,9 @@ def _load_json(path: Path, text_field: str) -> tuple[str, ...]:
     except json.JSONDecodeError:
         return _load_jsonl(path, text_field)
     if not isinstance(data, list):
-        raise ValueError(f"{path} must hold a JSON list of records or strings (or JSON lines), got {type(data).__name__}")
+        raise ValueError(
+            f"{path} must hold a JSON list of records or strings (or JSON lines), got {type(data).__name__}"
+        )
     return tuple(_text_of(item, text_field, f"{path} item {i}") for i, item in enumerate(data))
 
 
@@ -302,7 +306,9 @@ def _load_file_lenient(path: Path, text_field: str) -> tuple[str, ...]:
 
 def _load_hf(spec: str, text_field: str) -> dict[str, tuple[str, ...]]:
     """Load a Hugging Face dataset ``name`` or ``name:config`` if locally available."""
-    hint = f"{spec!r} is neither an existing path, the built-in name {SAMPLE_NAME!r}, nor a locally available HF dataset"
+    hint = (
+        f"{spec!r} is neither an existing path, the built-in name {SAMPLE_NAME!r}, nor a locally available HF dataset"
+    )
     name, _, config = spec.partition(":")
     if not name:
         raise ValueError(f"{hint} (empty dataset name)")
@@ -324,7 +330,9 @@ def _load_hf(spec: str, text_field: str) -> dict[str, tuple[str, ...]]:
             column = dataset[split_name][text_field]
         except KeyError:
             columns = getattr(dataset[split_name], "column_names", None)
-            raise ValueError(f"dataset {spec} split {split_name!r} has no field {text_field!r}; columns: {columns}") from None
+            raise ValueError(
+                f"dataset {spec} split {split_name!r} has no field {text_field!r}; columns: {columns}"
+            ) from None
         splits[canonical] = tuple(t for t in column if isinstance(t, str) and t.strip())
     if not any(splits.values()):
         raise ValueError(f"dataset {spec} has no text in its train/validation/test splits")

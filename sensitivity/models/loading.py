@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -105,13 +107,21 @@ def _from_pretrained(name: str, dtype: torch.dtype, revision: str | None) -> tup
         raise ValueError(f"model directory {name!r} has no config.json")
     source = str(path) if is_local else name
     offline = is_local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    try:
-        config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=offline)
+    try:  # the local cache first; the hub only when the cache lacks it and the hub answers
+        config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(
-            f"could not load model {name!r}: it is not a local directory, not in the Hugging Face cache, and the "
-            f"hub could not be reached ({str(e).splitlines()[0][:160]})"
-        ) from None
+        reason = str(e).splitlines()[0][:160]
+        if offline or not _hub_reachable():
+            raise ValueError(
+                f"could not load model {name!r}: it is not a local directory, not in the Hugging Face cache, and "
+                f"the hub is {'disabled (HF_HUB_OFFLINE)' if offline else 'not reachable'} ({reason})"
+            ) from None
+        try:
+            config = AutoConfig.from_pretrained(source, revision=revision)
+        except (OSError, ValueError) as e2:
+            raise ValueError(f"could not load model {name!r} from the hub ({str(e2).splitlines()[0][:160]})") from None
+    else:
+        offline = True
     _check_arch(config, name)
     model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, local_files_only=offline)
     try:
@@ -120,6 +130,17 @@ def _from_pretrained(name: str, dtype: torch.dtype, revision: str | None) -> tup
         logger.info("no tokenizer found for %s", name)
         tokenizer = None
     return model, tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HF endpoint accepts a TCP connection (avoids minutes of retries when offline)."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _tiny(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:

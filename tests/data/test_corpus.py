@@ -253,7 +253,9 @@ def test_directory_without_documents_raises(tmp_path: Path) -> None:
 
 def test_unknown_name_without_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(ValueError, match=r"'no/such-corpus' is neither an existing path.*'datasets' package is not installed"):
+    with pytest.raises(
+        ValueError, match=r"'no/such-corpus' is neither an existing path.*'datasets' package is not installed"
+    ):
         load_corpus("no/such-corpus")
 
 

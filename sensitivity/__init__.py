@@ -1,0 +1,27 @@
+"""sensitivity: where a state-space LM can be pruned, and why some pruning methods collapse it.
+
+Stages, one subpackage each: ``models`` (loading, component registry, instrumented forward) -> ``data`` (corpora
+and token windows) -> ``eval`` (perplexity, KL).
+"""
+
+from .data import Corpus, Windows, byte_tokenizer, calibration_windows, eval_windows, load_corpus
+from .eval import KLDivergence, Perplexity, kl_divergence, perplexity
+from .models import (
+    Component,
+    LoadedModel,
+    Registry,
+    build_registry,
+    capture,
+    hooks,
+    instrument,
+    load_model,
+    uninstrument,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Component", "Corpus", "KLDivergence", "LoadedModel", "Perplexity", "Registry", "Windows", "build_registry",
+    "byte_tokenizer", "calibration_windows", "capture", "eval_windows", "hooks", "instrument", "kl_divergence",
+    "load_corpus", "load_model", "perplexity", "uninstrument",
+]

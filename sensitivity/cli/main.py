@@ -1,0 +1,131 @@
+"""``sensitivity`` command line: ``components`` and ``evaluate``.
+
+Bad arguments exit with status 2 and one line on stderr naming the value and what is allowed; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+__all__ = ["main"]
+
+_FORMATS = ("table", "csv", "json")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is too small; must be an integer >= {lo}")
+        return value
+
+    return parse
+
+
+def _build_parser() -> _Parser:
+    from ..models.loading import DEFAULT_MODEL, DTYPES
+
+    parser = _Parser(prog="sensitivity", description="Pruning-sensitivity analysis of state-space LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"checkpoint directory, HF hub id, or tiny:mamba|tiny:mamba2|tiny:falcon-mamba "
+                            f"(default {DEFAULT_MODEL})")
+        p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype (default float32)")
+
+    p = sub.add_parser("components", help="list each layer's canonical components, tensors and hook points")
+    model_args(p)
+    p.add_argument("--format", default="table", choices=_FORMATS, help="output format (default table)")
+
+    p = sub.add_parser("evaluate", help="token-level perplexity on held-out text")
+    model_args(p)
+    p.add_argument("--data", default="sample", help="'sample', a text/JSONL file, a directory, or a local HF dataset")
+    p.add_argument("--split", default=None, help="split to evaluate (default: test, else validation)")
+    p.add_argument("--text-field", default="text", help="JSONL/HF field holding the text (default text)")
+    p.add_argument("--seqlen", type=_int_at_least(2), default=512, help="window length in tokens (default 512)")
+    p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="evaluate only the first K windows")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward (default 8)")
+    p.add_argument("--reference", default=None, help="also report KL(reference || model) against this model")
+    p.add_argument("--seed", type=int, default=0, help="seed recorded with the result (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _cmd_components(args) -> int:
+    from ..models import load_model
+
+    lm = load_model(args.model, dtype=args.dtype)
+    table = lm.registry.table(lm.model)
+    if args.format == "csv":
+        sys.stdout.write(table.to_csv(index=False))
+    elif args.format == "json":
+        print(json.dumps({"model": lm.name, "arch": lm.arch, "dims": lm.registry.dims,
+                          "components": table.to_dict(orient="records")}, indent=2))
+    else:
+        dims = ", ".join(f"{k}={v}" for k, v in lm.registry.dims.items())
+        print(f"{lm.name}: {lm.arch}, {lm.registry.n_layers} layers, {lm.n_params:,} parameters ({dims})")
+        print(table.drop(columns=["description"]).to_string(index=False))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .._manifest import versions
+    from ..data import eval_windows, load_corpus
+    from ..eval import kl_divergence, perplexity
+    from ..models import load_model
+
+    lm = load_model(args.model, dtype=args.dtype)
+    if lm.tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer; save one next to its config")
+    reference = load_model(args.reference, dtype=args.dtype) if args.reference else None
+    corpus = load_corpus(args.data, text_field=args.text_field)
+    windows = eval_windows(corpus, lm.tokenizer, args.seqlen, split=args.split, max_windows=args.max_windows)
+    show = not args.json and sys.stderr.isatty()
+    ppl = perplexity(lm, windows, batch_size=args.batch_size, show_progress=show)
+    result = {"model": lm.name, "arch": lm.arch, "data": args.data, "split": windows.split, **ppl.to_dict(),
+              "seed": args.seed, "versions": versions()}
+    if reference is not None:
+        kl = kl_divergence(lm, reference, windows, batch_size=args.batch_size, show_progress=show)
+        result.update(reference=reference.name, kl=kl.kl, kl_definition=kl.definition)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"model       {lm.name} ({lm.arch}, {lm.registry.n_layers} layers, {lm.n_params:,} parameters)")
+    print(f"data        {args.data}, split {windows.split!r}")
+    print(f"perplexity  {ppl.perplexity:.3f}")
+    print(f"nll         {ppl.nll:.4f} nats/token over {ppl.tokens} tokens in {ppl.windows} windows")
+    if reference is not None:
+        print(f"kl          {result['kl']:.5f} nats/token vs {reference.name}")
+    print(f"definition  {ppl.definition}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for bad input)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    commands = {"components": _cmd_components, "evaluate": _cmd_evaluate}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"sensitivity {args.command}: error: {e}\n")

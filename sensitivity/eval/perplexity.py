@@ -1,0 +1,143 @@
+"""Token-level perplexity and KL divergence between models, each returned with its definition."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import Windows
+from ..models.loading import unwrap
+
+__all__ = ["KLDivergence", "Perplexity", "kl_divergence", "perplexity"]
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """A perplexity with what it was measured on.
+
+    Attributes:
+        perplexity: ``exp(nll)``.
+        nll: Mean negative log-likelihood per scored token, in nats.
+        tokens: Number of scored tokens (``windows * (seqlen - 1)``).
+        windows: Number of windows.
+        seqlen: Window length in tokens.
+        definition: One sentence stating exactly what was computed.
+    """
+
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+    seqlen: int
+    definition: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class KLDivergence:
+    """Mean per-token ``KL(reference || model)`` of next-token distributions, in nats."""
+
+    kl: float
+    tokens: int
+    windows: int
+    seqlen: int
+    definition: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(windows: Windows, batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r} must be an integer >= 1")
+    if len(windows) == 0:
+        raise ValueError("no windows to evaluate")
+
+
+def _batches(windows: Windows, batch_size: int, desc: str, show_progress: bool):
+    ids = windows.ids  # (n, L)
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not show_progress, unit="batch"):
+        yield ids[start : start + batch_size]  # (b, L)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), use_cache=False).logits.float()  # (b, L, V)
+
+
+def _scored(windows: Windows) -> str:
+    L = windows.seqlen
+    return (
+        f"{windows.describe()}; within each window the first token is context only, so {L - 1} next-token "
+        f"predictions are scored per window ({len(windows) * (L - 1)} in total)"
+    )
+
+
+@torch.no_grad()
+def perplexity(model, windows: Windows, *, batch_size: int = 8, show_progress: bool = True) -> Perplexity:
+    """Token-level perplexity ``exp(mean NLL)`` over non-overlapping windows.
+
+    Every token of the evaluated text is predicted at most once: windows do not overlap (stride = window length),
+    and the first token of each window is only context, so ``seqlen - 1`` tokens are scored per window.
+
+    Args:
+        model: A ``LoadedModel`` or a HF causal LM.
+        windows: Evaluation windows ``(n, L)``, e.g. from :func:`sensitivity.data.eval_windows`.
+        batch_size: Windows per forward pass.
+        show_progress: Show a tqdm bar.
+
+    Returns:
+        A :class:`Perplexity` whose ``definition`` states window length, stride, split and source.
+
+    Example:
+        >>> ppl = perplexity(lm, eval_windows(load_corpus("sample"), lm.tokenizer, seqlen=256))
+        >>> ppl.perplexity, ppl.definition
+    """
+    _check(windows, batch_size)
+    module = unwrap(model)
+    total, count = 0.0, 0
+    for ids in _batches(windows, batch_size, "perplexity", show_progress):
+        logits = _logits(module, ids)[:, :-1]  # (b, L-1, V)
+        target = ids[:, 1:].to(logits.device)  # (b, L-1)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        count += target.numel()
+    nll = total / count
+    definition = f"token-level perplexity exp(mean next-token NLL, nats) over {_scored(windows)}"
+    return Perplexity(math.exp(nll), nll, count, len(windows), windows.seqlen, definition)
+
+
+@torch.no_grad()
+def kl_divergence(model, reference, windows: Windows, *, batch_size: int = 8, show_progress: bool = True) -> KLDivergence:
+    """Mean per-token ``KL(reference || model)`` of next-token distributions on the same windows.
+
+    The positions are those scored by :func:`perplexity` (all but the last of each window).
+
+    Args:
+        model: The model under test (e.g. pruned); ``LoadedModel`` or HF causal LM.
+        reference: The reference (e.g. dense) model with the same vocabulary.
+        windows: Evaluation windows ``(n, L)``.
+        batch_size: Windows per forward pass.
+        show_progress: Show a tqdm bar.
+
+    Returns:
+        A :class:`KLDivergence` in nats per token.
+    """
+    _check(windows, batch_size)
+    mod, ref = unwrap(model), unwrap(reference)
+    total, count = 0.0, 0
+    for ids in _batches(windows, batch_size, "kl", show_progress):
+        logp = F.log_softmax(_logits(mod, ids)[:, :-1], dim=-1)  # (b, L-1, V)
+        logq = F.log_softmax(_logits(ref, ids)[:, :-1], dim=-1).to(logp.device)  # (b, L-1, V)
+        if logp.shape != logq.shape:
+            raise ValueError(f"vocabularies differ: model gives {logp.shape[-1]} logits, reference {logq.shape[-1]}")
+        total += F.kl_div(logp, logq, log_target=True, reduction="sum").item()
+        count += logp.shape[0] * logp.shape[1]
+    definition = f"mean per-token KL(reference || model) of next-token distributions, nats, over {_scored(windows)}"
+    return KLDivergence(total / count, count, len(windows), windows.seqlen, definition)
