@@ -43,9 +43,12 @@ def _build_parser() -> _Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"checkpoint directory, HF hub id, or tiny:mamba|tiny:mamba2|tiny:falcon-mamba "
-                            f"(default {DEFAULT_MODEL})")
+        p.add_argument(
+            "--model",
+            default=DEFAULT_MODEL,
+            help=f"checkpoint directory, HF hub id, or tiny:mamba|tiny:mamba2|tiny:falcon-mamba "
+            f"(default {DEFAULT_MODEL})",
+        )
         p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype (default float32)")
 
     p = sub.add_parser("components", help="list each layer's canonical components, tensors and hook points")
@@ -74,8 +77,17 @@ def _cmd_components(args) -> int:
     if args.format == "csv":
         sys.stdout.write(table.to_csv(index=False))
     elif args.format == "json":
-        print(json.dumps({"model": lm.name, "arch": lm.arch, "dims": lm.registry.dims,
-                          "components": table.to_dict(orient="records")}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": lm.name,
+                    "arch": lm.arch,
+                    "dims": lm.registry.dims,
+                    "components": table.to_dict(orient="records"),
+                },
+                indent=2,
+            )
+        )
     else:
         dims = ", ".join(f"{k}={v}" for k, v in lm.registry.dims.items())
         print(f"{lm.name}: {lm.arch}, {lm.registry.n_layers} layers, {lm.n_params:,} parameters ({dims})")
@@ -97,8 +109,15 @@ def _cmd_evaluate(args) -> int:
     windows = eval_windows(corpus, lm.tokenizer, args.seqlen, split=args.split, max_windows=args.max_windows)
     show = not args.json and sys.stderr.isatty()
     ppl = perplexity(lm, windows, batch_size=args.batch_size, show_progress=show)
-    result = {"model": lm.name, "arch": lm.arch, "data": args.data, "split": windows.split, **ppl.to_dict(),
-              "seed": args.seed, "versions": versions()}
+    result = {
+        "model": lm.name,
+        "arch": lm.arch,
+        "data": args.data,
+        "split": windows.split,
+        **ppl.to_dict(),
+        "seed": args.seed,
+        "versions": versions(),
+    }
     if reference is not None:
         kl = kl_divergence(lm, reference, windows, batch_size=args.batch_size, show_progress=show)
         result.update(reference=reference.name, kl=kl.kl, kl_definition=kl.definition)
@@ -119,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for bad input)."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         import transformers
 

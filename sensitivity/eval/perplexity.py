@@ -114,7 +114,9 @@ def perplexity(model, windows: Windows, *, batch_size: int = 8, show_progress: b
 
 
 @torch.no_grad()
-def kl_divergence(model, reference, windows: Windows, *, batch_size: int = 8, show_progress: bool = True) -> KLDivergence:
+def kl_divergence(
+    model, reference, windows: Windows, *, batch_size: int = 8, show_progress: bool = True
+) -> KLDivergence:
     """Mean per-token ``KL(reference || model)`` of next-token distributions on the same windows.
 
     The positions are those scored by :func:`perplexity` (all but the last of each window).

@@ -16,8 +16,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     FalconMambaConfig,
-    MambaConfig,
     Mamba2Config,
+    MambaConfig,
     PretrainedConfig,
     PreTrainedModel,
 )

@@ -154,9 +154,7 @@ class Registry:
     def component(self, name: str) -> Component:
         """The component called ``name``; ValueError naming the allowed names otherwise."""
         if name not in self._by_name:
-            raise ValueError(
-                f"unknown component {name!r} for {self.arch}; allowed: {', '.join(self.component_names)}"
-            )
+            raise ValueError(f"unknown component {name!r} for {self.arch}; allowed: {', '.join(self.component_names)}")
         return self._by_name[name]
 
     def check_layer(self, layer: int) -> int:
@@ -223,7 +221,8 @@ def _mamba1(config) -> Registry:
         Component(
             "conv1d",
             "depthwise causal convolution",
-            (TensorSlice("conv1d.weight", None, ("ED",)),) + ((TensorSlice("conv1d.bias", None, ("ED",)),) if conv_bias else ()),
+            (TensorSlice("conv1d.weight", None, ("ED",)),)
+            + ((TensorSlice("conv1d.bias", None, ("ED",)),) if conv_bias else ()),
             "conv",
         ),
         Component(
@@ -243,7 +242,8 @@ def _mamba1(config) -> Registry:
         Component(
             "out_proj",
             "output projection",
-            (TensorSlice("out_proj.weight", None, ("D",)),) + ((TensorSlice("out_proj.bias", None, ("D",)),) if in_bias else ()),
+            (TensorSlice("out_proj.weight", None, ("D",)),)
+            + ((TensorSlice("out_proj.bias", None, ("D",)),) if in_bias else ()),
             "out",
         ),
     ]
@@ -275,7 +275,9 @@ def _mamba2(config) -> Registry:
         Component("x", "x rows of in_proj", in_rows("x"), "x"),
         Component("B", "B rows of in_proj", in_rows("B"), "B"),
         Component("C", "C rows of in_proj", in_rows("C"), "C"),
-        Component("dt", "Δ path: in_proj dt rows and dt_bias", in_rows("dt") + (TensorSlice("dt_bias", None, ("H",)),), "dt"),
+        Component(
+            "dt", "Δ path: in_proj dt rows and dt_bias", in_rows("dt") + (TensorSlice("dt_bias", None, ("H",)),), "dt"
+        ),
         Component(
             "conv1d",
             "depthwise causal convolution over [x | B | C]",
@@ -289,7 +291,8 @@ def _mamba2(config) -> Registry:
         Component(
             "out_proj",
             "output projection",
-            (TensorSlice("out_proj.weight", None, ("D",)),) + ((TensorSlice("out_proj.bias", None, ("D",)),) if in_bias else ()),
+            (TensorSlice("out_proj.weight", None, ("D",)),)
+            + ((TensorSlice("out_proj.bias", None, ("D",)),) if in_bias else ()),
             "out",
         ),
     )

@@ -7,8 +7,8 @@ The selective state-space recurrence (Mamba, Gu & Dao 2023, eq. 2a-2b with zero-
 * :func:`selective_scan_ref` runs it one step at a time: slow, obviously right, the yardstick of the tests.
 * :func:`selective_scan_chunked` (Mamba-1, per-channel decay): the sequence is cut into chunks of ``T`` steps;
   the recurrence runs over the ``T`` positions of all chunks at once (zero initial state), then over the ``L / T``
-  chunk boundaries, then each position gets its chunk's carried-in state times its cumulative in-chunk decay.
-  ``T + L/T`` Python steps instead of ``L``; it only ever multiplies decays ``<= 1`` (no division, no overflow).
+  chunk boundaries, then the carried-in states decay through their chunks. ``2T + L/T`` Python steps instead of
+  ``L``; it only ever multiplies decays ``<= 1`` (no division, no overflow).
 * :func:`ssd_scan` (Mamba-2, one scalar decay per head): the chunked state-space-duality form of Mamba-2
   (Dao & Gu 2024, section 6), where the in-chunk part is a masked ``(T, T)`` matrix product.
 
@@ -47,16 +47,20 @@ def selective_scan_ref(
         ``y`` of shape ``(B, L, ED)`` in float32 (float64 for float64 inputs), without the ``D`` skip term.
     """
     x, dt, A, B, C = (_at_least_f32(t) for t in (x, dt, A, B, C))
-    if B.dim() == 3:
+    if B.dim() == 3:  # (B, L, N): one B and C shared by all channels
         B, C = B[:, :, None, :], C[:, :, None, :]  # (B, L, 1, N)
     dA = torch.exp(dt[..., None] * A)  # (B, L, ED, N)
     dBx = (dt * x)[..., None] * B  # (B, L, ED, N)
     h = x.new_zeros(x.shape[0], x.shape[2], A.shape[-1])  # (B, ED, N)
-    ys = []
-    for a_t, b_t, c_t in zip(dA.unbind(1), dBx.unbind(1), C.unbind(1)):
-        h = a_t * h + b_t  # (B, ED, N)
-        ys.append((h * c_t).sum(-1))  # (B, ED)
-    return torch.stack(ys, dim=1)  # (B, L, ED)
+    states = []
+    # unbind rather than indexing in the loop: an indexed slice costs a full-size zero tensor in the backward.
+    for a_t, b_t in zip(dA.unbind(1), dBx.unbind(1)):
+        h = torch.addcmul(b_t, a_t, h)  # (B, ED, N)
+        states.append(h)
+    states = torch.stack(states, dim=1)  # (B, L, ED, N)
+    if C.shape[2] == 1:  # shared C: one batched matrix product, no (B, L, ED, N) temporary
+        return (states @ C.transpose(-1, -2)).squeeze(-1)  # (B, L, ED)
+    return (states * C).sum(-1)  # (B, L, ED)
 
 
 def selective_scan_chunked(
@@ -82,30 +86,31 @@ def selective_scan_chunked(
     if pad:  # padded steps have Δ = 0: decay 1, input 0, and come after every real step
         x, dt, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (x, dt, B, C))
     c = x.shape[1] // T
-    dA_log = dt[..., None] * A  # (B, L, ED, N)
-    dBx = (dt * x)[..., None] * B[:, :, None, :]  # (B, L, ED, N)
-    dA_log = dA_log.view(bsz, c, T, ED, -1)  # (B, c, T, ED, N)
-    dBx = dBx.view(bsz, c, T, ED, -1)  # (B, c, T, ED, N)
+    decay = torch.exp(dt[..., None] * A).view(bsz, c, T, ED, -1)  # (B, c, T, ED, N)
+    dBx = ((dt * x)[..., None] * B[:, :, None, :]).view(bsz, c, T, ED, -1)  # (B, c, T, ED, N)
+    C = C.view(bsz, c, T, 1, -1)  # (B, c, T, 1, N)
+    steps = list(zip(decay.unbind(2), dBx.unbind(2), C.unbind(2)))  # unbind: no per-step indexing in the backward
 
     # 1. In-chunk recurrence from a zero state, all chunks at once: T steps.
     h = torch.zeros_like(dBx[:, :, 0])  # (B, c, ED, N)
-    local = []
-    for a_t, b_t in zip(torch.exp(dA_log).unbind(2), dBx.unbind(2)):
+    y_local = []
+    for a_t, b_t, c_t in steps:
         h = a_t * h + b_t  # (B, c, ED, N)
-        local.append(h)
-    local_h = torch.stack(local, dim=2)  # (B, c, T, ED, N)
-    decay_in = torch.exp(torch.cumsum(dA_log, dim=2))  # (B, c, T, ED, N), prod of decays since chunk start
+        y_local.append((h * c_t).sum(-1))  # (B, c, ED)
+    chunk_decay = torch.prod(decay, dim=2)  # (B, c, ED, N), decay across each whole chunk
 
     # 2. Recurrence over chunk boundaries: c steps. carry[k] = state entering chunk k.
     carry = [torch.zeros_like(h[:, 0])]  # (B, ED, N)
-    for k in range(c - 1):
-        carry.append(local_h[:, k, -1] + decay_in[:, k, -1] * carry[-1])  # (B, ED, N)
-    carry_h = torch.stack(carry, dim=1)  # (B, c, ED, N)
+    for end_h, end_decay in zip(h[:, :-1].unbind(1), chunk_decay[:, :-1].unbind(1)):
+        carry.append(end_h + end_decay * carry[-1])  # (B, ED, N)
+    g = torch.stack(carry, dim=1)  # (B, c, ED, N)
 
-    # 3. Full states and outputs.
-    states = local_h + decay_in * carry_h[:, :, None]  # (B, c, T, ED, N)
-    states = states.view(bsz, c * T, ED, -1)  # (B, L', ED, N)
-    y = torch.einsum("blen,bln->ble", states, C)  # (B, L', ED)
+    # 3. The carried-in state decays through each chunk and adds C_t . g_t to the output: T steps.
+    y = []
+    for (a_t, _, c_t), y_t in zip(steps, y_local):
+        g = a_t * g  # (B, c, ED, N)
+        y.append(y_t + (g * c_t).sum(-1))  # (B, c, ED)
+    y = torch.stack(y, dim=2).reshape(bsz, c * T, ED)  # (B, L', ED)
     return y[:, :L]
 
 
