@@ -30,25 +30,34 @@ ARCHITECTURES = ("mamba", "mamba2", "falcon_mamba")
 
 @dataclass(frozen=True)
 class TensorSlice:
-    """Rows ``[start, stop)`` of one parameter of a mixer (all rows when ``rows`` is None).
+    """Rows ``[start, stop)`` and columns of one parameter of a mixer (everything when None).
 
     Attributes:
         param: Dotted path relative to the mixer, e.g. ``"in_proj.weight"``.
-        rows: Half-open row range along dim 0, or None for the whole tensor.
+        rows: Half-open row range along dim 0, or None for all rows.
         layout: Names of the axes the selected rows reshape into, e.g. ``("H", "P")`` for per-head rows.
+        cols: Half-open column range along dim 1, or None for all columns.
+        col_layout: Names of the axes the columns reshape into (2-D weights), e.g. ``("H", "P")`` for the input
+            channels of Mamba-2's ``out_proj``.
     """
 
     param: str
     rows: tuple[int, int] | None = None
     layout: tuple[str, ...] = ()
+    cols: tuple[int, int] | None = None
+    col_layout: tuple[str, ...] = ()
 
     def get(self, mixer: nn.Module) -> torch.Tensor:
-        """A view of the selected rows of the parameter (writes go to the model)."""
+        """A view of the selected rows and columns of the parameter (writes go to the model)."""
         tensor = reduce(getattr, self.param.split("."), mixer)
-        return tensor if self.rows is None else tensor[self.rows[0] : self.rows[1]]
+        if self.rows is not None:
+            tensor = tensor[self.rows[0] : self.rows[1]]
+        return tensor if self.cols is None else tensor[:, self.cols[0] : self.cols[1]]
 
     def describe(self) -> str:
-        return self.param if self.rows is None else f"{self.param}[{self.rows[0]}:{self.rows[1]}]"
+        rows = "" if self.rows is None else f"{self.rows[0]}:{self.rows[1]}"
+        cols = "" if self.cols is None else f", {self.cols[0]}:{self.cols[1]}"
+        return self.param if not (rows or cols) else f"{self.param}[{rows or ':'}{cols}]"
 
 
 @dataclass(frozen=True)
@@ -183,7 +192,7 @@ class Registry:
         return points[name]
 
     def table(self, model: nn.Module | None = None) -> pd.DataFrame:
-        """One row per (layer, component, tensor): names, row ranges, shapes, layouts and hook points."""
+        """One row per (layer, component, tensor): names, row/column ranges, shapes, layouts and hook points."""
         rows = []
         for layer in range(self.n_layers):
             mixer = self.mixer(model, layer) if model is not None else None
@@ -196,13 +205,22 @@ class Registry:
                             "component": comp.name,
                             "tensor": t.param if t else "",
                             "rows": f"{t.rows[0]}:{t.rows[1]}" if (t and t.rows) else "",
+                            "cols": f"{t.cols[0]}:{t.cols[1]}" if (t and t.cols) else "",
                             "shape": "x".join(map(str, shape)) if shape else "",
-                            "layout": ",".join(t.layout) if t else "",
+                            "layout": _layout(t),
                             "hook": comp.hook,
                             "description": comp.description,
                         }
                     )
         return pd.DataFrame(rows)
+
+
+def _layout(t: TensorSlice | None) -> str:
+    """``"H,P x D"``: row axes, then column axes for 2-D weights."""
+    if t is None:
+        return ""
+    rows = ",".join(t.layout)
+    return f"{rows} x {','.join(t.col_layout)}" if t.col_layout else rows
 
 
 def _mamba1(config) -> Registry:
@@ -212,7 +230,7 @@ def _mamba1(config) -> Registry:
     conv_bias = getattr(config, "use_conv_bias", True)
 
     def in_rows(lo: int, hi: int) -> tuple[TensorSlice, ...]:
-        weight = TensorSlice("in_proj.weight", (lo, hi), ("ED",))
+        weight = TensorSlice("in_proj.weight", (lo, hi), ("ED",), col_layout=("D",))
         return (weight, TensorSlice("in_proj.bias", (lo, hi), ("ED",))) if in_bias else (weight,)
 
     comps = [
@@ -229,20 +247,27 @@ def _mamba1(config) -> Registry:
             "dt",
             "Δ path: x_proj dt rows, dt_proj and its bias",
             (
-                TensorSlice("x_proj.weight", (0, R), ("R",)),
-                TensorSlice("dt_proj.weight", None, ("ED",)),
+                TensorSlice("x_proj.weight", (0, R), ("R",), col_layout=("ED",)),
+                TensorSlice("dt_proj.weight", None, ("ED",), col_layout=("R",)),
                 TensorSlice("dt_proj.bias", None, ("ED",)),
             ),
             "dt",
         ),
-        Component("B", "B rows of x_proj", (TensorSlice("x_proj.weight", (R, R + N), ("N",)),), "B"),
-        Component("C", "C rows of x_proj", (TensorSlice("x_proj.weight", (R + N, R + 2 * N), ("N",)),), "C"),
+        Component(
+            "B", "B rows of x_proj", (TensorSlice("x_proj.weight", (R, R + N), ("N",), col_layout=("ED",)),), "B"
+        ),
+        Component(
+            "C",
+            "C rows of x_proj",
+            (TensorSlice("x_proj.weight", (R + N, R + 2 * N), ("N",), col_layout=("ED",)),),
+            "C",
+        ),
         Component("A_log", "log of the negated decay rates", (TensorSlice("A_log", None, ("ED", "N")),), "A"),
         Component("D", "skip connection D", (TensorSlice("D", None, ("ED",)),), "y"),
         Component(
             "out_proj",
             "output projection",
-            (TensorSlice("out_proj.weight", None, ("D",)),)
+            (TensorSlice("out_proj.weight", None, ("D",), col_layout=("ED",)),)
             + ((TensorSlice("out_proj.bias", None, ("D",)),) if in_bias else ()),
             "out",
         ),
@@ -267,7 +292,7 @@ def _mamba2(config) -> Registry:
     layouts = {"z": ("H", "P"), "x": ("H", "P"), "B": ("G", "N"), "C": ("G", "N"), "dt": ("H",)}
 
     def in_rows(name: str) -> tuple[TensorSlice, ...]:
-        weight = TensorSlice("in_proj.weight", bounds[name], layouts[name])
+        weight = TensorSlice("in_proj.weight", bounds[name], layouts[name], col_layout=("D",))
         return (weight, TensorSlice("in_proj.bias", bounds[name], layouts[name])) if in_bias else (weight,)
 
     comps = (
@@ -291,7 +316,7 @@ def _mamba2(config) -> Registry:
         Component(
             "out_proj",
             "output projection",
-            (TensorSlice("out_proj.weight", None, ("D",)),)
+            (TensorSlice("out_proj.weight", None, ("D",), col_layout=("H", "P")),)
             + ((TensorSlice("out_proj.bias", None, ("D",)),) if in_bias else ()),
             "out",
         ),

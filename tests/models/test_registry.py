@@ -97,3 +97,30 @@ def test_unknown_names_and_architectures():
     bad = SimpleNamespace(model_type="mamba2", expand=2, hidden_size=64, num_heads=3, head_dim=16)
     with pytest.raises(ValueError, match="num_heads\\*head_dim=48"):
         build_registry(bad)
+
+
+def test_column_slices_follow_the_column_layout(ids):
+    """Zeroing out_proj columns of head h equals zeroing head h's channels of the out_proj input."""
+    from sensitivity.models import TensorSlice, hooks
+
+    lm = load_model("tiny:mamba2")
+    reg, h = lm.registry, 3
+    (spec,) = [t for t in reg.component("out_proj").tensors if t.param == "out_proj.weight"]
+    assert spec.col_layout == ("H", "P")
+    P = reg.dims["P"]
+
+    def zero_head(t):
+        t = t.clone()
+        t.view(*t.shape[:-1], reg.dims["H"], P)[..., h, :] = 0
+        return t
+
+    with torch.no_grad():
+        with hooks(lm, {"layers.1.out_proj_in": zero_head}):
+            expected = lm.model(ids, use_cache=False).logits
+        head_cols = TensorSlice("out_proj.weight", cols=(h * P, (h + 1) * P))
+        view = head_cols.get(reg.mixer(lm.model, 1))
+        assert view.shape == (reg.dims["D"], P)
+        view.zero_()
+        got = lm.model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert head_cols.describe() == f"out_proj.weight[:, {h * P}:{(h + 1) * P}]"
