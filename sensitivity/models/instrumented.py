@@ -24,7 +24,7 @@ from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMi
 from transformers.models.mamba.modeling_mamba import MambaMixer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
-from .registry import _M1_HOOKS, _M2_HOOKS
+from .registry import _M1_HOOKS, _M2_HOOKS, build_registry
 from .scan import selective_scan_chunked, selective_scan_ref, ssd_scan
 
 __all__ = ["HookPoint", "SCANS", "instrument", "is_instrumented", "uninstrument"]
@@ -53,6 +53,11 @@ def _mask(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Te
     return (hidden * attention_mask[:, :, None]).to(hidden.dtype)  # (B, L, ·)
 
 
+def _unpack(packed: torch.Tensor, rows: dict[str, tuple[int, int]], names: tuple[str, ...]) -> list[torch.Tensor]:
+    """Split a packed projection's output channels by the registry's row ranges. (B, L, ·) -> [(B, L, ·)]."""
+    return [packed[..., rows[n][0] : rows[n][1]] for n in names]
+
+
 def _causal_conv(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Depthwise causal conv1d through the module (so its hooks fire), then SiLU. (B, L, C) -> (B, L, C)."""
     L = x.shape[1]
@@ -61,17 +66,16 @@ def _causal_conv(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mamba1_forward(self: MambaMixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
-    hp, dtype = self.hook_points, hidden_states.dtype
-    R, N = self.time_step_rank, self.ssm_state_size
-    # 1. Input projection into the x and gate branches.
+    hp, dtype, rows = self.hook_points, hidden_states.dtype, self._sensitivity_rows
+    # 1. Input projection into the x and gate branches (row ranges from the registry).
     hidden_states = _mask(hidden_states, attention_mask)  # (B, L, D)
-    x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, ED) each
+    x, z = _unpack(self.in_proj(hidden_states), rows["in_proj.weight"], ("x", "z"))  # (B, L, ED) each
     x, z = hp["x"](x), hp["z"](z)
     # 2. Causal convolution.
     conv = hp["conv"](_mask(_causal_conv(self, x), attention_mask))  # (B, L, ED)
     u = hp["u"](conv)  # (B, L, ED)
     # 3. Input-dependent Δ, B, C.
-    dt_low, B, C = self.x_proj(u).split([R, N, N], dim=-1)  # (B, L, R), (B, L, N), (B, L, N)
+    dt_low, B, C = _unpack(self.x_proj(u), rows["x_proj.weight"], ("dt", "B", "C"))  # (B, L, R), (B, L, N) x2
     if isinstance(self, FalconMambaMixer):
         dt_low, B, C = self.dt_layernorm(dt_low), self.b_layernorm(B), self.c_layernorm(C)
     dt_low = hp["dt_low"](dt_low)  # (B, L, R)
@@ -90,12 +94,13 @@ def _mamba1_forward(self: MambaMixer, hidden_states: torch.Tensor, attention_mas
 
 
 def _mamba2_forward(self: Mamba2Mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
-    hp, dtype = self.hook_points, hidden_states.dtype
+    hp, dtype, rows = self.hook_points, hidden_states.dtype, self._sensitivity_rows
     bsz, L, _ = hidden_states.shape
     ED, H, P, G, N = self.intermediate_size, self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
-    # 1. Input projection into [z | x | B | C | dt].
+    # 1. Input projection into [z | x | B | C | dt] (row ranges from the registry).
     hidden_states = _mask(hidden_states, attention_mask)  # (B, L, D)
-    z, x, B_in, C_in, dt_in = self.in_proj(hidden_states).split([ED, ED, G * N, G * N, H], dim=-1)
+    projected = self.in_proj(hidden_states)  # (B, L, 2ED+2GN+H)
+    z, x, B_in, C_in, dt_in = _unpack(projected, rows["in_proj.weight"], ("z", "x", "B", "C", "dt"))
     x, z = hp["x"](x), hp["z"](z)  # (B, L, ED)
     # 2. Causal convolution over [x | B | C].
     conv = _causal_conv(self, torch.cat([x, B_in, C_in], dim=-1))  # (B, L, ED+2GN)
@@ -187,6 +192,8 @@ def instrument(model: nn.Module, scan: str = "auto") -> nn.Module:
     mixers = _mixers(model)
     if not mixers:
         raise ValueError(f"{type(model).__name__} has no Mamba, Mamba2 or FalconMamba mixer to instrument")
+    registry = build_registry(model.config)
+    rows = {p: registry.packed_rows(p) for p in ("in_proj.weight", "x_proj.weight")}
     for mixer in mixers:
         base = _UNSWAP.get(type(mixer), type(mixer))
         new_cls, specs = _SWAP[base]
@@ -194,6 +201,7 @@ def instrument(model: nn.Module, scan: str = "auto") -> nn.Module:
         if "hook_points" not in mixer._modules:
             mixer.hook_points = nn.ModuleDict({h.name: HookPoint(h.name) for h in specs})
         mixer._sensitivity_scan = scan
+        mixer._sensitivity_rows = rows
     return model
 
 
@@ -203,6 +211,7 @@ def uninstrument(model: nn.Module) -> nn.Module:
         if type(mixer) in _UNSWAP:
             mixer.__class__ = _UNSWAP[type(mixer)]
             del mixer.hook_points
+            del mixer._sensitivity_scan, mixer._sensitivity_rows
     return model
 
 

@@ -166,6 +166,10 @@ class Registry:
             raise ValueError(f"unknown component {name!r} for {self.arch}; allowed: {', '.join(self.component_names)}")
         return self._by_name[name]
 
+    def packed_rows(self, param: str) -> dict[str, tuple[int, int]]:
+        """Component name -> row range for a packed parameter, e.g. ``packed_rows("in_proj.weight")``."""
+        return {c.name: t.rows for c in self.components for t in c.tensors if t.param == param and t.rows}
+
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer!r} out of range; allowed: 0..{self.n_layers - 1}")
