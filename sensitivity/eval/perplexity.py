@@ -16,8 +16,15 @@ from ..models.loading import unwrap
 __all__ = ["KLDivergence", "Perplexity", "kl_divergence", "perplexity"]
 
 
+class _Result:
+    """``to_dict`` for the result dataclasses."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class Perplexity:
+class Perplexity(_Result):
     """A perplexity with what it was measured on.
 
     Attributes:
@@ -36,12 +43,9 @@ class Perplexity:
     seqlen: int
     definition: str
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class KLDivergence:
+class KLDivergence(_Result):
     """Mean per-token ``KL(reference || model)`` of next-token distributions, in nats."""
 
     kl: float
@@ -49,9 +53,6 @@ class KLDivergence:
     windows: int
     seqlen: int
     definition: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _check(windows: Windows, batch_size: int) -> None:

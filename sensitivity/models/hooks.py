@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .loading import LoadedModel
 from .registry import Registry, build_registry
 
 __all__ = ["capture", "hook_name", "hooks", "parse_hook_name"]
@@ -39,7 +40,7 @@ def parse_hook_name(name: str, registry: Registry) -> tuple[int, str]:
 
 def _resolve(model) -> tuple[nn.Module, Registry]:
     """Accept a ``LoadedModel`` or a bare HF model."""
-    if hasattr(model, "registry") and hasattr(model, "model"):
+    if isinstance(model, LoadedModel):
         return model.model, model.registry
     return model, build_registry(model.config)
 
