@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast report bench lint clean
+.PHONY: install test test-fast report bench lint clean corpus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,14 +23,19 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 report: $(STAMP)
-	$(BIN)/sensitivity components --model tiny:mamba2
-	$(BIN)/sensitivity evaluate --model tiny:mamba2 --seqlen 256 --max-windows 8
+	$(BIN)/sensitivity zoo list
+	$(BIN)/sensitivity components
+	MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 $(BIN)/sensitivity evaluate
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scan.py
+	$(BIN)/python benchmarks/bench_zoo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check sensitivity tests benchmarks
+
+corpus: $(STAMP)  # maintainer: rebuild the built-in corpus from Debian packages (needs apt-get and dpkg-deb)
+	$(BIN)/python -m sensitivity.data.build_corpus
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,8 @@
 """sensitivity: where a state-space LM can be pruned, and why some pruning methods collapse it.
 
 Stages, one subpackage each: ``models`` (loading, component registry, instrumented forward) -> ``data`` (corpora
-and token windows) -> ``eval`` (perplexity, KL).
+and token windows) -> ``eval`` (perplexity, KL). ``zoo`` holds the trained models shipped with the package, and
+``data`` the corpus they were trained on.
 """
 
 from .data import Corpus, Windows, byte_tokenizer, calibration_windows, eval_windows, load_corpus
@@ -17,11 +18,12 @@ from .models import (
     load_model,
     uninstrument,
 )
+from .zoo import list_models, zoo_path
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Component", "Corpus", "KLDivergence", "LoadedModel", "Perplexity", "Registry", "Windows", "build_registry",
     "byte_tokenizer", "calibration_windows", "capture", "eval_windows", "hooks", "instrument", "kl_divergence",
-    "load_corpus", "load_model", "perplexity", "uninstrument",
+    "list_models", "load_corpus", "load_model", "perplexity", "uninstrument", "zoo_path",
 ]

@@ -1,4 +1,4 @@
-"""``sensitivity`` command line: ``components`` and ``evaluate``.
+"""``sensitivity`` command line: ``components``, ``evaluate`` and ``zoo list``.
 
 Bad arguments exit with status 2 and one line on stderr naming the value and what is allowed; nothing is written.
 """
@@ -36,6 +36,7 @@ def _int_at_least(lo: int):
 
 
 def _build_parser() -> _Parser:
+    from ..data.corpus import DEFAULT_CORPUS
     from ..models.loading import DEFAULT_MODEL, DTYPES
 
     parser = _Parser(prog="sensitivity", description="Pruning-sensitivity analysis of state-space LMs.")
@@ -46,8 +47,8 @@ def _build_parser() -> _Parser:
         p.add_argument(
             "--model",
             default=DEFAULT_MODEL,
-            help=f"checkpoint directory, HF hub id, or tiny:mamba|tiny:mamba2|tiny:falcon-mamba "
-            f"(default {DEFAULT_MODEL})",
+            help=f"zoo model (default, default-mamba1), checkpoint directory, HF hub id, or "
+            f"tiny:mamba|tiny:mamba2|tiny:falcon-mamba (default {DEFAULT_MODEL})",
         )
         p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype (default float32)")
 
@@ -57,7 +58,12 @@ def _build_parser() -> _Parser:
 
     p = sub.add_parser("evaluate", help="token-level perplexity on held-out text")
     model_args(p)
-    p.add_argument("--data", default="sample", help="'sample', a text/JSONL file, a directory, or a local HF dataset")
+    p.add_argument(
+        "--data",
+        default=DEFAULT_CORPUS,
+        help=f"'{DEFAULT_CORPUS}' (the built-in corpus, default), 'sample', a text/JSONL file, a directory, "
+        "or a local HF dataset",
+    )
     p.add_argument("--split", default=None, help="split to evaluate (default: test, else validation)")
     p.add_argument("--text-field", default="text", help="JSONL/HF field holding the text (default text)")
     p.add_argument("--seqlen", type=_int_at_least(2), default=512, help="window length in tokens (default 512)")
@@ -66,6 +72,11 @@ def _build_parser() -> _Parser:
     p.add_argument("--reference", default=None, help="also report KL(reference || model) against this model")
     p.add_argument("--seed", type=int, default=0, help="seed recorded with the result (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("zoo", help="the trained models shipped with the package")
+    zoo = p.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
+    p = zoo.add_parser("list", help="list the shipped models with size, test perplexity and training tokens")
+    p.add_argument("--json", action="store_true", help="print the model cards as JSON")
     return parser
 
 
@@ -134,6 +145,29 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_zoo(args) -> int:
+    from ..zoo import ZOO_MODELS, list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps([{**m.card, "path": str(m.path), "size_mb": round(m.size_mb, 2)} for m in models], indent=2))
+        return 0
+    aliases = {d: [n for n, d2 in ZOO_MODELS.items() if d2 == d] for d in ZOO_MODELS.values()}
+    rows = [("name", "arch", "parameters", "size", "test ppl", "tokens seen", "aliases")]
+    for m in models:
+        c = m.card
+        others = ", ".join(a for a in aliases[m.path.name] if a != m.name) or "-"
+        rows.append(
+            (m.name, c["arch"], f"{c['parameters']:,}", f"{m.size_mb:.1f} MB", f"{c['test_perplexity']:.2f}",
+             f"{c['tokens_seen']:,}", others)
+        )  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print(f"test ppl: {models[0].card['test_definition']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for bad input)."""
     parser = _build_parser()
@@ -145,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
-    commands = {"components": _cmd_components, "evaluate": _cmd_evaluate}
+    commands = {"components": _cmd_components, "evaluate": _cmd_evaluate, "zoo": _cmd_zoo}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import lzma
 import math
 import re
 from dataclasses import dataclass
@@ -17,6 +18,14 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_CORPUS = "austen-kjv"
+"""Name of the built-in default corpus (also reachable as ``"default"``)."""
+BUILTIN_PATH = Path(__file__).resolve().parent / "builtin" / "austen-kjv.jsonl.xz"
+BUILTIN_SOURCE = (
+    "built-in austen-kjv: Jane Austen's six novels (Debian r-cran-janeaustenr 1.0.0), Bierce's The Devil's "
+    "Dictionary (dict-devil 1.0) and the King James Bible (bible-kjv-text 4.38), one document per chapter, "
+    "split by chapter"
+)
 SAMPLE_NAME = "sample"
 SAMPLE_PATH = Path(__file__).resolve().parent / "samples" / "kjv-genesis-exodus.txt"
 SAMPLE_SOURCE = "built-in sample: King James Bible, Genesis and Exodus (Debian bible-kjv-text)"
@@ -89,10 +98,12 @@ class Corpus:
         raise ValueError(f"corpus {self.name} has no 'test' or 'validation' split; available: {available}")
 
 
-def load_corpus(spec: str = SAMPLE_NAME, *, text_field: str = "text", heldout_fraction: float = 0.1) -> Corpus:
+def load_corpus(spec: str = DEFAULT_CORPUS, *, text_field: str = "text", heldout_fraction: float = 0.1) -> Corpus:
     """Load a corpus from a spec string.
 
-    ``spec`` is one of: ``"sample"`` (the built-in text); a plain text file (one
+    ``spec`` is one of: ``"austen-kjv"`` or ``"default"`` (the built-in corpus
+    the embedded models were trained on, with its train / validation / test
+    splits by chapter); ``"sample"`` (a small built-in text); a plain text file (one
     document); a ``.jsonl`` file (one document per line, read from
     ``text_field``); a ``.json`` file holding a list of records or strings; a
     directory (split files / subdirectories named ``train``, ``validation``,
@@ -124,7 +135,10 @@ def load_corpus(spec: str = SAMPLE_NAME, *, text_field: str = "text", heldout_fr
         or not (0 < heldout_fraction < 1)
     ):
         raise ValueError(f"heldout_fraction={heldout_fraction!r} is invalid; it must be a number with 0 < x < 1")
-    if spec == SAMPLE_NAME:
+    if spec in (DEFAULT_CORPUS, "default"):
+        splits = builtin_splits()
+        name, source = DEFAULT_CORPUS, BUILTIN_SOURCE
+    elif spec == SAMPLE_NAME:
         splits = {"train": (_read_text(SAMPLE_PATH),)}
         name, source = SAMPLE_NAME, SAMPLE_SOURCE
     elif spec and Path(spec).exists():
@@ -148,6 +162,25 @@ def load_corpus(spec: str = SAMPLE_NAME, *, text_field: str = "text", heldout_fr
         ", ".join(f"{s}={len(d)} docs/{sum(map(len, d))} chars" for s, d in corpus.splits.items()),
     )
     return corpus
+
+
+def builtin_records() -> list[dict[str, object]]:
+    """The built-in corpus as chapter records.
+
+    Returns:
+        One dict per chapter with keys ``source`` (``"austen"`` or ``"kjv"``),
+        ``book``, ``chapter`` (1-based), ``split`` and ``text``, in corpus order.
+    """
+    with lzma.open(BUILTIN_PATH, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def builtin_splits() -> dict[str, tuple[str, ...]]:
+    """Documents (chapters) of the built-in corpus per split."""
+    splits: dict[str, list[str]] = {split: [] for split in _SPLIT_ORDER}
+    for record in builtin_records():
+        splits[str(record["split"])].append(str(record["text"]))
+    return {split: tuple(docs) for split, docs in splits.items()}
 
 
 def split_documents(docs: tuple[str, ...], heldout_fraction: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -307,7 +340,8 @@ def _load_file_lenient(path: Path, text_field: str) -> tuple[str, ...]:
 def _load_hf(spec: str, text_field: str) -> dict[str, tuple[str, ...]]:
     """Load a Hugging Face dataset ``name`` or ``name:config`` if locally available."""
     hint = (
-        f"{spec!r} is neither an existing path, the built-in name {SAMPLE_NAME!r}, nor a locally available HF dataset"
+        f"{spec!r} is neither an existing path, a built-in name ({DEFAULT_CORPUS!r}, 'default', {SAMPLE_NAME!r}), "
+        "nor a locally available HF dataset"
     )
     name, _, config = spec.partition(":")
     if not name:

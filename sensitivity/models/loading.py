@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from ..zoo import ZOO_MODELS, zoo_path
 from .instrumented import instrument as _instrument
 from .registry import ARCHITECTURES, Registry, build_registry
 
@@ -29,7 +30,8 @@ __all__ = ["DEFAULT_MODEL", "DTYPES", "TINY_MODELS", "LoadedModel", "load_model"
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny:mamba2"
+DEFAULT_MODEL = "default"
+"""The embedded Mamba-2 of :mod:`sensitivity.zoo`, used when no model is named."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_SEED = 0
 _TINY_VOCAB = 257  # the byte tokenizer: 256 bytes + <|endoftext|>
@@ -164,8 +166,9 @@ def load_model(
     """Load a state-space LM with its tokenizer and component registry.
 
     Args:
-        name_or_path: A local checkpoint directory, a HF hub id (used when the hub is reachable or the files are
-            cached; set ``HF_HUB_OFFLINE=1`` to use the cache only), or a built-in tiny random model
+        name_or_path: A zoo model shipped with the package (``default`` = the trained Mamba-2, ``default-mamba1``;
+            see ``sensitivity.zoo``), a local checkpoint directory, a HF hub id (used when the hub is reachable or
+            the files are cached; set ``HF_HUB_OFFLINE=1`` to use the cache only), or a built-in tiny random model
             (``tiny:mamba``, ``tiny:mamba2``, ``tiny:falcon-mamba``). None loads ``DEFAULT_MODEL``.
         dtype: ``float32``, ``bfloat16`` or ``float16`` (or the torch dtype).
         device: Where to put the model.
@@ -194,6 +197,8 @@ def load_model(
         if name not in TINY_MODELS:
             raise ValueError(f"unknown built-in model {name!r}; allowed: {', '.join(TINY_MODELS)}")
         model, tokenizer = _tiny(name, dtype)
+    elif name in ZOO_MODELS:
+        model, tokenizer = _from_pretrained(str(zoo_path(name)), dtype, None)
     else:
         model, tokenizer = _from_pretrained(name, dtype, revision)
     model = model.to(device).eval()

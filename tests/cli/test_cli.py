@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sensitivity import eval_windows, load_corpus, load_model, perplexity
+from sensitivity.zoo import list_models
 
 
 def run(*args, env=None):
@@ -46,7 +47,8 @@ def test_evaluate_json_equals_python_api():
     assert (out["windows"], out["seqlen"], out["tokens"], out["split"]) == (3, 64, 3 * 63, "test")
     assert out["perplexity"] == pytest.approx(math.exp(out["nll"]))
     lm = load_model("tiny:mamba")
-    expected = perplexity(lm, eval_windows(load_corpus("sample"), lm.tokenizer, 64, max_windows=3), show_progress=False)
+    corpus = load_corpus("austen-kjv")  # the default --data
+    expected = perplexity(lm, eval_windows(corpus, lm.tokenizer, 64, max_windows=3), show_progress=False)
     assert out["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
 
 
@@ -69,7 +71,7 @@ def test_evaluate_text_output_with_reference(tmp_path):
         (["evaluate", "--max-windows", "x"], "argument --max-windows: 'x' is not an integer"),
         (["evaluate", "--model", "tiny:gpt"], "unknown built-in model 'tiny:gpt'"),
         (["evaluate", "--data", "/no/such/file.txt"], "'/no/such/file.txt' is neither an existing path"),
-        (["evaluate", "--seqlen", "100000"], "fewer than one window of 100000"),
+        (["evaluate", "--seqlen", "1000000"], "fewer than one window of 1000000"),
         (["components", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
         (["components", "--model", "/no/such/dir/"], "model path '/no/such/dir/' is not a directory"),
         ([], "the following arguments are required: command"),
@@ -90,3 +92,31 @@ def test_console_script_is_installed():
     proc = subprocess.run([str(script), "components", "--model", "tiny:mamba", "--format", "csv"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("layer,component,tensor")
+
+
+def test_zoo_list_shows_both_models_with_their_cards():
+    proc = run("zoo", "list")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert rows[0][:4] == ["name", "arch", "parameters", "size"]
+    cards = {m.name: m.card for m in list_models()}
+    by_name = {row[0]: row for row in rows[1:3]}
+    assert set(by_name) == {"default", "default-mamba1"}
+    for name, row in by_name.items():
+        assert row[1] == cards[name]["arch"]
+        assert f"{cards[name]['test_perplexity']:.2f}" in row
+        assert f"{cards[name]['tokens_seen']:,}" in row
+    assert "default-mamba2" in by_name["default"]
+    assert json.loads(run("zoo", "list", "--json").stdout)[1]["name"] == "default-mamba1"
+
+
+@pytest.mark.slow
+def test_evaluate_without_arguments_reports_the_default_models_test_perplexity():
+    proc = run("evaluate")
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(None, 1) for line in proc.stdout.splitlines())
+    card = list_models()[0].card
+    assert lines["model"].startswith("default (mamba2")
+    assert lines["data"] == "austen-kjv, split 'test'"
+    assert float(lines["perplexity"]) == pytest.approx(card["test_perplexity"], rel=0.01)
+    assert lines["definition"] == card["test_definition"]

@@ -63,8 +63,8 @@ def test_sample_corpus_loads_with_train_and_test() -> None:
     assert test.startswith("Chapter ")  # cut at a paragraph (chapter) boundary
 
 
-def test_sample_is_default_spec() -> None:
-    assert load_corpus() == load_corpus("sample")
+def test_sample_is_not_the_default() -> None:
+    assert load_corpus("sample").name == "sample" != load_corpus().name
 
 
 # --- plain text files -------------------------------------------------------
@@ -262,7 +262,8 @@ def test_unknown_name_without_datasets_package(monkeypatch: pytest.MonkeyPatch) 
 def test_missing_file_path_gives_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)
     missing = str(tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match=r"missing\.txt' is neither an existing path, the built-in name 'sample'"):
+    expected = r"missing\.txt' is neither an existing path, a built-in name \('austen-kjv', 'default', 'sample'\)"
+    with pytest.raises(ValueError, match=expected):
         load_corpus(missing)
 
 

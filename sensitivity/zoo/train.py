@@ -1,0 +1,480 @@
+"""Train the embedded tokenizer and models (maintainer script; not run by CI).
+
+Three steps, each resumable and seeded::
+
+    python -m sensitivity.zoo.train tokenizer --out runs/tokenizer
+    python -m sensitivity.zoo.train model --arch mamba2 --tokenizer runs/tokenizer --out runs/mamba2 \\
+        --max-tokens 8000000
+    python -m sensitivity.zoo.train export --run runs/mamba2 --name default
+
+``model`` trains on random windows of the built-in corpus' train split through
+the instrumented forward (the fast Mamba-1 scan, Mamba-2's SSD), with AdamW, a
+linear warm-up and cosine decay. Every ``--eval-every`` steps it measures the
+validation loss, appends a line to ``log.jsonl``, keeps ``best/`` (the
+checkpoint with the lowest validation loss) and writes ``last.pt`` (model,
+optimiser, step and RNG state) atomically; rerunning the same command resumes
+from ``last.pt``. ``export`` stores ``best/`` in half precision with its
+tokenizer, measures test perplexity and writes the model card into the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+ZOO_DIR = Path(__file__).resolve().parent / "models"
+EOS = "<|endoftext|>"
+
+ARCH_CONFIGS: dict[str, dict] = {
+    "mamba2": dict(
+        model_type="mamba2",
+        hidden_size=256,
+        num_hidden_layers=8,
+        expand=2,
+        num_heads=8,
+        head_dim=64,
+        n_groups=2,
+        state_size=64,
+        conv_kernel=4,
+        chunk_size=64,
+        use_bias=False,
+        use_conv_bias=True,
+        tie_word_embeddings=True,
+    ),
+    "mamba": dict(
+        model_type="mamba",
+        hidden_size=256,
+        num_hidden_layers=8,
+        expand=2,
+        state_size=16,
+        conv_kernel=4,
+        use_bias=False,
+        use_conv_bias=True,
+        tie_word_embeddings=True,
+    ),
+}
+"""Architecture of each shipped model (plus the tokenizer's vocabulary and special tokens)."""
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(out: Path, vocab_size: int = 8192) -> None:
+    """Train a byte-level BPE on the built-in train split and save it as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..data.corpus import builtin_splits
+
+    docs = builtin_splits()["train"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=1 << 20
+    )
+    fast.save_pretrained(str(out))
+    logger.info("tokenizer: %d tokens -> %s", len(fast), out)
+
+
+# --- model -------------------------------------------------------------------------------------------------------
+
+
+def build_config(arch: str, tokenizer, **overrides):
+    """The HF config of a zoo model of ``arch`` for ``tokenizer`` (``overrides`` replace fields, e.g. in tests)."""
+    from transformers import AutoConfig
+
+    spec = {**ARCH_CONFIGS[arch], **overrides}
+    model_type = spec.pop("model_type")
+    eos = tokenizer.eos_token_id
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        **spec,
+    )
+
+
+def _token_stream(tokenizer, split: str) -> torch.Tensor:
+    from ..data import load_corpus, tokenize_split
+
+    return tokenize_split(load_corpus("austen-kjv"), tokenizer, split)  # (T,)
+
+
+def _batch(stream: torch.Tensor, batch: int, seqlen: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, stream.numel() - seqlen - 1, (batch,), generator=gen)
+    return torch.stack([stream[s : s + seqlen + 1] for s in starts.tolist()])  # (B, L+1)
+
+
+def _loss(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # (B, L, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+
+
+@torch.no_grad()
+def _eval_loss(model, stream: torch.Tensor, seqlen: int, max_windows: int, autocast: bool) -> float:
+    model.eval()
+    n = min(max_windows, (stream.numel() - 1) // seqlen)
+    total = 0.0
+    for i in range(0, n, 8):
+        ids = torch.stack([stream[j * seqlen : j * seqlen + seqlen + 1] for j in range(i, min(n, i + 8))])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            total += _loss(model, ids).item() * ids.shape[0]
+    model.train()
+    return total / n
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "conv1d" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_model(args, **config_overrides) -> None:
+    """Train (or resume) one model; see the module docstring.
+
+    Args:
+        args: The parsed ``model`` sub-command arguments.
+        **config_overrides: Config fields replacing those of :data:`ARCH_CONFIGS` (tests train tiny models).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import instrument
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = build_config(args.arch, tokenizer, **config_overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    instrument(model, scan="auto")
+    model.train()
+    opt = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    tokens_per_step = args.batch * args.seqlen
+    args_file = out / "train_args.json"
+    if args_file.exists():  # a resumed run keeps the budget it started with
+        args.max_tokens = json.loads(args_file.read_text())["max_tokens"]
+    total_steps = math.ceil(args.max_tokens / tokens_per_step)
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, total_steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    train = _token_stream(tokenizer, "train")
+    val = _token_stream(tokenizer, "validation")
+    gen = torch.Generator().manual_seed(args.seed)
+    step, best, elapsed = 0, float("inf"), 0.0
+    last = out / "last.pt"
+    if last.exists():
+        state = torch.load(last, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["rng"])
+        step, best, elapsed = state["step"], state["best"], state["elapsed"]
+        logger.info("resumed %s at step %d (best val loss %.4f)", out, step, best)
+    meta = {
+        "arch": args.arch,
+        "seed": args.seed,
+        "batch": args.batch,
+        "seqlen": args.seqlen,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "weight_decay": args.weight_decay,
+        "max_tokens": args.max_tokens,
+        "bf16_autocast": args.autocast,
+        "threads": torch.get_num_threads(),
+        "train_tokens_in_split": int(train.numel()),
+        "command": "python -m sensitivity.zoo.train " + " ".join(sys.argv[1:]),
+    }
+    if args_file.exists():
+        meta = json.loads(args_file.read_text())
+    log = (out / "log.jsonl").open("a")
+    t0 = time.perf_counter() - elapsed
+    window_loss, window_n = 0.0, 0
+    if not args_file.exists():
+        args_file.write_text(json.dumps(meta, indent=2) + "\n")
+    while step < total_steps:
+        if step == args.budget_probe and args.time_budget and not meta.get("budget_fixed"):
+            # Fix the token budget once from the measured speed, so the cosine schedule ends on time.
+            rate = step * tokens_per_step / (time.perf_counter() - t0)
+            args.max_tokens = meta["max_tokens"] = int(rate * args.time_budget) // tokens_per_step * tokens_per_step
+            meta["budget_fixed"] = f"{args.time_budget} s at {rate:.0f} tok/s measured over {step} steps"
+            total_steps = math.ceil(args.max_tokens / tokens_per_step)
+            args_file.write_text(json.dumps(meta, indent=2) + "\n")
+            logger.info("time budget %s s -> %d tokens (%d steps)", args.time_budget, args.max_tokens, total_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        ids = _batch(train, args.batch, args.seqlen, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast):
+            loss = _loss(model, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        window_loss, window_n = window_loss + loss.item(), window_n + 1
+        if step % args.eval_every == 0 or step == total_steps:
+            val_loss = _eval_loss(model, val, args.seqlen, args.eval_windows, args.autocast)
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": step,
+                "tokens": step * tokens_per_step,
+                "train_loss": window_loss / window_n,
+                "val_loss": val_loss,
+                "val_ppl": math.exp(val_loss),
+                "lr": lr_at(step - 1),
+                "elapsed_s": round(elapsed, 1),
+                "tok_per_s": round(step * tokens_per_step / elapsed, 1),
+            }
+            window_loss, window_n = 0.0, 0
+            if val_loss < best:
+                best = val_loss
+                tmp = out / "best.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+                (tmp / "best.json").write_text(json.dumps(record, indent=2) + "\n")
+                shutil.rmtree(out / "best", ignore_errors=True)
+                os.replace(tmp, out / "best")
+                record["best"] = True
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            logger.info("%s", record)
+            state = {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "gen": gen.get_state(),
+                "rng": torch.get_rng_state(),
+                "step": step,
+                "best": best,
+                "elapsed": elapsed,
+            }
+            _atomic_save(state, last)
+            if (out / "STOP").exists():
+                logger.info("STOP file found; stopping at step %d", step)
+                break
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+
+CARD_TEMPLATE = """---
+license: other
+library_name: transformers
+pipeline_tag: text-generation
+---
+# {name}: {arch_title} trained by `sensitivity`
+
+A small {arch_title} language model trained from scratch on 2 CPU cores by this project, shipped inside the
+package so that every command runs offline on a genuinely trained state-space model. Load it with
+`sensitivity.load_model("{name}")` or `AutoModelForCausalLM.from_pretrained(<this directory>)`.
+
+| | |
+|---|---|
+| architecture | {arch} (`{model_type}`): {layers} layers, hidden {hidden}, {mixer} |
+| parameters | {params:,} (embeddings tied to the LM head) |
+| tokenizer | byte-level BPE, {vocab} tokens, trained on the corpus' train split |
+| training data | built-in corpus `austen-kjv`, train split ({train_tokens:,} tokens) |
+| tokens seen (best checkpoint) | {tokens_seen:,} ({epochs:.2f} epochs) at step {step} |
+| tokens seen (whole run) | {tokens_total:,} |
+| CPU time | {cpu_hours:.2f} core-hours to the best checkpoint ({threads} thread(s), {wall_hours:.2f} h wall) |
+| optimiser | AdamW (0.9, 0.95), weight decay {weight_decay}, lr {lr}, {warmup} warm-up steps, cosine to 10% |
+| batch | {batch} x {seqlen} tokens, {precision} |
+| seed | {seed} |
+| **test perplexity** | **{test_ppl:.2f}** |
+| validation perplexity | {val_ppl:.2f} |
+| stored as | float16 safetensors ({size_mb:.1f} MB); `config.json` asks for float32 on load |
+
+Perplexity definition: {definition}
+
+Command (the time budget was fixed as {budget}):
+
+```
+{command}
+python -m sensitivity.zoo.train export --run <run dir> --name {name}
+```
+
+The loss curve (train loss, validation loss every {eval_every} steps) is in `training_log.jsonl`.
+
+Intended use: a testbed for pruning and interpretability analysis of state-space LMs. It is far too small to be a
+useful text generator. The training text is public domain; see the corpus data card in
+`sensitivity/data/builtin/README.md`.
+"""
+
+
+def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
+    """Store ``run/best`` in float16 under ``dest_root/name`` with its card; returns the card."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .._manifest import versions
+    from ..data import eval_windows, load_corpus
+    from ..eval import perplexity
+    from ..models import load_model
+
+    best = json.loads((run / "best" / "best.json").read_text())
+    meta = json.loads((run / "train_args.json").read_text())
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    tmp = dest_root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(run / "best"), dtype=torch.float32)
+    model.to(torch.float16).save_pretrained(str(tmp))
+    config = json.loads((tmp / "config.json").read_text())
+    config["dtype"] = "float32"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    AutoTokenizer.from_pretrained(str(run / "best")).save_pretrained(str(tmp))
+    shutil.copy(run / "log.jsonl", tmp / "training_log.jsonl")
+
+    lm = load_model(str(tmp))
+    corpus = load_corpus("austen-kjv")
+    test = perplexity(lm, eval_windows(corpus, lm.tokenizer, 512, split="test"), show_progress=False)
+    val = perplexity(lm, eval_windows(corpus, lm.tokenizer, 512, split="validation"), show_progress=False)
+    cfg = lm.model.config
+    mixer = (
+        f"{cfg.num_heads} heads x {cfg.head_dim}, {cfg.n_groups} groups, state {cfg.state_size}"
+        if cfg.model_type == "mamba2"
+        else f"inner {cfg.intermediate_size}, state {cfg.state_size}, dt rank {cfg.time_step_rank}"
+    )
+    command = meta["command"]
+    if "budget_fixed" in meta:
+        command = f"{command.split(' --time-budget')[0]} --max-tokens {meta['max_tokens']}"
+        command += " " + " ".join(part for part in meta["command"].split(" --")[1:] if part.startswith("threads"))
+        command = command.replace(" threads", " --threads")
+    card = {
+        "name": name,
+        "arch": cfg.model_type,
+        "parameters": lm.n_params,
+        "vocab_size": cfg.vocab_size,
+        "train_tokens_in_split": meta["train_tokens_in_split"],
+        "tokens_seen": best["tokens"],
+        "tokens_total": log[-1]["tokens"],
+        "best_step": best["step"],
+        "cpu_hours": best["elapsed_s"] * meta["threads"] / 3600,
+        "wall_hours": best["elapsed_s"] / 3600,
+        "seed": meta["seed"],
+        "command": command,
+        "test_perplexity": test.perplexity,
+        "test_definition": test.definition,
+        "validation_perplexity": val.perplexity,
+        "storage_dtype": "float16",
+        "versions": versions(),
+    }
+    (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    size_mb = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()) / 1e6
+    readme = CARD_TEMPLATE.format(
+        name=name,
+        arch_title="Mamba-2" if cfg.model_type == "mamba2" else "Mamba-1",
+        arch="Mamba-2" if cfg.model_type == "mamba2" else "Mamba-1",
+        model_type=cfg.model_type,
+        layers=cfg.num_hidden_layers,
+        hidden=cfg.hidden_size,
+        mixer=mixer,
+        params=lm.n_params,
+        vocab=cfg.vocab_size,
+        train_tokens=meta["train_tokens_in_split"],
+        tokens_seen=best["tokens"],
+        epochs=best["tokens"] / meta["train_tokens_in_split"],
+        step=best["step"],
+        tokens_total=log[-1]["tokens"],
+        cpu_hours=card["cpu_hours"],
+        threads=meta["threads"],
+        wall_hours=card["wall_hours"],
+        weight_decay=meta["weight_decay"],
+        lr=meta["lr"],
+        warmup=meta["warmup"],
+        batch=meta["batch"],
+        seqlen=meta["seqlen"],
+        seed=meta["seed"],
+        test_ppl=test.perplexity,
+        val_ppl=val.perplexity,
+        size_mb=size_mb,
+        definition=test.definition,
+        budget=meta.get("budget_fixed", "not used"),
+        command=command,
+        eval_every=log[0]["step"],
+        precision="bf16 autocast" if meta["bf16_autocast"] else "float32",
+    )
+    (tmp / "README.md").write_text(readme)
+    dest = dest_root / name
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    logger.info("exported %s: test ppl %.2f, %.1f MB", dest, test.perplexity, size_mb)
+    return card
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (sub-commands ``tokenizer``, ``model``, ``export``)."""
+    parser = argparse.ArgumentParser(description="Train the embedded tokenizer and models.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("tokenizer")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p = sub.add_parser("model")
+    p.add_argument("--arch", choices=sorted(ARCH_CONFIGS), required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-tokens", type=int, default=8_000_000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-windows", type=int, default=96)
+    p.add_argument("--autocast", action="store_true", help="bf16 autocast (slower than float32 without bf16 units)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=0, help="seconds; fixes --max-tokens from measured speed")
+    p.add_argument("--budget-probe", type=int, default=30, help="steps timed before fixing the time budget")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("export")
+    p.add_argument("--run", required=True)
+    p.add_argument("--name", required=True, choices=["default", "default-mamba1"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    if args.cmd == "tokenizer":
+        train_tokenizer(Path(args.out), args.vocab_size)
+    elif args.cmd == "model":
+        train_model(args)
+    elif args.cmd == "export":
+        export_model(Path(args.run), args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
