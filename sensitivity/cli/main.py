@@ -112,11 +112,11 @@ def _cmd_evaluate(args) -> int:
     from ..eval import kl_divergence, perplexity
     from ..models import load_model
 
+    corpus = load_corpus(args.data, text_field=args.text_field)  # bad data fails before any model loads
     lm = load_model(args.model, dtype=args.dtype)
     if lm.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; save one next to its config")
     reference = load_model(args.reference, dtype=args.dtype) if args.reference else None
-    corpus = load_corpus(args.data, text_field=args.text_field)
     windows = eval_windows(corpus, lm.tokenizer, args.seqlen, split=args.split, max_windows=args.max_windows)
     show = not args.json and sys.stderr.isatty()
     ppl = perplexity(lm, windows, batch_size=args.batch_size, show_progress=show)
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; ours show only on a terminal
     commands = {"components": _cmd_components, "evaluate": _cmd_evaluate, "zoo": _cmd_zoo}
     try:
         return commands[args.command](args)

@@ -20,6 +20,7 @@ tokenizer, measures test perplexity and writes the model card into the package.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -116,10 +117,13 @@ def build_config(arch: str, tokenizer, **overrides):
     )
 
 
-def _token_stream(tokenizer, split: str) -> torch.Tensor:
+@functools.lru_cache(maxsize=4)
+def _token_stream(tokenizer_path: str, split: str) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
     from ..data import load_corpus, tokenize_split
 
-    return tokenize_split(load_corpus("austen-kjv"), tokenizer, split)  # (T,)
+    return tokenize_split(load_corpus("austen-kjv"), AutoTokenizer.from_pretrained(tokenizer_path), split)  # (T,)
 
 
 def _batch(stream: torch.Tensor, batch: int, seqlen: int, gen: torch.Generator) -> torch.Tensor:
@@ -180,18 +184,28 @@ def train_model(args, **config_overrides) -> None:
     opt = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     tokens_per_step = args.batch * args.seqlen
     args_file = out / "train_args.json"
+    extensions: list[dict] = []
     if args_file.exists():  # a resumed run keeps the budget it started with
-        args.max_tokens = json.loads(args_file.read_text())["max_tokens"]
+        saved = json.loads(args_file.read_text())
+        args.max_tokens, extensions = saved["max_tokens"], saved.get("extensions", [])
     total_steps = math.ceil(args.max_tokens / tokens_per_step)
 
     def lr_at(step: int) -> float:
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
+        floor = 0.1 * args.lr
+        for seg in extensions:  # continuation segments: cosine from seg["lr"] down to the floor
+            if seg["from_step"] <= step:
+                progress = min(1.0, (step - seg["from_step"]) / seg["steps"])
+                return floor + (seg["lr"] - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         progress = (step - args.warmup) / max(1, total_steps - args.warmup)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return floor + (args.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    train = _token_stream(tokenizer, "train")
-    val = _token_stream(tokenizer, "validation")
+    def final_step() -> int:
+        return max([total_steps] + [seg["from_step"] + seg["steps"] for seg in extensions])
+
+    train = _token_stream(str(args.tokenizer), "train")
+    val = _token_stream(str(args.tokenizer), "validation")
     gen = torch.Generator().manual_seed(args.seed)
     step, best, elapsed = 0, float("inf"), 0.0
     last = out / "last.pt"
@@ -213,18 +227,27 @@ def train_model(args, **config_overrides) -> None:
         "weight_decay": args.weight_decay,
         "max_tokens": args.max_tokens,
         "bf16_autocast": args.autocast,
+        "eval_every": args.eval_every,
+        "eval_windows": args.eval_windows,
         "threads": torch.get_num_threads(),
         "train_tokens_in_split": int(train.numel()),
         "command": "python -m sensitivity.zoo.train " + " ".join(sys.argv[1:]),
     }
     if args_file.exists():
         meta = json.loads(args_file.read_text())
+    target = math.ceil(args.extend_to / tokens_per_step)
+    if args.extend_to and step >= final_step() and target > step:  # continue a finished run: one more cosine segment
+        seg = {"from_step": step, "steps": target - step, "lr": args.extend_lr}
+        extensions.insert(0, seg)
+        meta["extensions"] = extensions
+        args_file.write_text(json.dumps(meta, indent=2) + "\n")
+        logger.info("extending %s by %d steps from step %d (lr %g)", out, seg["steps"], step, seg["lr"])
     log = (out / "log.jsonl").open("a")
     t0 = time.perf_counter() - elapsed
     window_loss, window_n = 0.0, 0
     if not args_file.exists():
         args_file.write_text(json.dumps(meta, indent=2) + "\n")
-    while step < total_steps:
+    while step < final_step():
         if step == args.budget_probe and args.time_budget and not meta.get("budget_fixed"):
             # Fix the token budget once from the measured speed, so the cosine schedule ends on time.
             rate = step * tokens_per_step / (time.perf_counter() - t0)
@@ -244,7 +267,7 @@ def train_model(args, **config_overrides) -> None:
         opt.step()
         step += 1
         window_loss, window_n = window_loss + loss.item(), window_n + 1
-        if step % args.eval_every == 0 or step == total_steps:
+        if step % args.eval_every == 0 or step == final_step():
             val_loss = _eval_loss(model, val, args.seqlen, args.eval_windows, args.autocast)
             elapsed = time.perf_counter() - t0
             record = {
@@ -307,7 +330,7 @@ package so that every command runs offline on a genuinely trained state-space mo
 | training data | built-in corpus `austen-kjv`, train split ({train_tokens:,} tokens) |
 | tokens seen (best checkpoint) | {tokens_seen:,} ({epochs:.2f} epochs) at step {step} |
 | tokens seen (whole run) | {tokens_total:,} |
-| CPU time | {cpu_hours:.2f} core-hours to the best checkpoint ({threads} thread(s), {wall_hours:.2f} h wall) |
+| CPU time | {cpu_hours:.2f} core-hours to the best checkpoint ({threads}, {wall_hours:.2f} h wall) |
 | optimiser | AdamW (0.9, 0.95), weight decay {weight_decay}, lr {lr}, {warmup} warm-up steps, cosine to 10% |
 | batch | {batch} x {seqlen} tokens, {precision} |
 | seed | {seed} |
@@ -317,19 +340,41 @@ package so that every command runs offline on a genuinely trained state-space mo
 
 Perplexity definition: {definition}
 
-Command (the time budget was fixed as {budget}):
+Commands (the time budget was fixed as {budget}):
 
 ```
+python -m sensitivity.zoo.train tokenizer --out runs/tokenizer
 {command}
 python -m sensitivity.zoo.train export --run <run dir> --name {name}
 ```
 
-The loss curve (train loss, validation loss every {eval_every} steps) is in `training_log.jsonl`.
+The loss curve is in `training_log.jsonl`: the mean train loss of the last {eval_every} steps and the validation
+loss on the first {eval_windows} windows of 512 tokens of the validation split (mostly Austen, which is harder than
+the corpus average; the shipped checkpoint is the one with the lowest such loss).
 
 Intended use: a testbed for pruning and interpretability analysis of state-space LMs. It is far too small to be a
 useful text generator. The training text is public domain; see the corpus data card in
 `sensitivity/data/builtin/README.md`.
 """
+
+
+def _effective_command(meta: dict) -> str:
+    """The command lines that reproduce a run: the time budget replaced by the token budget it fixed."""
+    words, base, skip = meta["command"].split(), [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in ("--time-budget", "--max-tokens", "--extend-to", "--extend-lr"):
+            skip = True
+        else:
+            base.append(word.replace("/work/runs/", "runs/"))
+    first = " ".join(base + ["--max-tokens", str(meta["max_tokens"])])
+    lines = [first]
+    tokens_per_step = meta["batch"] * meta["seqlen"]
+    for seg in sorted(meta.get("extensions", []), key=lambda seg: seg["from_step"]):
+        end = (seg["from_step"] + seg["steps"]) * tokens_per_step
+        lines.append(f"{first} --extend-to {end} --extend-lr {seg['lr']}")
+    return "\n".join(lines)
 
 
 def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
@@ -364,11 +409,7 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
         if cfg.model_type == "mamba2"
         else f"inner {cfg.intermediate_size}, state {cfg.state_size}, dt rank {cfg.time_step_rank}"
     )
-    command = meta["command"]
-    if "budget_fixed" in meta:
-        command = f"{command.split(' --time-budget')[0]} --max-tokens {meta['max_tokens']}"
-        command += " " + " ".join(part for part in meta["command"].split(" --")[1:] if part.startswith("threads"))
-        command = command.replace(" threads", " --threads")
+    command = _effective_command(meta)
     card = {
         "name": name,
         "arch": cfg.model_type,
@@ -406,7 +447,7 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
         step=best["step"],
         tokens_total=log[-1]["tokens"],
         cpu_hours=card["cpu_hours"],
-        threads=meta["threads"],
+        threads=f"{meta['threads']} thread" + ("s" if meta["threads"] != 1 else ""),
         wall_hours=card["wall_hours"],
         weight_decay=meta["weight_decay"],
         lr=meta["lr"],
@@ -421,6 +462,7 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
         budget=meta.get("budget_fixed", "not used"),
         command=command,
         eval_every=log[0]["step"],
+        eval_windows=meta.get("eval_windows", 96),
         precision="bf16 autocast" if meta["bf16_autocast"] else "float32",
     )
     (tmp / "README.md").write_text(readme)
@@ -455,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=0, help="seconds; fixes --max-tokens from measured speed")
     p.add_argument("--budget-probe", type=int, default=30, help="steps timed before fixing the time budget")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extend-to", type=int, default=0, help="continue a finished run up to this many tokens in all")
+    p.add_argument("--extend-lr", type=float, default=6e-4, help="peak lr of the continuation's cosine segment")
     p = sub.add_parser("export")
     p.add_argument("--run", required=True)
     p.add_argument("--name", required=True, choices=["default", "default-mamba1"])

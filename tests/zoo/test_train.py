@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from sensitivity.zoo import zoo_path
@@ -43,3 +44,44 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     best = json.loads((straight / "best" / "best.json").read_text())
     assert best["val_loss"] == min(r["val_loss"] for r in _log(straight))
     assert json.loads((straight / "train_args.json").read_text())["seed"] == 3
+
+
+def test_a_finished_run_can_be_extended_with_a_second_cosine_segment(tmp_path):
+    out = tmp_path / "run"
+    train_model(_args(out), **TINY)
+    args = _args(out)
+    args.extend_to, args.extend_lr = 384, 5e-4  # 256 tokens were trained; two more steps of 2 x 32 tokens
+    train_model(args, **TINY)
+    log = _log(out)
+    assert [r["step"] for r in log] == [2, 4, 6]
+    assert log[-1]["lr"] == pytest.approx(5e-4 * 0.5 + 2e-4 * 0.5)  # halfway down the segment's cosine, floor 0.1 lr
+    saved = json.loads((out / "train_args.json").read_text())
+    assert saved["extensions"] == [{"from_step": 4, "steps": 2, "lr": 5e-4}]
+    train_model(args, **TINY)  # rerunning the same command does not extend twice
+    assert [r["step"] for r in _log(out)] == [2, 4, 6]
+
+
+def test_export_stores_float16_with_a_card_that_matches_a_fresh_measurement(tmp_path):
+    from sensitivity import eval_windows, load_corpus, load_model, perplexity
+    from sensitivity.zoo.train import export_model
+
+    run = tmp_path / "run"
+    train_model(_args(run), **TINY)
+    card = export_model(run, "default", dest_root=tmp_path / "zoo")
+    dest = tmp_path / "zoo" / "default"
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "README.md", "card.json", "config.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json", "training_log.jsonl",
+    ]  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(dest / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert json.loads((dest / "card.json").read_text()) == card
+    lm = load_model(str(dest))
+    assert lm.model.dtype == torch.float32
+    fresh = perplexity(lm, eval_windows(load_corpus(), lm.tokenizer, 512, split="test"), show_progress=False)
+    assert fresh.perplexity == pytest.approx(card["test_perplexity"], rel=1e-6)
+    assert card["tokens_seen"] == 256 and card["best_step"] == 4 and card["seed"] == 3
+    assert card["command"].endswith("--max-tokens 256")
+    assert f"**{card['test_perplexity']:.2f}**" in (dest / "README.md").read_text()

@@ -36,7 +36,7 @@ def test_quality_bar_recorded_in_the_cards():
     cards = {m.name: m.card for m in list_models()}
     assert cards["default"]["test_perplexity"] <= 65.0
     assert cards["default-mamba1"]["test_perplexity"] <= 85.0
-    assert "window length 512" in cards["default"]["test_definition"]
+    assert "windows of 512 tokens (stride 512) from split 'test' of austen-kjv" in cards["default"]["test_definition"]
 
 
 def test_names_and_errors():
