@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,8 @@ def train_model(args, **config_overrides) -> None:
     window_loss, window_n = 0.0, 0
     if not args_file.exists():
         args_file.write_text(json.dumps(meta, indent=2) + "\n")
+    show = sys.stderr.isatty()
+    bar = tqdm(total=final_step(), initial=step, desc=f"train {args.arch}", unit="step", disable=not show)
     while step < final_step():
         if step == args.budget_probe and args.time_budget and not meta.get("budget_fixed"):
             # Fix the token budget once from the measured speed, so the cosine schedule ends on time.
@@ -266,6 +269,9 @@ def train_model(args, **config_overrides) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
+        bar.total = final_step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
         window_loss, window_n = window_loss + loss.item(), window_n + 1
         if step % args.eval_every == 0 or step == final_step():
             val_loss = _eval_loss(model, val, args.seqlen, args.eval_windows, args.autocast)
@@ -307,6 +313,8 @@ def train_model(args, **config_overrides) -> None:
             if (out / "STOP").exists():
                 logger.info("STOP file found; stopping at step %d", step)
                 break
+    bar.close()
+    log.close()
 
 
 # --- export ------------------------------------------------------------------------------------------------------
