@@ -97,12 +97,9 @@ class _RReader:
         self.data, self.pos, self.refs = data, 2, []
         version = self._int()
         self._int(), self._int()  # writer and minimal reader versions
-        if version == 3:
-            self.pos += 4 + self._peek_skip()
-
-    def _peek_skip(self) -> int:
-        (n,) = struct.unpack_from(">i", self.data, self.pos)
-        return n
+        if version == 3:  # native encoding name: length, then bytes
+            length = self._int()
+            self.pos += length
 
     def _int(self) -> int:
         (value,) = struct.unpack_from(">i", self.data, self.pos)

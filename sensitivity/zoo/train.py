@@ -39,33 +39,11 @@ logger = logging.getLogger(__name__)
 ZOO_DIR = Path(__file__).resolve().parent / "models"
 EOS = "<|endoftext|>"
 
+_COMMON = dict(hidden_size=256, num_hidden_layers=8, expand=2, conv_kernel=4, use_bias=False, use_conv_bias=True,
+               tie_word_embeddings=True)  # fmt: skip
 ARCH_CONFIGS: dict[str, dict] = {
-    "mamba2": dict(
-        model_type="mamba2",
-        hidden_size=256,
-        num_hidden_layers=8,
-        expand=2,
-        num_heads=8,
-        head_dim=64,
-        n_groups=2,
-        state_size=64,
-        conv_kernel=4,
-        chunk_size=64,
-        use_bias=False,
-        use_conv_bias=True,
-        tie_word_embeddings=True,
-    ),
-    "mamba": dict(
-        model_type="mamba",
-        hidden_size=256,
-        num_hidden_layers=8,
-        expand=2,
-        state_size=16,
-        conv_kernel=4,
-        use_bias=False,
-        use_conv_bias=True,
-        tie_word_embeddings=True,
-    ),
+    "mamba2": dict(_COMMON, model_type="mamba2", num_heads=8, head_dim=64, n_groups=2, state_size=64, chunk_size=64),
+    "mamba": dict(_COMMON, model_type="mamba", state_size=16),
 }
 """Architecture of each shipped model (plus the tokenizer's vocabulary and special tokens)."""
 
@@ -185,9 +163,9 @@ def train_model(args, **config_overrides) -> None:
     opt = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     tokens_per_step = args.batch * args.seqlen
     args_file = out / "train_args.json"
+    saved = json.loads(args_file.read_text()) if args_file.exists() else None
     extensions: list[dict] = []
-    if args_file.exists():  # a resumed run keeps the budget it started with
-        saved = json.loads(args_file.read_text())
+    if saved:  # a resumed run keeps the budget (and continuation segments) it started with
         args.max_tokens, extensions = saved["max_tokens"], saved.get("extensions", [])
     total_steps = math.ceil(args.max_tokens / tokens_per_step)
 
@@ -218,7 +196,7 @@ def train_model(args, **config_overrides) -> None:
         torch.set_rng_state(state["rng"])
         step, best, elapsed = state["step"], state["best"], state["elapsed"]
         logger.info("resumed %s at step %d (best val loss %.4f)", out, step, best)
-    meta = {
+    meta = saved or {
         "arch": args.arch,
         "seed": args.seed,
         "batch": args.batch,
@@ -234,8 +212,6 @@ def train_model(args, **config_overrides) -> None:
         "train_tokens_in_split": int(train.numel()),
         "command": "python -m sensitivity.zoo.train " + " ".join(sys.argv[1:]),
     }
-    if args_file.exists():
-        meta = json.loads(args_file.read_text())
     target = math.ceil(args.extend_to / tokens_per_step)
     if args.extend_to and step >= final_step() and target > step:  # continue a finished run: one more cosine segment
         seg = {"from_step": step, "steps": target - step, "lr": args.extend_lr}
