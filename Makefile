@@ -4,6 +4,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+MALLOC := MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000
+REPORT ?= reports/default
 
 .PHONY: install test test-fast report bench lint clean corpus
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 $(BIN)/python -m pytest -q
+	$(MALLOC) $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -25,11 +27,15 @@ test-fast: $(STAMP)
 report: $(STAMP)
 	$(BIN)/sensitivity zoo list
 	$(BIN)/sensitivity components
-	MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 $(BIN)/sensitivity evaluate
+	$(MALLOC) $(BIN)/sensitivity evaluate
+	$(MALLOC) $(BIN)/sensitivity probe --out $(REPORT)/probes
+	$(MALLOC) $(BIN)/sensitivity attribute --out $(REPORT)/attribution
+	$(BIN)/sensitivity agreement --probes $(REPORT)/probes --attribution $(REPORT)/attribution
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scan.py
 	$(BIN)/python benchmarks/bench_zoo.py
+	$(BIN)/python benchmarks/bench_probes.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check sensitivity tests benchmarks

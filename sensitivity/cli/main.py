@@ -1,4 +1,4 @@
-"""``sensitivity`` command line: ``components``, ``evaluate`` and ``zoo list``.
+"""``sensitivity`` command line: ``components``, ``evaluate``, ``probe``, ``attribute``, ``agreement``, ``zoo list``.
 
 Bad arguments exit with status 2 and one line on stderr naming the value and what is allowed; nothing is written.
 """
@@ -37,6 +37,21 @@ def _int_at_least(lo: int):
     return parse
 
 
+def _csv_list(kind=str):
+    """``a,b,c`` -> [a, b, c] converted by ``kind``."""
+
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
+
+    return parse
+
+
 def _build_parser() -> _Parser:
     from ..data.corpus import DEFAULT_CORPUS
     from ..models.loading import DEFAULT_MODEL, DTYPES
@@ -54,26 +69,80 @@ def _build_parser() -> _Parser:
         )
         p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype (default float32)")
 
+    def data_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--data",
+            default=DEFAULT_CORPUS,
+            help=f"'{DEFAULT_CORPUS}' (the built-in corpus, default), 'sample', a text/JSONL file, a directory, "
+            "or a local HF dataset",
+        )
+        p.add_argument("--text-field", default="text", help="JSONL/HF field holding the text (default text)")
+
+    def window_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seqlen", type=_int_at_least(2), default=256, help="tokens per window (default 256)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the window draws (default 0)")
+        p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward (default 8)")
+        p.add_argument("--out", required=True, help="output directory (rerunning into it resumes)")
+
     p = sub.add_parser("components", help="list each layer's canonical components, tensors and hook points")
     model_args(p)
     p.add_argument("--format", default="table", choices=_FORMATS, help="output format (default table)")
 
     p = sub.add_parser("evaluate", help="token-level perplexity on held-out text")
     model_args(p)
-    p.add_argument(
-        "--data",
-        default=DEFAULT_CORPUS,
-        help=f"'{DEFAULT_CORPUS}' (the built-in corpus, default), 'sample', a text/JSONL file, a directory, "
-        "or a local HF dataset",
-    )
+    data_args(p)
     p.add_argument("--split", default=None, help="split to evaluate (default: test, else validation)")
-    p.add_argument("--text-field", default="text", help="JSONL/HF field holding the text (default text)")
     p.add_argument("--seqlen", type=_int_at_least(2), default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="evaluate only the first K windows")
     p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward (default 8)")
     p.add_argument("--reference", default=None, help="also report KL(reference || model) against this model")
     p.add_argument("--seed", type=int, default=0, help="seed recorded with the result (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("probe", help="ablate each component of each layer; write DIR/probes.csv and manifest.json")
+    model_args(p)
+    data_args(p)
+    window_args(p)
+    p.add_argument("--components", type=_csv_list(), default=None,
+                   help="comma-separated components and units (mixer, head, state); default all but state")
+    p.add_argument("--kinds", type=_csv_list(), default=None,
+                   help="comma-separated ablation kinds: zero, mean, resample, bypass, magnitude, wanda, remove "
+                   "(default all)")
+    p.add_argument("--sparsities", type=_csv_list(float), default=None,
+                   help="sparsities of the magnitude and wanda kinds (default 0.25,0.5,0.75)")
+    p.add_argument("--layers", type=_csv_list(int), default=None, help="comma-separated layers (default all)")
+    p.add_argument("--windows", type=_int_at_least(1), default=8,
+                   help="held-out windows the damage is measured on (default 8)")
+    p.add_argument("--calib-windows", type=_int_at_least(1), default=8,
+                   help="calibration windows for means and WANDA norms (default 8)")
+    p.add_argument("--split", default=None, help="held-out split (default validation, else the corpus' held-out)")
+    p.add_argument("--sweep", default="cached", choices=["cached", "naive"],
+                   help="cached: reuse the residual stream before the probed layer (default); naive: full forward")
+    p.add_argument("--top", type=_int_at_least(0), default=10, help="print the K most damaging probes (default 10)")
+
+    p = sub.add_parser("attribute", help="activation, gradient and captum attribution; write DIR/attribution.csv")
+    model_args(p)
+    data_args(p)
+    window_args(p)
+    p.add_argument("--methods", type=_csv_list(), default=None,
+                   help="comma-separated methods: act_norm, taylor, fisher, gblm, grad_x_act, integrated_gradients, "
+                   "conductance (default: all but the last two)")
+    p.add_argument("--components", type=_csv_list(), default=None, help="comma-separated components (default all)")
+    p.add_argument("--layers", type=_csv_list(int), default=None, help="comma-separated layers (default all)")
+    p.add_argument("--windows", type=_int_at_least(1), default=8, help="calibration windows (default 8)")
+    p.add_argument("--objective", default="loss", choices=["loss", "logprob"],
+                   help="what is attributed: the mean next-token loss (default) or the target log-probability")
+    p.add_argument("--n-steps", type=_int_at_least(1), default=16,
+                   help="integration steps of integrated_gradients and conductance (default 16)")
+    p.add_argument("--internal-batch-size", type=_int_at_least(1), default=None,
+                   help="captum's internal_batch_size for the integration steps")
+
+    p = sub.add_parser("agreement", help="rank correlation of each attribution with each ablation's damage")
+    p.add_argument("--probes", required=True, help="probes.csv or the directory holding it")
+    p.add_argument("--attribution", required=True, help="attribution.csv or the directory holding it")
+    p.add_argument("--metric", default="delta_nll", choices=["delta_nll", "kl", "ppl_ratio"],
+                   help="probe damage metric to rank by (default delta_nll)")
+    p.add_argument("--out", default=None, help="CSV to write (default: agreement.csv next to the probes)")
 
     p = sub.add_parser("zoo", help="the trained models shipped with the package")
     zoo = p.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
@@ -147,6 +216,92 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _load_for_run(args):
+    from ..data import load_corpus
+    from ..models import load_model
+
+    corpus = load_corpus(args.data, text_field=args.text_field)  # bad data fails before any model loads
+    lm = load_model(args.model, dtype=args.dtype)
+    if lm.tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer; save one next to its config")
+    return corpus, lm
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _cmd_probe(args) -> int:
+    from ..probes import KINDS, ProbeConfig, probe
+
+    options = {"components": args.components, "layers": args.layers, "windows": args.windows,
+               "calibration_windows": args.calib_windows, "seqlen": args.seqlen, "split": args.split,
+               "seed": args.seed, "batch_size": args.batch_size, "sweep": args.sweep,
+               "kinds": args.kinds or KINDS}  # fmt: skip
+    if args.sparsities is not None:
+        options["sparsities"] = args.sparsities
+    config = ProbeConfig(**options)  # validates before anything loads
+    corpus, lm = _load_for_run(args)
+    df = probe(lm, corpus, config=config, out=args.out, show_progress=_show_progress())
+    damage = df[df.metric == "delta_nll"].sort_values("value", ascending=False, kind="stable").head(args.top)
+    damage = damage.assign(index=damage["index"].astype("string").fillna("-"))[["layer", "component", "index",
+                                                                                "kind", "value"]]  # fmt: skip
+    print(f"{len(df) // 3} probes of {lm.name} -> {os.path.join(args.out, 'probes.csv')}")
+    if args.top:
+        table = damage.rename(columns={"value": "delta_nll"}).to_string(index=False, float_format=lambda v: f"{v:.4f}")
+        print(f"most damaging (delta_nll = mean next-token NLL ablated - dense, nats/token):\n{table}")
+    return 0
+
+
+def _cmd_attribute(args) -> int:
+    import time
+
+    from .._manifest import atomic_write_text, versions, write_manifest
+    from ..attribution import DEFAULT_METHODS, attribute
+    from ..data import calibration_windows
+
+    corpus, lm = _load_for_run(args)
+    windows = calibration_windows(corpus, lm.tokenizer, args.windows, args.seqlen, seed=args.seed)
+    started = time.perf_counter()
+    methods = tuple(args.methods or DEFAULT_METHODS)
+    df = attribute(lm, windows, methods=methods, components=args.components, layers=args.layers,
+                   batch_size=args.batch_size, seed=args.seed, objective=args.objective, n_steps=args.n_steps,
+                   internal_batch_size=args.internal_batch_size, show_progress=_show_progress())  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_text(os.path.join(args.out, "attribution.csv"), df.to_csv(index=False, float_format="%.10g"))
+    manifest = {"command": "attribute", "model": lm.name, "arch": lm.arch, "data": args.data,
+                "windows": windows.describe(), "seqlen": args.seqlen, "seed": args.seed, "methods": list(methods),
+                "objective": args.objective, "n_steps": args.n_steps, "components": args.components,
+                "layers": args.layers, "versions": versions(),
+                "timings": {"total_s": time.perf_counter() - started}}  # fmt: skip
+    write_manifest(os.path.join(args.out, "manifest.json"), manifest)
+    print(f"{len(df)} attribution rows of {lm.name} -> {os.path.join(args.out, 'attribution.csv')}")
+    return 0
+
+
+def _read_table(path: str, name: str):
+    import pandas as pd
+
+    file = os.path.join(path, name) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} does not exist; expected {name} or a directory holding it")
+    return pd.read_csv(file), file
+
+
+def _cmd_agreement(args) -> int:
+    from .._manifest import atomic_write_text
+    from ..attribution import agreement
+
+    probes, probes_file = _read_table(args.probes, "probes.csv")
+    attribution, _ = _read_table(args.attribution, "attribution.csv")
+    table = agreement(probes, attribution, probe_metric=args.metric)
+    out = args.out or os.path.join(os.path.dirname(probes_file), "agreement.csv")
+    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"-> {out}")
+    return 0
+
+
 def _cmd_zoo(args) -> int:
     from ..zoo import ZOO_MODELS, list_models
 
@@ -198,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; ours show only on a terminal
-    commands = {"components": _cmd_components, "evaluate": _cmd_evaluate, "zoo": _cmd_zoo}
+    commands = {"components": _cmd_components, "evaluate": _cmd_evaluate, "probe": _cmd_probe,
+                "attribute": _cmd_attribute, "agreement": _cmd_agreement, "zoo": _cmd_zoo}  # fmt: skip
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:

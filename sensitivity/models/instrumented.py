@@ -68,7 +68,7 @@ def _causal_conv(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _mamba1_forward(self: MambaMixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
     hp, dtype, rows = self.hook_points, hidden_states.dtype, self._sensitivity_rows
     # 1. Input projection into the x and gate branches (row ranges from the registry).
-    hidden_states = _mask(hidden_states, attention_mask)  # (B, L, D)
+    hidden_states = hp["in"](_mask(hidden_states, attention_mask))  # (B, L, D)
     x, z = _unpack(self.in_proj(hidden_states), rows["in_proj.weight"], ("x", "z"))  # (B, L, ED) each
     x, z = hp["x"](x), hp["z"](z)
     # 2. Causal convolution.
@@ -98,12 +98,12 @@ def _mamba2_forward(self: Mamba2Mixer, hidden_states: torch.Tensor, attention_ma
     bsz, L, _ = hidden_states.shape
     ED, H, P, G, N = self.intermediate_size, self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
     # 1. Input projection into [z | x | B | C | dt] (row ranges from the registry).
-    hidden_states = _mask(hidden_states, attention_mask)  # (B, L, D)
+    hidden_states = hp["in"](_mask(hidden_states, attention_mask))  # (B, L, D)
     projected = self.in_proj(hidden_states)  # (B, L, 2ED+2GN+H)
     z, x, B_in, C_in, dt_in = _unpack(projected, rows["in_proj.weight"], ("z", "x", "B", "C", "dt"))
     x, z = hp["x"](x), hp["z"](z)  # (B, L, ED)
     # 2. Causal convolution over [x | B | C].
-    conv = _causal_conv(self, torch.cat([x, B_in, C_in], dim=-1))  # (B, L, ED+2GN)
+    conv = _causal_conv(self, hp["conv_in"](torch.cat([x, B_in, C_in], dim=-1)))  # (B, L, ED+2GN)
     conv = hp["conv"](_mask(conv, attention_mask))
     u, B, C = conv.split([ED, G * N, G * N], dim=-1)
     u = hp["u"](u)  # (B, L, ED)

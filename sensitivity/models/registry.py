@@ -70,12 +70,15 @@ class Component:
         description: One line for tables.
         tensors: The parameter rows it owns (empty for weightless parts).
         hook: The hook point carrying the activation it produces.
+        module: The mixer submodule that computes it, when it is one (``conv1d``, ``norm``, FalconMamba's
+            ``dt_layernorm``...), so a probe can swap it out; None otherwise.
     """
 
     name: str
     description: str
     tensors: tuple[TensorSlice, ...]
     hook: str
+    module: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class HookSpec:
 
 
 _M1_HOOKS = (
+    HookSpec("in", "(B, L, D)", "mixer input, the input of in_proj"),
     HookSpec("x", "(B, L, ED)", "x branch of in_proj, before the convolution"),
     HookSpec("z", "(B, L, ED)", "gate branch of in_proj"),
     HookSpec("conv", "(B, L, ED)", "conv1d output after SiLU"),
@@ -105,8 +109,10 @@ _M1_HOOKS = (
 )
 
 _M2_HOOKS = (
+    HookSpec("in", "(B, L, D)", "mixer input, the input of in_proj"),
     HookSpec("x", "(B, L, ED)", "x branch of in_proj, before the convolution"),
     HookSpec("z", "(B, L, ED)", "gate branch of in_proj"),
+    HookSpec("conv_in", "(B, L, ED+2GN)", "conv1d input [x | B | C] before the convolution"),
     HookSpec("conv", "(B, L, ED+2GN)", "conv1d output after SiLU over [x | B | C]"),
     HookSpec("u", "(B, L, ED)", "SSM input: the x channels of conv"),
     HookSpec("dt_raw", "(B, L, H)", "Δ before softplus (in_proj dt rows + dt_bias)"),
@@ -131,8 +137,11 @@ class Registry:
         dims: Sizes by legend letter (``D``, ``ED``, ``N``, ``K``, and ``R`` or ``H``, ``P``, ``G``).
         components: Components of one mixer layer, in a fixed order.
         hooks: Hook points of one mixer layer, in forward order.
+        input_hooks: Weight parameter -> hook point carrying that weight's input activations (what WANDA's
+            ``||X_j||`` is measured on), e.g. ``{"in_proj.weight": "in", "out_proj.weight": "out_proj_in"}``.
         layers_path: Dotted path from the causal-LM model to the list of blocks.
         mixer_attr: Attribute of a block holding its mixer.
+        final_norm_path: Dotted path from the causal-LM model to the norm applied after the last block.
 
     Example:
         >>> reg = build_registry(model.config)
@@ -145,8 +154,10 @@ class Registry:
     dims: dict[str, int]
     components: tuple[Component, ...]
     hooks: tuple[HookSpec, ...]
+    input_hooks: dict[str, str] = field(default_factory=dict)
     layers_path: str = "backbone.layers"
     mixer_attr: str = "mixer"
+    final_norm_path: str = "backbone.norm_f"
     _by_name: dict[str, Component] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -170,15 +181,28 @@ class Registry:
         """Component name -> row range for a packed parameter, e.g. ``packed_rows("in_proj.weight")``."""
         return {c.name: t.rows for c in self.components for t in c.tensors if t.param == param and t.rows}
 
+    def input_hook(self, param: str) -> str:
+        """The hook point whose activation is the input of weight ``param`` (its channels = the weight's columns)."""
+        if param not in self.input_hooks:
+            raise ValueError(f"no input hook for {param!r}; weights with one: {', '.join(self.input_hooks)}")
+        return self.input_hooks[param]
+
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer!r} out of range; allowed: 0..{self.n_layers - 1}")
         return layer
 
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The list of residual blocks (each ``hidden -> hidden + mixer(norm(hidden))``)."""
+        return reduce(getattr, self.layers_path.split("."), model)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm between the last block and the LM head."""
+        return reduce(getattr, self.final_norm_path.split("."), model)
+
     def mixer(self, model: nn.Module, layer: int) -> nn.Module:
         """The mixer module of ``layer``."""
-        layers = reduce(getattr, self.layers_path.split("."), model)
-        return getattr(layers[self.check_layer(layer)], self.mixer_attr)
+        return getattr(self.blocks(model)[self.check_layer(layer)], self.mixer_attr)
 
     def tensors(self, model: nn.Module, layer: int, name: str) -> list[torch.Tensor]:
         """Views of the parameter rows owned by component ``name`` in ``layer`` (writes go to the model)."""
@@ -246,6 +270,7 @@ def _mamba1(config) -> Registry:
             (TensorSlice("conv1d.weight", None, ("ED",)),)
             + ((TensorSlice("conv1d.bias", None, ("ED",)),) if conv_bias else ()),
             "conv",
+            "conv1d",
         ),
         Component(
             "dt",
@@ -279,11 +304,14 @@ def _mamba1(config) -> Registry:
     arch = config.model_type
     if arch == "falcon_mamba":
         comps += [
-            Component("dt_norm", "weightless RMS norm on the Δ low-rank input", (), "dt_low"),
-            Component("B_norm", "weightless RMS norm on B", (), "B"),
-            Component("C_norm", "weightless RMS norm on C", (), "C"),
+            Component("dt_norm", "weightless RMS norm on the Δ low-rank input", (), "dt_low", "dt_layernorm"),
+            Component("B_norm", "weightless RMS norm on B", (), "B", "b_layernorm"),
+            Component("C_norm", "weightless RMS norm on C", (), "C", "c_layernorm"),
         ]
-    return Registry(arch, config.num_hidden_layers, {"D": D, "ED": ED, "N": N, "R": R, "K": K}, tuple(comps), _M1_HOOKS)
+    inputs = {"in_proj.weight": "in", "conv1d.weight": "x", "x_proj.weight": "u", "dt_proj.weight": "dt_low",
+              "out_proj.weight": "out_proj_in"}  # fmt: skip
+    dims = {"D": D, "ED": ED, "N": N, "R": R, "K": K}
+    return Registry(arch, config.num_hidden_layers, dims, tuple(comps), _M1_HOOKS, inputs)
 
 
 def _mamba2(config) -> Registry:
@@ -313,10 +341,13 @@ def _mamba2(config) -> Registry:
             (TensorSlice("conv1d.weight", None, ("ED+2GN",)),)
             + ((TensorSlice("conv1d.bias", None, ("ED+2GN",)),) if conv_bias else ()),
             "conv",
+            "conv1d",
         ),
         Component("A_log", "log of the negated per-head decay rates", (TensorSlice("A_log", None, ("H",)),), "A"),
         Component("D", "per-head skip connection D", (TensorSlice("D", None, ("H",)),), "y"),
-        Component("norm", "gated RMS norm weight", (TensorSlice("norm.weight", None, ("H", "P")),), "out_proj_in"),
+        Component(
+            "norm", "gated RMS norm weight", (TensorSlice("norm.weight", None, ("H", "P")),), "out_proj_in", "norm"
+        ),
         Component(
             "out_proj",
             "output projection",
@@ -326,7 +357,8 @@ def _mamba2(config) -> Registry:
         ),
     )
     dims = {"D": D, "ED": ED, "N": N, "H": H, "P": P, "G": G, "K": K}
-    return Registry("mamba2", config.num_hidden_layers, dims, comps, _M2_HOOKS)
+    inputs = {"in_proj.weight": "in", "conv1d.weight": "conv_in", "out_proj.weight": "out_proj_in"}
+    return Registry("mamba2", config.num_hidden_layers, dims, comps, _M2_HOOKS, inputs)
 
 
 def build_registry(config) -> Registry:

@@ -1,0 +1,45 @@
+"""Attribution: which (layer, component) of a state-space LM the objective depends on, by several methods.
+
+:func:`attribute` returns one tidy table (``layer, component, kind, metric, value, seed``); :func:`weight_scores`
+the per-weight tensors behind the weight-level methods, for pruning; :func:`agreement` rank-correlates each
+attribution with the damage measured by ablation probes.
+
+Components each method covers (a method gives no rows for the others):
+
+| component | act_norm | taylor, fisher | gblm | grad_x_act, integrated_gradients, conductance (hook) |
+|---|---|---|---|---|
+| x, z, B, C | yes | yes | yes | yes (x, z, B, C) |
+| dt | yes (Mamba-1: x_proj dt rows + dt_proj; Mamba-2: in_proj dt rows) | yes (+ biases) | yes | yes (dt) |
+| conv1d | yes (input ``x`` / Mamba-2 ``conv_in``) | yes (+ bias) | yes | yes (conv) |
+| out_proj | yes | yes | yes | yes (out) |
+| norm (Mamba-2) | no: no weight input | yes | no | yes (out_proj_in) |
+| A_log | no | yes | no | no: hook A has no batch axis |
+| D | no | yes | no | no: hook y is the whole scan output |
+| dt_norm (FalconMamba) | no: weightless | no: weightless | no | yes (dt_low) |
+| B_norm, C_norm (FalconMamba) | no: weightless | no: weightless | no | no: they share hooks B, C |
+
+``act_norm`` and ``gblm`` use every weight of the component that has an input hook (``Registry.input_hooks``);
+``taylor`` and ``fisher`` every parameter slice (biases, ``dt_bias``, ``A_log``, ``D``, norm weights included).
+"""
+
+from .agreement import agreement, kendall_tau_b, rank_correlation, spearman
+from .api import (
+    COLUMNS,
+    DEFAULT_METHODS,
+    GBLM_ALPHA,
+    METHODS,
+    WEIGHT_METHODS,
+    ScoreKey,
+    attribute,
+    covered_components,
+    weight_scores,
+)
+from .gradients import OBJECTIVES
+from .scores import owl_outlier_ratio, wanda_score
+from .stats import ChannelStats, channel_stats
+
+__all__ = [
+    "COLUMNS", "DEFAULT_METHODS", "GBLM_ALPHA", "METHODS", "OBJECTIVES", "WEIGHT_METHODS", "ChannelStats", "ScoreKey",
+    "agreement", "attribute", "channel_stats", "covered_components", "kendall_tau_b", "owl_outlier_ratio",
+    "rank_correlation", "spearman", "wanda_score", "weight_scores",
+]

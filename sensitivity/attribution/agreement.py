@@ -1,0 +1,139 @@
+"""Rank agreement between attribution scores and the damage that ablating each (layer, component) does.
+
+Spearman's rho is the Pearson correlation of average ranks; Kendall's tau is tau-b (ties in either ranking
+corrected). Both are implemented here (pandas' ``Series.corr`` needs scipy for them, which is not a dependency).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["agreement", "kendall_tau_b", "rank_correlation", "spearman"]
+
+_KEYS = ["layer", "component"]
+_PROBE_COLUMNS = ("layer", "component", "index", "kind", "metric", "value")
+_ATTRIBUTION_COLUMNS = ("layer", "component", "kind", "metric", "value")
+MIN_PAIRS = 3
+
+
+def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"need two 1-D sequences of equal length, got shapes {x.shape} and {y.shape}")
+    if np.isnan(x).any() or np.isnan(y).any():
+        raise ValueError("rank correlation of NaN values; drop them first")
+    return x, y
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based; ties share the mean of their ranks; +-inf rank like any other value)."""
+    return pd.Series(x).rank(method="average").to_numpy()
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho: the Pearson correlation of the average ranks (NaN if either side is constant or n < 2)."""
+    x, y = _pair(x, y)
+    if len(x) < 2:
+        return math.nan
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else math.nan
+
+
+def kendall_tau_b(x, y) -> float:
+    """Kendall's tau-b ``(n_c - n_d) / sqrt((n_0 - n_1)(n_0 - n_2))`` over all pairs.
+
+    ``n_0 = n(n-1)/2``; ``n_1``, ``n_2`` count the pairs tied in ``x`` and in ``y``. NaN if either side is constant
+    or n < 2.
+    """
+    x, y = _pair(x, y)
+    n = len(x)
+    if n < 2:
+        return math.nan
+    x, y = _ranks(x), _ranks(y)  # same order, finite even for +-inf values
+    upper = np.triu(np.ones((n, n), dtype=bool), k=1)  # each pair i < j once
+    sx = np.sign(x[:, None] - x[None, :])[upper]  # (n(n-1)/2,)
+    sy = np.sign(y[:, None] - y[None, :])[upper]
+    n0 = n * (n - 1) / 2
+    denom = math.sqrt((n0 - (sx == 0).sum()) * (n0 - (sy == 0).sum()))
+    return float((sx * sy).sum() / denom) if denom > 0 else math.nan
+
+
+def rank_correlation(x, y) -> tuple[float, float]:
+    """``(spearman, kendall_tau_b)`` of two equal-length sequences."""
+    return spearman(x, y), kendall_tau_b(x, y)
+
+
+def _check_columns(df: pd.DataFrame, needed: tuple[str, ...], what: str) -> None:
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} table lacks column(s) {', '.join(missing)}; needed: {', '.join(needed)}")
+
+
+def _ablations(probes: pd.DataFrame) -> pd.DataFrame:
+    """Label each probe row with its ablation: the kind, plus ``@sparsity`` when a kind has several sparsities."""
+    probes = probes.copy()
+    probes["ablation"] = probes["kind"].astype(str)
+    if "sparsity" in probes.columns:
+        several = probes.groupby("kind")["sparsity"].nunique(dropna=True) > 1
+        multi = probes["kind"].map(several).fillna(False).astype(bool)
+        probes.loc[multi, "ablation"] = [f"{k}@{s:g}" for k, s in zip(probes.loc[multi, "kind"],
+                                                                      probes.loc[multi, "sparsity"])]  # fmt: skip
+    return probes
+
+
+def agreement(
+    probes_df: pd.DataFrame, attribution_df: pd.DataFrame, *, probe_metric: str = "delta_nll"
+) -> pd.DataFrame:
+    """Rank correlation between each attribution ranking of (layer, component) and each ablation's damage ranking.
+
+    Probe rows with a unit ``index`` (heads, states) and components absent from the attribution table (e.g.
+    ``mixer``) are left out; values are averaged over seeds (and, for attributions, nothing else: one row per
+    (layer, component, kind, metric) is expected). The damage ranking uses ``probe_metric`` as it is (larger =
+    more damage, true of ``delta_nll``, ``kl`` and ``ppl_ratio``); correlations are computed on the (layer,
+    component) pairs present in both tables (rows with a NaN value dropped), and are NaN when fewer than 3 pairs
+    are shared (or a side is constant).
+
+    Args:
+        probes_df: Ablation probes: ``layer, component, index, kind, sparsity, metric, value, seed``.
+        attribution_df: Output of :func:`attribute`.
+        probe_metric: Which probe metric ranks the damage.
+
+    Returns:
+        Columns ``attribution, attribution_metric, ablation, probe_metric, n, spearman, kendall``, one row per
+        (attribution kind, attribution metric, ablation kind), sorted by ablation then descending Spearman.
+
+    Raises:
+        ValueError: Missing columns, or ``probe_metric`` absent from the probes table.
+
+    Example:
+        >>> agreement(probes, attribute(lm, windows)).query("ablation == 'zero'").head()
+    """
+    _check_columns(probes_df, _PROBE_COLUMNS, "probes")
+    _check_columns(attribution_df, _ATTRIBUTION_COLUMNS, "attribution")
+    metrics = sorted(probes_df["metric"].dropna().astype(str).unique())
+    if probe_metric not in metrics:
+        raise ValueError(f"probe_metric {probe_metric!r} is not in the probes table; allowed: {', '.join(metrics)}")
+    attr = attribution_df.dropna(subset=["value"])
+    attr = attr.groupby(["kind", "metric", *_KEYS], as_index=False)["value"].mean()
+    probes = probes_df[probes_df["index"].isna() & (probes_df["metric"] == probe_metric) & probes_df["value"].notna()]
+    probes = _ablations(probes[probes["component"].isin(set(attr["component"]))])
+    probes = probes.groupby(["ablation", *_KEYS], as_index=False)["value"].mean()
+
+    rows = []
+    for ablation, damage in probes.groupby("ablation", sort=True):
+        for (kind, metric), scores in attr.groupby(["kind", "metric"], sort=True):
+            both = scores.merge(damage, on=_KEYS, suffixes=("_attr", "_probe"))
+            n = len(both)
+            rho, tau = (math.nan, math.nan)
+            if n >= MIN_PAIRS:
+                rho, tau = rank_correlation(both["value_attr"], both["value_probe"])
+            rows.append((kind, metric, ablation, probe_metric, n, rho, tau))
+    columns = ["attribution", "attribution_metric", "ablation", "probe_metric", "n", "spearman", "kendall"]
+    out = pd.DataFrame(rows, columns=columns).astype({"n": "int64", "spearman": "float64", "kendall": "float64"})
+    out = out.sort_values(["ablation", "spearman"], ascending=[True, False], na_position="last", kind="stable")
+    return out.reset_index(drop=True)

@@ -1,0 +1,149 @@
+"""captum layer attributions of the LM objective to each component's hook-point activation.
+
+The forward function maps input embeddings (B, L, D) (``model.get_input_embeddings()(ids)``) to one scalar per
+window, the objective of :func:`.gradients.window_objective` with the window's own next tokens as targets, through
+the instrumented forward (``use_cache=False``). Integrated gradients and conductance integrate from the baseline
+``"zeros"``: all-zero input embeddings (so the layer baseline of integrated gradients is the activation the model
+produces from zero embeddings, not a zero activation). Attributions go to the hook point's output.
+
+Components covered: those whose hook point carries a per-token activation of their own, with the batch axis first.
+
+| component | hook point | covered | why not |
+|---|---|---|---|
+| x, z, B, C, dt | same name | yes | |
+| conv1d | ``conv`` | yes | |
+| norm (Mamba-2) | ``out_proj_in`` | yes | |
+| out_proj | ``out`` | yes | |
+| dt_norm (FalconMamba) | ``dt_low`` | yes | |
+| A_log | ``A`` (ED, N) / (H,) | no | no batch axis: the decay is shared by every window and position |
+| D | ``y`` | no | ``y`` is the whole scan output, not the D skip term's contribution |
+| B_norm, C_norm (FalconMamba) | ``B``, ``C`` | no | they share the hook point with B and C |
+
+Per (layer, component): ``abs_sum`` = mean over windows of the sum of ``|attribution|`` over positions and channels,
+``sum`` = mean over windows of the signed sum.
+
+Shape legend: B batch (windows), L sequence length, D model width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from captum.attr import LayerConductance, LayerGradientXActivation, LayerIntegratedGradients
+from tqdm.auto import tqdm
+
+from ..data import Windows
+from ..models.registry import Registry
+from ._common import resolve
+from .gradients import grad_state, window_objective
+
+__all__ = ["CAPTUM_METHODS", "captum_components", "captum_scores", "make_forward"]
+
+CAPTUM_METHODS = {
+    "grad_x_act": LayerGradientXActivation,
+    "integrated_gradients": LayerIntegratedGradients,
+    "conductance": LayerConductance,
+}
+BASELINES = ("zeros",)
+_NOT_OWN_ACTIVATION = ("D",)  # its hook point y is the whole scan output
+
+
+def captum_components(registry: Registry) -> tuple[str, ...]:
+    """Components with a per-token hook point of their own (see the module table), in registry order."""
+    shapes = {h.name: h.shape for h in registry.hooks}
+    seen: set[str] = set()
+    out = []
+    for comp in registry.components:
+        if comp.name in _NOT_OWN_ACTIVATION or not shapes[comp.hook].startswith("(B, L") or comp.hook in seen:
+            continue
+        seen.add(comp.hook)
+        out.append(comp.name)
+    return tuple(out)
+
+
+def make_forward(module: torch.nn.Module, objective: str = "loss"):
+    """``forward(embeds (B, L, D), ids (B, L)) -> (B,)``: the objective of each window from its input embeddings."""
+
+    def forward(embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logits = module(inputs_embeds=embeds, use_cache=False).logits  # (B, L, V)
+        return window_objective(logits, ids, objective)  # (B,)
+
+    return forward
+
+
+def captum_scores(
+    model,
+    windows: Windows,
+    method: str,
+    targets: Sequence[tuple[int, str]],
+    *,
+    objective: str = "loss",
+    n_steps: int = 16,
+    internal_batch_size: int | None = None,
+    batch_size: int = 8,
+    baseline: str = "zeros",
+    show_progress: bool = True,
+) -> dict[tuple[int, str], tuple[float, float]]:
+    """Attribute the objective to the hook points of ``targets`` with one captum layer method.
+
+    ``grad_x_act`` handles every hook point in one forward/backward per batch of windows (captum's list of layers);
+    ``integrated_gradients`` and ``conductance`` make one call per hook point and batch.
+
+    Args:
+        model: A ``LoadedModel`` or instrumented HF causal LM.
+        windows: Calibration windows (n, L).
+        method: A key of :data:`CAPTUM_METHODS`.
+        targets: (layer, component) pairs, each component in :func:`captum_components`.
+        objective: ``"loss"`` or ``"logprob"`` (see :func:`.gradients.window_objective`).
+        n_steps: captum's interpolation steps (integrated gradients, conductance).
+        internal_batch_size: captum's flag: sequences (windows x steps) per forward in integrated gradients and
+            conductance; None evaluates all steps of a batch of windows at once.
+        batch_size: Windows per captum call.
+        baseline: ``"zeros"``: all-zero input embeddings.
+        show_progress: Show a tqdm bar (captum's layer methods take no such flag themselves).
+
+    Returns:
+        (layer, component) -> (abs_sum, sum), each a mean over windows.
+    """
+    if method not in CAPTUM_METHODS:
+        raise ValueError(f"unknown captum method {method!r}; allowed: {', '.join(CAPTUM_METHODS)}")
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; allowed: {', '.join(BASELINES)}")
+    module, registry = resolve(model)
+    covered = captum_components(registry)
+    for _, name in targets:
+        if name not in covered:
+            raise ValueError(f"component {name!r} has no hook point to attribute to; allowed: {', '.join(covered)}")
+    points = {t: registry.hook_point(module, t[0], registry.component(t[1]).hook) for t in targets}
+    totals = {t: torch.zeros(2, dtype=torch.float64) for t in targets}  # (abs_sum, sum) summed over windows
+    device = next(module.parameters()).device
+    forward = make_forward(module, objective)
+    starts = range(0, len(windows), batch_size)
+    steps = len(starts) * (1 if method == "grad_x_act" else len(points))
+    with grad_state(module), tqdm(total=steps, desc=method, disable=not show_progress, unit="call") as bar:
+        for start in starts:
+            ids = windows.ids[start : start + batch_size].to(device)  # (b, L)
+            with torch.no_grad():
+                embeds = module.get_input_embeddings()(ids)  # (b, L, D)
+            if method == "grad_x_act":
+                attrs = LayerGradientXActivation(forward, list(points.values())).attribute(
+                    embeds, additional_forward_args=(ids,)
+                )
+                results = dict(zip(points, attrs))
+                bar.update()
+            else:
+                results = {}
+                for t, point in points.items():
+                    results[t] = CAPTUM_METHODS[method](forward, point).attribute(
+                        embeds,
+                        baselines=torch.zeros_like(embeds),
+                        additional_forward_args=(ids,),
+                        n_steps=n_steps,
+                        internal_batch_size=internal_batch_size,
+                    )
+                    bar.update()
+            for t, attr in results.items():
+                flat = attr.detach().double().flatten(1)  # (b, ·)
+                totals[t] += torch.stack([flat.abs().sum(), flat.sum()])
+    return {t: (tot[0].item() / len(windows), tot[1].item() / len(windows)) for t, tot in totals.items()}

@@ -1,0 +1,143 @@
+"""Per-window gradients of the LM objective with respect to mixer parameters (the stateful collector).
+
+One backward per calibration window gives the per-window gradients ``g_k`` that Taylor (mean of ``g_k``), the
+empirical Fisher (``sum_k g_k**2``) and GBLM-Pruner (``sqrt(sum_k g_k**2)``) need; only their float32 running sum
+and sum of squares are kept.
+
+Shape legend: B batch (windows), L sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import Windows
+from ..models.loading import unwrap
+
+__all__ = ["OBJECTIVES", "GradStats", "grad_state", "window_gradients", "window_objective"]
+
+OBJECTIVES = ("loss", "logprob")
+
+
+def window_objective(logits: torch.Tensor, ids: torch.Tensor, objective: str = "loss") -> torch.Tensor:
+    """The objective of each window, predicting every token from the ones before it.
+
+    Args:
+        logits: (B, L, V) next-token logits.
+        ids: (B, L) token ids; position ``t + 1`` is the target of ``logits[:, t]``.
+        objective: ``"loss"``: mean next-token cross-entropy over the ``L - 1`` scored positions (what the LM
+            minimises); ``"logprob"``: sum of the target tokens' log-probabilities (``-(L - 1)`` times the loss).
+
+    Returns:
+        Float32 tensor (B,).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    b, L, V = logits.shape
+    nll = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, V), ids[:, 1:].reshape(-1).to(logits.device), reduction="none"
+    ).view(b, L - 1)  # (B, L-1)
+    return nll.mean(1) if objective == "loss" else -nll.sum(1)  # (B,)
+
+
+@contextmanager
+def grad_state(module: nn.Module, trainable: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """Eval mode, gradients enabled, ``requires_grad`` only on ``trainable``, every ``.grad`` cleared.
+
+    On exit (also on error) every parameter's ``requires_grad`` and ``.grad`` (the same tensor object) and every
+    submodule's ``training`` flag are restored exactly.
+    """
+    params = list(module.parameters())
+    saved = [(p, p.requires_grad, p.grad) for p in params]
+    modes = [(m, m.training) for m in module.modules()]
+    keep = {id(p) for p in trainable}
+    try:
+        module.eval()
+        for p in params:
+            p.grad = None
+            p.requires_grad_(id(p) in keep)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, requires_grad, grad in saved:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+        for m, training in modes:
+            m.training = training
+
+
+@dataclass
+class GradStats:
+    """Float32 running sums of the per-window gradients of one parameter.
+
+    Attributes:
+        count: Windows seen.
+        sum: ``sum_k g_k``, shaped like the parameter.
+        sumsq: ``sum_k g_k**2``, shaped like the parameter.
+    """
+
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+
+    def add(self, grad: torch.Tensor) -> None:
+        g = grad.detach().float()
+        self.count += 1
+        self.sum += g
+        self.sumsq += g.square()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``mean_k g_k`` (Taylor's averaged gradient)."""
+        return self.sum / self.count
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """``sqrt(sum_k g_k**2)`` (GBLM's gradient norm over windows)."""
+        return self.sumsq.sqrt()
+
+
+def window_gradients(
+    model,
+    windows: Windows,
+    params: Mapping[Hashable, nn.Parameter],
+    *,
+    objective: str = "loss",
+    show_progress: bool = True,
+) -> dict[Hashable, GradStats]:
+    """Accumulate per-window gradients of the objective with respect to ``params``, one backward per window.
+
+    The model runs in eval mode through its (instrumented) forward with ``use_cache=False``; only ``params`` require
+    grad meanwhile, and every parameter's ``requires_grad`` and ``.grad`` are restored afterwards.
+
+    Args:
+        model: A ``LoadedModel`` or HF causal LM.
+        windows: Calibration windows (n, L).
+        params: Key -> parameter of ``model``.
+        objective: See :func:`window_objective`.
+        show_progress: Show a tqdm bar over windows.
+
+    Returns:
+        Key -> :class:`GradStats` (a parameter the objective does not reach gets zero gradients).
+    """
+    module = unwrap(model)
+    device = next(module.parameters()).device
+    stats = {k: GradStats(0, torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32))
+             for k, p in params.items()}  # fmt: skip
+    with grad_state(module, params.values()):
+        for k in tqdm(range(len(windows)), desc="gradients", disable=not show_progress, unit="window"):
+            ids = windows.ids[k : k + 1].to(device)  # (1, L)
+            logits = module(input_ids=ids, use_cache=False).logits  # (1, L, V)
+            window_objective(logits, ids, objective).sum().backward()
+            for key, p in params.items():
+                stats[key].add(p.grad if p.grad is not None else torch.zeros_like(p))
+            for p in params.values():
+                p.grad = None
+    return stats

@@ -1,0 +1,353 @@
+"""Ablations of one component of one mixer layer: what each kind does, and a context manager that applies it.
+
+Every ablation is local to one layer: a replacement at one of its hook points, a temporary edit of its
+weights (restored on exit), or a temporary swap of one of its submodules. The table (``ablation_table()``):
+
+=============  ==========================  ==================================  ================================
+component      zero                        mean / resample                     bypass
+=============  ==========================  ==================================  ================================
+x, z, B, C     activation -> 0             activation -> calibration mean per  z: no gating, ``gated = y``
+                                           channel / the same activation of
+                                           another window
+dt             Δ -> 0 (state frozen,       mean: ``dt_raw`` (before softplus)  Δ -> its calibration mean per
+               ``y = D·u``)                -> calibration mean; resample: Δ    channel (input-independent Δ)
+conv1d         weights and bias -> 0       conv output (after SiLU)            identity kernel, bias 0: each
+                                                                               channel passes its current token
+A_log          weights -> 0 (A = -1)       -                                   every entry -> the layer's mean
+                                                                               decay rate, ``log mean exp(A_log)``
+D              weights -> 0                -                                   D -> 0 (the skip term removed;
+                                                                               same numbers as ``zero``)
+norm (M2)      weight -> 0                 out_proj input                      no normalisation (identity)
+out_proj       weights -> 0                mixer output                        -
+dt_norm,       -                           -                                   norm skipped (identity)
+B_norm, C_norm
+=============  ==========================  ==================================  ================================
+
+``magnitude@s`` and ``wanda@s`` prune the component's 2-D weight rows (and conv1d's taps) to sparsity ``s`` by
+``|W|`` or by WANDA's ``|W_ij| * ||X_j||_2`` (input norms over the calibration windows), comparing within each
+output row as WANDA does; conv1d is depthwise (one input channel per row), so it is compared per tensor instead.
+Biases and 1-D parameters are never sparsified. Whole units (kind ``remove``): ``mixer`` (the block keeps only its
+residual), ``head`` ``h`` of a Mamba-2 layer (its ``P`` channels of the out_proj input set to 0, which is what
+masking its out_proj columns does; the gated norm still sees the head) and ``state`` ``n`` (index ``n`` of B and
+C set to 0 in every group, so that state never fills or is read).
+
+Shape legend: B batch, L sequence length, D model width, ED inner channels, N state size, H heads, P head dim,
+G B/C groups, K conv kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..models.hooks import hook_name, hooks
+from ..models.registry import Registry
+
+__all__ = ["ABLATION_KINDS", "SPARSIFY_METHODS", "UNITS", "Probe", "ablation_table", "applicable", "sparsity_mask"]
+
+ABLATION_KINDS = ("zero", "mean", "resample", "bypass")
+SPARSIFY_METHODS = ("magnitude", "wanda")
+UNITS = ("mixer", "head", "state")
+"""Whole-unit probes (kind ``remove``); ``head`` exists on Mamba-2 only."""
+
+# (component, kind) -> what it does. Components absent from an architecture's registry are skipped.
+_DOC = {
+    ("x", "zero"): "x branch activation -> 0",
+    ("z", "zero"): "gate activation -> 0 (silu(0) = 0: the mixer outputs 0)",
+    ("B", "zero"): "B -> 0 (no input reaches the state; y = D*u)",
+    ("C", "zero"): "C -> 0 (the state is never read; y = D*u)",
+    ("dt", "zero"): "Δ -> 0 (the state never updates; y = D*u)",
+    ("conv1d", "zero"): "conv1d weights and bias -> 0",
+    ("A_log", "zero"): "A_log -> 0 (every decay rate A = -1)",
+    ("D", "zero"): "D -> 0",
+    ("norm", "zero"): "norm weight -> 0 (the mixer outputs 0)",
+    ("out_proj", "zero"): "out_proj weights -> 0 (the mixer outputs 0)",
+    ("z", "bypass"): "no gating: gated = y",
+    ("dt", "bypass"): "Δ -> its calibration mean per channel (input-independent Δ)",
+    ("conv1d", "bypass"): "identity kernel, bias 0 (each channel passes its current token)",
+    ("A_log", "bypass"): "A_log -> log of the layer's mean decay rate exp(A_log)",
+    ("D", "bypass"): "D -> 0 (skip term removed)",
+    ("norm", "bypass"): "gated RMS norm -> identity",
+    ("dt_norm", "bypass"): "weightless RMS norm on the Δ input -> identity",
+    ("B_norm", "bypass"): "weightless RMS norm on B -> identity",
+    ("C_norm", "bypass"): "weightless RMS norm on C -> identity",
+    ("mixer", "remove"): "mixer output -> 0 (block = residual)",
+    ("head", "remove"): "head h's channels of the out_proj input -> 0",
+    ("state", "remove"): "state index n of B and C -> 0",
+}
+# mean / resample act on one hook point per component; dt's mean acts before the softplus
+_ACT_POINTS = {"x": "x", "z": "z", "B": "B", "C": "C", "dt": "dt", "conv1d": "conv", "norm": "out_proj_in",
+               "out_proj": "out"}  # fmt: skip
+_MEAN_POINTS = {**_ACT_POINTS, "dt": "dt_raw"}
+for _c, _p in _MEAN_POINTS.items():
+    _DOC[(_c, "mean")] = f"{_p} activation -> its calibration mean per channel"
+    _DOC[(_c, "resample")] = f"{_ACT_POINTS[_c]} activation -> the same activation on another window"
+_SPARSIFIABLE = ("x", "z", "B", "C", "dt", "conv1d", "out_proj")
+
+
+@dataclass(frozen=True, order=True)
+class Probe:
+    """One ablation: ``kind`` applied to ``component`` of ``layer`` (``index`` names a head or state).
+
+    ``kind`` is one of ``ABLATION_KINDS``, ``"remove"`` (units) or ``"<method>@<sparsity>"``, e.g. ``"wanda@0.5"``.
+    """
+
+    layer: int
+    component: str
+    kind: str
+    index: int | None = None
+
+    @property
+    def sparsity(self) -> float | None:
+        return float(self.kind.split("@")[1]) if "@" in self.kind else None
+
+    @property
+    def method(self) -> str:
+        return self.kind.split("@")[0]
+
+    @property
+    def key(self) -> tuple:
+        """Identity used to resume: (layer, component, index or -1, kind)."""
+        return (self.layer, self.component, -1 if self.index is None else self.index, self.kind)
+
+
+def applicable(registry: Registry, component: str, kind: str) -> bool:
+    """Whether ``kind`` (a base kind: ``zero``, ..., ``magnitude``, ``wanda``, ``remove``) applies to ``component``."""
+    if component in UNITS:
+        return kind == "remove" and (component != "head" or registry.arch == "mamba2")
+    if component not in registry.component_names:
+        return False
+    if kind in SPARSIFY_METHODS:
+        return component in _SPARSIFIABLE
+    return (component, kind) in _DOC
+
+
+def ablation_table(registry: Registry) -> pd.DataFrame:
+    """One row per (component, kind) that applies to ``registry``'s architecture, with what it does."""
+    rows = []
+    for comp in (*registry.component_names, *UNITS):
+        for kind in (*ABLATION_KINDS, *SPARSIFY_METHODS, "remove"):
+            if not applicable(registry, comp, kind):
+                continue
+            if kind in SPARSIFY_METHODS:
+                score = "|W|" if kind == "magnitude" else "|W_ij| * ||X_j||_2"
+                what = f"weights pruned to sparsity s by {score}, " + (
+                    "per tensor" if comp == "conv1d" else "per output row"
+                )
+                kind = f"{kind}@s"
+            else:
+                what = _DOC[(comp, kind)]
+            rows.append({"component": comp, "kind": kind, "ablation": what})
+    return pd.DataFrame(rows)
+
+
+def sparsity_mask(scores: torch.Tensor, sparsity: float, *, per_row: bool = True) -> torch.Tensor:
+    """Boolean keep-mask removing the ``int(n * sparsity)`` lowest scores per row (or in the whole tensor).
+
+    Ties are broken by position (a stable sort), so the mask is deterministic.
+
+    Args:
+        scores: (rows, cols) scores, or any shape with ``per_row=False``.
+        sparsity: Fraction to remove, in [0, 1).
+        per_row: Compare within each row (WANDA's default) rather than across the tensor.
+
+    Returns:
+        A bool tensor shaped like ``scores``; True = keep.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity {sparsity!r} out of range; allowed: 0 <= s < 1")
+    flat = scores.reshape(scores.shape[0], -1) if per_row else scores.reshape(1, -1)  # (rows, cols)
+    k = int(flat.shape[1] * sparsity)
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k:
+        drop = torch.sort(flat, dim=1, stable=True).indices[:, :k]  # (rows, k)
+        keep.scatter_(1, drop, False)
+    return keep.reshape(scores.shape)
+
+
+@dataclass
+class Context:
+    """What ablations read besides the model: calibration statistics and, for ``resample``, source activations.
+
+    Attributes:
+        means: Hook name -> calibration mean per channel.
+        input_l2: Hook name -> ``||X_j||_2`` per channel over the calibration windows (WANDA's input norms).
+        source: Hook name -> the activation of the other windows, set per batch by the sweep.
+    """
+
+    means: dict[str, torch.Tensor]
+    input_l2: dict[str, torch.Tensor]
+    source: dict[str, torch.Tensor] | None = None
+
+
+def needed_points(registry: Registry, probe: Probe) -> tuple[str, ...]:
+    """Hook points whose calibration statistics ``probe`` reads (means for mean/bypass, input norms for WANDA)."""
+    if probe.kind == "mean":
+        return (_MEAN_POINTS[probe.component],)
+    if probe.kind == "bypass" and probe.component == "dt":
+        return ("dt",)
+    if probe.method == "wanda":
+        return tuple(registry.input_hook(t.param) for t in _weights(registry, probe.component))
+    return ()
+
+
+def resample_point(probe: Probe) -> str | None:
+    """The hook point a ``resample`` probe takes from another window."""
+    return _ACT_POINTS[probe.component] if probe.kind == "resample" else None
+
+
+def _weights(registry: Registry, component: str):
+    """The component's sparsifiable weights: 2-D linear rows and conv1d's taps (no biases, no 1-D parameters)."""
+    return [t for t in registry.component(component).tensors if t.param in registry.input_hooks]
+
+
+@contextmanager
+def ablate(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) -> Iterator[None]:
+    """Apply ``probe`` to ``model`` (an instrumented HF model) for the duration of a ``with`` block.
+
+    Weight edits are undone and hooks and module swaps removed on exit, even when the body raises.
+    """
+    layer, comp, kind = probe.layer, probe.component, probe.kind
+    name = lambda point: hook_name(layer, point)  # noqa: E731
+    with ExitStack() as stack:
+        if kind == "remove":
+            stack.enter_context(hooks(model, _remove_hooks(registry, probe)))
+        elif kind == "zero" and comp in _ACT_POINTS and comp not in ("conv1d", "norm", "out_proj"):
+            stack.enter_context(hooks(model, {name(_ACT_POINTS[comp]): torch.zeros_like}))
+        elif kind == "zero":
+            stack.enter_context(_edit(registry, model, layer, comp, lambda w: torch.zeros_like(w)))
+        elif kind == "mean":
+            mean = ctx.means[name(_MEAN_POINTS[comp])]
+            stack.enter_context(hooks(model, {name(_MEAN_POINTS[comp]): lambda t: mean.to(t.dtype).expand_as(t)}))
+        elif kind == "resample":
+            point = name(_ACT_POINTS[comp])
+            stack.enter_context(hooks(model, {point: lambda t: ctx.source[point].to(t.dtype)}))
+        elif kind == "bypass":
+            stack.enter_context(_bypass(model, registry, probe, ctx))
+        elif probe.method in SPARSIFY_METHODS:
+            stack.enter_context(_sparsify(model, registry, probe, ctx))
+        else:
+            raise ValueError(f"kind {kind!r} does not apply to {comp!r}; see ablation_table()")
+        yield
+
+
+def _remove_hooks(registry: Registry, probe: Probe) -> dict[str, Callable]:
+    layer, i = probe.layer, probe.index
+    if probe.component == "mixer":
+        return {hook_name(layer, "out"): torch.zeros_like}
+    if probe.component == "head":
+        H, P = registry.dims["H"], registry.dims["P"]
+
+        def drop_head(t: torch.Tensor) -> torch.Tensor:  # (B, L, ED)
+            t = t.clone().view(*t.shape[:2], H, P)  # (B, L, H, P)
+            t[:, :, i] = 0
+            return t.view(*t.shape[:2], H * P)
+
+        return {hook_name(layer, "out_proj_in"): drop_head}
+
+    def drop_state(t: torch.Tensor) -> torch.Tensor:  # (B, L, N) or (B, L, G, N)
+        t = t.clone()
+        t[..., i] = 0
+        return t
+
+    return {hook_name(layer, "B"): drop_state, hook_name(layer, "C"): drop_state}
+
+
+@contextmanager
+def _edit(registry: Registry, model: nn.Module, layer: int, component: str, fn, tensors=None) -> Iterator[None]:
+    """Replace each of the component's tensors ``t`` by ``fn(t)`` in place; restore the originals on exit."""
+    views = registry.tensors(model, layer, component) if tensors is None else tensors
+    saved = [v.detach().clone() for v in views]
+    try:
+        with torch.no_grad():
+            for v in views:
+                v.copy_(fn(v))
+        yield
+    finally:
+        with torch.no_grad():
+            for v, s in zip(views, saved):
+                v.copy_(s)
+
+
+@contextmanager
+def _swap(mixer: nn.Module, attr: str, replacement: nn.Module) -> Iterator[None]:
+    original = getattr(mixer, attr)
+    setattr(mixer, attr, replacement)
+    try:
+        yield
+    finally:
+        setattr(mixer, attr, original)
+
+
+class _Ungated(nn.Module):
+    """Stands in for Mamba-2's gated norm: returns its input unchanged (and ignores a gate)."""
+
+    def forward(self, hidden_states, gate=None):  # noqa: D102
+        return hidden_states
+
+
+@contextmanager
+def _bypass(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) -> Iterator[None]:
+    layer, comp = probe.layer, probe.component
+    mixer = registry.mixer(model, layer)
+    if comp == "z":
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep_y(t: torch.Tensor) -> None:
+            seen["y"] = t
+
+        with hooks(model, {hook_name(layer, "y"): keep_y, hook_name(layer, "gated"): lambda t: seen["y"]}):
+            yield
+    elif comp == "dt":
+        mean = ctx.means[hook_name(layer, "dt")]
+        with hooks(model, {hook_name(layer, "dt"): lambda t: mean.to(t.dtype).expand_as(t)}):
+            yield
+    elif comp == "conv1d":
+        K = registry.dims["K"]
+
+        def identity_kernel(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 1:  # bias
+                return torch.zeros_like(t)
+            w = torch.zeros_like(t)  # (C, 1, K)
+            w[..., K - 1] = 1  # the causal conv's last tap multiplies the current token
+            return w
+
+        with _edit(registry, model, layer, comp, identity_kernel):
+            yield
+    elif comp == "A_log":
+        with _edit(registry, model, layer, comp, lambda t: torch.full_like(t, t.exp().mean().log().item())):
+            yield
+    elif comp == "D":
+        with _edit(registry, model, layer, comp, torch.zeros_like):
+            yield
+    elif comp in ("norm", "dt_norm", "B_norm", "C_norm"):
+        with _swap(mixer, registry.component(comp).module, _Ungated()):
+            yield
+    else:
+        raise ValueError(f"kind 'bypass' does not apply to {comp!r}; see ablation_table()")
+
+
+@contextmanager
+def _sparsify(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) -> Iterator[None]:
+    mixer = registry.mixer(model, probe.layer)
+    slices = _weights(registry, probe.component)
+    views = [t.get(mixer) for t in slices]
+    masks = []
+    for t, w in zip(slices, views):
+        scores = w.detach().abs().float()  # (rows, cols) or conv (C, 1, K)
+        if probe.method == "wanda":
+            l2 = ctx.input_l2[hook_name(probe.layer, registry.input_hook(t.param))]
+            l2 = l2.reshape(-1)  # (cols,) or conv (C,)
+            if w.dim() == 3:
+                scores = scores * l2[:, None, None]
+            else:
+                scores = scores * (l2 if t.cols is None else l2[t.cols[0] : t.cols[1]])[None, :]
+        masks.append(sparsity_mask(scores, probe.sparsity, per_row=w.dim() == 2))
+    it = iter(masks)
+    with _edit(registry, model, probe.layer, probe.component, lambda w: w * next(it), tensors=views):
+        yield

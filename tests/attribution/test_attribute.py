@@ -1,0 +1,131 @@
+"""The attribute() table on every architecture, argument errors, and the shipped default model."""
+
+import time
+
+import numpy as np
+import pytest
+
+from sensitivity.attribution import COLUMNS, DEFAULT_METHODS, METHODS, attribute
+from sensitivity.data import Windows
+
+LINEAR = {"x", "z", "B", "C", "dt", "conv1d", "out_proj"}  # components with a weight that has an input hook
+EXPECTED = {  # arch -> kind -> components
+    "mamba": {"act_norm": LINEAR, "gblm": LINEAR, "taylor": LINEAR | {"A_log", "D"}, "fisher": LINEAR | {"A_log", "D"},
+              "captum": LINEAR},
+    "mamba2": {"act_norm": LINEAR, "gblm": LINEAR, "taylor": LINEAR | {"A_log", "D", "norm"},
+               "fisher": LINEAR | {"A_log", "D", "norm"}, "captum": LINEAR | {"norm"}},
+    "falcon_mamba": {"act_norm": LINEAR, "gblm": LINEAR, "taylor": LINEAR | {"A_log", "D"},
+                     "fisher": LINEAR | {"A_log", "D"}, "captum": LINEAR | {"dt_norm"}},
+}  # fmt: skip
+METRICS = {"act_norm": {"l2_mean", "max_over_median", "outlier_ratio"}, "taylor": {"sum", "mean"},
+           "fisher": {"sum", "mean"}, "gblm": {"sum", "mean"}, "captum": {"abs_sum", "sum"}}  # fmt: skip
+
+
+def test_every_architecture_gives_the_expected_table(tiny_lm, make_windows):
+    df = attribute(tiny_lm, make_windows(2, 12), methods=METHODS, layers=[1], n_steps=2, seed=3, show_progress=False)
+    assert list(df.columns) == list(COLUMNS)
+    assert df.dtypes.to_dict() == {"layer": np.int64, "component": object, "kind": object, "metric": object,
+                                   "value": np.float64, "seed": np.int64}  # fmt: skip
+    assert np.isfinite(df["value"]).all()
+    assert set(df["layer"]) == {1} and set(df["seed"]) == {3}
+    assert not df.duplicated(["layer", "component", "kind", "metric"]).any()
+    expected = EXPECTED[tiny_lm.arch]
+    for kind in METHODS:
+        group = "captum" if kind in ("grad_x_act", "integrated_gradients", "conductance") else kind
+        rows = df[df["kind"] == kind]
+        assert set(rows["component"]) == expected[group], kind
+        assert len(rows) == len(expected[group]) * len(METRICS[group]), kind
+        for _, per_component in rows.groupby("component"):
+            assert set(per_component["metric"]) == METRICS[group], kind
+    assert set(df["component"]) <= set(tiny_lm.registry.component_names)
+    sums = df[(df["kind"] == "taylor") & (df["metric"] == "sum")]
+    assert (sums["value"] > 0).all()
+
+
+def test_defaults_and_selection(tiny_lm, make_windows):
+    df = attribute(tiny_lm, make_windows(2, 10), components="dt", show_progress=False)
+    assert set(df["kind"]) == set(DEFAULT_METHODS)
+    assert set(df["component"]) == {"dt"} and set(df["layer"]) == {0, 1}
+    assert set(df["seed"]) == {0}
+    none = attribute(tiny_lm, make_windows(2, 10), methods="act_norm", components=["A_log", "D"], show_progress=False)
+    assert none.empty and list(none.columns) == list(COLUMNS)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"methods": ["taylor", "saliency"]}, "unknown method 'saliency'; allowed: act_norm, taylor, fisher, gblm, "
+                                              "grad_x_act, integrated_gradients, conductance"),
+        ({"methods": []}, "no methods given; allowed: act_norm"),
+        ({"components": ["x", "q"]}, "unknown component 'q' for mamba2; allowed: z, x, B, C, dt, conv1d, A_log, D"),
+        ({"layers": [0, 2]}, "layer 2 out of range; allowed: 0..1"),
+        ({"layers": -1}, "layer -1 out of range; allowed: 0..1"),
+        ({"layers": ["0"]}, "layer '0' is not an integer; allowed: 0..1"),
+        ({"n_steps": 0}, "n_steps=0 is invalid; it must be an integer >= 1"),
+        ({"batch_size": 0}, "batch_size=0 is invalid"),
+        ({"internal_batch_size": 0}, "internal_batch_size=0 is invalid"),
+        ({"objective": "nll"}, "unknown objective 'nll'; allowed: loss, logprob"),
+        ({"baseline": "mean"}, "unknown baseline 'mean'; allowed: zeros"),
+        ({"owl_m": 0}, "owl_m=0 is invalid; it must be a finite number > 0"),
+        ({"gblm_alpha": -1.0}, "gblm_alpha=-1.0 is invalid; it must be a finite number >= 0"),
+        ({"windows": "tensor"}, "windows must be sensitivity.data.Windows, got Tensor"),
+        ({"windows": "empty"}, "windows is empty"),
+        ({"windows": "one token"}, "need seqlen >= 2"),
+    ],
+)
+def test_bad_arguments_name_the_value_and_the_allowed_ones(kwargs, match, make_windows):
+    from sensitivity.models import load_model
+
+    lm = load_model("tiny:mamba2")
+    windows = {
+        "tensor": make_windows(1).ids,
+        "empty": make_windows(0),
+        "one token": Windows(ids=make_windows(1, 1).ids, seqlen=1, split="t", source="r", kind="calibration", seed=0,
+                             stride=0),
+    }.get(kwargs.pop("windows", None), make_windows(1))  # fmt: skip
+    with pytest.raises(ValueError, match=match.replace("(", "\\(").replace(")", "\\)").replace(".", "\\.")):
+        attribute(lm, windows, show_progress=False, **kwargs)
+
+
+def test_rejects_seed_and_model_it_cannot_use(make_windows):
+    from transformers import AutoModelForCausalLM
+
+    from sensitivity.models import load_model, tiny_config
+
+    with pytest.raises(ValueError, match="seed=1.5 is invalid; it must be an integer$"):
+        attribute(load_model("tiny:mamba"), make_windows(1), seed=1.5, show_progress=False)
+    plain = AutoModelForCausalLM.from_config(tiny_config("mamba"))
+    with pytest.raises(ValueError, match="model is not instrumented"):
+        attribute(plain, make_windows(1), show_progress=False)
+    with pytest.raises(ValueError, match="model must be a LoadedModel or a HF Mamba causal LM, got str"):
+        attribute("tiny:mamba", make_windows(1), show_progress=False)
+
+
+def test_accepts_a_bare_instrumented_model(make_windows):
+    from sensitivity.models import load_model
+
+    lm = load_model("tiny:mamba")
+    windows = make_windows(2, 10)
+    a = attribute(lm, windows, methods=["act_norm", "grad_x_act"], layers=[0], show_progress=False)
+    b = attribute(lm.model, windows, methods=["act_norm", "grad_x_act"], layers=[0], show_progress=False)
+    assert a.equals(b)
+
+
+@pytest.mark.slow
+def test_default_model_default_methods():
+    from sensitivity import calibration_windows, load_corpus, load_model
+
+    lm = load_model("default")
+    windows = calibration_windows(load_corpus(), lm.tokenizer, 4, 128, seed=0)
+    start = time.perf_counter()
+    df = attribute(lm, windows, show_progress=False)
+    elapsed = time.perf_counter() - start
+    assert set(df["kind"]) == set(DEFAULT_METHODS)
+    assert np.isfinite(df["value"]).all()
+    assert set(df["layer"]) == set(range(lm.registry.n_layers))
+    taylor = df[(df["kind"] == "taylor") & (df["metric"] == "sum")].pivot(index="layer", columns="component",
+                                                                            values="value")  # fmt: skip
+    assert taylor.shape == (lm.registry.n_layers, len(lm.registry.component_names))
+    ranks = taylor.rank(axis=1)  # per layer, the components' rank order
+    assert not (ranks.nunique(axis=0) == 1).all(), "taylor ranks identical in every layer"
+    assert elapsed < 120

@@ -1,0 +1,175 @@
+"""The probe sweep: cached equals naive, metrics equal independent evaluation, resume, determinism, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from sensitivity.data import calibration_windows, load_corpus
+from sensitivity.eval import kl_divergence, perplexity
+from sensitivity.models import load_model
+from sensitivity.probes import COLUMNS, Probe, ProbeConfig, plan, probe
+from sensitivity.probes import sweep as sweep_mod
+from sensitivity.probes.ablations import Context, ablate
+
+SMALL = dict(windows=3, calibration_windows=2, seqlen=32, batch_size=2, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus("sample")
+
+
+@pytest.fixture(scope="module", params=["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba"])
+def lm(request):
+    lm = load_model(request.param)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return lm
+
+
+def test_cached_sweep_equals_naive_full_forward_sweep(lm, corpus):
+    comps = None if lm.arch != "mamba2" else (*lm.registry.component_names, "mixer", "head", "state")
+    cached = probe(lm, corpus, components=comps, **SMALL)
+    naive = probe(lm, corpus, components=comps, sweep="naive", **SMALL)
+    assert len(cached) == len(naive) > 300
+    pd.testing.assert_frame_equal(cached.drop(columns="value"), naive.drop(columns="value"))
+    assert (cached.value - naive.value).abs().max() < 1e-5
+    assert cached.value.notna().all() and (cached[cached.metric == "kl"].value >= -1e-7).all()
+
+
+def test_metrics_equal_independent_perplexity_and_kl(corpus):
+    lm = load_model("tiny:mamba2")
+    heldout = calibration_windows(corpus, lm.tokenizer, 3, 32, seed=0, split="test")
+    calib = calibration_windows(corpus, lm.tokenizer, 2, 32, seed=0, split="train")
+    df = probe(lm, corpus, components=["B", "mixer"], kinds=["zero", "remove"], layers=[1], heldout=heldout,
+               calibration=calib, show_progress=False, batch_size=2)  # fmt: skip
+    dense_ppl = perplexity(lm, heldout, show_progress=False)
+    reference = copy.deepcopy(lm.model)
+    for comp, kind in (("B", "zero"), ("mixer", "remove")):
+        with ablate(lm.model, lm.registry, Probe(1, comp, kind), Context({}, {})):
+            ppl = perplexity(lm, heldout, show_progress=False)
+            kl = kl_divergence(lm, reference, heldout, show_progress=False)
+        got = df[(df.component == comp)].set_index("metric").value
+        assert got["delta_nll"] == pytest.approx(ppl.nll - dense_ppl.nll, abs=1e-5)
+        assert got["ppl_ratio"] == pytest.approx(ppl.perplexity / dense_ppl.perplexity, rel=1e-5)
+        assert got["kl"] == pytest.approx(kl.kl, abs=1e-6)
+        assert got["delta_nll"] > (0.001 if comp == "mixer" else 0)
+
+
+def test_table_is_tidy_and_covers_the_plan():
+    lm = load_model("tiny:mamba2")
+    df = probe(lm, "sample", **SMALL)
+    assert tuple(df.columns) == COLUMNS
+    probes = plan(lm.registry, ProbeConfig())
+    assert len(df) == 3 * len(probes)
+    assert set(df.metric) == {"delta_nll", "ppl_ratio", "kl"}
+    assert (df.seed == 0).all()
+    sparse = df[df.kind.str.contains("@")]
+    assert set(sparse.sparsity) == {0.25, 0.5, 0.75}
+    assert df[df.component == "head"]["index"].notna().all() and df[df.component == "x"]["index"].isna().all()
+    ratio = df[df.metric == "ppl_ratio"].value.to_numpy()
+    assert ratio == pytest.approx([math.exp(v) for v in df[df.metric == "delta_nll"].value])
+
+
+def test_same_seed_same_numbers_other_seed_other_windows():
+    lm = load_model("tiny:mamba")
+    opts = {**SMALL, "components": ["dt", "conv1d"], "kinds": ["zero", "resample", "wanda"], "layers": [0]}
+    a, b = probe(lm, "sample", **opts), probe(lm, "sample", **opts)
+    pd.testing.assert_frame_equal(a, b)
+    c = probe(lm, "sample", **{**opts, "seed": 1})
+    assert (c.seed == 1).all() and not (a.value.to_numpy() == c.value.to_numpy()).all()
+
+
+def test_interrupted_sweep_resumes_to_the_identical_csv(tmp_path, monkeypatch):
+    lm = load_model("tiny:mamba2")
+    opts = {**SMALL, "components": ["x", "dt", "head"], "kinds": ["zero", "mean", "wanda", "remove"]}
+    probe(lm, "sample", out=tmp_path / "full", **opts)
+    calls = {"n": 0}
+    real_run = sweep_mod._Sweep.run
+
+    def flaky(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_run(self, *args)
+
+    monkeypatch.setattr(sweep_mod._Sweep, "run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        probe(lm, "sample", out=tmp_path / "part", **opts)
+    partial = pd.read_csv(tmp_path / "part" / "probes.csv")
+    assert len(partial) == 6 * 3
+    assert json.loads((tmp_path / "part" / "manifest.json").read_text())["status"] == "running"
+    monkeypatch.setattr(sweep_mod._Sweep, "run", real_run)
+    probe(lm, "sample", out=tmp_path / "part", **opts)
+    full = (tmp_path / "full" / "probes.csv").read_bytes()
+    assert (tmp_path / "part" / "probes.csv").read_bytes() == full
+    manifest = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["resumed_with"] == 6
+    assert not list((tmp_path / "part").glob(".*tmp"))
+
+
+def test_finished_sweep_reruns_nothing_and_manifest_records_the_run(tmp_path, monkeypatch):
+    lm = load_model("tiny:mamba")
+    opts = {**SMALL, "components": ["D"], "kinds": ["zero"]}
+    first = probe(lm, "sample", out=tmp_path, **opts)
+    monkeypatch.setattr(sweep_mod._Sweep, "run", lambda *a: pytest.fail("a finished probe ran again"))
+    again = probe(lm, "sample", out=tmp_path, **opts)
+    pd.testing.assert_frame_equal(first, again)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["model"] == "tiny:mamba" and m["data"] == "sample" and m["seqlen"] == 32 and m["seed"] == 0
+    assert m["config"]["windows"] == 3 and "3 random" in m["windows"] and "'test'" in m["windows"]
+    assert {"torch", "transformers", "python"} <= set(m["versions"]) and m["probes"] == 2
+
+
+def test_out_dir_of_another_sweep_is_refused(tmp_path):
+    lm = load_model("tiny:mamba")
+    probe(lm, "sample", out=tmp_path, components=["D"], kinds=["zero"], **SMALL)
+    before = (tmp_path / "probes.csv").read_bytes()
+    with pytest.raises(ValueError, match="different config"):
+        probe(lm, "sample", out=tmp_path, components=["D"], kinds=["zero"], **{**SMALL, "seed": 4})
+    assert (tmp_path / "probes.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"kinds": ["zap"]}, "unknown probe kind 'zap'; allowed: zero, mean"),
+        ({"components": ["q_proj"]}, "unknown component 'q_proj' for mamba; allowed: x, z"),
+        ({"components": ["head"]}, "component 'head' needs a Mamba-2 model"),
+        ({"layers": [9]}, r"layer 9 out of range; allowed: 0..1"),
+        ({"sparsities": [1.5]}, r"sparsity 1.5 out of range; allowed: 0 < s < 1"),
+        ({"windows": 0}, "windows 0 must be an integer >= 1"),
+        ({"sweep": "fast"}, "unknown sweep 'fast'; allowed: cached, naive"),
+        ({"components": ["A_log"], "kinds": ["mean"]}, "no probe applies"),
+        ({"colour": "red"}, "unknown probe option 'colour'; allowed: batch_size, calibration_split"),
+    ],
+)
+def test_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        probe(load_model("tiny:mamba"), "sample", **{**SMALL, **options})
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = ProbeConfig(components=("dt",), kinds=("zero",), layers=(1,), seed=3)
+    assert ProbeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown probe option 'colour'"):
+        ProbeConfig.from_dict({"colour": 1})
+
+
+@pytest.mark.slow
+def test_default_model_cached_equals_naive_and_damage_is_real():
+    lm = load_model("default")
+    opts = dict(components=["dt", "mixer"], kinds=["zero", "bypass", "remove"], layers=[0, 7], windows=2,
+                calibration_windows=2, seqlen=128, show_progress=False)  # fmt: skip
+    cached, naive = probe(lm, **opts), probe(lm, **opts, sweep="naive")
+    assert (cached.value - naive.value).abs().max() < 1e-5
+    d = cached[cached.metric == "delta_nll"].set_index(["layer", "component", "kind"]).value
+    assert d[(0, "mixer", "remove")] > 1.0 and d[(0, "dt", "zero")] > 0.01
