@@ -9,23 +9,14 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..data import Windows
-from ..models.instrumented import is_instrumented
-from ..models.loading import LoadedModel
-from ..models.registry import Registry, build_registry
+from ..models.loading import as_loaded
+from ..models.registry import Registry
 
 
 def resolve(model) -> tuple[nn.Module, Registry]:
     """The torch module and registry behind a ``LoadedModel`` or an instrumented HF model."""
-    if isinstance(model, LoadedModel):
-        module, registry = model.model, model.registry
-    elif isinstance(model, nn.Module) and hasattr(model, "config"):
-        module, registry = model, build_registry(model.config)
-    else:
-        raise ValueError(f"model must be a LoadedModel or a HF Mamba causal LM, got {type(model).__name__}")
-    if not is_instrumented(module):
-        raise ValueError("model is not instrumented (its hook points are missing); load it with "
-                         "sensitivity.load_model or call sensitivity.instrument(model) first")  # fmt: skip
-    return module, registry
+    lm = as_loaded(model, instrumented=True)
+    return lm.model, lm.registry
 
 
 def check_choice(what: str, value, allowed: Iterable[str]) -> str:

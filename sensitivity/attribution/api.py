@@ -86,6 +86,17 @@ def covered_components(registry: Registry, method: str) -> tuple[str, ...]:
     return tuple(c.name for c in registry.components if c.tensors)
 
 
+def _check_common(registry: Registry, components, layers, windows, batch_size, objective):
+    """The checks :func:`attribute` and :func:`weight_scores` share; returns the (layer, component) pairs and
+    the batch size."""
+    names = check_components(registry, components)
+    layer_ids = check_layers(registry, layers)
+    check_windows(windows)
+    batch_size = check_int("batch_size", batch_size, 1)
+    check_choice("objective", objective, OBJECTIVES)
+    return [(layer, name) for layer in layer_ids for name in names], batch_size
+
+
 def _select(t: TensorSlice, full: torch.Tensor) -> torch.Tensor:
     """The rows / columns of ``t`` from a tensor shaped like its whole parameter."""
     if t.rows is not None:
@@ -265,12 +276,8 @@ def attribute(
     """
     module, registry = resolve(model)
     methods = check_choices("method", methods, METHODS)
-    names = check_components(registry, components)
-    layer_ids = check_layers(registry, layers)
-    check_windows(windows)
-    batch_size = check_int("batch_size", batch_size, 1)
+    pairs, batch_size = _check_common(registry, components, layers, windows, batch_size, objective)
     seed = check_int("seed", seed)
-    check_choice("objective", objective, OBJECTIVES)
     n_steps = check_int("n_steps", n_steps, 1)
     if internal_batch_size is not None:
         internal_batch_size = check_int("internal_batch_size", internal_batch_size, 1)
@@ -278,7 +285,6 @@ def attribute(
     gblm_alpha = check_float("gblm_alpha", gblm_alpha, positive=False)
     check_choice("baseline", baseline, BASELINES)
 
-    pairs = [(layer, name) for layer in layer_ids for name in names]
     rows: list[tuple] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -342,13 +348,8 @@ def weight_scores(
     """
     module, registry = resolve(model)
     method = check_choice("method", method, WEIGHT_METHODS)
-    names = check_components(registry, components)
-    layer_ids = check_layers(registry, layers)
-    check_windows(windows)
-    batch_size = check_int("batch_size", batch_size, 1)
-    check_choice("objective", objective, OBJECTIVES)
+    pairs, batch_size = _check_common(registry, components, layers, windows, batch_size, objective)
     gblm_alpha = check_float("gblm_alpha", gblm_alpha, positive=False)
-    pairs = [(layer, name) for layer in layer_ids for name in names]
     got = _collect(model, registry, module, windows, (method,), pairs, batch_size=batch_size, objective=objective,
                    show_progress=show_progress)  # fmt: skip
     return _scores(method, registry, module, pairs, got, gblm_alpha=gblm_alpha)

@@ -179,14 +179,11 @@ def _cmd_components(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .._manifest import versions
-    from ..data import eval_windows, load_corpus
+    from ..data import eval_windows
     from ..eval import kl_divergence, perplexity
     from ..models import load_model
 
-    corpus = load_corpus(args.data, text_field=args.text_field)  # bad data fails before any model loads
-    lm = load_model(args.model, dtype=args.dtype)
-    if lm.tokenizer is None:
-        raise ValueError(f"model {args.model!r} has no tokenizer; save one next to its config")
+    corpus, lm = _load_for_run(args)
     reference = load_model(args.reference, dtype=args.dtype) if args.reference else None
     windows = eval_windows(corpus, lm.tokenizer, args.seqlen, split=args.split, max_windows=args.max_windows)
     show = not args.json and sys.stderr.isatty()
@@ -257,9 +254,11 @@ def _cmd_attribute(args) -> int:
     import time
 
     from .._manifest import atomic_write_text, versions, write_manifest
-    from ..attribution import DEFAULT_METHODS, attribute
+    from ..attribution import DEFAULT_METHODS, METHODS, attribute
     from ..data import calibration_windows
 
+    if bad := [m for m in args.methods or () if m not in METHODS]:  # before anything loads
+        raise ValueError(f"unknown method {bad[0]!r}; allowed: {', '.join(METHODS)}")
     corpus, lm = _load_for_run(args)
     windows = calibration_windows(corpus, lm.tokenizer, args.windows, args.seqlen, seed=args.seed)
     started = time.perf_counter()
@@ -296,6 +295,8 @@ def _cmd_agreement(args) -> int:
     attribution, _ = _read_table(args.attribution, "attribution.csv")
     table = agreement(probes, attribution, probe_metric=args.metric)
     out = args.out or os.path.join(os.path.dirname(probes_file), "agreement.csv")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise FileNotFoundError(f"--out {out}: its directory does not exist")
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"-> {out}")

@@ -10,10 +10,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
-from .loading import LoadedModel
-from .registry import Registry, build_registry
+from .loading import as_loaded
+from .registry import Registry
 
 __all__ = ["capture", "hook_name", "hooks", "parse_hook_name"]
 
@@ -38,13 +37,6 @@ def parse_hook_name(name: str, registry: Registry) -> tuple[int, str]:
     return layer, point
 
 
-def _resolve(model) -> tuple[nn.Module, Registry]:
-    """Accept a ``LoadedModel`` or a bare HF model."""
-    if isinstance(model, LoadedModel):
-        return model.model, model.registry
-    return model, build_registry(model.config)
-
-
 @contextmanager
 def hooks(model, fwd_hooks: Mapping[str, HookFn], *, check_fired: bool = True) -> Iterator[dict[str, int]]:
     """Attach functions to hook points for the duration of a ``with`` block.
@@ -66,7 +58,8 @@ def hooks(model, fwd_hooks: Mapping[str, HookFn], *, check_fired: bool = True) -
         >>> with hooks(lm, {"layers.0.dt": lambda dt: dt.mean(1, keepdim=True).expand_as(dt)}):
         ...     logits = lm.model(ids, use_cache=False).logits
     """
-    module, registry = _resolve(model)
+    lm = as_loaded(model)
+    module, registry = lm.model, lm.registry
     fired = {name: 0 for name in fwd_hooks}
     handles = []
     try:

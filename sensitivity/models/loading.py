@@ -24,9 +24,10 @@ from transformers import (
 
 from ..zoo import ZOO_MODELS, zoo_path
 from .instrumented import instrument as _instrument
+from .instrumented import is_instrumented
 from .registry import ARCHITECTURES, Registry, build_registry
 
-__all__ = ["DEFAULT_MODEL", "DTYPES", "TINY_MODELS", "LoadedModel", "load_model", "tiny_config"]
+__all__ = ["DEFAULT_MODEL", "DTYPES", "TINY_MODELS", "LoadedModel", "as_loaded", "load_model", "tiny_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,24 @@ def load_model(
         _instrument(model)
     logger.info("loaded %s (%s, %d layers)", name, model.config.model_type, model.config.num_hidden_layers)
     return LoadedModel(model=model, tokenizer=tokenizer, registry=build_registry(model.config), name=name)
+
+
+def as_loaded(model: LoadedModel | nn.Module, *, instrumented: bool = False) -> LoadedModel:
+    """A ``LoadedModel`` as it is, or a bare HF Mamba causal LM wrapped in one (no tokenizer, its registry).
+
+    Raises:
+        ValueError: If ``model`` is neither, or ``instrumented`` is asked for and its mixers are not instrumented.
+    """
+    if isinstance(model, LoadedModel):
+        lm = model
+    elif isinstance(model, nn.Module) and hasattr(model, "config"):
+        lm = LoadedModel(model=model, tokenizer=None, registry=build_registry(model.config), name=type(model).__name__)
+    else:
+        raise ValueError(f"model must be a LoadedModel or a HF Mamba causal LM, got {type(model).__name__}")
+    if instrumented and not is_instrumented(lm.model):
+        raise ValueError("model is not instrumented (its hook points are missing); load it with "
+                         "sensitivity.load_model or call sensitivity.instrument(model) first")  # fmt: skip
+    return lm
 
 
 def unwrap(model: LoadedModel | nn.Module) -> nn.Module:

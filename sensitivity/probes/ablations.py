@@ -45,6 +45,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..attribution.scores import wanda_score
 from ..models.hooks import hook_name, hooks
 from ..models.registry import Registry
 
@@ -80,13 +81,12 @@ _DOC = {
     ("head", "remove"): "head h's channels of the out_proj input -> 0",
     ("state", "remove"): "state index n of B and C -> 0",
 }
-# mean / resample act on one hook point per component; dt's mean acts before the softplus
-_ACT_POINTS = {"x": "x", "z": "z", "B": "B", "C": "C", "dt": "dt", "conv1d": "conv", "norm": "out_proj_in",
-               "out_proj": "out"}  # fmt: skip
-_MEAN_POINTS = {**_ACT_POINTS, "dt": "dt_raw"}
-for _c, _p in _MEAN_POINTS.items():
-    _DOC[(_c, "mean")] = f"{_p} activation -> its calibration mean per channel"
-    _DOC[(_c, "resample")] = f"{_ACT_POINTS[_c]} activation -> the same activation on another window"
+# mean / resample act on the component's own hook point (the registry's ``Component.hook``); dt's mean acts on
+# dt_raw, before the softplus
+_ACTIVATIONS = ("x", "z", "B", "C", "dt", "conv1d", "norm", "out_proj")
+for _c in _ACTIVATIONS:  # {hook}: filled in from the registry by ablation_table
+    _DOC[(_c, "mean")] = ("dt_raw" if _c == "dt" else "{hook}") + " activation -> its calibration mean per channel"
+    _DOC[(_c, "resample")] = "{hook} activation -> the same activation on another window"
 _SPARSIFIABLE = ("x", "z", "B", "C", "dt", "conv1d", "out_proj")
 
 
@@ -141,7 +141,8 @@ def ablation_table(registry: Registry) -> pd.DataFrame:
                 )
                 kind = f"{kind}@s"
             else:
-                what = _DOC[(comp, kind)]
+                hook = registry.component(comp).hook if comp in registry.component_names else ""
+                what = _DOC[(comp, kind)].format(hook=hook)
             rows.append({"component": comp, "kind": kind, "ablation": what})
     return pd.DataFrame(rows)
 
@@ -176,7 +177,8 @@ class Context:
 
     Attributes:
         means: Hook name -> calibration mean per channel.
-        input_l2: Hook name -> ``||X_j||_2`` per channel over the calibration windows (WANDA's input norms).
+        input_l2: Hook name -> WANDA's input norm ``||X_j||`` per channel over the calibration windows
+            (:func:`sensitivity.attribution.scores.input_norm`).
         source: Hook name -> the activation of the other windows, set per batch by the sweep.
     """
 
@@ -185,10 +187,14 @@ class Context:
     source: dict[str, torch.Tensor] | None = None
 
 
+def _mean_point(registry: Registry, component: str) -> str:
+    return "dt_raw" if component == "dt" else registry.component(component).hook
+
+
 def needed_points(registry: Registry, probe: Probe) -> tuple[str, ...]:
     """Hook points whose calibration statistics ``probe`` reads (means for mean/bypass, input norms for WANDA)."""
     if probe.kind == "mean":
-        return (_MEAN_POINTS[probe.component],)
+        return (_mean_point(registry, probe.component),)
     if probe.kind == "bypass" and probe.component == "dt":
         return ("dt",)
     if probe.method == "wanda":
@@ -196,9 +202,9 @@ def needed_points(registry: Registry, probe: Probe) -> tuple[str, ...]:
     return ()
 
 
-def resample_point(probe: Probe) -> str | None:
+def resample_point(registry: Registry, probe: Probe) -> str | None:
     """The hook point a ``resample`` probe takes from another window."""
-    return _ACT_POINTS[probe.component] if probe.kind == "resample" else None
+    return registry.component(probe.component).hook if probe.kind == "resample" else None
 
 
 def _weights(registry: Registry, component: str):
@@ -217,15 +223,16 @@ def ablate(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) -> 
     with ExitStack() as stack:
         if kind == "remove":
             stack.enter_context(hooks(model, _remove_hooks(registry, probe)))
-        elif kind == "zero" and comp in _ACT_POINTS and comp not in ("conv1d", "norm", "out_proj"):
-            stack.enter_context(hooks(model, {name(_ACT_POINTS[comp]): torch.zeros_like}))
+        elif kind == "zero" and comp in ("x", "z", "B", "C", "dt"):  # activations; the rest: weights -> 0
+            stack.enter_context(hooks(model, {name(registry.component(comp).hook): torch.zeros_like}))
         elif kind == "zero":
             stack.enter_context(_edit(registry, model, layer, comp, lambda w: torch.zeros_like(w)))
         elif kind == "mean":
-            mean = ctx.means[name(_MEAN_POINTS[comp])]
-            stack.enter_context(hooks(model, {name(_MEAN_POINTS[comp]): lambda t: mean.to(t.dtype).expand_as(t)}))
+            point = name(_mean_point(registry, comp))
+            mean = ctx.means[point]
+            stack.enter_context(hooks(model, {point: lambda t: mean.to(t.dtype).expand_as(t)}))
         elif kind == "resample":
-            point = name(_ACT_POINTS[comp])
+            point = name(resample_point(registry, probe))
             stack.enter_context(hooks(model, {point: lambda t: ctx.source[point].to(t.dtype)}))
         elif kind == "bypass":
             stack.enter_context(_bypass(model, registry, probe, ctx))
@@ -341,12 +348,8 @@ def _sparsify(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) 
     for t, w in zip(slices, views):
         scores = w.detach().abs().float()  # (rows, cols) or conv (C, 1, K)
         if probe.method == "wanda":
-            l2 = ctx.input_l2[hook_name(probe.layer, registry.input_hook(t.param))]
-            l2 = l2.reshape(-1)  # (cols,) or conv (C,)
-            if w.dim() == 3:
-                scores = scores * l2[:, None, None]
-            else:
-                scores = scores * (l2 if t.cols is None else l2[t.cols[0] : t.cols[1]])[None, :]
+            l2 = ctx.input_l2[hook_name(probe.layer, registry.input_hook(t.param))].reshape(-1)  # (cols,) or (C,)
+            scores = wanda_score(w.detach(), l2 if t.cols is None else l2[t.cols[0] : t.cols[1]])
         masks.append(sparsity_mask(scores, probe.sparsity, per_row=w.dim() == 2))
     it = iter(masks)
     with _edit(registry, model, probe.layer, probe.component, lambda w: w * next(it), tensors=views):

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .._manifest import atomic_write_text, versions, write_manifest
+from ..attribution.scores import input_norm
 from ..attribution.stats import channel_stats
 from ..data import Corpus, Windows, calibration_windows, load_corpus
 from ..models.hooks import capture, hook_name
-from ..models.instrumented import is_instrumented
-from ..models.loading import LoadedModel
-from ..models.registry import Registry, build_registry
+from ..models.loading import LoadedModel, as_loaded
+from ..models.registry import Registry
 from .ablations import (
     ABLATION_KINDS,
     SPARSIFY_METHODS,
@@ -103,6 +103,15 @@ class ProbeConfig:
         for name in ("windows", "calibration_windows", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)!r} must be an integer >= 1")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed {self.seed!r} must be an integer")
+        for name in ("components", "kinds", "layers"):
+            values = getattr(self, name) or ()
+            dups = [v for i, v in enumerate(values) if v in values[:i]]
+            if dups:
+                raise ValueError(f"{name} lists {dups[0]!r} twice")
+        if len({f"{s:g}" for s in self.sparsities}) < len(self.sparsities):
+            raise ValueError(f"sparsities {list(self.sparsities)} list one value twice")
         if not isinstance(self.seqlen, int) or self.seqlen < 2:
             raise ValueError(f"seqlen {self.seqlen!r} must be an integer >= 2")
         if self.sweep not in SWEEPS:
@@ -208,7 +217,7 @@ class _Sweep:
     @torch.no_grad()
     def run(self, probe: Probe, dense: _Dense, ctx: Context) -> dict[str, float]:
         nll_sum, kl_sum, count = 0.0, 0.0, 0
-        point = resample_point(probe)
+        point = resample_point(self.registry, probe)
         for b in self.batches:
             if point is not None:
                 ctx.source = self._source(probe.layer, point, b, dense)
@@ -242,7 +251,8 @@ def _calibrate(lm: LoadedModel, windows: Windows, probes: list[Probe], config: P
     if not points:
         return Context({}, {})
     stats = channel_stats(lm, windows, points, batch_size=config.batch_size, show_progress=show)
-    return Context({n: s.mean for n, s in stats.items()}, {n: s.l2 for n, s in stats.items()})
+    means = {n: s.mean for n, s in stats.items()}
+    return Context(means, {n: input_norm(s.sumsq, len(windows)) for n, s in stats.items()})
 
 
 def _rows(probe: Probe, values: dict[str, float], seed: int) -> list[dict]:
@@ -266,16 +276,6 @@ def _to_csv(df: pd.DataFrame) -> str:
 
 def _fingerprint(windows: Windows) -> str:
     return hashlib.sha256(windows.ids.numpy().tobytes()).hexdigest()[:16]
-
-
-def _resolve(model) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        lm = model
-    else:
-        lm = LoadedModel(model=model, tokenizer=None, registry=build_registry(model.config), name=type(model).__name__)
-    if not is_instrumented(lm.model):
-        raise ValueError("model is not instrumented; load it with load_model() or call sensitivity.instrument()")
-    return lm
 
 
 def probe(
@@ -316,7 +316,7 @@ def probe(
     config = config or ProbeConfig()
     if options:
         config = ProbeConfig.from_dict({**config.to_dict(), **options})
-    lm = _resolve(model)
+    lm = as_loaded(model, instrumented=True)
     probes = plan(lm.registry, config)
     windows = heldout
     if (windows is None or calibration is None) and lm.tokenizer is None:

@@ -85,5 +85,19 @@ def test_attribute_then_agreement(tmp_path):
     assert {"attribution", "ablation", "spearman", "kendall", "n"} <= set(table.columns)
     assert set(table.ablation) == {"zero", "bypass"} and (table.n == 10).any()
     assert "spearman" in g.stdout
+    bad_out = run("agreement", "--probes", str(tmp_path / "p"), "--attribution", str(tmp_path / "a"), "--out",
+                  str(tmp_path / "no" / "where.csv"))  # fmt: skip
+    assert bad_out.returncode == 2 and "its directory does not exist" in bad_out.stderr
+    assert not (tmp_path / "no").exists()
     missing = run("agreement", "--probes", str(tmp_path / "nowhere"), "--attribution", str(tmp_path / "a"))
     assert missing.returncode == 2 and "probes.csv" in missing.stderr
+
+
+def test_attribute_unknown_method_exits_2_before_loading(tmp_path, capsys):
+    from sensitivity.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["attribute", "--model", "/no/such/model", "--out", str(tmp_path / "a"), "--methods", "taylor,zap"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown method 'zap'; allowed: act_norm, taylor" in err
+    assert not (tmp_path / "a").exists()

@@ -149,6 +149,10 @@ def test_out_dir_of_another_sweep_is_refused(tmp_path):
         ({"windows": 0}, "windows 0 must be an integer >= 1"),
         ({"sweep": "fast"}, "unknown sweep 'fast'; allowed: cached, naive"),
         ({"components": ["A_log"], "kinds": ["mean"]}, "no probe applies"),
+        ({"layers": [0, 0]}, "layers lists 0 twice"),
+        ({"kinds": ["zero", "zero"]}, "kinds lists 'zero' twice"),
+        ({"sparsities": [0.5, 0.50]}, r"sparsities \[0.5, 0.5\] list one value twice"),
+        ({"seed": "one"}, "seed 'one' must be an integer"),
         ({"colour": "red"}, "unknown probe option 'colour'; allowed: batch_size, calibration_split"),
     ],
 )
