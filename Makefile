@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MALLOC := MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000
 REPORT ?= reports/default
 
-.PHONY: install test test-fast report bench lint clean corpus
+.PHONY: install test test-fast report bench grid lint clean corpus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,11 +31,19 @@ report: $(STAMP)
 	$(MALLOC) $(BIN)/sensitivity probe --out $(REPORT)/probes
 	$(MALLOC) $(BIN)/sensitivity attribute --out $(REPORT)/attribution
 	$(BIN)/sensitivity agreement --probes $(REPORT)/probes --attribution $(REPORT)/attribution
+	$(BIN)/sensitivity schedule --method sensitivity --budget 0.5 --probes $(REPORT)/probes \
+		--out $(REPORT)/schedule.yaml --recipe $(REPORT)/recipe.yaml
+	$(MALLOC) $(BIN)/sensitivity prune --method wanda --schedule $(REPORT)/schedule.yaml --out $(REPORT)/wanda-sensitivity50 --overwrite
+	$(MALLOC) $(BIN)/sensitivity evaluate --model $(REPORT)/wanda-sensitivity50
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scan.py
 	$(BIN)/python benchmarks/bench_zoo.py
 	$(BIN)/python benchmarks/bench_probes.py
+	$(BIN)/python benchmarks/bench_prune.py
+
+grid: $(STAMP)  # the pruning grid on both shipped models (about 25 min on 2 cores; resumes)
+	$(MALLOC) $(BIN)/python benchmarks/grid.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check sensitivity tests benchmarks

@@ -1,4 +1,5 @@
-"""``sensitivity`` command line: ``components``, ``evaluate``, ``probe``, ``attribute``, ``agreement``, ``zoo list``.
+"""``sensitivity`` command line: ``components``, ``evaluate``, ``probe``, ``attribute``, ``agreement``, ``schedule``,
+``prune``, ``zoo list``.
 
 Bad arguments exit with status 2 and one line on stderr naming the value and what is allowed; nothing is written.
 """
@@ -143,6 +144,60 @@ def _build_parser() -> _Parser:
     p.add_argument("--metric", default="delta_nll", choices=["delta_nll", "kl", "ppl_ratio"],
                    help="probe damage metric to rank by (default delta_nll)")
     p.add_argument("--out", default=None, help="CSV to write (default: agreement.csv next to the probes)")
+
+    p = sub.add_parser("schedule", help="allocate a global sparsity budget over layers and components; write YAML")
+    model_args(p)
+    data_args(p)
+    p.add_argument("--method", required=True, choices=["uniform", "owl", "depth", "sensitivity"],
+                   help="uniform; owl (outlier-weighted layerwise); depth (linear ramp); sensitivity (from probes "
+                   "or Fisher saliencies)")
+    p.add_argument("--budget", type=float, required=True, help="fraction of the prunable parameters to remove")
+    p.add_argument("--probes", default=None, help="probes.csv or its directory (--method sensitivity)")
+    p.add_argument("--source", default="probes", choices=["probes", "fisher"],
+                   help="sensitivity curves from measured probes (default) or from Fisher (OBD) saliencies")
+    p.add_argument("--probe-method", default="wanda", choices=["wanda", "magnitude"],
+                   help="which sparsify probes give the curves (default wanda)")
+    p.add_argument("--metric", default="delta_nll", choices=["delta_nll", "kl"], help="probe damage metric")
+    p.add_argument("--components", type=_csv_list(), default=None, help="components to prune (default: prunable)")
+    p.add_argument("--exclude", type=_csv_list(), default=None, help="kept dense (default conv1d; 'none')")
+    p.add_argument("--min-sparsity", type=float, default=0.0, help="lower bound per entry (default 0)")
+    p.add_argument("--max-sparsity", type=float, default=0.95, help="upper bound per entry (default 0.95)")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (default 5)")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's maximum deviation from the budget (0.08)")
+    p.add_argument("--depth-spread", type=float, default=0.1, help="depth ramp: budget -/+ spread (default 0.1)")
+    p.add_argument("--calib-windows", type=_int_at_least(1), default=32,
+                   help="calibration windows for owl and fisher (default 32)")
+    p.add_argument("--seqlen", type=_int_at_least(2), default=256, help="tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward (default 8)")
+    p.add_argument("--recipe", default=None, help="also write an llm-compressor recipe YAML here")
+    p.add_argument("--out", required=True, help="schedule YAML to write")
+
+    p = sub.add_parser("prune", help="prune a model (wanda, magnitude, state, head, headdim) and save it")
+    model_args(p)
+    data_args(p)
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "state", "head", "headdim"],
+                   help="weight pruning (magnitude, wanda) or SSM-structured (state, head, headdim)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction removed: of each weight matrix (magnitude, wanda) or of the units per layer")
+    p.add_argument("--schedule", default=None, help="schedule YAML (from `sensitivity schedule`) instead of --sparsity")
+    p.add_argument("--structure", default=None, help="n:m sparsity for magnitude/wanda, e.g. 2:4 or 4:8")
+    p.add_argument("--compare", default="row", choices=["row", "tensor"],
+                   help="rank weights within each output row (default, WANDA's) or across the tensor")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each layer on the outputs of the already-pruned layers (WANDA's procedure)")
+    p.add_argument("--score", default=None, help="unit score for state/head/headdim: taylor, flap, magnitude, random")
+    p.add_argument("--mode", default="auto", choices=["auto", "shrink", "mask"],
+                   help="structured: shrink tensors (uniform ratios) or zero units (default auto)")
+    p.add_argument("--no-bias-compensation", action="store_true", help="skip FLAP's bias compensation")
+    p.add_argument("--components", type=_csv_list(), default=None, help="components to prune (magnitude, wanda)")
+    p.add_argument("--exclude", type=_csv_list(), default=None, help="kept dense (default conv1d; 'none')")
+    p.add_argument("--calib-windows", type=_int_at_least(1), default=64, help="calibration windows (default 64)")
+    p.add_argument("--seqlen", type=_int_at_least(2), default=256, help="tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and random scores (default 0)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
 
     p = sub.add_parser("zoo", help="the trained models shipped with the package")
     zoo = p.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
@@ -303,6 +358,106 @@ def _cmd_agreement(args) -> int:
     return 0
 
 
+def _exclude(names: list[str] | None) -> tuple[str, ...]:
+    """``--exclude``: default ``conv1d``; ``none`` keeps nothing dense."""
+    from ..allocation import DEFAULT_EXCLUDE
+
+    return DEFAULT_EXCLUDE if names is None else () if names == ["none"] else tuple(names)
+
+
+def _fraction(name: str, value: float | None) -> None:
+    if value is not None and not 0.0 <= value < 1.0:
+        raise ValueError(f"--{name} {value!r} out of range; allowed: 0 <= {name} < 1")
+
+
+def _cmd_schedule(args) -> int:
+    import dataclasses
+
+    from .._manifest import atomic_write_text, versions
+    from ..allocation import allocate
+    from ..data import calibration_windows
+
+    _fraction("budget", args.budget)
+    for name in ("min-sparsity", "max-sparsity"):
+        _fraction(name, getattr(args, name.replace("-", "_")))
+    if args.method == "sensitivity" and args.source == "probes" and args.probes is None:
+        raise ValueError("--method sensitivity --source probes needs --probes (a probes.csv or its directory)")
+    probes = _read_table(args.probes, "probes.csv")[1] if args.probes else None
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise FileNotFoundError(f"--out {args.out}: its directory does not exist")
+    corpus, lm = _load_for_run(args)
+    needs_windows = args.method == "owl" or (args.method == "sensitivity" and args.source == "fisher")
+    windows = calibration_windows(corpus, lm.tokenizer, args.calib_windows, args.seqlen, seed=args.seed) \
+        if needs_windows else None
+    schedule = allocate(lm, args.method, args.budget, windows=windows, probes=probes, components=args.components,
+                        exclude=_exclude(args.exclude),
+                        min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, owl_m=args.owl_m,
+                        owl_lambda=args.owl_lambda, depth_spread=args.depth_spread, source=args.source,
+                        probe_method=args.probe_method, metric=args.metric, seed=args.seed,
+                        batch_size=args.batch_size, show_progress=_show_progress())  # fmt: skip
+    meta = {**schedule.meta, "model": lm.name, "data": args.data, "seed": args.seed, "versions": versions()}
+    if windows is not None:
+        meta["calibration"] = windows.describe()
+    schedule = dataclasses.replace(schedule, meta=meta)
+    schedule.to_yaml(args.out)
+    if args.recipe:
+        atomic_write_text(args.recipe, schedule.to_recipe())
+    table = schedule.frame().pivot(index="layer", columns="component", values="sparsity")
+    print(f"{args.method} schedule for {lm.name}: {schedule.overall():.4f} of "
+          f"{sum(schedule.params.values()):,} prunable parameters -> {args.out}")  # fmt: skip
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    from pathlib import Path
+
+    from ..allocation import Schedule
+    from ..data import calibration_windows
+    from ..pruning import prune
+    from ..pruning.masks import parse_structure
+    from ..pruning.save import MANIFEST, _check_out, source_dir
+
+    _fraction("sparsity", args.sparsity)
+    parse_structure(args.structure)
+    if args.sparsity is None and args.schedule is None and args.structure is None:
+        raise ValueError("give --sparsity, --schedule or --structure")
+    if args.schedule is not None and not os.path.isfile(args.schedule):
+        raise FileNotFoundError(f"--schedule {args.schedule} does not exist")
+    schedule = Schedule.from_yaml(Path(args.schedule)) if args.schedule else None
+    out = Path(args.out).expanduser().resolve()
+    _check_out(out, source_dir(args.model), args.overwrite)  # before anything loads
+    needs_windows = args.method == "wanda" or (args.method in ("state", "head", "headdim")
+                                               and args.score not in ("magnitude", "random"))  # fmt: skip
+    corpus, lm = _load_for_run(args)
+    windows = calibration_windows(corpus, lm.tokenizer, args.calib_windows, args.seqlen, seed=args.seed) \
+        if needs_windows else None
+    result = prune(lm, args.method, sparsity=args.sparsity, schedule=schedule, structure=args.structure,
+                   compare=args.compare, sequential=args.sequential, windows=windows, score=args.score,
+                   mode=args.mode, bias_compensation=not args.no_bias_compensation, components=args.components,
+                   exclude=_exclude(args.exclude), seed=args.seed,
+                   batch_size=args.batch_size, show_progress=_show_progress())  # fmt: skip
+    m = result.manifest
+    m["data"] = args.data
+    saved = result.save(out, overwrite=args.overwrite)
+    before, after = m["params_before"], m["params_after"]
+    print(f"{args.method} pruned {lm.name} in {m['seconds']:.2f} s -> {saved}")
+    print(f"parameters  {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.3f}x)")
+    print(f"non-zero    {before['nonzero']:,} -> {after['nonzero']:,} ({after['nonzero'] / before['nonzero']:.3f}x)")
+    if m["schedule"]:
+        report = result.report()
+        entries = {(e["layer"], e["component"]) for e in m["schedule"]["entries"]}
+        listed = [(layer, comp) in entries for layer, comp in zip(report.layer, report.component)]
+        pruned = report[report.prunable.to_numpy() & listed]
+        print(f"targets     {pruned.zeros.sum() / pruned.numel.sum():.4f} zeros in the schedule's "
+              f"{len(entries)} (layer, component) weight slices")  # fmt: skip
+    if m["structured"]:
+        s = m["structured"]
+        print(f"units       {s['unit']} scored by {s['score']}, mode {s['mode']}")
+    print(f"manifest    {os.path.join(saved, MANIFEST)}; evaluate with: sensitivity evaluate --model {saved}")
+    return 0
+
+
 def _cmd_zoo(args) -> int:
     from ..zoo import ZOO_MODELS, list_models
 
@@ -355,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; ours show only on a terminal
     commands = {"components": _cmd_components, "evaluate": _cmd_evaluate, "probe": _cmd_probe,
-                "attribute": _cmd_attribute, "agreement": _cmd_agreement, "zoo": _cmd_zoo}  # fmt: skip
+                "attribute": _cmd_attribute, "agreement": _cmd_agreement, "schedule": _cmd_schedule,
+                "prune": _cmd_prune, "zoo": _cmd_zoo}  # fmt: skip
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:

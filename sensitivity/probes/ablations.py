@@ -48,8 +48,9 @@ from torch import nn
 from ..attribution.scores import wanda_score
 from ..models.hooks import hook_name, hooks
 from ..models.registry import Registry
+from ..pruning.masks import unstructured_mask
 
-__all__ = ["ABLATION_KINDS", "SPARSIFY_METHODS", "UNITS", "Probe", "ablation_table", "applicable", "sparsity_mask"]
+__all__ = ["ABLATION_KINDS", "SPARSIFY_METHODS", "UNITS", "Probe", "ablation_table", "applicable"]
 
 ABLATION_KINDS = ("zero", "mean", "resample", "bypass")
 SPARSIFY_METHODS = ("magnitude", "wanda")
@@ -145,30 +146,6 @@ def ablation_table(registry: Registry) -> pd.DataFrame:
                 what = _DOC[(comp, kind)].format(hook=hook)
             rows.append({"component": comp, "kind": kind, "ablation": what})
     return pd.DataFrame(rows)
-
-
-def sparsity_mask(scores: torch.Tensor, sparsity: float, *, per_row: bool = True) -> torch.Tensor:
-    """Boolean keep-mask removing the ``int(n * sparsity)`` lowest scores per row (or in the whole tensor).
-
-    Ties are broken by position (a stable sort), so the mask is deterministic.
-
-    Args:
-        scores: (rows, cols) scores, or any shape with ``per_row=False``.
-        sparsity: Fraction to remove, in [0, 1).
-        per_row: Compare within each row (WANDA's default) rather than across the tensor.
-
-    Returns:
-        A bool tensor shaped like ``scores``; True = keep.
-    """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity {sparsity!r} out of range; allowed: 0 <= s < 1")
-    flat = scores.reshape(scores.shape[0], -1) if per_row else scores.reshape(1, -1)  # (rows, cols)
-    k = int(flat.shape[1] * sparsity)
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    if k:
-        drop = torch.sort(flat, dim=1, stable=True).indices[:, :k]  # (rows, k)
-        keep.scatter_(1, drop, False)
-    return keep.reshape(scores.shape)
 
 
 @dataclass
@@ -350,7 +327,7 @@ def _sparsify(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) 
         if probe.method == "wanda":
             l2 = ctx.input_l2[hook_name(probe.layer, registry.input_hook(t.param))].reshape(-1)  # (cols,) or (C,)
             scores = wanda_score(w.detach(), l2 if t.cols is None else l2[t.cols[0] : t.cols[1]])
-        masks.append(sparsity_mask(scores, probe.sparsity, per_row=w.dim() == 2))
+        masks.append(unstructured_mask(scores, probe.sparsity, per_row=w.dim() == 2))
     it = iter(masks)
     with _edit(registry, model, probe.layer, probe.component, lambda w: w * next(it), tensors=views):
         yield

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sensitivity.attribution.stats import channel_stats
 from sensitivity.data import Windows
 from sensitivity.models import capture, hook_name, load_model
-from sensitivity.probes import Probe, ablation_table, sparsity_mask
+from sensitivity.probes import Probe, ablation_table
 from sensitivity.probes.ablations import Context, ablate
 
 
@@ -207,15 +207,6 @@ def test_every_probe_restores_the_model_and_removes_hooks(lm, ids):
     for key, value in lm.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not any(m._forward_hooks for m in lm.model.modules())
-
-
-def test_sparsity_mask_by_hand():
-    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.5, 0.5, 9.0, 0.1]])
-    assert sparsity_mask(scores, 0.5).tolist() == [[True, False, True, False], [False, True, True, False]]
-    assert sparsity_mask(scores, 0.25, per_row=False).tolist() == [[True, True, True, True], [False, True, True, False]]
-    assert sparsity_mask(scores, 0.0).all()
-    with pytest.raises(ValueError, match="sparsity 1.0 out of range"):
-        sparsity_mask(scores, 1.0)
 
 
 def test_ablation_table_lists_architecture_specific_components(lm):

@@ -1,0 +1,559 @@
+"""Sparsity schedules: how much of each (layer, component) weight matrix to prune, as one validated, editable object.
+
+A :class:`Schedule` maps ``(layer, component)`` to a sparsity in [0, 1) for the mixers' weight matrices the
+unstructured pruners target (:data:`PRUNABLE_PARAMS`); everything not listed stays dense. It carries the parameter
+count of each entry, so its overall and per-layer sparsities are parameter-weighted, and it round-trips exactly
+through YAML (:meth:`Schedule.to_yaml`, :meth:`Schedule.from_yaml`) so people can derive and edit schedules by hand.
+:meth:`Schedule.to_recipe` writes an llm-compressor recipe with the same per-layer budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from torch import nn
+
+from .._manifest import atomic_write_text
+from ..models.loading import LoadedModel, as_loaded, tiny_config
+from ..models.registry import ARCHITECTURES, Registry, TensorSlice, build_registry
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "PRUNABLE_PARAMS",
+    "RECIPE_MODIFIERS",
+    "Schedule",
+    "entry_sizes",
+    "prunable_components",
+    "prunable_slices",
+    "resolve_components",
+    "uniform_schedule",
+]
+
+logger = logging.getLogger(__name__)
+
+PRUNABLE_PARAMS = ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight", "conv1d.weight")
+"""Mixer weight matrices the unstructured pruners zero (biases, ``A_log``, ``D``, ``dt_bias`` and norms never)."""
+DEFAULT_EXCLUDE = ("conv1d",)
+"""Components kept dense unless asked for: the depthwise convolution has only K taps per channel."""
+RECIPE_MODIFIERS = ("WandaPruningModifier", "SparseGPTModifier")
+"""llm-compressor one-shot modifiers that take a per-layer ``sparsity`` list (``MagnitudePruningModifier`` does not:
+it is a gradual training-time pruner with ``init_sparsity``/``final_sparsity``)."""
+_ENTRY_KEYS = ("layer", "component", "params", "sparsity")
+_SCHEDULE_KEYS = ("arch", "n_layers", "method", "budget", "exclude", "meta", "entries")
+_REQUIRED_KEYS = ("arch", "n_layers", "entries")
+_NM = re.compile(r"^(\d+):(\d+)$")
+BUDGET_TOL = 1e-6
+"""How far :meth:`Schedule.overall` may be from ``budget``."""
+
+
+def prunable_slices(registry: Registry, component: str) -> tuple[TensorSlice, ...]:
+    """The weight-matrix slices of ``component`` that the unstructured pruners target (empty when it has none).
+
+    Example:
+        >>> [t.describe() for t in prunable_slices(lm.registry, "dt")]  # Mamba-1
+        ['x_proj.weight[0:8]', 'dt_proj.weight']
+
+    Raises:
+        ValueError: For a name the registry does not know (naming the allowed ones).
+    """
+    return tuple(t for t in registry.component(component).tensors if t.param in PRUNABLE_PARAMS)
+
+
+def prunable_components(registry: Registry) -> tuple[str, ...]:
+    """Components with at least one prunable weight slice, in registry order (Mamba-2: ``z, x, B, C, dt, conv1d,
+    out_proj``; Mamba-1 / FalconMamba: ``x, z, conv1d, dt, B, C, out_proj``).
+
+    Example:
+        >>> prunable_components(load_model("tiny:mamba2").registry)
+        ('z', 'x', 'B', 'C', 'dt', 'conv1d', 'out_proj')
+    """
+    return tuple(c.name for c in registry.components if prunable_slices(registry, c.name))
+
+
+def _names(what: str, value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = (value,) if isinstance(value, str) else tuple(value)
+    if bad := [v for v in values if not isinstance(v, str)]:
+        raise ValueError(f"{what} must be component names, got {bad[0]!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def resolve_components(registry: Registry, components=None, exclude=DEFAULT_EXCLUDE) -> tuple[str, ...]:
+    """The components a schedule covers: ``components`` (default every prunable one) minus ``exclude``.
+
+    Args:
+        registry: The model's registry.
+        components: Component names, one name, or None for every prunable component.
+        exclude: Components kept dense (default ``("conv1d",)``); None or ``()`` keeps none dense.
+
+    Returns:
+        Names in registry order.
+
+    Raises:
+        ValueError: For an unknown or non-prunable name, a component both asked for and excluded, or nothing left.
+
+    Example:
+        >>> resolve_components(load_model("tiny:mamba").registry, exclude=("conv1d", "dt"))
+        ('x', 'z', 'B', 'C', 'out_proj')
+    """
+    prunable = prunable_components(registry)
+    asked, excluded = _names("components", components), _names("exclude", exclude)
+    for what, names in (("component", asked), ("excluded component", excluded)):
+        for name in names:
+            if name not in registry.component_names:
+                raise ValueError(f"unknown {what} {name!r} for {registry.arch}; allowed: {', '.join(prunable)}")
+            if what == "component" and name not in prunable:
+                raise ValueError(f"component {name!r} has no weight matrix to prune; allowed: {', '.join(prunable)}")
+    if both := [c for c in asked if c in excluded]:
+        raise ValueError(f"component {both[0]!r} is both asked for and excluded (exclude={list(excluded)}); "
+                         "pass exclude=() (CLI: --exclude none) to prune it")  # fmt: skip
+    chosen = tuple(c for c in prunable if (not asked or c in asked) and c not in excluded)
+    if not chosen:
+        raise ValueError(f"no component left to prune (components={list(asked) or 'all'}, exclude={list(excluded)}); "
+                         f"prunable: {', '.join(prunable)}")  # fmt: skip
+    return chosen
+
+
+def entry_sizes(model: LoadedModel | nn.Module, components=None) -> dict[tuple[int, str], int]:
+    """Number of prunable weights of every (layer, component), read from the model's tensors.
+
+    Args:
+        model: A ``LoadedModel`` or HF Mamba / Mamba2 / FalconMamba causal LM.
+        components: Component names (default every prunable one, ``conv1d`` included).
+
+    Returns:
+        ``{(layer, component): numel}`` in layer-major, registry order.
+
+    Example:
+        >>> entry_sizes(load_model("tiny:mamba2"), ["z"])[(0, "z")]  # ED x D = 128 x 64
+        8192
+    """
+    lm = as_loaded(model)
+    reg = lm.registry
+    names = resolve_components(reg, components, exclude=())
+    out = {}
+    for layer in range(reg.n_layers):
+        mixer = reg.mixer(lm.model, layer)
+        for name in names:
+            out[(layer, name)] = sum(t.get(mixer).numel() for t in prunable_slices(reg, name))
+    return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _plain(value, where: str):
+    """``value`` as plain YAML/JSON data (dicts with str keys, lists, str, int, float, bool, None)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} is {value!r}; meta values must be finite numbers")
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if bad := [k for k in value if not isinstance(k, str)]:
+            raise ValueError(f"{where} has key {bad[0]!r}; meta keys must be strings")
+        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
+    raise ValueError(f"{where} has type {type(value).__name__}; allowed: dict, list, str, int, float, bool, None")
+
+
+@cache
+def _arch_registry(arch: str) -> Registry:
+    """A registry of ``arch`` (from a tiny config): which module holds each component does not depend on sizes."""
+    return build_registry(tiny_config(arch))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-(layer, component) sparsities of the mixers' weight matrices, with the parameter counts behind them.
+
+    Attributes:
+        arch: ``"mamba"``, ``"mamba2"`` or ``"falcon_mamba"``.
+        n_layers: Number of mixer layers of the model it was made for.
+        sparsity: ``{(layer, component): fraction to prune}``, each in [0, 1); components not listed stay dense.
+        params: ``{(layer, component): prunable weights}``, same keys as ``sparsity`` (for budget arithmetic).
+        method: How it was made (``uniform``, ``owl``, ``depth``, ``sensitivity``, or anything for a custom one).
+        budget: The overall (parameter-weighted) sparsity it was made to meet, or None; when set,
+            :meth:`overall` must equal it within :data:`BUDGET_TOL`.
+        exclude: Components deliberately kept dense (recorded; they may not appear in ``sparsity``).
+        meta: Allocator parameters needed to reproduce it (``owl_m``, ``owl_lambda``, ``source``, ``seed``...), as
+            plain data.
+
+    Raises:
+        ValueError: On construction, for a bad type or range, mismatched ``sparsity``/``params`` keys, an excluded
+            component listed, or a ``budget`` the entries do not meet (naming both numbers).
+
+    Example:
+        >>> s = uniform_schedule(load_model("tiny:mamba2"), 0.5)
+        >>> s.overall(), s.per_layer()
+        (0.5, [0.5, 0.5])
+        >>> Schedule.from_yaml(s.to_yaml()) == s
+        True
+    """
+
+    arch: str
+    n_layers: int
+    sparsity: dict[tuple[int, str], float]
+    params: dict[tuple[int, str], int]
+    method: str = "custom"
+    budget: float | None = None
+    exclude: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {self.arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+        if not _is_int(self.n_layers) or self.n_layers < 1:
+            raise ValueError(f"n_layers {self.n_layers!r} must be an integer >= 1")
+        if not isinstance(self.method, str) or not self.method or "\n" in self.method:
+            raise ValueError(f"method {self.method!r} must be a non-empty, one-line string")
+        if not isinstance(self.sparsity, dict) or not isinstance(self.params, dict):
+            raise ValueError("sparsity and params must be dicts keyed by (layer, component)")
+        if not self.sparsity:
+            raise ValueError("a schedule needs at least one (layer, component) entry")
+        sparsity, params = {}, {}
+        for key, value in self.sparsity.items():
+            if not (isinstance(key, tuple) and len(key) == 2 and _is_int(key[0]) and isinstance(key[1], str)):
+                raise ValueError(f"schedule key {key!r} must be a (layer, component) tuple")
+            layer, comp = int(key[0]), key[1]
+            if not 0 <= layer < self.n_layers:
+                raise ValueError(f"layer {layer} of entry {key!r} out of range; allowed: 0..{self.n_layers - 1}")
+            if not _is_real(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"sparsity {value!r} of entry {key!r} out of range; allowed: 0 <= s < 1")
+            if key not in self.params:
+                raise ValueError(f"entry {key!r} has a sparsity but no params count")
+            n = self.params[key]
+            if not _is_int(n) or n < 1:
+                raise ValueError(f"params {n!r} of entry {key!r} must be a positive integer")
+            sparsity[(layer, comp)], params[(layer, comp)] = float(value), int(n)
+        if extra := [k for k in self.params if k not in self.sparsity]:
+            raise ValueError(f"entry {extra[0]!r} has a params count but no sparsity")
+        exclude = _names("exclude", self.exclude)
+        if listed := sorted({c for _, c in sparsity} & set(exclude)):
+            raise ValueError(f"component {listed[0]!r} is excluded (exclude={list(exclude)}) but has entries")
+        object.__setattr__(self, "sparsity", sparsity)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "exclude", exclude)
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}")
+        object.__setattr__(self, "meta", _plain(self.meta, "meta"))
+        if self.budget is not None:
+            if not _is_real(self.budget) or not 0.0 <= self.budget < 1.0:
+                raise ValueError(f"budget {self.budget!r} out of range; allowed: 0 <= budget < 1, or None")
+            object.__setattr__(self, "budget", float(self.budget))
+            if abs(self.overall() - self.budget) > BUDGET_TOL:
+                raise ValueError(f"the entries prune {self.overall():.8f} of their parameters but budget is "
+                                 f"{self.budget:.8f}; fix the sparsities or set budget to null")  # fmt: skip
+
+    # ---- queries ----
+
+    def get(self, layer: int, component: str) -> float:
+        """Sparsity of (layer, component); 0.0 for a dense (unlisted) one."""
+        return self.sparsity.get((layer, component), 0.0)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components with entries, sorted."""
+        return tuple(sorted({c for _, c in self.sparsity}))
+
+    def overall(self) -> float:
+        """Parameter-weighted mean sparsity over the entries (the budget the schedule meets)."""
+        total = math.fsum(self.params.values())
+        return math.fsum(self.params[k] * s for k, s in self.sparsity.items()) / total
+
+    def per_layer(self) -> list[float]:
+        """Parameter-weighted sparsity of each layer's entries (0.0 for a layer without entries)."""
+        pruned, total = [0.0] * self.n_layers, [0] * self.n_layers
+        for key, s in self.sparsity.items():
+            pruned[key[0]] += self.params[key] * s
+            total[key[0]] += self.params[key]
+        return [p / t if t else 0.0 for p, t in zip(pruned, total)]
+
+    def frame(self) -> pd.DataFrame:
+        """One row per entry: ``layer, component, params, sparsity``."""
+        rows = [(layer, comp, self.params[(layer, comp)], s) for (layer, comp), s in self.sparsity.items()]
+        df = pd.DataFrame(rows, columns=["layer", "component", "params", "sparsity"])
+        return df.astype({"layer": "int64", "component": "object", "params": "int64", "sparsity": "float64"})
+
+    def validate(self, registry: Registry, model: LoadedModel | nn.Module | None = None) -> Schedule:
+        """Check the schedule fits a model: same architecture and depth, prunable non-excluded components, and (when
+        ``model`` is given) parameter counts equal to the model's.
+
+        Returns:
+            ``self``, for chaining.
+
+        Raises:
+            ValueError: Naming the bad value and the allowed ones.
+        """
+        if self.arch != registry.arch:
+            raise ValueError(f"schedule is for arch {self.arch!r} but the model is {registry.arch!r}")
+        if self.n_layers != registry.n_layers:
+            raise ValueError(f"schedule is for {self.n_layers} layers but the model has {registry.n_layers}")
+        prunable = prunable_components(registry)
+        allowed = [c for c in prunable if c not in self.exclude]
+        for layer, comp in self.sparsity:
+            registry.check_layer(layer)
+            if comp not in allowed:
+                raise ValueError(f"schedule component {comp!r} (layer {layer}) is not prunable on {registry.arch} "
+                                 f"with exclude={list(self.exclude)}; allowed: {', '.join(allowed)}")  # fmt: skip
+        if model is not None:
+            sizes = entry_sizes(model, self.components)
+            for key, n in self.params.items():
+                if sizes[key] != n:
+                    raise ValueError(f"entry {key!r} lists {n} params but the model's prunable weights have "
+                                     f"{sizes[key]}")  # fmt: skip
+        return self
+
+    # ---- serialisation ----
+
+    def to_dict(self) -> dict:
+        """Plain data (the ``schedule:`` mapping of the YAML form), JSON- and YAML-serialisable."""
+        entries = [{"layer": layer, "component": comp, "params": self.params[(layer, comp)], "sparsity": s}
+                   for (layer, comp), s in self.sparsity.items()]  # fmt: skip
+        return {"arch": self.arch, "n_layers": self.n_layers, "method": self.method, "budget": self.budget,
+                "exclude": list(self.exclude), "meta": self.meta, "entries": entries}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Schedule:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: For a missing or unknown key or a value of the wrong type, naming the key.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a schedule must be a mapping with keys {', '.join(_SCHEDULE_KEYS)}; got {d!r:.80}")
+        if missing := [k for k in _REQUIRED_KEYS if k not in d]:
+            raise ValueError(f"schedule is missing key {missing[0]!r}; required: {', '.join(_REQUIRED_KEYS)}")
+        if unknown := [k for k in d if k not in _SCHEDULE_KEYS]:
+            raise ValueError(f"unknown schedule key {unknown[0]!r}; allowed: {', '.join(_SCHEDULE_KEYS)}")
+        _check_type("arch", d["arch"], str)
+        _check_type("n_layers", d["n_layers"], int)
+        method = d.get("method", "custom")
+        _check_type("method", method, str)
+        budget = d.get("budget")
+        if budget is not None:
+            _check_type("budget", budget, float)
+        exclude = d.get("exclude") or []
+        _check_type("exclude", exclude, list)
+        for i, name in enumerate(exclude):
+            _check_type(f"exclude[{i}]", name, str)
+        meta = d.get("meta") or {}
+        _check_type("meta", meta, dict)
+        _check_type("entries", d["entries"], list)
+        sparsity, params = {}, {}
+        for i, entry in enumerate(d["entries"]):
+            _check_type(f"entries[{i}]", entry, dict)
+            if missing := [k for k in _ENTRY_KEYS if k not in entry]:
+                raise ValueError(f"entries[{i}] is missing key {missing[0]!r}; required: {', '.join(_ENTRY_KEYS)}")
+            if unknown := [k for k in entry if k not in _ENTRY_KEYS]:
+                raise ValueError(f"entries[{i}] has unknown key {unknown[0]!r}; allowed: {', '.join(_ENTRY_KEYS)}")
+            for key, kind in (("layer", int), ("component", str), ("params", int), ("sparsity", float)):
+                _check_type(f"entries[{i}].{key}", entry[key], kind)
+            key = (entry["layer"], entry["component"])
+            if key in sparsity:
+                raise ValueError(f"entries[{i}] repeats (layer, component) {key!r}")
+            sparsity[key], params[key] = entry["sparsity"], entry["params"]
+        return cls(arch=d["arch"], n_layers=d["n_layers"], sparsity=sparsity, params=params, method=method,
+                   budget=budget, exclude=tuple(exclude), meta=meta)  # fmt: skip
+
+    def to_yaml(self, path: str | os.PathLike | None = None) -> str:
+        """The schedule as YAML (one flow-style line per entry), written atomically to ``path`` when given.
+
+        Floats are written with Python's shortest round-trip repr, so :meth:`from_yaml` gives back an equal schedule.
+        """
+        header = (f"# sparsity schedule: {self.method}, {len(self.sparsity)} entries, overall "
+                  f"{self.overall():.6f} of the listed weights; entries not listed stay dense\n")  # fmt: skip
+        body = yaml.safe_dump({"schedule": self.to_dict()}, sort_keys=False, default_flow_style=None, width=120)
+        text = header + body
+        if path is not None:
+            atomic_write_text(path, text)
+            logger.info("wrote schedule to %s", path)
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | os.PathLike) -> Schedule:
+        """Read a schedule from a YAML file path or YAML text.
+
+        Raises:
+            ValueError: For a missing file, malformed YAML, a document without a top-level ``schedule:`` mapping, or
+                any invalid key or value (naming it).
+        """
+        is_path = isinstance(source, os.PathLike) or (
+            isinstance(source, str) and "\n" not in source
+            and (source.endswith((".yaml", ".yml")) or Path(source).is_file())
+        )  # fmt: skip
+        if is_path:
+            path = Path(source)
+            if not path.is_file():
+                raise ValueError(f"schedule file {str(path)!r} does not exist")
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        elif isinstance(source, str):
+            text, where = source, "schedule text"
+        else:
+            raise ValueError(f"from_yaml takes a path or YAML text, got {type(source).__name__}")
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"malformed YAML in {where}{at}: {problem}") from None
+        if isinstance(doc, str) and not is_path and "\n" not in text.strip():
+            raise ValueError(f"{text.strip()!r} is neither an existing schedule file nor schedule YAML")
+        if not isinstance(doc, dict) or "schedule" not in doc:
+            raise ValueError(f"{where} has no top-level 'schedule:' mapping (see Schedule.to_yaml for the format)")
+        if extra := [k for k in doc if k != "schedule"]:
+            raise ValueError(f"{where} has unknown top-level key {extra[0]!r}; allowed: schedule")
+        return cls.from_dict(doc["schedule"])
+
+    def to_recipe(self, modifier: str = "WandaPruningModifier", mask_structure: str = "0:0") -> str:
+        """An llm-compressor recipe (YAML) pruning each layer to this schedule's per-layer sparsity.
+
+        llm-compressor's one-shot sparsity modifiers take ``sparsity`` as one float or a list with one value per
+        *target layer* (the modules matched by ``targets``) and prune every Linear/Conv module inside a target
+        layer, except those matched by ``ignore``, at that layer's value. The recipe therefore targets the mixer
+        blocks (``re:backbone\\.layers\\.\\d+$``), gives :meth:`per_layer` as the list, and ignores ``lm_head``
+        and every mixer module holding no entry (``conv1d`` by default). Per-component sparsities inside one
+        module (the packed ``in_proj``) are averaged per layer, parameter-weighted; the recipe's comments say so
+        and list any dense rows of a targeted module that llm-compressor would prune as well.
+
+        Args:
+            modifier: One of :data:`RECIPE_MODIFIERS`.
+            mask_structure: ``"0:0"`` (unstructured) or ``"n:m"``; an ``n:m`` pattern fixes every sparsity to
+                ``1 - n/m``, so it needs a schedule whose layers all have that sparsity.
+
+        Returns:
+            The recipe text (``sparsity_stage: sparsity_modifiers: {modifier}: ...``), loadable by
+            ``llmcompressor.oneshot(recipe=...)`` as a file.
+
+        Raises:
+            ValueError: For another modifier, a bad ``mask_structure``, or an ``n:m`` pattern the schedule does not
+                follow.
+        """
+        if modifier not in RECIPE_MODIFIERS:
+            raise ValueError(f"unknown modifier {modifier!r}; allowed: {', '.join(RECIPE_MODIFIERS)} "
+                             "(MagnitudePruningModifier takes no per-layer sparsity)")  # fmt: skip
+        m = _NM.match(str(mask_structure))
+        if not m or (mask_structure != "0:0" and not 0 < int(m.group(1)) < int(m.group(2))):
+            raise ValueError(f"mask_structure {mask_structure!r} is invalid; allowed: '0:0' (unstructured) or 'n:m' "
+                             "with 0 < n < m, e.g. '2:4'")  # fmt: skip
+        layers = self.per_layer()
+        if mask_structure != "0:0":
+            implied = 1 - int(m.group(1)) / int(m.group(2))
+            if bad := [(i, s) for i, s in enumerate(layers) if abs(s - implied) > 1e-9]:
+                raise ValueError(f"mask_structure {mask_structure!r} prunes {implied:g} of every weight but layer "
+                                 f"{bad[0][0]} of the schedule has sparsity {bad[0][1]:.6g}")  # fmt: skip
+        reg = _arch_registry(self.arch)
+        blocks = re.escape(reg.layers_path)
+        mixer = re.escape(reg.mixer_attr)
+        module_of = lambda t: t.param.rsplit(".", 1)[0]
+        holds: dict[str, list[str]] = {}  # module -> prunable components inside it
+        for comp in prunable_components(reg):
+            for t in prunable_slices(reg, comp):
+                holds.setdefault(module_of(t), [])
+                if comp not in holds[module_of(t)]:
+                    holds[module_of(t)].append(comp)
+        ignore = ["re:.*lm_head"]
+        notes = []
+        for module, comps in holds.items():
+            targeted = [layer for layer in range(self.n_layers) if any((layer, c) in self.sparsity for c in comps)]
+            if not targeted:
+                ignore.append(f"re:.*{mixer}\\.{re.escape(module)}$")
+                continue
+            ignore += [f"re:{blocks}\\.{layer}\\.{mixer}\\.{re.escape(module)}$"
+                       for layer in range(self.n_layers) if layer not in targeted]  # fmt: skip
+            dense: dict[tuple[str, ...], list[int]] = {}
+            for layer in targeted:
+                if missing := tuple(c for c in comps if (layer, c) not in self.sparsity):
+                    dense.setdefault(missing, []).append(layer)
+            notes += [f"# note: {module} of layer(s) {_ranges(ls)} also holds {', '.join(miss)}, dense in the "
+                      "schedule; llm-compressor prunes the whole module at the layer's sparsity"
+                      for miss, ls in dense.items()]  # fmt: skip
+        stage = {"sparsity_stage": {"sparsity_modifiers": {modifier: {
+            "sparsity": [float(s) for s in layers],
+            "mask_structure": mask_structure,
+            "targets": [f"re:{blocks}\\.\\d+$"],
+            "ignore": ignore,
+        }}}}  # fmt: skip
+        header = [
+            f"# llm-compressor recipe from a sensitivity schedule ({self.method}, arch {self.arch}, {self.n_layers} "
+            f"layers, overall {self.overall():.6f}).",
+            "# sparsity: one value per target layer (mixer block), the parameter-weighted mean of the schedule's",
+            "# entries in that layer. llm-compressor prunes whole modules, so per-component sparsities inside a",
+            "# packed in_proj are averaged per layer in this recipe; use sensitivity's pruner for per-component ones.",
+            *notes,
+        ]
+        body = yaml.safe_dump(stage, sort_keys=False, default_flow_style=None, width=120)
+        return "\n".join(header) + "\n" + body
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+
+
+def _check_type(key: str, value, kind: type) -> None:
+    ok = {int: _is_int(value), float: _is_real(value), str: isinstance(value, str), list: isinstance(value, list),
+          dict: isinstance(value, dict)}[kind]  # fmt: skip
+    if not ok:
+        raise ValueError(f"schedule key {key!r} must be {_TYPE_NAMES[kind]}, got {value!r:.80}")
+
+
+def uniform_schedule(
+    model: LoadedModel | nn.Module,
+    sparsity: float,
+    exclude: Iterable[str] | None = DEFAULT_EXCLUDE,
+    components: Iterable[str] | str | None = None,
+) -> Schedule:
+    """The same sparsity for every prunable (layer, component) not excluded.
+
+    Args:
+        model: A ``LoadedModel`` or HF Mamba causal LM.
+        sparsity: Fraction to prune, in [0, 1).
+        exclude: Components kept dense (default ``conv1d``).
+        components: Components to prune (default every prunable one not excluded).
+
+    Returns:
+        A :class:`Schedule` with ``method="uniform"`` and ``budget=sparsity``.
+
+    Example:
+        >>> uniform_schedule(load_model("tiny:mamba"), 0.5).get(1, "out_proj")
+        0.5
+    """
+    if not _is_real(sparsity) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity {sparsity!r} out of range; allowed: 0 <= s < 1")
+    lm = as_loaded(model)
+    names = resolve_components(lm.registry, components, exclude)
+    sizes = entry_sizes(lm, names)
+    return Schedule(arch=lm.arch, n_layers=lm.registry.n_layers, sparsity={k: float(sparsity) for k in sizes},
+                    params=sizes, method="uniform", budget=float(sparsity),
+                    exclude=_names("exclude", exclude))  # fmt: skip

@@ -1,0 +1,716 @@
+"""SSM-structured pruning: remove whole states, heads or head channels from every mixer layer.
+
+Ghattas et al. (2025), "On Pruning State-Space LLMs", carry structured pruning over to Mamba's own units:
+
+* ``state``: state dimension ``n`` of the SSM. Mamba-2: the B and C rows of ``in_proj`` that produce it in every
+  B/C group (one index set shared by the groups, its score summed over them) and their ``conv1d`` channels.
+  Mamba-1 / FalconMamba: the B and C rows of ``x_proj`` and column ``n`` of ``A_log``.
+* ``head`` (Mamba-2): head ``h``: its z, x and dt rows of ``in_proj``, its x channels of ``conv1d``, ``A_log[h]``,
+  ``D[h]``, ``dt_bias[h]``, its gated-norm weights and ``out_proj`` columns. Head ``h`` reads B/C group
+  ``h // (H/G)`` and the gated RMS norm normalises over groups of ``ED/G`` channels, so the same number of heads
+  goes from every group.
+* ``headdim`` (Mamba-2): ``k`` of the ``P`` channels of every head (each head its own index set) in x and z rows,
+  x conv channels, norm weights and ``out_proj`` columns.
+
+Scores (the lowest go): ``taylor``, the second-order Taylor term with the empirical Fisher as Hessian diagonal,
+``W**2 * E[g**2]`` per entry (LLM-Pruner, Ma et al. 2023); ``flap``, FLAP's fluctuation metric on the input
+channels of ``out_proj`` (An et al., 2024, eq. 5); ``magnitude``, ``W**2``; ``random``, seeded.
+
+A pruned model is either shrunk (smaller tensors, rewritten config; ``from_pretrained`` rebuilds it) or masked
+(the units' parameters zeroed, shapes kept, for per-layer sparsities). Masked heads and channels compute what the
+shrunk model computes because the gated norm weights are rescaled (up to the norm's epsilon, see
+:func:`norm_factors`). FalconMamba's weightless RMS norms on B and C average over all N states, so masked states
+there only approximate removed ones.
+
+Shape legend: D model width, ED inner channels, N state size, H heads, P head dim, G B/C groups, K conv kernel,
+U units of one layer (N, H or ED).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import reduce
+from inspect import signature
+
+import torch
+from torch import nn
+from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
+from transformers.models.mamba.modeling_mamba import MambaMixer
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+from ..attribution.api import weight_scores
+from ..attribution.stats import channel_stats
+from ..data import Windows
+from ..models.hooks import hook_name
+from ..models.instrumented import instrument, is_instrumented
+from ..models.loading import LoadedModel, as_loaded
+from ..models.registry import Registry, TensorSlice, build_registry
+
+__all__ = [
+    "DEFAULT_SCORES",
+    "MODES",
+    "SCORES",
+    "UNITS",
+    "StructuredResult",
+    "UnitIndex",
+    "expand_value",
+    "flap_bias",
+    "flap_scores",
+    "norm_factors",
+    "prune_structured",
+    "removal_counts",
+    "select_lowest",
+    "state_scores",
+    "taylor_entries",
+    "unit_index",
+    "unit_totals",
+]
+
+logger = logging.getLogger(__name__)
+
+UNITS = ("state", "head", "headdim")
+SCORES = {
+    "state": ("taylor", "magnitude", "random"),
+    "head": ("flap", "taylor", "magnitude", "random"),
+    "headdim": ("flap", "taylor", "magnitude", "random"),
+}
+DEFAULT_SCORES = {"state": "taylor", "head": "flap", "headdim": "flap"}
+MODES = ("auto", "shrink", "mask")
+_CALIBRATED = ("taylor", "flap")
+# Components whose Fisher a head / head-channel Taylor score needs (every parameter the unit owns).
+_TAYLOR_COMPONENTS = {
+    "head": ("z", "x", "dt", "conv1d", "A_log", "D", "norm", "out_proj"),
+    "headdim": ("z", "x", "conv1d", "norm", "out_proj"),
+}
+_MIXER_CLASSES = (FalconMambaMixer, Mamba2Mixer, MambaMixer)
+_PER_BLOCK = {"state": "states", "head": "heads per B/C group", "headdim": "channels per head"}
+
+UnitIndex = dict[str, tuple[int, torch.Tensor]]
+"""Parameter name (as in the mixer's ``state_dict``) -> (dim, (U, m) indices along dim owned by each unit)."""
+
+
+@dataclass
+class StructuredResult:
+    """What :func:`prune_structured` did.
+
+    Attributes:
+        unit: ``state``, ``head`` or ``headdim``.
+        score: The unit score used.
+        mode: ``"shrink"`` (tensors physically smaller, config rewritten) or ``"mask"`` (units zeroed).
+        removed: Layer -> removed unit indices (states n, heads h, or for headdim flat channels ``h*P + p``).
+        n_units: Units per layer before pruning (N, H or P).
+        params_before: Unique parameters before.
+        params_after: Unique parameters after (fewer only when shrunk; masking keeps them, adding biases adds some).
+        bias_compensation: Whether FLAP's bias compensation was applied.
+        use_bias_added: Whether ``config.use_bias`` was switched on (with zero ``in_proj`` biases) to hold it.
+        config_changes: Config field -> ``[before, after]``.
+        mode_reason: Why this mode was used.
+    """
+
+    unit: str
+    score: str
+    mode: str
+    removed: dict[int, list[int]]
+    n_units: int
+    params_before: int
+    params_after: int
+    bias_compensation: bool
+    use_bias_added: bool = False
+    config_changes: dict[str, list] = field(default_factory=dict)
+    mode_reason: str = ""
+
+    def to_dict(self) -> dict:
+        """JSON-able copy (layer keys as strings), for the pruning manifest."""
+        out = asdict(self)
+        out["removed"] = {str(layer): list(units) for layer, units in self.removed.items()}
+        return out
+
+
+# --- pure functions -------------------------------------------------------------------------------------------
+
+
+def removal_counts(n: int, sparsity: Sequence[float], what: str = "units") -> list[int]:
+    """Units to remove from each block of ``n``: ``int(n * s + 1e-9)`` per layer sparsity ``s``.
+
+    Raises:
+        ValueError: If a sparsity would remove all ``n``.
+
+    Example:
+        >>> removal_counts(16, [0.25, 0.5])
+        [4, 8]
+    """
+    counts = [int(n * s + 1e-9) for s in sparsity]
+    for layer, (s, k) in enumerate(zip(sparsity, counts)):
+        if k >= n:
+            raise ValueError(f"sparsity {s!r} removes all {n} {what} in layer {layer}; at most {n - 1} of {n} "
+                             "can go")  # fmt: skip
+    return counts
+
+
+def select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` lowest scores of each row, ascending (ties go to the earlier position).
+
+    Args:
+        scores: (blocks, n) scores, e.g. (G, H/G) head scores, one row per B/C group.
+        k: Units to remove per row.
+
+    Returns:
+        (blocks, k) int64 indices within each row.
+
+    Example:
+        >>> select_lowest(torch.tensor([[3.0, 1.0, 2.0, 0.5]]), 2)
+        tensor([[1, 3]])
+    """
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]  # (blocks, k)
+    return order.sort(dim=1).values
+
+
+def taylor_entries(weight: torch.Tensor, fisher: torch.Tensor, n_windows: int) -> torch.Tensor:
+    """Second-order Taylor saliency per entry, ``W**2 * E[g**2]`` with ``E[g**2] = fisher / n_windows``.
+
+    Removing ``w`` changes the loss by ``-g w + w**2 H / 2``; at a minimum the first term averages out and the
+    empirical Fisher stands in for the Hessian diagonal (LLM-Pruner's second-order term; the 1/2 is dropped).
+    """
+    return weight.detach().float().square() * fisher.float() / n_windows
+
+
+def state_scores(b: torch.Tensor, c: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-state score from per-entry values of the B and C rows: the mean over each row, summed over B and C and
+    over the B/C groups.
+
+    Args:
+        b: (G*N, cols) per-entry values of the B rows (``in_proj`` rows on Mamba-2, ``x_proj`` rows on Mamba-1).
+        c: (G*N, cols) the same for the C rows.
+        groups: G (1 on Mamba-1).
+
+    Returns:
+        (N,) scores.
+    """
+    per_row = b.float().mean(1) + c.float().mean(1)  # (G*N,)
+    return per_row.view(groups, -1).sum(0)  # (N,)
+
+
+def flap_scores(mean: torch.Tensor, meansq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """FLAP's fluctuation metric of each input channel j of a linear layer: ``Var(X_j) * ||W[:, j]||**2``.
+
+    Args:
+        mean: (C,) mean of the input channel over calibration tokens.
+        meansq: (C,) mean of its square.
+        weight: (D, C) the layer's weight.
+
+    Returns:
+        (C,) scores.
+    """
+    var = (meansq.float() - mean.float().square()).clamp_min(0)  # (C,)
+    return var * weight.detach().float().square().sum(0)  # (C,)
+
+
+def flap_bias(weight: torch.Tensor, mean: torch.Tensor, removed: Sequence[int]) -> torch.Tensor:
+    """FLAP's bias compensation: the mean contribution of the removed input channels, ``W[:, R] @ mean[R]``.
+
+    Args:
+        weight: (D, C) weight of the layer whose input channels are removed.
+        mean: (C,) mean of each input channel over calibration tokens.
+        removed: Removed channel indices R.
+
+    Returns:
+        (D,) float32 vector to add to the layer's bias.
+    """
+    idx = torch.as_tensor(list(removed), dtype=torch.long, device=weight.device)
+    return weight.detach().float()[:, idx] @ mean.float().to(weight.device)[idx]  # (D,)
+
+
+def norm_factors(removed: Sequence[int], channels: int, groups: int) -> torch.Tensor:
+    """Gated-norm weight factors ``sqrt((gs - r_g) / gs)`` that make zeroed channels equal removed ones.
+
+    Mamba-2's gated RMS norm divides each group of ``gs = channels / groups`` channels by
+    ``sqrt(mean(x**2) + eps)``; with ``r_g`` of them zeroed the mean over ``gs`` is ``(gs - r_g) / gs`` times the
+    mean over the kept ones, which these factors undo (exactly up to ``eps``, which acts as ``eps * gs / (gs - r_g)``).
+
+    Returns:
+        (G,) float32 factors.
+    """
+    gs = channels // groups
+    r = torch.bincount(torch.as_tensor(list(removed), dtype=torch.long) // gs, minlength=groups)  # (G,)
+    return ((gs - r).float() / gs).sqrt()
+
+
+def unit_totals(values: Mapping[str, torch.Tensor], index: Mapping[str, tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Sum of per-entry values over each unit's entries.
+
+    Args:
+        values: Parameter name -> per-entry values shaped like the parameter (e.g. ``W**2``).
+        index: :data:`UnitIndex` of the unit; parameters missing from ``values`` are skipped.
+
+    Returns:
+        (U,) float32 totals.
+    """
+    total = None
+    for name, (dim, idx) in index.items():
+        if name not in values:
+            continue
+        v = values[name].float()
+        per_position = v.sum([d for d in range(v.dim()) if d != dim]) if v.dim() > 1 else v  # (size along dim,)
+        part = per_position[idx.to(v.device)].sum(1).cpu()  # (U,)
+        total = part if total is None else total + part
+    return total
+
+
+def expand_value(inner: int, hidden: int) -> int | float:
+    """The Mamba-2 ``expand`` for ``inner`` channels: ``inner // hidden`` when ``hidden`` divides ``inner``, else the
+    smallest float with ``expand * hidden >= inner``, so ``int(expand * hidden_size)`` cannot round down to
+    ``inner - 1``. That product equals ``inner`` exactly (as the config's ``hidden_size * expand ==
+    num_heads * head_dim`` check needs) whenever any float gives it; for a few pairs none does (1009 / 1000)."""
+    if inner % hidden == 0:
+        return inner // hidden
+    value = inner / hidden
+    while value * hidden < inner:
+        value = math.nextafter(value, math.inf)
+    while math.nextafter(value, -math.inf) * hidden >= inner:
+        value = math.nextafter(value, -math.inf)
+    return value
+
+
+def _row_start(reg: Registry, component: str, param: str) -> int:
+    return next(t.rows[0] for t in reg.component(component).tensors if t.param == param)
+
+
+def _params(reg: Registry) -> set[str]:
+    return {t.param for c in reg.components for t in c.tensors}
+
+
+def unit_index(reg: Registry, unit: str) -> UnitIndex:
+    """Which entries of which parameters each unit owns, from the registry's row ranges and dims.
+
+    Mamba-2 conv channels are ``[x | B | C]`` (``ED``, ``G*N``, ``G*N``), as the mixer splits them.
+
+    Returns:
+        Parameter name -> (dim, (U, m) indices): U = N (state), H (head) or ED (headdim, channel ``h*P + p``).
+
+    Example:
+        >>> dim, idx = unit_index(build_registry(tiny_config("mamba2")), "head")["out_proj.weight"]
+        >>> dim, idx.shape
+        (1, torch.Size([8, 16]))
+    """
+    d, params, out = reg.dims, _params(reg), {}
+
+    def put(name: str, dim: int, idx: torch.Tensor) -> None:
+        if name in params:
+            out[name] = (dim, idx)
+
+    if unit == "state":
+        n = torch.arange(d["N"])[:, None]  # (N, 1)
+        if reg.arch != "mamba2":
+            b0, c0 = _row_start(reg, "B", "x_proj.weight"), _row_start(reg, "C", "x_proj.weight")
+            put("x_proj.weight", 0, torch.cat([b0 + n, c0 + n], 1))  # (N, 2)
+            put("A_log", 1, n)  # (N, 1)
+            return out
+        gn = torch.arange(d["G"])[None, :] * d["N"] + n  # (N, G): row g*N + n of a (G, N) block
+        b0, c0 = _row_start(reg, "B", "in_proj.weight"), _row_start(reg, "C", "in_proj.weight")
+        rows = torch.cat([b0 + gn, c0 + gn], 1)  # (N, 2G)
+        conv = torch.cat([d["ED"] + gn, d["ED"] + d["G"] * d["N"] + gn], 1)  # (N, 2G)
+        for name, idx in (("in_proj", rows), ("conv1d", conv)):
+            put(f"{name}.weight", 0, idx)
+            put(f"{name}.bias", 0, idx)
+        return out
+    if reg.arch != "mamba2":
+        raise ValueError(f"{unit} pruning needs a mamba2 model (mixer heads); this model is {reg.arch!r}")
+    z0, x0 = _row_start(reg, "z", "in_proj.weight"), _row_start(reg, "x", "in_proj.weight")
+    if unit == "head":
+        h = torch.arange(d["H"])[:, None]  # (H, 1)
+        ch = h * d["P"] + torch.arange(d["P"])[None, :]  # (H, P)
+        rows = torch.cat([z0 + ch, x0 + ch, _row_start(reg, "dt", "in_proj.weight") + h], 1)  # (H, 2P+1)
+        for name in ("dt_bias", "A_log", "D"):
+            put(name, 0, h)
+    elif unit == "headdim":
+        ch = torch.arange(d["ED"])[:, None]  # (ED, 1)
+        rows = torch.cat([z0 + ch, x0 + ch], 1)  # (ED, 2)
+    else:
+        raise ValueError(f"unknown unit {unit!r}; allowed: {', '.join(UNITS)}")
+    put("in_proj.weight", 0, rows)
+    put("in_proj.bias", 0, rows)
+    put("conv1d.weight", 0, ch)  # the x channels come first in the conv
+    put("conv1d.bias", 0, ch)
+    put("norm.weight", 0, ch)
+    put("out_proj.weight", 1, ch)
+    return out
+
+
+# --- argument checks -----------------------------------------------------------------------------------------
+
+
+def _check_sparsity(sparsity, n_layers: int) -> list[float]:
+    def ok(s) -> bool:
+        return isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and 0 <= s < 1
+
+    if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
+        values = [float(sparsity)] * n_layers
+    elif isinstance(sparsity, Sequence) and not isinstance(sparsity, str):
+        values = list(sparsity)
+        if len(values) != n_layers:
+            raise ValueError(f"sparsity has {len(values)} values but the model has {n_layers} layers; give one "
+                             "float or one per layer")  # fmt: skip
+    else:
+        raise ValueError(f"sparsity {sparsity!r} must be a float in [0, 1) or a list of {n_layers} of them")
+    for s in values:
+        if not ok(s):
+            raise ValueError(f"sparsity {s!r} out of range; allowed: 0 <= s < 1")
+    return [float(s) for s in values]
+
+
+def _check_args(reg: Registry, unit, score, mode, windows, seed, batch_size) -> str:
+    if unit not in UNITS:
+        raise ValueError(f"unknown unit {unit!r}; allowed: {', '.join(UNITS)}")
+    if unit != "state" and reg.arch != "mamba2":
+        raise ValueError(f"{unit} pruning needs a mamba2 model (mixer heads); this model is {reg.arch!r}")
+    score = DEFAULT_SCORES[unit] if score is None else score
+    if score not in SCORES[unit]:
+        raise ValueError(f"unknown score {score!r} for unit {unit!r}; allowed: {', '.join(SCORES[unit])}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    if score in _CALIBRATED and windows is None:
+        raise ValueError(f"score {score!r} needs calibration windows (windows=...); 'magnitude' and 'random' "
+                         "do not")  # fmt: skip
+    if windows is not None and not isinstance(windows, Windows):
+        raise ValueError(f"windows must be sensitivity.data.Windows, got {type(windows).__name__}")
+    for name, value, low in (("seed", seed, None), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+            raise ValueError(f"{name}={value!r} is invalid; it must be an integer{'' if low is None else ' >= 1'}")
+    return score
+
+
+def _blocks(reg: Registry, unit: str) -> tuple[int, int, str]:
+    """(blocks per layer, units per block, what a unit is called): units are chosen within each block."""
+    d = reg.dims
+    if unit == "state":
+        return 1, d["N"], "states"
+    if unit == "head":
+        what = f"heads of a B/C group (heads go group by group: {d['H']} heads in {d['G']} groups)"
+        return d["G"], d["H"] // d["G"], what
+    return d["H"], d["P"], "channels of a head"
+
+
+# --- config ---------------------------------------------------------------------------------------------------
+
+
+def _config_changes(reg: Registry, unit: str, k: int) -> dict:
+    """Config fields of the shrunk model when ``k`` units go from every block."""
+    d = reg.dims
+    if unit == "state":
+        return {"state_size": d["N"] - k}
+    if unit == "head":
+        heads = d["H"] - k * d["G"]
+        return {"num_heads": heads, "expand": expand_value(heads * d["P"], d["D"])}
+    return {"head_dim": d["P"] - k, "expand": expand_value(d["H"] * (d["P"] - k), d["D"])}
+
+
+def _shrink_problem(config, changes: dict) -> str | None:
+    """Why a config with ``changes`` would not rebuild the shrunk model through ``from_pretrained`` (None if it
+    would)."""
+    try:
+        build_registry(type(config).from_dict({**config.to_dict(), **changes}))
+    except Exception as e:  # strict HF configs raise huggingface_hub errors that are not ValueErrors
+        reason = str(e).strip().splitlines()[-1].strip()
+        hint = ""
+        if isinstance(changes.get("expand"), float):
+            hint = (f"; num_heads*head_dim = {int(changes['expand'] * config.hidden_size)} is not a multiple of "
+                    f"hidden_size {config.hidden_size}, so expand is not an integer")  # fmt: skip
+        return f"the shrunk config {changes} is rejected ({reason}){hint}"
+    return None
+
+
+def _shrinkable(reg: Registry, config, unit: str, n: int) -> list[str]:
+    """Sparsities (per block ``k / n``) whose uniform removal shrinks."""
+    ok = [k for k in range(1, n) if _shrink_problem(config, _config_changes(reg, unit, k)) is None]
+    return [f"{k / n:g}" for k in ok]
+
+
+# --- scores ---------------------------------------------------------------------------------------------------
+
+
+def _param(mixer: nn.Module, name: str) -> torch.Tensor:
+    return reduce(getattr, name.split("."), mixer)
+
+
+def _slice(t: TensorSlice, full: torch.Tensor) -> torch.Tensor:
+    """The view of ``t``'s rows and columns in a tensor shaped like its whole parameter."""
+    if t.rows is not None:
+        full = full[t.rows[0] : t.rows[1]]
+    return full if t.cols is None else full[:, t.cols[0] : t.cols[1]]
+
+
+def _weight_slice(reg: Registry, component: str) -> TensorSlice:
+    return next(t for t in reg.component(component).tensors if t.param.endswith("weight"))
+
+
+def _full_fisher(reg: Registry, fisher: Mapping, layer: int, mixer: nn.Module) -> dict[str, torch.Tensor]:
+    """Slice-shaped Fisher scores of ``layer`` written back into tensors shaped like whole parameters."""
+    out: dict[str, torch.Tensor] = {}
+    for (lay, comp, desc), f in fisher.items():
+        if lay != layer:
+            continue
+        t = next(t for t in reg.component(comp).tensors if t.describe() == desc)
+        full = out.setdefault(t.param, torch.zeros(_param(mixer, t.param).shape, dtype=torch.float32))
+        _slice(t, full).copy_(f)
+    return out
+
+
+def _scores(lm: LoadedModel, unit: str, score: str, windows, seed: int, batch_size: int, show_progress: bool):
+    """Per-layer unit scores shaped (blocks, units per block), and per-layer out_proj input means (flap only)."""
+    reg, module = lm.registry, lm.model
+    blocks, n, _ = _blocks(reg, unit)
+    kw = dict(batch_size=batch_size, show_progress=show_progress)
+    if score == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.rand(blocks, n, generator=gen) for _ in range(reg.n_layers)], None
+    if score == "flap":
+        names = [hook_name(layer, "out_proj_in") for layer in range(reg.n_layers)]
+        stats = channel_stats(lm, windows, names, **kw)
+        scores, means = [], []
+        for layer, name in enumerate(names):
+            s = stats[name]
+            mean, meansq = s.sum / s.count, s.sumsq / s.count  # (ED,)
+            channel = flap_scores(mean, meansq, reg.mixer(module, layer).out_proj.weight).cpu()  # (ED,)
+            per_head = channel.view(reg.dims["H"], reg.dims["P"])  # (H, P)
+            scores.append(per_head.sum(1).view(blocks, n) if unit == "head" else per_head)  # (G, H/G) or (H, P)
+            means.append(mean)
+        return scores, means
+    taylor = score == "taylor"
+    components = ("B", "C") if unit == "state" else _TAYLOR_COMPONENTS[unit]
+    fisher = weight_scores(lm, windows, "fisher", components=components, **kw) if taylor else {}
+    index = unit_index(reg, unit)
+    scores = []
+    for layer in range(reg.n_layers):
+        mixer = reg.mixer(module, layer)
+        if unit == "state":
+            parts = []
+            for comp in ("B", "C"):
+                t = _weight_slice(reg, comp)
+                w = t.get(mixer).detach()  # (G*N, D) or (N, ED)
+                parts.append(taylor_entries(w, fisher[(layer, comp, t.describe())], len(windows)) if taylor
+                             else w.float().square())  # fmt: skip
+            scores.append(state_scores(*parts, reg.dims.get("G", 1)).cpu().view(1, n))
+            continue
+        full = _full_fisher(reg, fisher, layer, mixer) if taylor else {}
+        values = {}
+        for name in index:
+            w = _param(mixer, name).detach()
+            values[name] = taylor_entries(w, full[name].to(w.device), len(windows)) if taylor else w.float().square()
+        scores.append(unit_totals(values, index).view(blocks, n))  # (blocks, n)
+    return scores, None
+
+
+# --- applying -------------------------------------------------------------------------------------------------
+
+
+def _channels(unit: str, removed: list[int], P: int) -> list[int]:
+    """out_proj input channels of removed heads / head channels."""
+    return [h * P + p for h in removed for p in range(P)] if unit == "head" else list(removed)
+
+
+def _add_zero_biases(lm: LoadedModel) -> None:
+    """Switch on ``config.use_bias``: zero ``in_proj`` and ``out_proj`` biases in every mixer (Mamba-2's flag
+    creates both, so a checkpoint holding an ``out_proj`` bias must hold ``in_proj`` ones too)."""
+    for layer in range(lm.registry.n_layers):
+        mixer = lm.registry.mixer(lm.model, layer)
+        for lin in (mixer.in_proj, mixer.out_proj):
+            if lin.bias is None:
+                w = lin.weight
+                lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                        requires_grad=w.requires_grad)  # fmt: skip
+        mixer.use_bias = True
+    lm.model.config.use_bias = True
+    lm.registry = build_registry(lm.model.config)
+
+
+def _mask(lm: LoadedModel, unit: str, index: UnitIndex, removed: dict[int, list[int]]) -> None:
+    reg = lm.registry
+    for layer, units in removed.items():
+        if not units:
+            continue
+        mixer = reg.mixer(lm.model, layer)
+        rm = torch.as_tensor(units, dtype=torch.long)
+        for name, (dim, idx) in index.items():
+            p = _param(mixer, name)
+            p.index_fill_(dim, idx[rm].flatten().to(p.device), 0)
+        if unit != "state":
+            d = reg.dims
+            factors = norm_factors(_channels(unit, units, d["P"]), d["ED"], d["G"])  # (G,)
+            w = mixer.norm.weight
+            w.mul_(factors.repeat_interleave(d["ED"] // d["G"]).to(w.device, w.dtype))
+
+
+def _shrink(lm: LoadedModel, index: UnitIndex, removed: dict[int, list[int]], changes: dict) -> None:
+    """Rebuild every mixer with the shrunk config from its kept parameter entries."""
+    reg, module, config = lm.registry, lm.model, lm.model.config
+    instrumented = is_instrumented(module)
+    scan = getattr(reg.mixer(module, 0), "_sensitivity_scan", "auto")
+    for key, value in changes.items():
+        setattr(config, key, value)
+    for layer, units in removed.items():
+        old = reg.mixer(module, layer)
+        rm = torch.as_tensor(units, dtype=torch.long)
+        state = {}
+        for name, tensor in old.state_dict().items():
+            if name in index:
+                dim, idx = index[name]
+                keep = torch.ones(tensor.shape[dim], dtype=torch.bool)
+                keep[idx[rm].flatten()] = False
+                tensor = tensor.index_select(dim, keep.nonzero().flatten().to(tensor.device))
+            state[name] = tensor
+        base = next(c for c in type(old).__mro__ if c in _MIXER_CLASSES)  # the HF class under an instrumented one
+        # FalconMambaMixer (transformers 5.24) fails when asked to initialise its weights itself; they are
+        # overwritten anyway, and the nn.Linear init runs under a forked RNG so the caller's stream is untouched.
+        skip = {"initialize_mixer_weights": False} if "initialize_mixer_weights" in signature(base).parameters else {}
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            new = base(config, layer_idx=layer, **skip)
+        new.load_state_dict(state, strict=True, assign=True)
+        old_params, old_buffers = dict(old.named_parameters()), dict(old.named_buffers())
+        for name, p in new.named_parameters():
+            p.requires_grad_(old_params[name].requires_grad)
+        for name, buf in list(new.named_buffers()):  # FalconMamba's dummy norm weights: device and dtype as before
+            ref = old_buffers.get(name, buf)
+            owner, _, attr = name.rpartition(".")
+            dtype = ref.dtype if buf.is_floating_point() else buf.dtype
+            new.get_submodule(owner)._buffers[attr] = buf.to(device=ref.device, dtype=dtype)
+        new.train(old.training)
+        setattr(reg.blocks(module)[layer], reg.mixer_attr, new)
+    if instrumented:
+        instrument(module, scan=scan)
+
+
+def prune_structured(
+    model: LoadedModel | nn.Module,
+    unit: str,
+    sparsity: float | Sequence[float],
+    *,
+    windows: Windows | None = None,
+    score: str | None = None,
+    seed: int = 0,
+    mode: str = "auto",
+    bias_compensation: bool = True,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> StructuredResult:
+    """Remove SSM states, heads or head channels from every mixer layer, in place (Ghattas et al., 2025).
+
+    Per layer, ``k = int(units * s + 1e-9)`` units with the lowest scores go: states out of N; heads out of the
+    ``H/G`` of each B/C group (``k`` per group, ``G*k`` per layer); head channels out of the P of each head (``k``
+    per head). With the same count in every layer the model is shrunk: tensors are sliced, ``config`` (shared by
+    the model) gets the new ``state_size`` / ``num_heads`` / ``head_dim`` and ``expand``, every mixer is rebuilt as
+    its HF class and re-instrumented, and ``save_pretrained`` / ``from_pretrained`` round-trips. Otherwise units are
+    masked: their parameters are zeroed (conv weight and bias included, so their outputs are exactly zero) and the
+    gated-norm weights rescaled (:func:`norm_factors`). FLAP's bias compensation adds ``W[:, R] @ mean(X_R)`` to
+    ``out_proj.bias``; a Mamba-2 without biases gets ``config.use_bias = True`` and zero ``in_proj`` biases, since
+    that flag creates both.
+
+    Args:
+        model: A ``LoadedModel`` or HF Mamba / Mamba2 / FalconMamba causal LM (instrumented for ``taylor`` and
+            ``flap``). Modified in place; forward hooks on its mixers are dropped when shrinking.
+        unit: ``"state"``, ``"head"`` or ``"headdim"`` (the last two on Mamba-2 only).
+        sparsity: Fraction of units to remove, in [0, 1): one float for every layer or one per layer.
+        windows: Calibration windows (n, L); needed by ``taylor`` and ``flap``.
+        score: One of ``SCORES[unit]``; default ``DEFAULT_SCORES[unit]`` (``taylor`` for states, ``flap`` else).
+            ``taylor``: ``sum W**2 E[g**2]`` over the unit's entries (states: mean over each B and C row);
+            ``magnitude``: the same with ``W**2``; ``flap``: ``Var(X_j) ||W_out[:, j]||**2`` summed over the unit's
+            out_proj input channels; ``random``: uniform, from ``torch.Generator().manual_seed(seed)``.
+        seed: Seed of the random scores.
+        mode: ``"auto"`` (shrink when every layer removes the same count and the config can express it, else
+            mask), ``"shrink"`` or ``"mask"``. transformers 5's ``Mamba2Config.expand`` is an int, so heads and
+            head channels shrink only when the new ``num_heads * head_dim`` is a multiple of ``hidden_size``.
+        bias_compensation: FLAP's bias compensation (with ``score="flap"`` only).
+        batch_size: Windows per forward for FLAP's statistics.
+        show_progress: Show tqdm bars.
+
+    Returns:
+        A :class:`StructuredResult`.
+
+    Raises:
+        ValueError: Unknown unit, score or mode; head units on a non-Mamba-2 model; a sparsity outside [0, 1), of
+            the wrong length, or removing every unit of a layer / group / head; missing windows for ``taylor`` or
+            ``flap``; ``mode="shrink"`` with differing per-layer counts or a shape the config cannot hold.
+
+    Example:
+        >>> lm = load_model("tiny:mamba2")
+        >>> result = prune_structured(lm, "state", 0.25, windows=windows)
+        >>> result.mode, lm.model.config.state_size
+        ('shrink', 12)
+    """
+    lm = as_loaded(model)
+    reg = lm.registry
+    score = _check_args(reg, unit, score, mode, windows, seed, batch_size)
+    if score in _CALIBRATED:
+        as_loaded(lm, instrumented=True)  # ValueError naming the fix
+    per_layer = _check_sparsity(sparsity, reg.n_layers)
+    blocks, n, what = _blocks(reg, unit)
+    counts = removal_counts(n, per_layer, what)  # per block
+    params_before = lm.n_params
+    n_units = {"state": reg.dims["N"], "head": reg.dims.get("H"), "headdim": reg.dims.get("P")}[unit]
+    uniform = len(set(counts)) == 1
+
+    changes = None
+    if mode == "mask":
+        reason = "mode='mask' was asked for"
+    elif not uniform:
+        if mode == "shrink":
+            raise ValueError(f"mode='shrink' needs the same number of units removed in every layer, got per-layer "
+                             f"counts {counts}; use mode='mask' or 'auto'")  # fmt: skip
+        mode, reason = "mask", f"per-layer counts {counts} differ, so the layers cannot share one config"
+    elif counts[0] == 0:
+        mode, reason = "shrink", "nothing to remove"
+    else:
+        changes = _config_changes(reg, unit, counts[0])
+        problem = _shrink_problem(lm.model.config, changes)
+        if problem is None:
+            mode, reason = "shrink", f"{counts[0]} {_PER_BLOCK[unit]} removed in every layer"
+        elif mode == "shrink":
+            allowed = _shrinkable(reg, lm.model.config, unit, n)
+            raise ValueError(f"cannot shrink: {problem}; sparsities that shrink this model: "
+                             f"{', '.join(allowed) or 'none'}; use mode='mask' for others")  # fmt: skip
+        else:
+            mode, reason, changes = "mask", problem, None
+    logger.info("%s pruning by %s: mode %s (%s)", unit, score, mode, reason)
+
+    bias = score == "flap" and bias_compensation
+    removed = {layer: [] for layer in range(reg.n_layers)}
+    if not any(counts):
+        return StructuredResult(unit, score, mode, removed, n_units, params_before, params_before, False,
+                                mode_reason=reason)  # fmt: skip
+    if mode == "mask" and unit == "state" and reg.arch == "falcon_mamba":
+        logger.warning("masked states on FalconMamba only approximate removed ones: its weightless B/C RMS norms "
+                       "still average over all %d states", reg.dims["N"])  # fmt: skip
+
+    scores, means = _scores(lm, unit, score, windows, seed, batch_size, show_progress)
+    for layer, (sc, k) in enumerate(zip(scores, counts)):
+        idx = select_lowest(sc, k) + n * torch.arange(blocks)[:, None]  # (blocks, k) unit indices in the layer
+        removed[layer] = idx.flatten().tolist()
+
+    use_bias_added = False
+    before = {key: getattr(lm.model.config, key) for key in (changes or {})}
+    with torch.no_grad():
+        if bias:
+            P = reg.dims["P"]
+            comps = [flap_bias(reg.mixer(lm.model, layer).out_proj.weight, means[layer], _channels(unit, units, P))
+                     if units else None for layer, units in removed.items()]  # fmt: skip
+            if reg.mixer(lm.model, 0).out_proj.bias is None:
+                _add_zero_biases(lm)
+                use_bias_added = True
+            for layer, comp in enumerate(comps):
+                if comp is not None:
+                    b = reg.mixer(lm.model, layer).out_proj.bias
+                    b.add_(comp.to(b.device, b.dtype))
+        index = unit_index(lm.registry, unit)
+        if mode == "mask":
+            _mask(lm, unit, index, removed)
+        else:
+            _shrink(lm, index, removed, changes)
+    lm.registry = build_registry(lm.model.config)
+    config_changes = {key: [value, getattr(lm.model.config, key)] for key, value in before.items()}
+    if use_bias_added:
+        config_changes["use_bias"] = [False, True]
+    return StructuredResult(unit, score, mode, removed, n_units, params_before, lm.n_params, bias, use_bias_added,
+                            config_changes, reason)  # fmt: skip
