@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_probes.py
 	$(BIN)/python benchmarks/bench_prune.py
 
-grid: $(STAMP)  # the pruning grid on both shipped models (about 25 min on 2 cores; resumes)
+grid: $(STAMP)  # the pruning grid on both shipped models (about 30 min on 2 cores; resumes)
 	$(MALLOC) $(BIN)/python benchmarks/grid.py
 
 lint: $(STAMP)

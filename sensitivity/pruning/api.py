@@ -155,6 +155,12 @@ def prune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if method in UNSTRUCTURED:
+            for name, value, default in (("score", score, None), ("mode", mode, "auto")):
+                if value != default:
+                    raise ValueError(f"{name} {value!r} applies to the structured methods ({', '.join(UNITS)}), "
+                                     f"not {method!r}")  # fmt: skip
+            if sequential and method != "wanda":
+                raise ValueError("sequential calibration applies to wanda only; magnitude needs no calibration")
             if isinstance(sparsity, (list, tuple)):
                 raise ValueError(f"{method} takes one sparsity; give per-layer or per-component values as a schedule")
             applied = prune_unstructured(lm, method, sparsity=sparsity, schedule=schedule, structure=structure,
@@ -168,8 +174,9 @@ def prune(
                     raise ValueError("give either sparsity or schedule, not both")
                 schedule.validate(lm.registry)
                 sparsity = schedule.per_layer()
-            if structure is not None:
-                raise ValueError(f"structure {structure!r} applies to magnitude and wanda only, not {method!r}")
+            if structure is not None or sequential:
+                what = f"structure {structure!r}" if structure is not None else "sequential calibration"
+                raise ValueError(f"{what} applies to magnitude and wanda only, not {method!r}")
             if sparsity is None:
                 raise ValueError(f"{method} pruning needs a sparsity (fraction of units per layer) or a schedule")
             applied = schedule

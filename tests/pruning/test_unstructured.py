@@ -1,7 +1,7 @@
 import pytest
 import torch
-from sensitivity.allocation import Schedule, entry_sizes, prunable_slices
 
+from sensitivity.allocation import Schedule, entry_sizes, prunable_slices
 from sensitivity.data import Windows
 from sensitivity.models import load_model
 from sensitivity.pruning import prune, prune_unstructured, sparsity_report
@@ -132,4 +132,15 @@ def test_errors():
         prune_unstructured(lm, "magnitude", schedule=bad, structure="2:4")
     with pytest.raises(ValueError, match="unknown pruning method 'prune'"):
         prune(lm, "prune", sparsity=0.5)
+    api_cases = [
+        (dict(method="wanda", sparsity=0.5, windows=windows, score="flap"), "score 'flap' applies to the structured"),
+        (dict(method="magnitude", sparsity=0.5, mode="mask"), "mode 'mask' applies to the structured methods"),
+        (dict(method="magnitude", sparsity=0.5, sequential=True), "sequential calibration applies to wanda only"),
+        (dict(method="head", sparsity=0.5, windows=windows, structure="2:4"), "structure '2:4' applies to magnitude"),
+        (dict(method="state", sparsity=0.5, sequential=True), "sequential calibration applies to magnitude and wanda"),
+        (dict(method="wanda", sparsity=[0.5, 0.5], windows=windows), "wanda takes one sparsity"),
+    ]
+    for kwargs, message in api_cases:
+        with pytest.raises(ValueError, match=message):
+            prune(lm, **kwargs)
     assert all((p != 0).all() for n, p in lm.model.named_parameters() if n.endswith("in_proj.weight"))
