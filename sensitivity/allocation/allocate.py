@@ -12,7 +12,6 @@ Shape legend: E entries (layer, component), L layers.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 import math
 import numbers
@@ -346,7 +345,7 @@ def greedy_allocate(curves: Sequence[Sequence[tuple[float, float]]], sizes, budg
 
 def _windows_record(windows: Windows) -> dict:
     return {"description": windows.describe(), "n": len(windows), "seqlen": windows.seqlen,
-            "sha256": hashlib.sha256(windows.ids.numpy().tobytes()).hexdigest()[:16]}  # fmt: skip
+            "sha256": windows.sha256()[:16]}  # fmt: skip
 
 
 def _need_windows(method: str, windows) -> Windows:

@@ -383,8 +383,9 @@ def _cmd_schedule(args) -> int:
     if args.method == "sensitivity" and args.source == "probes" and args.probes is None:
         raise ValueError("--method sensitivity --source probes needs --probes (a probes.csv or its directory)")
     probes = _read_table(args.probes, "probes.csv")[1] if args.probes else None
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise FileNotFoundError(f"--out {args.out}: its directory does not exist")
+    for flag, path in (("out", args.out), ("recipe", args.recipe)):
+        if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            raise FileNotFoundError(f"--{flag} {path}: must be a file in an existing directory")
     corpus, lm = _load_for_run(args)
     needs_windows = args.method == "owl" or (args.method == "sensitivity" and args.source == "fisher")
     windows = calibration_windows(corpus, lm.tokenizer, args.calib_windows, args.seqlen, seed=args.seed) \

@@ -63,6 +63,10 @@ class Windows:
         """Number of windows ``n``."""
         return self.ids.shape[0]
 
+    def sha256(self) -> str:
+        """Hex SHA-256 of the token ids (identifies the windows in manifests)."""
+        return hashlib.sha256(self.ids.numpy().tobytes()).hexdigest()
+
     def describe(self) -> str:
         """One-line human description of the windows."""
         n = len(self)

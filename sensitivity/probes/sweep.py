@@ -13,7 +13,6 @@ Shape legend: B batch (windows), L sequence length, D model width, V vocabulary.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -274,10 +273,6 @@ def _to_csv(df: pd.DataFrame) -> str:
     return buf.getvalue()
 
 
-def _fingerprint(windows: Windows) -> str:
-    return hashlib.sha256(windows.ids.numpy().tobytes()).hexdigest()[:16]
-
-
 def probe(
     model,
     data: Corpus | str | None = None,
@@ -335,7 +330,7 @@ def probe(
         raise ValueError("kind 'resample' needs at least 2 held-out windows")
     data_name = getattr(corpus, "name", None) or windows.source
     identity = {"model": lm.name, "data": data_name, "config": config.to_dict(),
-                "windows_sha256": _fingerprint(windows), "calibration_sha256": _fingerprint(calibration)}  # fmt: skip
+                "windows_sha256": windows.sha256()[:16], "calibration_sha256": calibration.sha256()[:16]}  # fmt: skip
 
     done: dict[tuple, list[dict]] = {}
     out_dir = Path(out) if out is not None else None

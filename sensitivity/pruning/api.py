@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -60,9 +59,8 @@ def _param_counts(module: nn.Module) -> dict[str, int]:
 def _windows_record(windows: Windows | None) -> dict | None:
     if windows is None:
         return None
-    sha = hashlib.sha256(windows.ids.numpy().tobytes()).hexdigest()
     return {"description": windows.describe(), "n": len(windows), "seqlen": windows.seqlen, "split": windows.split,
-            "source": windows.source, "seed": windows.seed, "sha256": sha}  # fmt: skip
+            "source": windows.source, "seed": windows.seed, "sha256": windows.sha256()}  # fmt: skip
 
 
 @dataclass

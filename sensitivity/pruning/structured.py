@@ -474,7 +474,8 @@ def _scores(lm: LoadedModel, unit: str, score: str, windows, seed: int, batch_si
         for layer, name in enumerate(names):
             s = stats[name]
             mean, meansq = s.sum / s.count, s.sumsq / s.count  # (ED,)
-            channel = flap_scores(mean, meansq, reg.mixer(module, layer).out_proj.weight).cpu()  # (ED,)
+            out_w = _weight_slice(reg, "out_proj").get(reg.mixer(module, layer))  # (D, ED)
+            channel = flap_scores(mean, meansq, out_w).cpu()  # (ED,)
             per_head = channel.view(reg.dims["H"], reg.dims["P"])  # (H, P)
             scores.append(per_head.sum(1).view(blocks, n) if unit == "head" else per_head)  # (G, H/G) or (H, P)
             means.append(mean)
@@ -540,7 +541,7 @@ def _mask(lm: LoadedModel, unit: str, index: UnitIndex, removed: dict[int, list[
         if unit != "state":
             d = reg.dims
             factors = norm_factors(_channels(unit, units, d["P"]), d["ED"], d["G"])  # (G,)
-            w = mixer.norm.weight
+            w = _weight_slice(reg, "norm").get(mixer)  # (ED,)
             w.mul_(factors.repeat_interleave(d["ED"] // d["G"]).to(w.device, w.dtype))
 
 
@@ -694,7 +695,8 @@ def prune_structured(
     with torch.no_grad():
         if bias:
             P = reg.dims["P"]
-            comps = [flap_bias(reg.mixer(lm.model, layer).out_proj.weight, means[layer], _channels(unit, units, P))
+            out_w = _weight_slice(reg, "out_proj")
+            comps = [flap_bias(out_w.get(reg.mixer(lm.model, layer)), means[layer], _channels(unit, units, P))
                      if units else None for layer, units in removed.items()]  # fmt: skip
             if reg.mixer(lm.model, 0).out_proj.bias is None:
                 _add_zero_biases(lm)

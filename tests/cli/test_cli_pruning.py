@@ -120,3 +120,30 @@ def test_exclude_none_prunes_conv1d_too(tmp_path, capsys):
         conv = load_model(out).registry.mixer(load_model(out).model, 0).conv1d.weight
         assert bool((conv == 0).any()) is conv_zeros
     assert "targets     0.5000 zeros" in capsys.readouterr().out
+
+
+def test_schedule_from_a_probe_run_equals_the_python_api(tmp_path, capsys):
+    from sensitivity.allocation import allocate
+    from sensitivity.cli.main import main
+    from sensitivity.probes import probe
+
+    probe(load_model("tiny:mamba2"), load_corpus("sample"), kinds=["wanda"], sparsities=[0.25, 0.5, 0.75],
+          components=["z", "x", "B", "C", "dt", "out_proj"], windows=2, calibration_windows=2, seqlen=32,
+          out=tmp_path / "p", show_progress=False)  # fmt: skip
+    out = tmp_path / "s.yaml"
+    assert main(["schedule", *SMALL, "--method", "sensitivity", "--budget", "0.5", "--probes", str(tmp_path / "p"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    got = Schedule.from_yaml(out)
+    expected = allocate(load_model("tiny:mamba2"), "sensitivity", 0.5, probes=tmp_path / "p", show_progress=False)
+    assert got.sparsity == expected.sparsity and got.overall() == pytest.approx(0.5, abs=1e-12)
+    assert "sensitivity schedule for tiny:mamba2" in capsys.readouterr().out
+
+
+def test_schedule_bad_recipe_path_writes_nothing(tmp_path, capsys):
+    from sensitivity.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["schedule", *SMALL, "--method", "uniform", "--budget", "0.5", "--out", str(tmp_path / "s.yaml"),
+              "--recipe", str(tmp_path / "missing" / "r.yaml")])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--recipe" in capsys.readouterr().err and not (tmp_path / "s.yaml").exists()
