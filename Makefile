@@ -24,29 +24,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-report: $(STAMP)
+report: $(STAMP)  # the whole pipeline on the embedded default model (about 10 min on 2 cores; resumes)
 	$(BIN)/sensitivity zoo list
-	$(BIN)/sensitivity components
-	$(MALLOC) $(BIN)/sensitivity evaluate
-	$(MALLOC) $(BIN)/sensitivity probe --out $(REPORT)/probes
-	$(MALLOC) $(BIN)/sensitivity attribute --out $(REPORT)/attribution
-	$(BIN)/sensitivity agreement --probes $(REPORT)/probes --attribution $(REPORT)/attribution
-	$(BIN)/sensitivity schedule --method sensitivity --budget 0.5 --probes $(REPORT)/probes \
-		--out $(REPORT)/schedule.yaml --recipe $(REPORT)/recipe.yaml
-	$(MALLOC) $(BIN)/sensitivity prune --method wanda --schedule $(REPORT)/schedule.yaml --out $(REPORT)/wanda-sensitivity50 --overwrite
-	$(MALLOC) $(BIN)/sensitivity evaluate --model $(REPORT)/wanda-sensitivity50
+	$(MALLOC) $(BIN)/sensitivity report --out $(REPORT)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scan.py
 	$(BIN)/python benchmarks/bench_zoo.py
 	$(BIN)/python benchmarks/bench_probes.py
 	$(BIN)/python benchmarks/bench_prune.py
+	$(BIN)/python benchmarks/bench_explain.py
 
 grid: $(STAMP)  # the pruning grid on both shipped models (about 30 min on 2 cores; resumes)
 	$(MALLOC) $(BIN)/python benchmarks/grid.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check sensitivity tests benchmarks
+	$(BIN)/ruff check sensitivity tests benchmarks notebooks
 
 corpus: $(STAMP)  # maintainer: rebuild the built-in corpus from Debian packages (needs apt-get and dpkg-deb)
 	$(BIN)/python -m sensitivity.data.build_corpus

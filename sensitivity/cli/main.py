@@ -1,5 +1,5 @@
 """``sensitivity`` command line: ``components``, ``evaluate``, ``probe``, ``attribute``, ``agreement``, ``schedule``,
-``prune``, ``zoo list``.
+``prune``, ``explain``, ``report``, ``zoo list``.
 
 Bad arguments exit with status 2 and one line on stderr naming the value and what is allowed; nothing is written.
 """
@@ -198,6 +198,48 @@ def _build_parser() -> _Parser:
     p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
+
+    p = sub.add_parser("explain", help="why a pruned model degrades: drift, restoration patching, SSM dynamics")
+    p.add_argument("--dense", default=DEFAULT_MODEL, help=f"the dense model (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype (default float32)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pruned", default=None, help="a pruned checkpoint directory (from `sensitivity prune`)")
+    which.add_argument("--method", default=None, choices=["magnitude", "wanda", "state", "head", "headdim"],
+                       help="prune a copy of --dense with this method (structured methods in mask mode)")
+    p.add_argument("--sparsity", type=float, default=None, help="sparsity for --method")
+    data_args(p)
+    p.add_argument("--windows", type=_int_at_least(1), default=8, help="windows to explain on (default 8)")
+    p.add_argument("--split", default=None, help="split of those windows (default validation, else held-out)")
+    p.add_argument("--seqlen", type=_int_at_least(2), default=256, help="tokens per window (default 256)")
+    p.add_argument("--calib-windows", type=_int_at_least(1), default=32,
+                   help="train windows for --method wanda and structured scores (default 32)")
+    p.add_argument("--top-layers", type=_int_at_least(1), default=None,
+                   help="patch single components only in the K layers whose whole-mixer restoration recovers most "
+                   "(default: every layer)")
+    p.add_argument("--components", type=_csv_list(), default=None, help="components to patch (default: all)")
+    p.add_argument("--drift-threshold", type=float, default=0.1, help="relative error of a diverged layer (0.1)")
+    p.add_argument("--healthy", type=float, default=1.2, help="perplexity ratio up to which healthy (1.2)")
+    p.add_argument("--collapsed", type=float, default=2.0, help="perplexity ratio from which collapsed (2.0)")
+    p.add_argument("--label", default=None, help="name of the pruned model in tables (default: the method)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window draws and subsamples (default 0)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--out", required=True, help="directory for explanation.json/.md and the CSV tables")
+
+    p = sub.add_parser("report", help="the whole pipeline on one model: report.html, report.md, figures, CSV")
+    model_args(p)
+    data_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of every window draw (default 0)")
+    p.add_argument("--grid", default="reduced", choices=["reduced", "full"],
+                   help="reduced: magnitude, WANDA, WANDA + sensitivity schedule, 2:4, structured; full: adds OWL "
+                   "and depth schedules (default reduced)")
+    p.add_argument("--budget", type=float, default=0.5, help="global sparsity of schedule.yaml (default 0.5)")
+    p.add_argument("--explain-sparsity", type=float, default=0.5, help="sparsity each method is explained at (0.5)")
+    p.add_argument("--probe-windows", type=_int_at_least(1), default=8, help="validation windows for probes (8)")
+    p.add_argument("--eval-windows", default="48",
+                   help="test windows of 512 tokens for perplexity, or 'all' for the whole split (default 48)")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out holding another report")
+    p.add_argument("--out", required=True, help="report directory (rerunning into it resumes)")
 
     p = sub.add_parser("zoo", help="the trained models shipped with the package")
     zoo = p.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
@@ -459,6 +501,84 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    from pathlib import Path
+
+    from ..data import calibration_windows, load_corpus
+    from ..explain import explain, explain_method, verdict
+    from ..explain.explainer import _check_out
+    from ..models import load_model
+    from ..pruning.save import MANIFEST
+
+    if args.method is not None:
+        if args.sparsity is None:
+            raise ValueError(f"--method {args.method} needs --sparsity")
+        _fraction("sparsity", args.sparsity)
+    elif args.sparsity is not None:
+        raise ValueError("--sparsity goes with --method; a --pruned checkpoint already has its sparsity")
+    elif not os.path.isdir(args.pruned):
+        raise FileNotFoundError(f"--pruned {args.pruned} is not a directory")
+    if not (isinstance(args.drift_threshold, float) and args.drift_threshold > 0):
+        raise ValueError(f"--drift-threshold {args.drift_threshold} must be > 0")
+    verdict(1.0, healthy=args.healthy, collapsed=args.collapsed)
+    out = Path(args.out).expanduser().resolve()
+    _check_out(out, args.overwrite)  # before anything loads
+    corpus = load_corpus(args.data, text_field=args.text_field)
+    dense = load_model(args.dense, dtype=args.dtype)
+    if dense.tokenizer is None:
+        raise ValueError(f"model {args.dense!r} has no tokenizer; save one next to its config")
+    split = args.split or ("validation" if "validation" in corpus.splits else corpus.heldout_split)
+    windows = calibration_windows(corpus, dense.tokenizer, args.windows, args.seqlen, seed=args.seed, split=split)
+    options = dict(top_layers=args.top_layers, components=args.components, drift_threshold=args.drift_threshold,
+                   healthy=args.healthy, collapsed=args.collapsed, batch_size=args.batch_size, seed=args.seed,
+                   show_progress=_show_progress())  # fmt: skip
+    if args.method is not None:
+        calib = calibration_windows(corpus, dense.tokenizer, args.calib_windows, args.seqlen, seed=args.seed)
+        e = explain_method(dense, args.method, args.sparsity, windows, calibration=calib, label=args.label,
+                           **options)  # fmt: skip
+    else:
+        pruned = load_model(args.pruned, dtype=args.dtype)
+        record = Path(args.pruned) / MANIFEST
+        info = json.loads(record.read_text()) if record.is_file() else {}
+        label = args.label or info.get("method") or Path(args.pruned).name
+        sparsity = info.get("options", {}).get("sparsity")
+        e = explain(dense, pruned, windows, label=label, sparsity=sparsity if isinstance(sparsity, float) else None,
+                    **options)  # fmt: skip
+    e.save(out, overwrite=args.overwrite)
+    print(e.text)
+    if not e.patching.empty:
+        top = e.patching.head(5)[["layer", "component", "recovered"]]
+        print("restorations that recover most (share of the loss gap):")
+        print(top.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"perplexity: {e.definition}")
+    tables = "explanation.md, drift.csv, patching.csv, dynamics.csv, samples.csv, states.csv"
+    print(f"wrote {os.path.join(args.out, 'explanation.json')}, {tables}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from ..report import ReportConfig, build_report
+
+    if args.eval_windows == "all":
+        eval_windows = None
+    elif args.eval_windows.isdigit() and int(args.eval_windows) >= 1:
+        eval_windows = int(args.eval_windows)
+    else:
+        raise ValueError(f"--eval-windows {args.eval_windows!r} must be an integer >= 1 or 'all'")
+    config = ReportConfig(model=args.model, data=args.data, seed=args.seed, grid=args.grid, budget=args.budget,
+                          explain_sparsity=args.explain_sparsity, probe_windows=args.probe_windows,
+                          eval_windows=eval_windows)  # validates before anything loads; fmt: skip
+    paths = build_report(args.out, config, overwrite=args.overwrite, show_progress=_show_progress())
+    import pandas as pd
+
+    verdicts = pd.read_csv(paths["data"] / "verdicts.csv")
+    table = verdicts[["label", "sparsity", "ppl_ratio", "verdict", "first_layer", "top_layer", "top_component"]]
+    print(f"report of {args.model} -> {paths['html']}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"also: {paths['markdown'].name}, figures/, data/*.csv, schedule.yaml, recipe.yaml, manifest.json")
+    return 0
+
+
 def _cmd_zoo(args) -> int:
     from ..zoo import ZOO_MODELS, list_models
 
@@ -512,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; ours show only on a terminal
     commands = {"components": _cmd_components, "evaluate": _cmd_evaluate, "probe": _cmd_probe,
                 "attribute": _cmd_attribute, "agreement": _cmd_agreement, "schedule": _cmd_schedule,
-                "prune": _cmd_prune, "zoo": _cmd_zoo}  # fmt: skip
+                "prune": _cmd_prune, "explain": _cmd_explain, "report": _cmd_report, "zoo": _cmd_zoo}  # fmt: skip
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:

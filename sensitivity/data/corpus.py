@@ -67,6 +67,11 @@ class Corpus:
         """Copy ``splits`` so later edits of the caller's dict cannot leak in."""
         object.__setattr__(self, "splits", {k: tuple(v) for k, v in self.splits.items()})
 
+    def __repr__(self) -> str:
+        """Name, source and documents per split (not the text: the built-in corpus is 17 MB)."""
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
+        return f"Corpus(name={self.name!r}, source={self.source!r}, documents: {sizes})"
+
     def documents(self, split: str) -> tuple[str, ...]:
         """Return the documents of ``split``.
 

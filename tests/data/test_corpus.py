@@ -301,3 +301,9 @@ def test_hf_missing_text_field(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_datasets(monkeypatch, lambda name, config: {"train": {"content": ["a"]}})
     with pytest.raises(ValueError, match=r"dataset d split 'train' has no field 'text'"):
         load_corpus("d")
+
+
+def test_repr_names_the_splits_without_the_text():
+    corpus = load_corpus("sample")
+    text = repr(corpus)
+    assert text.startswith("Corpus(name='sample'") and "train=1, test=1" in text and len(text) < 300

@@ -1,0 +1,618 @@
+"""Why a pruned state-space LM degrades: drift, restoration patching, SSM dynamics and a verdict.
+
+Given a dense model and a pruned copy (same architecture and depth) on the same windows, :func:`explain` measures
+
+* **drift**: per layer, the relative error ``||h_p - h_d|| / ||h_d||`` and the mean token cosine of the residual
+  stream after that layer, and the first layer whose relative error exceeds a threshold;
+* **restoration patching**: for every (layer, component) that owns weights, put that component's tensors back to
+  their dense values inside the pruned model and measure the share of the loss gap that comes back,
+  ``recovered = (nll_pruned - nll_patched) / (nll_pruned - nll_dense)``; the top entries name where the damage sits;
+* **SSM dynamics** per layer, dense vs pruned: Δ after softplus, the per-step decay ``exp(Δ·A)`` and the implied
+  memory length ``-1/log(decay)`` (tokens), state norms over time (rebuilt by the scan recurrence), the share of
+  closed gates (``σ(z) < 0.05``), and the outlier shares of x, z and y (``|a| > 5·mean|a|``), all over the units
+  the pruned model keeps live (so a shift is how kept heads changed, not which heads were kept), plus the share of
+  live units;
+* a **verdict** from the perplexity ratio (healthy ≤ 1.2 < degraded < 2.0 ≤ collapsed by default) and a short
+  explanation that names the layer, component and dynamics shift behind it, with the numbers.
+
+Shape legend: B batch, L sequence length, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .._manifest import versions
+from ..data import Windows
+from ..models.hooks import capture, hook_name
+from ..models.loading import LoadedModel, as_loaded
+from .dynamics import (
+    decay,
+    gate_closed_share,
+    memory_length,
+    outlier_share,
+    ssm_states,
+    summary_stats,
+)
+
+__all__ = ["Explanation", "VERDICTS", "explain", "explain_method", "verdict"]
+
+logger = logging.getLogger(__name__)
+
+VERDICTS = ("healthy", "degraded", "collapsed")
+HEALTHY, COLLAPSED, DRIFT = 1.2, 2.0, 0.1
+MIN_GAP = 1e-3  # nats/token: below this loss gap, recovered shares are noise and left undefined (NaN)
+MIXER = "mixer"  # patching row that restores every component of a layer at once
+_POINTS = ("u", "dt", "A", "B", "C", "x", "z", "y")
+_FILES = ("drift", "patching", "dynamics", "samples", "states")
+_NAMES = {"delta": "Δ", "decay": "decay exp(ΔA)", "memory": "memory length", "state_norm": "state norm",
+          "gate_closed": "closed-gate share", "outlier_x": "x outlier share", "outlier_z": "z outlier share",
+          "outlier_y": "y outlier share", "live_units": "live units"}  # fmt: skip
+
+
+def verdict(ppl_ratio: float, *, healthy: float = HEALTHY, collapsed: float = COLLAPSED) -> str:
+    """``healthy`` when ``ppl_ratio <= healthy``, ``collapsed`` when ``>= collapsed``, else ``degraded``.
+
+    Raises:
+        ValueError: If the thresholds are not ``1 <= healthy < collapsed`` or the ratio is not a positive number.
+    """
+    if not (1.0 <= healthy < collapsed):
+        raise ValueError(f"thresholds healthy={healthy!r}, collapsed={collapsed!r}; need 1 <= healthy < collapsed")
+    if not (isinstance(ppl_ratio, (int, float)) and ppl_ratio > 0):
+        raise ValueError(f"ppl_ratio {ppl_ratio!r} must be a positive number")
+    if math.isnan(ppl_ratio) or ppl_ratio >= collapsed:
+        return "collapsed"
+    return "healthy" if ppl_ratio <= healthy else "degraded"
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain` found for one pruned model.
+
+    Attributes:
+        label: Name of the pruned model (e.g. ``"wanda"``).
+        sparsity: Its sparsity, when known.
+        verdict: ``healthy``, ``degraded`` or ``collapsed``.
+        nll_dense: Mean next-token NLL of the dense model on the windows (nats/token).
+        nll_pruned: The same for the pruned model.
+        definition: What the perplexities are (token-level, windows, split).
+        first_layer: First layer whose drift exceeds ``drift_threshold`` (None if none does).
+        drift_threshold: The relative-error threshold.
+        drift: ``layer, rel_error, cosine``.
+        patching: ``layer, component, nll, recovered`` sorted by ``recovered`` (empty when not possible);
+            component ``mixer`` restores the whole layer at once.
+        dynamics: ``layer, quantity, stat, dense, pruned``.
+        samples: ``layer, quantity, model, value``: subsampled per-token Δ and decay values.
+        states: ``layer, position, dense, pruned``: mean state norm at each position.
+        text: The generated explanation.
+        meta: Windows, thresholds, seed, versions, and why patching was skipped (``patching_note``).
+    """
+
+    label: str
+    sparsity: float | None
+    verdict: str
+    nll_dense: float
+    nll_pruned: float
+    definition: str
+    first_layer: int | None
+    drift_threshold: float
+    drift: pd.DataFrame
+    patching: pd.DataFrame
+    dynamics: pd.DataFrame
+    samples: pd.DataFrame
+    states: pd.DataFrame
+    text: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def ppl_dense(self) -> float:
+        return math.exp(self.nll_dense)
+
+    @property
+    def ppl_pruned(self) -> float:
+        return math.exp(self.nll_pruned)
+
+    @property
+    def ppl_ratio(self) -> float:
+        return math.exp(self.nll_pruned - self.nll_dense)
+
+    @property
+    def top(self) -> tuple[int, str, float] | None:
+        """``(layer, component, recovered)`` of the single-component restoration that recovers most (only if it
+        recovers something), or None."""
+        single = self.patching[(self.patching.component != MIXER) & (self.patching.recovered > 0).to_numpy()]
+        if single.empty:
+            return None
+        row = single.loc[single.recovered.idxmax()]
+        return int(row.layer), str(row.component), float(row.recovered)
+
+    def summary(self) -> dict:
+        """One flat row: label, sparsity, perplexities, verdict, first diverging layer, top restoration, text."""
+        top = self.top
+        return {"label": self.label, "sparsity": self.sparsity, "ppl_dense": self.ppl_dense,
+                "ppl_pruned": self.ppl_pruned, "ppl_ratio": self.ppl_ratio, "verdict": self.verdict,
+                "first_layer": self.first_layer, "top_layer": top[0] if top else None,
+                "top_component": top[1] if top else None, "recovered": top[2] if top else None,
+                "explanation": self.text}  # fmt: skip
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """The tidy tables with ``label`` and ``sparsity`` columns in front."""
+        return {name: getattr(self, name).assign(label=self.label, sparsity=self.sparsity)[
+            ["label", "sparsity", *getattr(self, name).columns]] for name in _FILES}  # fmt: skip
+
+    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``explanation.json``, ``explanation.md`` and the tables as CSV into ``out`` (atomically: a
+        temporary sibling directory renamed into place).
+
+        Raises:
+            ValueError: If ``out`` is a non-empty directory and ``overwrite`` is False.
+        """
+        out = Path(out).expanduser().resolve()
+        _check_out(out, overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            for name in _FILES:
+                getattr(self, name).to_csv(tmp / f"{name}.csv", index=False, float_format="%.8g")
+            record = {**self.summary(), "nll_dense": self.nll_dense, "nll_pruned": self.nll_pruned,
+                      "definition": self.definition, "drift_threshold": self.drift_threshold, "meta": self.meta}
+            (tmp / "explanation.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+            (tmp / "explanation.md").write_text(f"# {self.label}\n\n{self.text}\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Explanation:
+        """Read an explanation written by :meth:`save`."""
+        path = Path(path)
+        if not (path / "explanation.json").is_file():
+            raise FileNotFoundError(f"{path} holds no explanation.json")
+        rec = json.loads((path / "explanation.json").read_text())
+        tables = {name: pd.read_csv(path / f"{name}.csv") for name in _FILES}
+        return cls(label=rec["label"], sparsity=rec["sparsity"], verdict=rec["verdict"], nll_dense=rec["nll_dense"],
+                   nll_pruned=rec["nll_pruned"], definition=rec["definition"], first_layer=rec["first_layer"],
+                   drift_threshold=rec["drift_threshold"], text=rec["explanation"], meta=rec["meta"],
+                   **tables)  # fmt: skip
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+class _Runner:
+    """Block-by-block forwards of one model, keeping the residual stream entering every layer."""
+
+    def __init__(self, lm: LoadedModel, windows: Windows, batch_size: int) -> None:
+        self.lm, self.model, self.registry = lm, lm.model, lm.registry
+        self.blocks = self.registry.blocks(self.model)
+        device = lm.device
+        self.ids = windows.ids.to(device)  # (n, L)
+        self.batches = [slice(i, i + batch_size) for i in range(0, len(windows), batch_size)]
+
+    @torch.no_grad()
+    def stream(self) -> list[torch.Tensor]:
+        """The residual stream entering each layer, and the last hidden state: ``n_layers + 1`` of (n, L, D)."""
+        resid = [[] for _ in range(len(self.blocks) + 1)]
+        for b in self.batches:
+            hidden = self.model.get_input_embeddings()(self.ids[b])  # (B, L, D)
+            for layer, block in enumerate(self.blocks):
+                resid[layer].append(hidden)
+                hidden = block(hidden, cache=None, attention_mask=None)  # (B, L, D)
+            resid[-1].append(hidden)
+        return [torch.cat(r) for r in resid]
+
+    @torch.no_grad()
+    def nll(self, hidden: torch.Tensor, start: int) -> float:
+        """Mean next-token NLL from the residual stream entering layer ``start`` (``n_layers``: the last state)."""
+        total, count = 0.0, 0
+        head = self.model.get_output_embeddings()
+        for b in self.batches:
+            h = hidden[b]  # (B, L, D)
+            for block in self.blocks[start:]:
+                h = block(h, cache=None, attention_mask=None)
+            for i in range(h.shape[0]):  # one window at a time keeps the (L, V) log-probs small
+                logits = head(self.registry.final_norm(self.model)(h[i : i + 1]).to(head.weight.dtype)).float()
+                logp = F.log_softmax(logits[0, :-1], dim=-1)  # (L-1, V)
+                total -= logp.gather(-1, self.ids[b][i, 1:, None]).sum().item()
+                count += h.shape[1] - 1
+        return total / count
+
+    @torch.no_grad()
+    def points(self, hidden: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+        """The activations at the dynamics hook points of ``layer``, from its input stream. name -> (n, ...)."""
+        names = {p: hook_name(layer, p) for p in _POINTS}
+        with capture(self.lm, names.values()) as acts:
+            for b in self.batches:
+                self.blocks[layer](hidden[b], cache=None, attention_mask=None)
+        out = {p: torch.cat(acts[n]) for p, n in names.items() if p != "A"}
+        out["A"] = acts[names["A"]][0]
+        return out
+
+
+def _drift(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> pd.DataFrame:
+    rows = []
+    for layer in range(len(dense) - 1):
+        d, p = dense[layer + 1].float(), pruned[layer + 1].float()  # (n, L, D)
+        rel = (torch.linalg.vector_norm(p - d) / torch.linalg.vector_norm(d).clamp_min(1e-12)).item()
+        cos = F.cosine_similarity(p, d, dim=-1).mean().item()
+        rows.append((layer, rel, cos))
+    return pd.DataFrame(rows, columns=["layer", "rel_error", "cosine"])
+
+
+def _live(acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Live units and live channels: units (Mamba-2 heads (H,), Mamba-1 channels (ED,)) and inner channels (ED,)
+    whose scan input is non-zero on some token. Structured pruners in mask mode zero exactly those inputs."""
+    A, u = acts["A"], acts["u"]
+    channels = u.abs().amax(dim=(0, 1)) > 0  # (ED,)
+    if A.dim() == 1:
+        return channels.reshape(A.shape[0], -1).any(dim=1), channels  # (H,), (ED,)
+    return channels, channels
+
+
+def _dynamics(acts: dict[str, torch.Tensor], live: tuple[torch.Tensor, torch.Tensor], seed: int):
+    """Per-quantity statistics over the ``live`` units and channels, per-token Δ/decay values to sample from, and
+    the mean state norm per position. ``live_units`` is the share of units this model itself keeps live."""
+    A, u, dt = acts["A"], acts["u"], acts["dt"]
+    units, channels = live
+    dec = decay(dt, A)[:, :, units]  # (B, L, H') or (B, L, ED', N)
+    norms, _ = ssm_states(u, dt, A, acts["B"])  # (B, L, H) or (B, L)
+    if A.dim() == 1:
+        norms = norms[..., units]  # (B, L, H')
+    stats = {
+        "delta": summary_stats(dt[:, :, units], seed=seed),
+        "decay": summary_stats(dec, seed=seed),
+        "memory": summary_stats(memory_length(dec), seed=seed),
+        "state_norm": summary_stats(norms, seed=seed),
+        "gate_closed": {"share": gate_closed_share(acts["z"][..., channels])},
+        **{f"outlier_{p}": {"share": outlier_share(acts[p][..., channels])} for p in ("x", "z", "y")},
+        "live_units": {"share": _live(acts)[0].float().mean().item()},
+    }
+    per_position = norms.reshape(norms.shape[0], norms.shape[1], -1).mean(dim=(0, 2))  # (L,)
+    return stats, {"delta": dt[:, :, units], "decay": dec}, per_position
+
+
+def _sample(values: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    flat = values.reshape(-1).float()
+    if flat.numel() <= k:
+        return flat
+    return flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:k]]
+
+
+def _restore_plan(dense_lm: LoadedModel, pruned_lm: LoadedModel, layer: int, component: str):
+    """``[(pruned tensor, dense tensor or None)]`` for one component, or a string saying why it cannot be restored.
+
+    A tensor only the pruned model has (e.g. a bias added by FLAP's bias compensation) is restored to zero, which is
+    what the dense model computes without it.
+    """
+    reg_d, reg_p = dense_lm.registry, pruned_lm.registry
+    mix_d, mix_p = reg_d.mixer(dense_lm.model, layer), reg_p.mixer(pruned_lm.model, layer)
+    src = {t.describe(): t.get(mix_d) for t in reg_d.component(component).tensors}
+    dst = {t.describe(): t.get(mix_p) for t in reg_p.component(component).tensors}
+    if missing := [k for k in src if k not in dst]:
+        return f"{missing[0]} of layer {layer} has no counterpart in the pruned model (structurally shrunk)"
+    for key, tensor in dst.items():
+        if key in src and src[key].shape != tensor.shape:
+            return (f"{key} of layer {layer} has shape {tuple(tensor.shape)} in the pruned model and "
+                    f"{tuple(src[key].shape)} in the dense one (structurally shrunk)")  # fmt: skip
+    return [(tensor, src.get(key)) for key, tensor in dst.items()]
+
+
+def _unchanged(plan) -> bool:
+    return all(torch.equal(d, s) if s is not None else not d.any() for d, s in plan)
+
+
+@contextmanager
+def _restored(plan):
+    """Copy the dense values of a restore plan into the pruned model for the ``with`` block."""
+    saved = [d.detach().clone() for d, _ in plan]
+    try:
+        with torch.no_grad():
+            for d, s in plan:
+                d.copy_(s) if s is not None else d.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for (d, _), old in zip(plan, saved):
+                d.copy_(old)
+
+
+def _patch_plans(dense_lm: LoadedModel, pruned_lm: LoadedModel, components) -> tuple[list, str | None]:
+    """Restore plans for every (layer, weight-owning component), or ``([], why)`` when shapes differ."""
+    reg = dense_lm.registry
+    names = [c.name for c in reg.components if c.tensors]
+    if components is not None:
+        if bad := [c for c in components if c not in reg.component_names]:
+            raise ValueError(f"unknown component {bad[0]!r}; allowed: {', '.join(reg.component_names)}")
+        if weightless := [c for c in components if c not in names]:
+            raise ValueError(f"component {weightless[0]!r} owns no weights to restore; allowed: {', '.join(names)}")
+        names = [c for c in names if c in components]
+    plans = []
+    for layer in range(reg.n_layers):
+        for c in names:
+            plan = _restore_plan(dense_lm, pruned_lm, layer, c)
+            if isinstance(plan, str):
+                return [], (f"restoration patching skipped: {plan}; explain a masked model instead (structured "
+                             "pruning with mode='mask')")  # fmt: skip
+            plans.append((layer, c, plan))
+        if len(names) > 1:  # the whole mixer at once: what no single component explains
+            plans.append((layer, MIXER, [pair for lyr, _, plan in plans if lyr == layer for pair in plan]))
+    return plans, None
+
+
+def _patched_nll(run: _Runner, stream: list[torch.Tensor], layer: int, plan, nll_unpatched: float) -> float:
+    """Loss of the pruned model with ``plan`` restored (no forward when it restores nothing)."""
+    if _unchanged(plan):
+        return nll_unpatched
+    with _restored(plan):
+        return run.nll(stream[layer], layer)
+
+
+def _ratio_text(q: str, d: float, p: float) -> str:
+    fmt = (lambda v: f"{v:.1%}") if q in ("gate_closed",) or q.startswith("outlier") else (lambda v: f"{v:.3g}")
+    ratio = f" (×{p / d:.2f})" if d > 0 and math.isfinite(p / d) else ""
+    return f"{_NAMES[q]} {fmt(d)} → {fmt(p)}{ratio}"
+
+
+def _shifts(dynamics: pd.DataFrame, layer: int, k: int = 2) -> list[str]:
+    """The ``k`` largest dense-to-pruned shifts of ``layer``'s dynamics (median or share), as text."""
+    df = dynamics[(dynamics.layer == layer) & dynamics.stat.isin(["median", "share"]).to_numpy()]
+    df = df[~df.quantity.isin(["decay", "live_units"]).to_numpy()]  # memory length says the same in tokens
+    eps = df.stat.map({"share": 5e-3}).fillna(1e-3)  # shares under half a percent are not a shift worth naming
+    score = (df.pruned.abs() + eps).apply(math.log) - (df.dense.abs() + eps).apply(math.log)
+    df = df.assign(score=score.abs()).sort_values("score", ascending=False, kind="stable")
+    return [_ratio_text(r.quantity, r.dense, r.pruned) for r in df.head(k).itertuples() if r.score > 0.05]
+
+
+def _text(e: Explanation, n_top: int = 3) -> str:
+    where = f"{e.label}" + (f" at {e.sparsity:.0%} sparsity" if e.sparsity is not None else "")
+    parts = [f"{where}: {e.verdict}. Perplexity {e.ppl_pruned:.2f} vs {e.ppl_dense:.2f} dense (×{e.ppl_ratio:.3f}; "
+             f"{e.meta.get('windows', '')})."]  # fmt: skip
+    last = e.drift.iloc[-1]
+    if e.first_layer is None:
+        parts.append(f"No layer's hidden-state drift exceeds {e.drift_threshold:g} (relative error after the last "
+                     f"layer {last.rel_error:.3f}, cosine {last.cosine:.3f}).")  # fmt: skip
+    else:
+        first = e.drift[e.drift.layer == e.first_layer].iloc[0]
+        parts.append(f"Hidden states first drift past {e.drift_threshold:g} at layer {e.first_layer} (relative error "
+                     f"{first.rel_error:.3f}, cosine {first.cosine:.3f}); after the last layer the error is "
+                     f"{last.rel_error:.3f} (cosine {last.cosine:.3f}).")  # fmt: skip
+    top = e.top
+    if top is None:
+        gap = e.nll_pruned - e.nll_dense
+        mixers = e.patching[(e.patching.component == MIXER) & (e.patching.recovered > 0).to_numpy()]
+        if e.meta.get("patching_note"):
+            parts.append(e.meta["patching_note"])
+        elif abs(gap) <= MIN_GAP:
+            parts.append(f"The loss gap ({gap:+.4f} nats/token) is too small to attribute (under {MIN_GAP:g}).")
+        elif len(mixers):
+            best = mixers.iloc[0]
+            parts.append(f"No single component's restoration recovers any of the loss gap; restoring the whole mixer "
+                         f"of layer {best.layer} recovers {best.recovered:.0%}.")  # fmt: skip
+        else:
+            parts.append("No single restoration recovers any of the loss gap: the damage is spread over layers.")
+        shift_layer = e.first_layer
+    else:
+        best = e.patching[(e.patching.component != MIXER) & (e.patching.recovered > 0).to_numpy()].head(n_top)
+        named = [f"{r.component} of layer {r.layer} ({r.recovered:.0%})" for r in best.itertuples()]
+        parts.append(f"Restoring {named[0].replace(' (', ' alone recovers ', 1).rstrip(')')} of the loss gap"
+                     + (f"; next: {', '.join(named[1:])}." if len(named) > 1 else "."))
+        whole = e.patching[(e.patching.component == MIXER) & (e.patching.layer == top[0])]
+        if len(whole):
+            parts.append(f"Restoring the whole mixer of layer {top[0]} recovers {whole.recovered.iloc[0]:.0%}.")
+        shift_layer = top[0]
+    if shift_layer is not None and (shifts := _shifts(e.dynamics, shift_layer)):
+        parts.append(f"Dynamics of layer {shift_layer}, dense → pruned (median): {'; '.join(shifts)}.")
+    return " ".join(parts)
+
+
+def explain(
+    dense: LoadedModel,
+    pruned: LoadedModel,
+    windows: Windows,
+    *,
+    label: str = "pruned",
+    sparsity: float | None = None,
+    patch: bool = True,
+    top_layers: int | None = None,
+    components=None,
+    drift_threshold: float = DRIFT,
+    healthy: float = HEALTHY,
+    collapsed: float = COLLAPSED,
+    batch_size: int = 8,
+    n_samples: int = 2000,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> Explanation:
+    """Explain how a pruned model departs from its dense original, on the same windows.
+
+    Args:
+        dense: The dense model (``LoadedModel`` or instrumented HF model).
+        pruned: The pruned model of the same architecture and depth. Restoration patching needs equal tensor
+            shapes (unstructured pruning, or structured pruning with ``mode="mask"``); otherwise it is skipped and
+            ``meta["patching_note"]`` says why.
+        windows: Token windows both models run on (e.g. 8 validation windows of 256 tokens).
+        label: Name of the pruned model in tables and text.
+        sparsity: Its sparsity, for tables and text.
+        patch: Run restoration patching (one partial forward per (layer, component) that differs from dense).
+        top_layers: Coarse to fine: restore each whole mixer first, then single components only in the
+            ``top_layers`` layers whose mixer restoration recovers most (None: every layer's components).
+        components: Components to patch (default: every component that owns weights).
+        drift_threshold: Relative error that marks a layer as diverged.
+        healthy: Perplexity ratio up to which the verdict is ``healthy``.
+        collapsed: Perplexity ratio from which the verdict is ``collapsed``.
+        batch_size: Windows per forward.
+        n_samples: Per-token Δ and decay values kept per (layer, model) for distribution plots.
+        seed: Seed of every subsample; recorded.
+        show_progress: Show a tqdm bar over the patching runs.
+
+    Returns:
+        An :class:`Explanation`; ``str(e.text)`` is the generated explanation.
+
+    Raises:
+        ValueError: If the models differ in architecture or depth, or an argument is out of range.
+
+    Example:
+        >>> dense = load_model(); pruned = load_model()
+        >>> prune(pruned, "magnitude", sparsity=0.5)
+        >>> e = explain(dense, pruned, calibration_windows(load_corpus(), dense.tokenizer, 8, 256,
+        ...             split="validation"), label="magnitude", sparsity=0.5)
+        >>> e.verdict, e.first_layer, e.top
+    """
+    dense_lm, pruned_lm = as_loaded(dense, instrumented=True), as_loaded(pruned, instrumented=True)
+    rd, rp = dense_lm.registry, pruned_lm.registry
+    if (rd.arch, rd.n_layers) != (rp.arch, rp.n_layers):
+        raise ValueError(f"dense is {rd.arch} with {rd.n_layers} layers but pruned is {rp.arch} with "
+                         f"{rp.n_layers}; explain compares a model with a pruned copy of itself")  # fmt: skip
+    if not (isinstance(drift_threshold, (int, float)) and drift_threshold > 0):
+        raise ValueError(f"drift_threshold {drift_threshold!r} must be a positive number")
+    verdict(1.0, healthy=healthy, collapsed=collapsed)  # validates the thresholds
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r} must be an integer >= 1")
+    if top_layers is not None and (not isinstance(top_layers, int) or top_layers < 1):
+        raise ValueError(f"top_layers {top_layers!r} must be an integer >= 1 or None")
+    if len(windows) < 1 or windows.seqlen < 2:
+        raise ValueError("windows must hold at least one window of at least 2 tokens")
+
+    d_run, p_run = _Runner(dense_lm, windows, batch_size), _Runner(pruned_lm, windows, batch_size)
+    d_stream, p_stream = d_run.stream(), p_run.stream()
+    n_layers = rd.n_layers
+    nll_d, nll_p = d_run.nll(d_stream[-1], n_layers), p_run.nll(p_stream[-1], n_layers)
+    drift = _drift(d_stream, p_stream)
+    over = drift[drift.rel_error > drift_threshold]
+    first_layer = int(over.layer.iloc[0]) if len(over) else None
+
+    dyn_rows, sample_rows, state_rows = [], [], []
+    for layer in range(n_layers):
+        per_model = {}
+        acts = {"pruned": p_run.points(p_stream[layer], layer), "dense": d_run.points(d_stream[layer], layer)}
+        live = _live(acts["pruned"])  # compare the units the pruned model keeps, in both models
+        same_units = live[1].shape == _live(acts["dense"])[1].shape
+        for model in ("dense", "pruned"):
+            mask = live if same_units else _live(acts[model])  # shrunk: each model's own units
+            stats, values, positions = _dynamics(acts[model], mask, seed)
+            per_model[model] = (stats, positions)
+            for q, v in values.items():
+                sample_rows += [(layer, q, model, x) for x in _sample(v, n_samples, seed + layer).tolist()]
+        for q, stats in per_model["dense"][0].items():
+            dyn_rows += [(layer, q, s, v, per_model["pruned"][0][q][s]) for s, v in stats.items()]
+        pos_d, pos_p = per_model["dense"][1], per_model["pruned"][1]
+        state_rows += [(layer, t, pos_d[t].item(), pos_p[t].item()) for t in range(len(pos_d))]
+    dynamics = pd.DataFrame(dyn_rows, columns=["layer", "quantity", "stat", "dense", "pruned"])
+    samples = pd.DataFrame(sample_rows, columns=["layer", "quantity", "model", "value"])
+    states = pd.DataFrame(state_rows, columns=["layer", "position", "dense", "pruned"])
+
+    meta = {"windows": windows.describe(), "windows_sha256": windows.sha256(), "seed": seed,
+            "thresholds": {"healthy": healthy, "collapsed": collapsed, "drift": drift_threshold},
+            "dense": dense_lm.name, "pruned": pruned_lm.name, "versions": versions()}  # fmt: skip
+    patch_rows = []
+    gap = nll_p - nll_d
+    if patch:
+        plans, note = _patch_plans(dense_lm, pruned_lm, components)
+        if note:
+            meta["patching_note"] = note
+            logger.warning("%s", note)
+        if top_layers is not None:
+            mixers = [(layer, comp, plan) for layer, comp, plan in plans if comp == MIXER]
+            scored = [(_patched_nll(p_run, p_stream, layer, plan, nll_p), layer) for layer, _, plan in mixers]
+            keep = {layer for _, layer in sorted(scored)[:top_layers]}
+            done = {layer: nll for nll, layer in scored}
+            plans = [(lyr, c, pl) for lyr, c, pl in plans if c == MIXER or lyr in keep]
+        else:
+            done = {}
+        changed = [(layer, comp) for layer, comp, plan in plans if not _unchanged(plan)]
+        meta["patched"] = (f"{len(changed)} of {len(plans)} (layer, component) restorations differ from dense and "
+                           f"were run" + (f" (components of the top {top_layers} layers only)" if done else ""))
+        bar = tqdm(total=len(changed), desc=f"patching {label}", disable=not show_progress, leave=False)
+        for layer, comp, plan in plans:
+            if comp == MIXER and layer in done:
+                nll = done[layer]
+            else:
+                nll = _patched_nll(p_run, p_stream, layer, plan, nll_p)
+            bar.update(int((layer, comp) in changed))
+            recovered = (nll_p - nll) / gap if abs(gap) > MIN_GAP else float("nan")
+            patch_rows.append((layer, comp, nll, recovered))
+        bar.close()
+    else:
+        meta["patching_note"] = "restoration patching not run (patch=False)"
+    patching = pd.DataFrame(patch_rows, columns=["layer", "component", "nll", "recovered"])
+    patching = patching.sort_values("recovered", ascending=False, kind="stable", na_position="last")
+    patching = patching.reset_index(drop=True)
+    e = Explanation(label=label, sparsity=sparsity, verdict=verdict(math.exp(gap), healthy=healthy,
+                    collapsed=collapsed), nll_dense=nll_d, nll_pruned=nll_p, definition=_definition(windows),
+                    first_layer=first_layer, drift_threshold=drift_threshold, drift=drift, patching=patching,
+                    dynamics=dynamics, samples=samples, states=states, meta=meta)  # fmt: skip
+    e.text = _text(e)
+    logger.info("%s", e.text)
+    return e
+
+
+def _definition(windows: Windows) -> str:
+    return (f"token-level perplexity exp(mean next-token NLL) over {windows.describe()}; every token after the "
+            "first of each window is scored with the window's preceding tokens as context")  # fmt: skip
+
+
+def explain_method(
+    model: LoadedModel,
+    method: str,
+    sparsity: float,
+    windows: Windows,
+    *,
+    calibration: Windows | None = None,
+    label: str | None = None,
+    prune_options: dict | None = None,
+    **options,
+) -> Explanation:
+    """Prune a copy of ``model`` with ``method`` at ``sparsity`` and explain it against ``model``.
+
+    Structured methods run with ``mode="mask"`` (unless ``prune_options`` says otherwise) so tensor shapes stay
+    equal and restoration patching applies; masked units compute exactly what removed ones would.
+
+    Args:
+        model: The dense ``LoadedModel`` (left unchanged).
+        method: A pruning method of :data:`sensitivity.pruning.METHODS`.
+        sparsity: Its sparsity.
+        windows: Windows to explain on.
+        calibration: Calibration windows for WANDA and the structured scores.
+        label: Name in tables (default: ``method``).
+        prune_options: Extra keyword arguments of :func:`sensitivity.prune`.
+        **options: Keyword arguments of :func:`explain`.
+    """
+    from ..pruning import prune
+    from ..pruning.api import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    dense = as_loaded(model, instrumented=True)
+    pruned = LoadedModel(model=copy.deepcopy(dense.model), tokenizer=dense.tokenizer, registry=dense.registry,
+                         name=f"{dense.name} [{method} {sparsity:g}]")  # fmt: skip
+    kwargs = dict(prune_options or {})
+    if method in ("state", "head", "headdim"):
+        kwargs.setdefault("mode", "mask")
+    needs = method == "wanda" or (method in ("state", "head", "headdim") and kwargs.get("score") not in
+                                  ("magnitude", "random"))  # fmt: skip
+    if needs and calibration is None:
+        raise ValueError(f"method {method!r} needs calibration windows (calibration=...)")
+    prune(pruned, method, sparsity=sparsity, windows=calibration if needs else None,
+          show_progress=options.get("show_progress", True), **kwargs)  # fmt: skip
+    return explain(dense, pruned, windows, label=label or method, sparsity=sparsity, **options)

@@ -1,0 +1,712 @@
+"""Report rendering: the pipeline's tables and metadata as a list of :class:`Section` objects, written as GitHub
+markdown (``report.md``, figures referenced under ``figures/``) and as one self-contained HTML file
+(``report.html``: inline style, figures embedded as base64 PNGs, no scripts, no external links or fonts).
+
+Sections, in order (each omitted when its tables are absent, except Summary and Reproducibility): Summary,
+Components, Sensitivity, Attribution agreement, Schedule, Pruning grid, Why methods collapse, SSM dynamics,
+Reproducibility. A :class:`Section` of ``level`` 3 is a subsection of the level-2 section before it.
+
+Example:
+    >>> paths = write_report(Path("reports/default"), tables, meta)
+    >>> paths["html"], paths["markdown"], paths["drift"]
+    (PosixPath('reports/default/report.html'), PosixPath('reports/default/report.md'),
+     PosixPath('reports/default/figures/drift.png'))
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .._manifest import atomic_write_text
+from .figures import (
+    DEFAULT_THRESHOLDS,
+    component_probes,
+    default_ablation_kind,
+    make_figures,
+    worst_patching_target,
+)
+
+__all__ = ["SECTION_TITLES", "Section", "render_html", "render_markdown", "sections", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+SECTION_TITLES = (
+    "Summary",
+    "Components",
+    "Sensitivity",
+    "Attribution agreement",
+    "Schedule",
+    "Pruning grid",
+    "Why methods collapse",
+    "SSM dynamics",
+    "Reproducibility",
+)
+"""Top-level section titles, in report order."""
+VERDICT_COLUMNS = ("label", "sparsity", "ppl_ratio", "verdict", "first_layer", "top_layer", "top_component")
+GRID_COLUMNS = (
+    "label",
+    "method",
+    "sparsity",
+    "perplexity",
+    "ppl_ratio",
+    "nll",
+    "verdict",
+    "params",
+    "nonzero",
+    "tokens",
+    "prune_s",
+)
+TOP_PROBES = 10
+TOP_PATCHING = 5
+TOP_DYNAMICS = 20
+_INT_COLUMNS = frozenset({"layer", "first_layer", "top_layer", "index", "n", "seed", "params", "nonzero", "tokens"})
+_SUMMARY_KEYS = ("model", "arch", "n_layers", "params", "dense_ppl")
+_REPRO_FIRST = (
+    "seed",
+    "created",
+    "model",
+    "arch",
+    "n_layers",
+    "params",
+    "dense_ppl",
+    "ppl_definition",
+    "probe_definition",
+    "budget",
+    "explain_sparsity",
+    "thresholds",
+)
+_CSS = """
+:root { --fg: #1f2328; --muted: #59636e; --line: #d1d9e0; --zebra: #f6f8fa; --accent: #0969da; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--fg); background: #fff; line-height: 1.5;
+       font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px 32px 64px; }
+h1 { font-size: 1.8em; border-bottom: 1px solid var(--line); padding-bottom: .3em; }
+h2 { font-size: 1.4em; border-bottom: 1px solid var(--line); padding-bottom: .25em; margin-top: 2em; }
+h3 { font-size: 1.12em; margin-top: 1.5em; }
+p.meta { color: var(--muted); }
+a { color: var(--accent); text-decoration: none; }
+a:hover { text-decoration: underline; }
+nav.toc { background: var(--zebra); border: 1px solid var(--line); border-radius: 6px; padding: 8px 20px; }
+nav.toc h2 { border: 0; margin: .4em 0; font-size: 1.1em; }
+nav.toc ol { margin: 0; padding-left: 1.4em; }
+figure { margin: 1em 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+figcaption { color: var(--muted); font-size: .9em; }
+.table-wrap { overflow-x: auto; margin: 1em 0; }
+table { border-collapse: collapse; font-size: .88em; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid var(--line); padding: 4px 10px; text-align: left; white-space: nowrap; }
+th { background: var(--zebra); text-align: center; }
+tbody tr:nth-child(even) { background: #fbfcfd; }
+@media print { nav.toc { display: none; } main { max-width: none; } }
+"""
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the report: a heading, then text, a figure and a table (each optional).
+
+    Attributes:
+        title: Heading text (plain text; escaped when rendered).
+        text: Plain-text paragraphs, separated by blank lines (escaped when rendered).
+        figure: File name of a PNG under ``figures/`` (e.g. ``"drift.png"``), or None.
+        table: A frame rendered without its index (floats to 4 significant digits), or None.
+        level: 2 for a top-level section, 3 for a subsection of the level-2 section before it.
+    """
+
+    title: str
+    text: str = ""
+    figure: str | None = None
+    table: pd.DataFrame | None = field(default=None, compare=False)
+    level: int = 2
+
+
+def _table(tables: Mapping[str, pd.DataFrame | None], name: str) -> pd.DataFrame | None:
+    """``tables[name]`` when present with at least one row, else None."""
+    df = tables.get(name)
+    return df if df is not None and len(df) > 0 else None
+
+
+def _figure(figures: Mapping[str, Path], name: str) -> str | None:
+    return Path(figures[name]).name if name in figures else None
+
+
+def _pick(df: pd.DataFrame, columns: Iterable[str], *, extras: bool = False) -> pd.DataFrame:
+    """The listed columns that ``df`` has, in that order (then the rest when ``extras``)."""
+    cols = [c for c in columns if c in df.columns]
+    if extras:
+        cols += [c for c in df.columns if c not in cols]
+    return df.loc[:, cols].reset_index(drop=True)
+
+
+def _number(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def _percent(value) -> str:
+    number = _number(value)
+    return "" if number is None else f"{number:.0%}"
+
+
+def _run_title(label, sparsity) -> str:
+    text = _percent(sparsity)
+    return f"{label} at {text}" if text else str(label)
+
+
+def _summary(tables, meta: Mapping) -> list[Section]:
+    model = meta.get("model", "unknown model")
+    facts = [str(meta[k]) for k in ("arch",) if meta.get(k)]
+    if meta.get("n_layers") is not None:
+        facts.append(f"{meta['n_layers']} layers")
+    if _number(meta.get("params")) is not None:
+        facts.append(f"{int(meta['params']):,} parameters")
+    text = f"Model {model}" + (f" ({', '.join(facts)})." if facts else ".")
+    if _number(meta.get("dense_ppl")) is not None:
+        text += f" Dense perplexity {float(meta['dense_ppl']):.4g}"
+        text += f" ({meta['ppl_definition']})." if meta.get("ppl_definition") else "."
+    if _number(meta.get("budget")) is not None:
+        text += f" The sensitivity schedule prunes {float(meta['budget']):.0%} of the prunable weights overall."
+    if _number(meta.get("explain_sparsity")) is not None:
+        text += f" Pruned models are explained at {float(meta['explain_sparsity']):.0%} sparsity."
+    bands = {**DEFAULT_THRESHOLDS, **(meta.get("thresholds") or {})}
+    verdicts, grid = _table(tables, "verdicts"), _table(tables, "grid")
+    out = []
+    if verdicts is not None:
+        text += (
+            f"\n\nVerdicts: healthy below a perplexity ratio of {bands['healthy']:g}, collapsed from "
+            f"{bands['collapsed']:g}, degraded between; ppl_ratio and verdict come from the pruning grid's test "
+            "perplexity, and each explanation below states the windows it was measured on. first_layer: the first "
+            "layer whose residual-stream relative error to dense exceeds the drift threshold "
+            f"({(meta.get('thresholds') or {}).get('drift', 0.1):g}); top_layer / top_component: the component whose "
+            "restoration to dense recovers most of the loss gap (see Why methods collapse)."
+        )
+        out.append(Section("Summary", text, table=_pick(verdicts, VERDICT_COLUMNS)))
+        if "explanation" in verdicts.columns:
+            for row in verdicts.itertuples(index=False):
+                explanation = getattr(row, "explanation", "")
+                if isinstance(explanation, str) and explanation.strip():
+                    title = _run_title(row.label, getattr(row, "sparsity", None))
+                    out.append(Section(title, explanation.strip(), level=3))
+    elif grid is not None:
+        out.append(Section("Summary", text, table=_pick(grid, ("label", "sparsity", "ppl_ratio", "verdict"))))
+    else:
+        out.append(Section("Summary", text))
+    return out
+
+
+def _element_count(shape) -> float:
+    """'128x64' -> 8192; '' or unparsable -> NaN."""
+    if not isinstance(shape, str) or not shape.strip():
+        return math.nan
+    try:
+        return float(np.prod([int(s) for s in shape.split("x")]))
+    except ValueError:
+        return math.nan
+
+
+def _components(components: pd.DataFrame) -> list[Section]:
+    df = components
+    order = list(dict.fromkeys(df["component"]))
+    grouped = df.groupby("component", sort=False)
+    columns: dict[str, pd.Series] = {}
+    if "layer" in df.columns:
+        columns["layers"] = grouped["layer"].nunique()
+    if "tensor" in df.columns:
+        columns["tensors"] = grouped["tensor"].agg(
+            lambda s: ", ".join(dict.fromkeys(t for t in s if isinstance(t, str) and t))
+        )
+    if "shape" in df.columns and "layer" in df.columns:
+        sizes = df.assign(_n=df["shape"].map(_element_count))
+        if sizes["_n"].notna().any():
+            per_layer = sizes.groupby(["component", "layer"], sort=False)["_n"].sum(min_count=1)
+            columns["params_per_layer"] = per_layer.groupby(level="component", sort=False).mean().round()
+    for name in ("hook", "description"):
+        if name in df.columns:
+            columns[name] = grouped[name].first()
+    table = pd.DataFrame({"component": order})
+    for name, values in columns.items():
+        table[name] = values.reindex(order).to_numpy()
+    if "params_per_layer" in table.columns:
+        table["params_per_layer"] = table["params_per_layer"].astype("Int64")
+    text = (
+        "Canonical components of each mixer layer (the model's registry): how many layers have each, the parameter "
+        "tensors (or packed rows) they own, parameters per layer and the hook point carrying their activation."
+    )
+    return [Section("Components", text, table=table)]
+
+
+def _top_probes(probes: pd.DataFrame, metric: str = "delta_nll") -> pd.DataFrame:
+    """The probes (any kind, unit or component) with the largest mean ``metric`` over seeds."""
+    rows = probes.loc[(probes["metric"] == metric).to_numpy()]
+    keys = [c for c in ("layer", "component", "index", "kind", "sparsity") if c in rows.columns]
+    if rows.empty:
+        return rows.loc[:, keys]
+    rows = rows.assign(value=pd.to_numeric(rows["value"], errors="coerce"))
+    top = rows.groupby(keys, dropna=False, sort=False, as_index=False)["value"].mean()
+    top = top.sort_values("value", ascending=False, na_position="last", kind="stable").head(TOP_PROBES)
+    top = top.rename(columns={"value": metric})
+    drop = [c for c in ("index", "sparsity") if c in top.columns and top[c].isna().all()]
+    return top.drop(columns=drop).reset_index(drop=True)
+
+
+def _sensitivity(probes: pd.DataFrame, meta: Mapping, figures: Mapping[str, Path]) -> list[Section]:
+    try:
+        kind = default_ablation_kind(probes)
+    except ValueError:
+        kind = None
+    text = "Δ NLL (nats/token) when one component of one layer is ablated"
+    text += f" ({kind} ablation; mean over seeds)." if kind else "."
+    if meta.get("probe_definition"):
+        text += f" {meta['probe_definition']}"
+    out = [Section("Sensitivity", text, figure=_figure(figures, "sensitivity_heatmap"))]
+    if "sparsity_curves" in figures:
+        text = "Δ NLL, mean over layers, when only that component is pruned to each sparsity (WANDA and magnitude)."
+        out.append(Section("Sparsity curves", text, figure=_figure(figures, "sparsity_curves"), level=3))
+    top = _top_probes(probes)
+    if len(top):
+        text = f"The {len(top)} probes with the largest Δ NLL (nats/token; mean over seeds), of any kind and unit."
+        out.append(Section("Most damaging probes", text, table=top, level=3))
+    return out
+
+
+def _agreement(agreement: pd.DataFrame) -> list[Section]:
+    table = agreement
+    if "spearman" in table.columns:
+        table = table.assign(_s=pd.to_numeric(table["spearman"], errors="coerce"))
+        table = table.sort_values("_s", ascending=False, na_position="last", kind="stable").drop(columns="_s")
+    text = (
+        "Rank agreement between cheap attribution scores and measured ablation damage across (layer, component) "
+        "units: Spearman and Kendall correlations over n units, best first."
+    )
+    return [Section("Attribution agreement", text, table=_pick(table, table.columns))]
+
+
+def _schedule(schedule: pd.DataFrame, meta: Mapping, figures: Mapping[str, Path]) -> list[Section]:
+    df = schedule.assign(sparsity=pd.to_numeric(schedule["sparsity"], errors="coerce"))
+    order = list(dict.fromkeys(df["component"]))
+    pivot = df.pivot_table(index="layer", columns="component", values="sparsity", aggfunc="mean")
+    pivot = pivot.reindex(columns=[c for c in order if c in pivot.columns]).sort_index()
+    text = "Sparsity the sensitivity allocator gives each (layer, component) weight matrix; components not listed stay "
+    text += "dense."
+    if _number(meta.get("budget")) is not None:
+        text += f" Global budget {float(meta['budget']):.1%} of the prunable parameters."
+    if "params" in df.columns:
+        params = pd.to_numeric(df["params"], errors="coerce")
+        if params.notna().any() and params.sum() > 0:
+            weighted = df.assign(_w=params * df["sparsity"], _p=params).groupby("layer")[["_w", "_p"]].sum()
+            pivot["layer (weighted)"] = (weighted["_w"] / weighted["_p"]).reindex(pivot.index)
+            overall = float((params * df["sparsity"]).sum() / params.sum())
+            text += f" Achieved overall (parameter-weighted): {overall:.1%}."
+    table = pivot.reset_index()
+    table.columns.name = None
+    return [Section("Schedule", text, figure=_figure(figures, "schedule"), table=table)]
+
+
+def _grid(grid: pd.DataFrame, meta: Mapping, figures: Mapping[str, Path]) -> list[Section]:
+    bands = {**DEFAULT_THRESHOLDS, **(meta.get("thresholds") or {})}
+    text = (
+        "Perplexity of each pruned model relative to the dense one. Verdicts: healthy below a ratio of "
+        f"{bands['healthy']:g}, collapsed from {bands['collapsed']:g}, degraded between."
+    )
+    return [
+        Section(
+            "Pruning grid",
+            text,
+            figure=_figure(figures, "perplexity_vs_sparsity"),
+            table=_pick(grid, GRID_COLUMNS, extras=True),
+        )
+    ]
+
+
+def _collapse(tables, figures: Mapping[str, Path]) -> list[Section]:
+    drift, patching = _table(tables, "drift"), _table(tables, "patching")
+    text = "Where a pruned model leaves the dense one, and which single component would bring it back."
+    if drift is not None:
+        text += (
+            " Drift: relative error ‖h_pruned − h_dense‖ / ‖h_dense‖ of the residual stream after each layer, for "
+            "each pruned model explained."
+        )
+    out = [Section("Why methods collapse", text, figure=_figure(figures, "drift"))]
+    if patching is None or not {"label", "layer", "component", "recovered"} <= set(patching.columns):
+        return out
+    text = (
+        "Patching: the fraction of the pruned-vs-dense loss gap closed by restoring one component of one layer to "
+        "its dense weights (1 = fully recovered; negative = restoring it makes things worse)."
+    )
+    try:
+        label, sparsity = worst_patching_target(patching, _table(tables, "verdicts"), _table(tables, "grid"))
+        text += f" Shown for {_run_title(label, sparsity)}, the worst model with patching results."
+    except ValueError:
+        pass
+    out.append(Section("Component patching", text, figure=_figure(figures, "patching"), level=3))
+    rows = patching.assign(recovered=pd.to_numeric(patching["recovered"], errors="coerce"))
+    rows = rows.loc[(rows["recovered"].notna() & (rows["component"] != "mixer")).to_numpy()]  # whole-mixer rows
+    if len(rows):
+        keys = [c for c in ("label", "sparsity") if c in rows.columns]
+        groups = rows.groupby(keys, sort=False, dropna=False)
+        top = pd.concat([g.nlargest(TOP_PATCHING, "recovered") for _, g in groups], ignore_index=True)
+        text = (
+            f"The {TOP_PATCHING} components whose restoration recovers most of the loss gap, per pruned model "
+            "(restoring a whole mixer is shown in the heatmap's mixer column, not here)."
+        )
+        out.append(
+            Section(
+                "Most-recovering components",
+                text,
+                level=3,
+                table=_pick(top, (*keys, "layer", "component", "recovered")),
+            )
+        )
+    return out
+
+
+def _dynamics(tables, figures: Mapping[str, Path]) -> list[Section]:
+    text = (
+        "Per-token SSM quantities of dense vs pruned models: Δ (the step size), the per-step decay exp(Δ·A), the "
+        "memory horizon, the state norm, how often the gate is closed and outlier rates of x, z and y."
+    )
+    dynamics = _table(tables, "dynamics")
+    table = None
+    if dynamics is not None and {"stat", "dense", "pruned", "quantity"} <= set(dynamics.columns):
+        rows = dynamics.loc[(dynamics["stat"] == "median").to_numpy()]
+        dense = pd.to_numeric(rows["dense"], errors="coerce").to_numpy(dtype=float)
+        pruned = pd.to_numeric(rows["pruned"], errors="coerce").to_numpy(dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = pruned / dense
+            score = np.where((ratio > 0) & np.isfinite(ratio), np.abs(np.log(np.where(ratio > 0, ratio, 1.0))), np.nan)
+        rows = rows.assign(dense=dense, pruned=pruned, ratio=ratio, _score=score)
+        rows = rows.sort_values("_score", ascending=False, na_position="last", kind="stable").head(TOP_DYNAMICS)
+        if len(rows):
+            table = _pick(rows, ("label", "sparsity", "layer", "quantity", "dense", "pruned", "ratio"))
+            text += (
+                f"\n\nThe table lists the {len(table)} per-layer medians that moved most "
+                "(largest |log(pruned / dense)|)."
+            )
+    return [Section("SSM dynamics", text, figure=_figure(figures, "dynamics"), table=table)]
+
+
+def _flatten(key: str, value) -> list[tuple[str, str]]:
+    if isinstance(value, Mapping):
+        return [pair for k, v in value.items() for pair in _flatten(f"{key}.{k}", v)]
+    if isinstance(value, (list, tuple, set)):
+        return [(key, ", ".join(map(str, value)))]
+    return [(key, str(value))]
+
+
+def _reproducibility(meta: Mapping) -> list[Section]:
+    keys = [k for k in _REPRO_FIRST if k in meta]
+    keys += [k for k in meta if k not in keys and k not in ("versions", "timings")]
+    rows = [pair for k in keys for pair in _flatten(k, meta[k])]
+    text = "Everything needed to rerun this report: seed, definitions and every other setting recorded."
+    out = [Section("Reproducibility", text, table=pd.DataFrame(rows, columns=["key", "value"]))]
+    versions = meta.get("versions")
+    if isinstance(versions, Mapping) and versions:
+        table = pd.DataFrame({"package": list(map(str, versions)), "version": list(map(str, versions.values()))})
+        out.append(Section("Versions", table=table, level=3))
+    timings = meta.get("timings")
+    if isinstance(timings, Mapping) and timings:
+        seconds = [_number(v) for v in timings.values()]
+        table = pd.DataFrame(
+            {"step": list(map(str, timings)), "seconds": [math.nan if s is None else s for s in seconds]}
+        )
+        total = float(np.nansum(table["seconds"].to_numpy(dtype=float)))
+        table = pd.concat([table, pd.DataFrame({"step": ["total"], "seconds": [total]})], ignore_index=True)
+        out.append(Section("Timings", "Wall-clock seconds per step.", table=table, level=3))
+    return out
+
+
+def sections(tables: Mapping[str, pd.DataFrame | None], meta: Mapping, figures: Mapping[str, Path]) -> list[Section]:
+    """The report's sections, in order (see :data:`SECTION_TITLES`); a section whose tables are absent or empty is
+    left out, except Summary and Reproducibility, which are always there.
+
+    Args:
+        tables: The pipeline's tables by name (``components``, ``probes``, ``attribution``, ``agreement``,
+            ``schedule``, ``grid``, ``drift``, ``patching``, ``dynamics``, ``dynamics_samples``, ``verdicts``).
+        meta: Run metadata (``model``, ``arch``, ``n_layers``, ``params``, ``dense_ppl``, ``ppl_definition``,
+            ``probe_definition``, ``seed``, ``versions``, ``timings``, ``budget``, ...; all optional here).
+        figures: Figure name -> PNG path, as returned by :func:`~sensitivity.report.figures.make_figures`;
+            sections reference only these.
+
+    Example:
+        >>> [s.title for s in sections({}, {"model": "m"}, {})]
+        ['Summary', 'Reproducibility']
+    """
+    out = _summary(tables, meta)
+    if (components := _table(tables, "components")) is not None and "component" in components.columns:
+        out += _components(components)
+    probes = _table(tables, "probes")
+    if probes is not None and {"component", "kind", "metric", "value"} <= set(probes.columns):
+        if len(component_probes(probes)) or "sensitivity_heatmap" in figures or len(_top_probes(probes)):
+            out += _sensitivity(probes, meta, figures)
+    if (agreement := _table(tables, "agreement")) is not None:
+        out += _agreement(agreement)
+    schedule = _table(tables, "schedule")
+    if schedule is not None and {"layer", "component", "sparsity"} <= set(schedule.columns):
+        out += _schedule(schedule, meta, figures)
+    if (grid := _table(tables, "grid")) is not None:
+        out += _grid(grid, meta, figures)
+    if _table(tables, "drift") is not None or _table(tables, "patching") is not None:
+        out += _collapse(tables, figures)
+    if _table(tables, "dynamics") is not None or _table(tables, "dynamics_samples") is not None:
+        out += _dynamics(tables, figures)
+    out += _reproducibility(meta)
+    return out
+
+
+def _display(df: pd.DataFrame) -> pd.DataFrame:
+    """Integer-valued float columns with integer names (layer, n, params, ...) as nullable ints: 3, not 3.0."""
+    out = df.copy()
+    for col in out.columns:
+        if col in _INT_COLUMNS and pd.api.types.is_float_dtype(out[col]):
+            values = out[col].to_numpy(dtype=float)
+            finite = values[~np.isnan(values)]
+            if np.isfinite(finite).all() and np.array_equal(finite, np.round(finite)):
+                out[col] = out[col].astype("Int64")
+    return out
+
+
+def _format_float(value: float) -> str:
+    """4 significant digits."""
+    return f"{value:.4g}"
+
+
+def _cell(value) -> str:
+    """One table cell as text: floats to 4 significant digits, missing values empty."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return _format_float(float(value))
+    return str(value)
+
+
+def _md_text(text: str) -> str:
+    """Plain text safe in markdown: angle brackets escaped so they are not read as HTML."""
+    return str(text).replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _numeric_columns(df: pd.DataFrame) -> list[bool]:
+    """Per column: numbers (right-aligned) or not."""
+    return [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    """A GitHub pipe table (numbers right-aligned, floats to 4 significant digits)."""
+    df = _display(df)
+
+    def cell(value) -> str:
+        return _md_text(_cell(value)).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+    numeric = _numeric_columns(df)
+    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |"]
+    lines.append("| " + " | ".join("---:" if n else "---" for n in numeric) + " |")
+    for row in df.itertuples(index=False, name=None):
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _slugs(items: Iterable[Section]) -> list[str]:
+    """GitHub-style heading anchors (lower case, punctuation dropped, spaces to hyphens, repeats numbered)."""
+    seen: dict[str, int] = {}
+    out = []
+    for section in items:
+        slug = re.sub(r"[^\w\- ]", "", section.title.strip().lower()).replace(" ", "-") or "section"
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        out.append(slug if count == 0 else f"{slug}-{count}")
+    return out
+
+
+def _title(meta: Mapping) -> str:
+    return f"Sensitivity report: {meta.get('model', 'unknown model')}"
+
+
+def _byline(meta: Mapping) -> str:
+    parts = []
+    if meta.get("created"):
+        parts.append(f"Created {meta['created']}")
+    versions = meta.get("versions")
+    if isinstance(versions, Mapping) and versions.get("sensitivity"):
+        parts.append(f"sensitivity {versions['sensitivity']}")
+    if meta.get("seed") is not None:
+        parts.append(f"seed {meta['seed']}")
+    return "; ".join(parts)
+
+
+def render_markdown(sections: list[Section], meta: Mapping) -> str:
+    """The report as GitHub markdown: a title, a table of contents, then each section's heading, text, figure
+    (``![title](figures/NAME.png)``) and pipe table.
+
+    Example:
+        >>> print(render_markdown([Section("Summary", "Model m.")], {"model": "m"}))  # doctest: +ELLIPSIS
+        # Sensitivity report: m
+        ...
+    """
+    slugs = _slugs(sections)
+    out = [f"# {_md_text(_title(meta))}", ""]
+    if byline := _byline(meta):
+        out += [_md_text(byline) + ".", ""]
+    out += ["## Contents", ""]
+    for section, slug in zip(sections, slugs):
+        indent = "  " * max(section.level - 2, 0)
+        out.append(f"{indent}- [{_md_text(section.title)}](#{slug})")
+    out.append("")
+    for section in sections:
+        out += [f"{'#' * max(section.level, 2)} {_md_text(section.title)}", ""]
+        for paragraph in _paragraphs(section.text):
+            out += [_md_text(paragraph), ""]
+        if section.figure:
+            alt = _md_text(section.title).replace("[", "(").replace("]", ")")
+            out += [f"![{alt}](figures/{section.figure})", ""]
+        if section.table is not None and len(section.table.columns):
+            out += [_md_table(section.table), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", text or "") if p.strip()]
+
+
+def _html_table(df: pd.DataFrame, table_id: str) -> tuple[str, str]:
+    """``df`` as an escaped HTML table with id ``table_id`` (floats to 4 significant digits, missing values empty),
+    and the CSS rules that right-align its numeric columns."""
+    df = _display(df)
+    numeric = _numeric_columns(df)
+    for col in df.columns:
+        if not pd.api.types.is_float_dtype(df[col]):
+            df[col] = [_cell(v) for v in df[col]]  # ints, nullable ints and text: no '<NA>', no '3.0'
+    table = df.to_html(
+        index=False,
+        float_format=_format_float,
+        na_rep="",
+        border=0,
+        escape=True,
+        classes="data",
+        justify="center",
+        table_id=table_id,
+    )
+    css = " ".join(f"#{table_id} td:nth-child({i + 1}) {{ text-align: right; }}" for i, n in enumerate(numeric) if n)
+    return table, css
+
+
+def _html_figure(section: Section, figures_dir: Path) -> str:
+    path = Path(figures_dir) / str(section.figure)
+    if not path.is_file():
+        logger.warning("figure %s of section %r not found; left out of the HTML", path, section.title)
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    title = html.escape(section.title)
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{title}">'
+        f"<figcaption>{html.escape(section.figure or '')}</figcaption></figure>"
+    )
+
+
+def render_html(sections: list[Section], meta: Mapping, figures_dir: Path) -> str:
+    """The report as one self-contained HTML page: inline style, a linked table of contents, escaped text,
+    figures embedded as ``data:image/png;base64`` images (read from ``figures_dir``), tables without index.
+
+    Nothing is fetched from elsewhere: no scripts, no external stylesheets, fonts, images or links.
+
+    Example:
+        >>> page = render_html([Section("Summary", "a <b> label")], {"model": "m"}, Path("figures"))
+        >>> "a &lt;b&gt; label" in page
+        True
+    """
+    slugs = _slugs(sections)
+    title = html.escape(_title(meta), quote=False)
+    body = [f"<h1>{title}</h1>"]
+    if byline := _byline(meta):
+        body.append(f'<p class="meta">{html.escape(byline, quote=False)}.</p>')
+    body += _html_toc(sections, slugs)
+    rules = []
+    for number, (section, slug) in enumerate(zip(sections, slugs)):
+        level = min(max(section.level, 2), 6)
+        body.append(f'<section id="{html.escape(slug)}">')
+        body.append(f"<h{level}>{html.escape(section.title, quote=False)}</h{level}>")
+        body += [f"<p>{html.escape(p, quote=False)}</p>" for p in _paragraphs(section.text)]
+        if section.figure:
+            body.append(_html_figure(section, figures_dir))
+        if section.table is not None and len(section.table.columns):
+            table, css = _html_table(section.table, f"table-{number}")
+            body.append(f'<div class="table-wrap">{table}</div>')
+            rules.append(css)
+        body.append("</section>")
+    head = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{title}</title>",
+        f"<style>{_CSS}{chr(10).join(r for r in rules if r)}\n</style>",
+        "</head>",
+        "<body>",
+        "<main>",
+    ]
+    return "\n".join(line for line in (*head, *body, "</main>", "</body>", "</html>") if line) + "\n"
+
+
+def _html_toc(sections: list[Section], slugs: list[str]) -> list[str]:
+    """Nested ordered list of in-page links: level-3 sections under the level-2 section before them."""
+    out = ['<nav class="toc" aria-label="Contents">', "<h2>Contents</h2>", "<ol>"]
+    in_sub = False
+    for i, (section, slug) in enumerate(zip(sections, slugs)):
+        link = f'<a href="#{html.escape(slug)}">{html.escape(section.title, quote=False)}</a>'
+        if section.level > 2 and i > 0:
+            if not in_sub:
+                out.append("<ol>")
+                in_sub = True
+            out.append(f"<li>{link}</li>")
+            continue
+        if in_sub:
+            out.append("</ol>")
+            in_sub = False
+        if i > 0:
+            out.append("</li>")
+        out.append(f"<li>{link}")
+    if in_sub:
+        out.append("</ol>")
+    if sections:
+        out.append("</li>")
+    return [*out, "</ol>", "</nav>"]
+
+
+def write_report(out_dir: Path, tables: Mapping[str, pd.DataFrame | None], meta: Mapping) -> dict[str, Path]:
+    """Draw the figures into ``out_dir/figures`` and write ``report.md`` and ``report.html`` (atomically).
+
+    Args:
+        out_dir: Report folder (created).
+        tables: The pipeline's tables by name; missing or empty ones drop their figures and sections.
+        meta: Run metadata (see :func:`sections`).
+
+    Returns:
+        ``{"html": out_dir/report.html, "markdown": out_dir/report.md, <figure name>: PNG path, ...}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures_dir = out_dir / "figures"
+    figures = make_figures(tables, meta, figures_dir)
+    parts = sections(tables, meta, figures)
+    paths = {"html": out_dir / "report.html", "markdown": out_dir / "report.md"}
+    atomic_write_text(paths["markdown"], render_markdown(parts, meta))
+    atomic_write_text(paths["html"], render_html(parts, meta, figures_dir))
+    logger.info("wrote %s and %s (%d figures)", paths["html"], paths["markdown"], len(figures))
+    return {**paths, **figures}
