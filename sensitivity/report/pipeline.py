@@ -315,21 +315,26 @@ def _exp(x: float) -> float:
 
 
 def _check_resume(out: Path, cfg: ReportConfig, overwrite: bool) -> dict:
-    """The manifest of an earlier run in ``out`` with the same configuration ({} when starting afresh)."""
+    """The manifest of an earlier run in ``out`` with the same configuration ({} when starting afresh).
+
+    ``overwrite`` starts again only in a directory that holds a report (or nothing): no other directory is deleted.
+    """
     manifest = out / "manifest.json"
     if not out.exists():
         return {}
     if not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory")
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())
-        if old.get("config") == cfg.to_dict() or overwrite:
-            return old if old.get("config") == cfg.to_dict() else {}
+    old = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if old.get("command") == "report":
+        if old.get("config") == cfg.to_dict():
+            return old
+        if overwrite:
+            return {}
         diff = [k for k, v in cfg.to_dict().items() if old.get("config", {}).get(k) != v]
         raise ValueError(f"--out {out} holds a report made with other settings ({', '.join(diff)}); use another "
                          "--out, or --overwrite to start it again")  # fmt: skip
-    if any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} is not empty and holds no report; use another --out or --overwrite")
+    if any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty and holds no report; give a new or empty directory")
     return {}
 
 
@@ -349,7 +354,8 @@ def build_report(
     Args:
         out: Output directory.
         config: What to run; keyword ``options`` override its fields (e.g. ``model="default-mamba1"``).
-        overwrite: Start again in a directory that holds a report made with other settings.
+        overwrite: Start again (deleting it) in a directory that holds a report made with other settings; a
+            directory holding anything but a report is never deleted.
         show_progress: Show tqdm bars.
 
     Returns:
@@ -402,7 +408,13 @@ def build_report(
     grid = tables["grid"].set_index(["label", "sparsity"])
     for name, key in (("drift", "drift"), ("patching", "patching"), ("dynamics", "dynamics"),
                       ("dynamics_samples", "samples"), ("states", "states")):  # fmt: skip
-        tables[name] = run._csv(name, pd.concat([e.frames()[key] for e in explanations], ignore_index=True))
+        df = pd.concat([e.frames()[key] for e in explanations], ignore_index=True)
+        if name == "patching":  # per model, layer by layer in registry order (the heatmap's column order)
+            rank = {c: i for i, c in enumerate([*run.lm.registry.component_names, "mixer"])}
+            df = df.assign(_m=df.label.map({lab: i for i, lab in enumerate(dict.fromkeys(df.label))}),
+                           _c=df.component.map(rank)).sort_values(["_m", "layer", "_c"], kind="stable")
+            df = df.drop(columns=["_m", "_c"]).reset_index(drop=True)
+        tables[name] = run._csv(name, df)
     verdict_rows = []
     for e in explanations:
         row = e.summary()

@@ -45,7 +45,7 @@ def test_summary_stats_ignores_non_finite_and_matches_torch():
     assert math.isnan(summary_stats(torch.tensor([float("nan")]))["mean"])
 
 
-@pytest.mark.parametrize("name", ["tiny:mamba", "tiny:mamba2"])
+@pytest.mark.parametrize("name", ["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba"])
 def test_state_recurrence_reproduces_the_scan_output(name, ids):
     """y_t = C_t·h_t + D·u_t from ssm_states equals the instrumented forward's y hook (an independent path)."""
     lm = load_model(name)

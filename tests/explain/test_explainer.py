@@ -25,7 +25,7 @@ def _copy(lm: LoadedModel, name: str = "copy") -> LoadedModel:
     return LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.registry, name)
 
 
-@pytest.fixture(scope="module", params=["tiny:mamba", "tiny:mamba2"])
+@pytest.fixture(scope="module", params=["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba"])
 def dense(request):
     return load_model(request.param)
 

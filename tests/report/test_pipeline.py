@@ -109,8 +109,9 @@ def test_other_settings_in_the_same_directory_are_refused(report, tmp_path):
     with pytest.raises(ValueError, match=r"holds a report made with other settings \(seed\)"):
         build_report(out, show_progress=False, **{**TINY, "seed": 1})
     (tmp_path / "junk.txt").write_text("x")
-    with pytest.raises(ValueError, match="not empty and holds no report"):
-        build_report(tmp_path, show_progress=False, **TINY)
+    for overwrite in (False, True):  # --overwrite never deletes a directory that holds no report
+        with pytest.raises(ValueError, match="not empty and holds no report"):
+            build_report(tmp_path, show_progress=False, overwrite=overwrite, **TINY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.txt"]  # nothing half-written
 
 
