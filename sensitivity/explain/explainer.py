@@ -489,6 +489,8 @@ def explain(
     verdict(1.0, healthy=healthy, collapsed=collapsed)  # validates the thresholds
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size {batch_size!r} must be an integer >= 1")
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples {n_samples!r} must be an integer >= 1")
     if top_layers is not None and (not isinstance(top_layers, int) or top_layers < 1):
         raise ValueError(f"top_layers {top_layers!r} must be an integer >= 1 or None")
     if len(windows) < 1 or windows.seqlen < 2:

@@ -159,6 +159,8 @@ def test_bad_inputs_are_named(dense):
         explain(dense, _copy(dense), _windows(), drift_threshold=-1, show_progress=False)
     with pytest.raises(ValueError, match="unknown component 'gate'"):
         explain(dense, _copy(dense), _windows(), components=["gate"], show_progress=False)
+    with pytest.raises(ValueError, match="n_samples 0 must be an integer >= 1"):
+        explain(dense, _copy(dense), _windows(), n_samples=0, show_progress=False)
     with pytest.raises(ValueError, match="top_layers 0"):
         explain(dense, _copy(dense), _windows(), top_layers=0, show_progress=False)
     with pytest.raises(ValueError, match="unknown method 'obs'"):
