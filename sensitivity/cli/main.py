@@ -56,6 +56,7 @@ def _csv_list(kind=str):
 def _build_parser() -> _Parser:
     from ..data.corpus import DEFAULT_CORPUS
     from ..models.loading import DEFAULT_MODEL, DTYPES
+    from ..pruning.api import METHODS as PRUNE_METHODS
 
     parser = _Parser(prog="sensitivity", description="Pruning-sensitivity analysis of state-space LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -204,7 +205,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype (default float32)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--pruned", default=None, help="a pruned checkpoint directory (from `sensitivity prune`)")
-    which.add_argument("--method", default=None, choices=["magnitude", "wanda", "state", "head", "headdim"],
+    which.add_argument("--method", default=None, choices=list(PRUNE_METHODS),
                        help="prune a copy of --dense with this method (structured methods in mask mode)")
     p.add_argument("--sparsity", type=float, default=None, help="sparsity for --method")
     data_args(p)

@@ -602,6 +602,7 @@ def explain_method(
     """
     from ..pruning import prune
     from ..pruning.api import METHODS
+    from ..pruning.structured import UNITS
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
@@ -609,9 +610,9 @@ def explain_method(
     pruned = LoadedModel(model=copy.deepcopy(dense.model), tokenizer=dense.tokenizer, registry=dense.registry,
                          name=f"{dense.name} [{method} {sparsity:g}]")  # fmt: skip
     kwargs = dict(prune_options or {})
-    if method in ("state", "head", "headdim"):
+    if method in UNITS:
         kwargs.setdefault("mode", "mask")
-    needs = method == "wanda" or (method in ("state", "head", "headdim") and kwargs.get("score") not in
+    needs = method == "wanda" or (method in UNITS and kwargs.get("score") not in
                                   ("magnitude", "random"))  # fmt: skip
     if needs and calibration is None:
         raise ValueError(f"method {method!r} needs calibration windows (calibration=...)")

@@ -55,6 +55,7 @@ __all__ = [
     "MODES",
     "SCORES",
     "UNITS",
+    "applicable_units",
     "StructuredResult",
     "UnitIndex",
     "expand_value",
@@ -73,6 +74,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UNITS = ("state", "head", "headdim")
+
+
+def applicable_units(registry: Registry) -> tuple[str, ...]:
+    """The structured units a model of this architecture can lose: heads and head channels only on Mamba-2."""
+    return UNITS if registry.arch == "mamba2" else ("state",)
 SCORES = {
     "state": ("taylor", "magnitude", "random"),
     "head": ("flap", "taylor", "magnitude", "random"),

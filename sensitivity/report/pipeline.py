@@ -31,6 +31,7 @@ from .._manifest import atomic_write_text, versions, write_manifest
 from ..data.corpus import DEFAULT_CORPUS
 from ..explain.explainer import DRIFT
 from ..models.loading import DEFAULT_MODEL
+from ..pruning.structured import UNITS, applicable_units
 
 __all__ = ["GRIDS", "ReportConfig", "build_report"]
 
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 GRIDS = ("reduced", "full")
 STEPS = ("components", "probes", "attribution", "agreement", "schedule", "grid", "explain", "render")
-_STRUCTURED = ("state", "head", "headdim")
 
 
 @dataclass(frozen=True)
@@ -119,21 +119,21 @@ class ReportConfig:
         return cls(**d)
 
 
-def _plan(cfg: ReportConfig, arch: str) -> list[tuple[str, str, float]]:
+def _plan(cfg: ReportConfig, registry) -> list[tuple[str, str, float]]:
     """(label, method, sparsity) of every grid run; the dense run first."""
     runs = [("dense", "dense", 0.0)]
     labels = ["magnitude", "wanda", "wanda+sensitivity"] + (["wanda+owl", "wanda+depth"] if cfg.grid == "full" else [])
     for s in cfg.sparsities:
         runs += [(label, label.split("+")[0], s) for label in labels]
     runs.append(("wanda 2:4", "wanda", 0.5))
-    units = _STRUCTURED if arch == "mamba2" else ("state",)
+    units = applicable_units(registry)
     runs += [(u, u, s) for u in units for s in cfg.structured_sparsities]
     return runs
 
 
-def _explained(cfg: ReportConfig, arch: str) -> list[tuple[str, str]]:
+def _explained(cfg: ReportConfig, registry) -> list[tuple[str, str]]:
     """(label, method) explained at ``explain_sparsity``."""
-    units = _STRUCTURED if arch == "mamba2" else ("state",)
+    units = applicable_units(registry)
     return [("magnitude", "magnitude"), ("wanda", "wanda"), ("wanda+sensitivity", "wanda"), *[(u, u) for u in units]]
 
 
@@ -244,7 +244,7 @@ class _Report:
             options["sparsity"] = s
         if method == "magnitude":
             options["compare"] = "tensor"
-        if method in _STRUCTURED:
+        if method in UNITS:
             options["score"] = "taylor" if method == "state" else "flap"
             if for_explain:
                 options["mode"] = "mask"  # equal shapes, so restoration patching applies
@@ -260,7 +260,7 @@ class _Report:
         done = self._cached("grid")
         rows = [] if done is None else done.to_dict(orient="records")
         have = {(r["label"], float(r["sparsity"])) for r in rows}
-        runs = [r for r in _plan(cfg, self.lm.arch) if (r[0], float(r[2])) not in have]
+        runs = [r for r in _plan(cfg, self.lm.registry) if (r[0], float(r[2])) not in have]
         for label, method, s in tqdm(runs, desc="pruning grid", disable=not self.show):
             start = time.perf_counter()
             if method == "dense":
@@ -289,7 +289,7 @@ class _Report:
 
         cfg, s = self.cfg, self.cfg.explain_sparsity
         results = []
-        for label, method in tqdm(_explained(cfg, self.lm.arch), desc="explaining", disable=not self.show):
+        for label, method in tqdm(_explained(cfg, self.lm.registry), desc="explaining", disable=not self.show):
             path = self.out / "explain" / f"{label.replace(' ', '_').replace(':', '-')}-{s:g}"
             if (path / "explanation.json").is_file():
                 results.append(Explanation.load(path))
