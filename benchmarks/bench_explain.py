@@ -30,9 +30,9 @@ def main() -> None:
     import torch
 
     from sensitivity import calibration_windows, load_corpus, load_model, prune
-    from sensitivity._manifest import atomic_write_text, versions
+    from sensitivity.core import LoadedModel
+    from sensitivity.core.output import atomic_write_text, versions
     from sensitivity.explain import explain
-    from sensitivity.models import LoadedModel
 
     corpus = load_corpus()
     dense = load_model()

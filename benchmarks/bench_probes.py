@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.sweep:
         return child(args)
-    from sensitivity._manifest import versions
+    from sensitivity.core.output import versions
 
     runs = {}
     for sweep in ("naive", "cached"):

@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from sensitivity import calibration_windows, load_corpus, load_model
-    from sensitivity._manifest import atomic_write_text, versions
+    from sensitivity.core.output import atomic_write_text, versions
     from sensitivity.pruning import prune_unstructured
 
     lm = load_model(args.model)

@@ -22,8 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM, Mamba2Config, MambaConfig
 from transformers import logging as hf_logging
 
-from sensitivity._manifest import versions
-from sensitivity.models import instrument
+from sensitivity.core import instrument
+from sensitivity.core.output import versions
 
 RESULTS = Path(__file__).parent / "results" / "scan.json"
 MALLOC = {

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from sensitivity._manifest import versions
+from sensitivity.core.output import versions
 from sensitivity.zoo import list_models
 
 RESULTS = Path(__file__).parent / "results" / "zoo.json"

@@ -50,8 +50,8 @@ def main() -> None:
     results = args.results
 
     from sensitivity import calibration_windows, eval_windows, load_corpus, load_model, perplexity, probe
-    from sensitivity._manifest import atomic_write_text, versions
-    from sensitivity.allocation import allocate, resolve_components
+    from sensitivity.allocation import allocate
+    from sensitivity.core.output import atomic_write_text, versions
     from sensitivity.pruning import prune
 
     corpus = load_corpus()
@@ -78,7 +78,7 @@ def main() -> None:
             elif label == "wanda+sensitivity":
                 if curves is None:  # resumable: probe() skips finished probes in its out dir
                     curves = probe(lm, corpus, kinds=["wanda"], sparsities=[0.25, 0.5, 0.75, 0.9],
-                                   components=list(resolve_components(lm.registry)), windows=args.probe_windows,
+                                   components=list(lm.registry.resolve()), windows=args.probe_windows,
                                    calibration_windows=8, seqlen=256, out=probes_dir, show_progress=False)  # fmt: skip
                 schedule = allocate(lm, "sensitivity", s, probes=curves, max_sparsity=0.9, show_progress=False)
             elif label == "wanda 2:4":

@@ -9,9 +9,7 @@ models shipped with the package, and ``data`` the corpus they were trained on.
 
 from .allocation import Schedule, allocate
 from .attribution import agreement, attribute
-from .data import Corpus, Windows, byte_tokenizer, calibration_windows, eval_windows, load_corpus
-from .eval import KLDivergence, Perplexity, kl_divergence, perplexity
-from .models import (
+from .core import (
     Component,
     LoadedModel,
     Registry,
@@ -22,6 +20,8 @@ from .models import (
     load_model,
     uninstrument,
 )
+from .data import Corpus, Windows, byte_tokenizer, calibration_windows, eval_windows, load_corpus
+from .eval import KLDivergence, Perplexity, kl_divergence, perplexity
 from .probes import ProbeConfig, ablation_table, probe
 from .pruning import prune, sparsity_report
 from .zoo import list_models, zoo_path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sensitivity.models import load_model
+from sensitivity.core import load_model
 
 TINY = ["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba"]
 

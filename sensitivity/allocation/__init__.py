@@ -27,21 +27,10 @@ from .allocate import (
     lower_convex_hull,
     owl_sparsity,
 )
-from .schedule import (
-    DEFAULT_EXCLUDE,
-    PRUNABLE_PARAMS,
-    RECIPE_MODIFIERS,
-    Schedule,
-    entry_sizes,
-    prunable_components,
-    prunable_slices,
-    resolve_components,
-    uniform_schedule,
-)
+from .schedule import RECIPE_MODIFIERS, Schedule, uniform_schedule
 
 __all__ = [
-    "CURVE_METRICS", "DEFAULT_EXCLUDE", "FISHER_GRID", "METHODS", "PROBE_METHODS", "PRUNABLE_PARAMS",
-    "RECIPE_MODIFIERS", "SOURCES", "Allocation", "Schedule", "allocate", "depth_ramp", "entry_sizes", "fit_budget",
-    "greedy_allocate", "lower_convex_hull", "owl_sparsity", "prunable_components", "prunable_slices",
-    "resolve_components", "uniform_schedule",
+    "CURVE_METRICS", "FISHER_GRID", "METHODS", "PROBE_METHODS", "RECIPE_MODIFIERS", "SOURCES", "Allocation",
+    "Schedule", "allocate", "depth_ramp", "fit_budget", "greedy_allocate", "lower_convex_hull", "owl_sparsity",
+    "uniform_schedule",
 ]

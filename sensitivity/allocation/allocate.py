@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from ..attribution.api import weight_scores
-from ..attribution.scores import owl_outlier_ratio
+from ..core.loading import LoadedModel, as_loaded
+from ..core.registry import DEFAULT_EXCLUDE
+from ..core.scores import owl_outlier_ratio
 from ..data import Windows
-from ..models.loading import LoadedModel, as_loaded
-from .schedule import DEFAULT_EXCLUDE, Schedule, entry_sizes, prunable_slices, resolve_components
+from .schedule import Schedule
 
 __all__ = [
     "CURVE_METRICS",
@@ -409,7 +410,7 @@ def _fisher_curves(lm: LoadedModel, windows: Windows, keys, names, *, batch_size
     for layer, comp in keys:
         mixer = reg.mixer(lm.model, layer)
         parts = []
-        for t in prunable_slices(reg, comp):
+        for t in reg.weights(comp):
             fisher = scores[(layer, comp, t.describe())].double() / len(windows)  # shaped like the slice
             parts.append((0.5 * fisher * t.get(mixer).detach().double() ** 2).flatten())  # (numel,)
         saliency = torch.cat(parts).sort().values  # (n,) ascending
@@ -512,8 +513,8 @@ def allocate(
                 raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
     lm = as_loaded(model)
     reg = lm.registry
-    names = resolve_components(reg, components, exclude)
-    sizes = entry_sizes(lm, names)
+    names = reg.resolve(components, exclude)
+    sizes = reg.weight_sizes(lm.model, names)
     keys = list(sizes)  # layer-major, registry order
     n = torch.tensor([sizes[k] for k in keys], dtype=torch.float64)  # (E,)
     layer_of = torch.tensor([layer for layer, _ in keys])  # (E,)
@@ -536,7 +537,7 @@ def allocate(
             ratios = []
             for layer in range(reg.n_layers):
                 flat = [scores[(layer, comp, t.describe())].flatten() for lyr, comp in keys if lyr == layer
-                        for t in prunable_slices(reg, comp)]  # fmt: skip
+                        for t in reg.weights(comp)]  # fmt: skip
                 ratios.append(owl_outlier_ratio(torch.cat(flat), float(owl_m)))
             per_layer = owl_sparsity(ratios, budget, owl_lambda)  # (L,)
             s = fit_budget(per_layer[layer_of], n, budget, min_sparsity, max_sparsity)  # (E,)

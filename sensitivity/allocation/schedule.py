@@ -1,7 +1,7 @@
 """Sparsity schedules: how much of each (layer, component) weight matrix to prune, as one validated, editable object.
 
 A :class:`Schedule` maps ``(layer, component)`` to a sparsity in [0, 1) for the mixers' weight matrices the
-unstructured pruners target (:data:`PRUNABLE_PARAMS`); everything not listed stays dense. It carries the parameter
+unstructured pruners target (``Registry.weights``); everything not listed stays dense. It carries the parameter
 count of each entry, so its overall and per-layer sparsities are parameter-weighted, and it round-trips exactly
 through YAML (:meth:`Schedule.to_yaml`, :meth:`Schedule.from_yaml`) so people can derive and edit schedules by hand.
 :meth:`Schedule.to_recipe` writes an llm-compressor recipe with the same per-layer budget.
@@ -23,28 +23,14 @@ import pandas as pd
 import yaml
 from torch import nn
 
-from .._manifest import atomic_write_text
-from ..models.loading import LoadedModel, as_loaded, tiny_config
-from ..models.registry import ARCHITECTURES, Registry, TensorSlice, build_registry
+from ..core.loading import LoadedModel, as_loaded, tiny_config
+from ..core.output import atomic_write_text
+from ..core.registry import ARCHITECTURES, DEFAULT_EXCLUDE, Registry, build_registry
 
-__all__ = [
-    "DEFAULT_EXCLUDE",
-    "PRUNABLE_PARAMS",
-    "RECIPE_MODIFIERS",
-    "Schedule",
-    "entry_sizes",
-    "prunable_components",
-    "prunable_slices",
-    "resolve_components",
-    "uniform_schedule",
-]
+__all__ = ["RECIPE_MODIFIERS", "Schedule", "uniform_schedule"]
 
 logger = logging.getLogger(__name__)
 
-PRUNABLE_PARAMS = ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight", "conv1d.weight")
-"""Mixer weight matrices the unstructured pruners zero (biases, ``A_log``, ``D``, ``dt_bias`` and norms never)."""
-DEFAULT_EXCLUDE = ("conv1d",)
-"""Components kept dense unless asked for: the depthwise convolution has only K taps per channel."""
 RECIPE_MODIFIERS = ("WandaPruningModifier", "SparseGPTModifier")
 """llm-compressor one-shot modifiers that take a per-layer ``sparsity`` list (``MagnitudePruningModifier`` does not:
 it is a gradual training-time pruner with ``init_sparsity``/``final_sparsity``)."""
@@ -56,30 +42,6 @@ BUDGET_TOL = 1e-6
 """How far :meth:`Schedule.overall` may be from ``budget``."""
 
 
-def prunable_slices(registry: Registry, component: str) -> tuple[TensorSlice, ...]:
-    """The weight-matrix slices of ``component`` that the unstructured pruners target (empty when it has none).
-
-    Example:
-        >>> [t.describe() for t in prunable_slices(lm.registry, "dt")]  # Mamba-1
-        ['x_proj.weight[0:8]', 'dt_proj.weight']
-
-    Raises:
-        ValueError: For a name the registry does not know (naming the allowed ones).
-    """
-    return tuple(t for t in registry.component(component).tensors if t.param in PRUNABLE_PARAMS)
-
-
-def prunable_components(registry: Registry) -> tuple[str, ...]:
-    """Components with at least one prunable weight slice, in registry order (Mamba-2: ``z, x, B, C, dt, conv1d,
-    out_proj``; Mamba-1 / FalconMamba: ``x, z, conv1d, dt, B, C, out_proj``).
-
-    Example:
-        >>> prunable_components(load_model("tiny:mamba2").registry)
-        ('z', 'x', 'B', 'C', 'dt', 'conv1d', 'out_proj')
-    """
-    return tuple(c.name for c in registry.components if prunable_slices(registry, c.name))
-
-
 def _names(what: str, value) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -87,67 +49,6 @@ def _names(what: str, value) -> tuple[str, ...]:
     if bad := [v for v in values if not isinstance(v, str)]:
         raise ValueError(f"{what} must be component names, got {bad[0]!r}")
     return tuple(dict.fromkeys(values))
-
-
-def resolve_components(registry: Registry, components=None, exclude=DEFAULT_EXCLUDE) -> tuple[str, ...]:
-    """The components a schedule covers: ``components`` (default every prunable one) minus ``exclude``.
-
-    Args:
-        registry: The model's registry.
-        components: Component names, one name, or None for every prunable component.
-        exclude: Components kept dense (default ``("conv1d",)``); None or ``()`` keeps none dense.
-
-    Returns:
-        Names in registry order.
-
-    Raises:
-        ValueError: For an unknown or non-prunable name, a component both asked for and excluded, or nothing left.
-
-    Example:
-        >>> resolve_components(load_model("tiny:mamba").registry, exclude=("conv1d", "dt"))
-        ('x', 'z', 'B', 'C', 'out_proj')
-    """
-    prunable = prunable_components(registry)
-    asked, excluded = _names("components", components), _names("exclude", exclude)
-    for what, names in (("component", asked), ("excluded component", excluded)):
-        for name in names:
-            if name not in registry.component_names:
-                raise ValueError(f"unknown {what} {name!r} for {registry.arch}; allowed: {', '.join(prunable)}")
-            if what == "component" and name not in prunable:
-                raise ValueError(f"component {name!r} has no weight matrix to prune; allowed: {', '.join(prunable)}")
-    if both := [c for c in asked if c in excluded]:
-        raise ValueError(f"component {both[0]!r} is both asked for and excluded (exclude={list(excluded)}); "
-                         "pass exclude=() (CLI: --exclude none) to prune it")  # fmt: skip
-    chosen = tuple(c for c in prunable if (not asked or c in asked) and c not in excluded)
-    if not chosen:
-        raise ValueError(f"no component left to prune (components={list(asked) or 'all'}, exclude={list(excluded)}); "
-                         f"prunable: {', '.join(prunable)}")  # fmt: skip
-    return chosen
-
-
-def entry_sizes(model: LoadedModel | nn.Module, components=None) -> dict[tuple[int, str], int]:
-    """Number of prunable weights of every (layer, component), read from the model's tensors.
-
-    Args:
-        model: A ``LoadedModel`` or HF Mamba / Mamba2 / FalconMamba causal LM.
-        components: Component names (default every prunable one, ``conv1d`` included).
-
-    Returns:
-        ``{(layer, component): numel}`` in layer-major, registry order.
-
-    Example:
-        >>> entry_sizes(load_model("tiny:mamba2"), ["z"])[(0, "z")]  # ED x D = 128 x 64
-        8192
-    """
-    lm = as_loaded(model)
-    reg = lm.registry
-    names = resolve_components(reg, components, exclude=())
-    out = {}
-    for layer in range(reg.n_layers):
-        mixer = reg.mixer(lm.model, layer)
-        for name in names:
-            out[(layer, name)] = sum(t.get(mixer).numel() for t in prunable_slices(reg, name))
-    return out
 
 
 def _is_int(value) -> bool:
@@ -309,15 +210,14 @@ class Schedule:
             raise ValueError(f"schedule is for arch {self.arch!r} but the model is {registry.arch!r}")
         if self.n_layers != registry.n_layers:
             raise ValueError(f"schedule is for {self.n_layers} layers but the model has {registry.n_layers}")
-        prunable = prunable_components(registry)
-        allowed = [c for c in prunable if c not in self.exclude]
+        allowed = [c for c in registry.prunable_components if c not in self.exclude]
         for layer, comp in self.sparsity:
             registry.check_layer(layer)
             if comp not in allowed:
                 raise ValueError(f"schedule component {comp!r} (layer {layer}) is not prunable on {registry.arch} "
                                  f"with exclude={list(self.exclude)}; allowed: {', '.join(allowed)}")  # fmt: skip
         if model is not None:
-            sizes = entry_sizes(model, self.components)
+            sizes = registry.weight_sizes(as_loaded(model).model, self.components)
             for key, n in self.params.items():
                 if sizes[key] != n:
                     raise ValueError(f"entry {key!r} lists {n} params but the model's prunable weights have "
@@ -468,8 +368,8 @@ class Schedule:
         mixer = re.escape(reg.mixer_attr)
         module_of = lambda t: t.param.rsplit(".", 1)[0]
         holds: dict[str, list[str]] = {}  # module -> prunable components inside it
-        for comp in prunable_components(reg):
-            for t in prunable_slices(reg, comp):
+        for comp in reg.prunable_components:
+            for t in reg.weights(comp):
                 holds.setdefault(module_of(t), [])
                 if comp not in holds[module_of(t)]:
                     holds[module_of(t)].append(comp)
@@ -552,8 +452,8 @@ def uniform_schedule(
     if not _is_real(sparsity) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity!r} out of range; allowed: 0 <= s < 1")
     lm = as_loaded(model)
-    names = resolve_components(lm.registry, components, exclude)
-    sizes = entry_sizes(lm, names)
+    names = lm.registry.resolve(components, exclude)
+    sizes = lm.registry.weight_sizes(lm.model, names)
     return Schedule(arch=lm.arch, n_layers=lm.registry.n_layers, sparsity={k: float(sparsity) for k in sizes},
                     params=sizes, method="uniform", budget=float(sparsity),
                     exclude=_names("exclude", exclude))  # fmt: skip

@@ -22,6 +22,8 @@ Components each method covers (a method gives no rows for the others):
 ``taylor`` and ``fisher`` every parameter slice (biases, ``dt_bias``, ``A_log``, ``D``, norm weights included).
 """
 
+from ..core.scores import owl_outlier_ratio, wanda_score
+from ..core.stats import OBJECTIVES, ChannelStats, channel_stats
 from .agreement import agreement, kendall_tau_b, rank_correlation, spearman
 from .api import (
     COLUMNS,
@@ -34,9 +36,6 @@ from .api import (
     covered_components,
     weight_scores,
 )
-from .gradients import OBJECTIVES
-from .scores import owl_outlier_ratio, wanda_score
-from .stats import ChannelStats, channel_stats
 
 __all__ = [
     "COLUMNS", "DEFAULT_METHODS", "GBLM_ALPHA", "METHODS", "OBJECTIVES", "WEIGHT_METHODS", "ChannelStats", "ScoreKey",

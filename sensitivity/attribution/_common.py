@@ -8,9 +8,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ..core.loading import as_loaded
+from ..core.registry import Registry
 from ..data import Windows
-from ..models.loading import as_loaded
-from ..models.registry import Registry
 
 
 def resolve(model) -> tuple[nn.Module, Registry]:

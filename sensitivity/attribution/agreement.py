@@ -1,15 +1,17 @@
 """Rank agreement between attribution scores and the damage that ablating each (layer, component) does.
 
 Spearman's rho is the Pearson correlation of average ranks; Kendall's tau is tau-b (ties in either ranking
-corrected). Both are implemented here (pandas' ``Series.corr`` needs scipy for them, which is not a dependency).
+corrected); both from ``scipy.stats``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 __all__ = ["agreement", "kendall_tau_b", "rank_correlation", "spearman"]
 
@@ -28,39 +30,27 @@ def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based; ties share the mean of their ranks; +-inf rank like any other value)."""
-    return pd.Series(x).rank(method="average").to_numpy()
+def _statistic(test, x, y) -> float:
+    """A scipy rank statistic, NaN (without scipy's warning) when a side is constant or n < 2."""
+    if len(x) < 2:
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(test(x, y).statistic)
 
 
 def spearman(x, y) -> float:
     """Spearman's rho: the Pearson correlation of the average ranks (NaN if either side is constant or n < 2)."""
-    x, y = _pair(x, y)
-    if len(x) < 2:
-        return math.nan
-    rx, ry = _ranks(x), _ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt((rx * rx).sum() * (ry * ry).sum())
-    return float((rx * ry).sum() / denom) if denom > 0 else math.nan
+    return _statistic(stats.spearmanr, *_pair(x, y))
 
 
 def kendall_tau_b(x, y) -> float:
-    """Kendall's tau-b ``(n_c - n_d) / sqrt((n_0 - n_1)(n_0 - n_2))`` over all pairs.
+    """Kendall's tau-b ``(n_c - n_d) / sqrt((n_0 - n_1)(n_0 - n_2))`` over all pairs (``scipy.stats.kendalltau``).
 
     ``n_0 = n(n-1)/2``; ``n_1``, ``n_2`` count the pairs tied in ``x`` and in ``y``. NaN if either side is constant
     or n < 2.
     """
-    x, y = _pair(x, y)
-    n = len(x)
-    if n < 2:
-        return math.nan
-    x, y = _ranks(x), _ranks(y)  # same order, finite even for +-inf values
-    upper = np.triu(np.ones((n, n), dtype=bool), k=1)  # each pair i < j once
-    sx = np.sign(x[:, None] - x[None, :])[upper]  # (n(n-1)/2,)
-    sy = np.sign(y[:, None] - y[None, :])[upper]
-    n0 = n * (n - 1) / 2
-    denom = math.sqrt((n0 - (sx == 0).sum()) * (n0 - (sy == 0).sum()))
-    return float((sx * sy).sum() / denom) if denom > 0 else math.nan
+    return _statistic(stats.kendalltau, *_pair(x, y))
 
 
 def rank_correlation(x, y) -> tuple[float, float]:

@@ -7,16 +7,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from functools import reduce
 from typing import NamedTuple
 
 import pandas as pd
 import torch
 from torch import nn
 
+from ..core.hooks import hook_name
+from ..core.registry import Registry, TensorSlice
+from ..core.scores import (
+    fisher_score,
+    gblm_score,
+    input_norm,
+    max_over_median,
+    owl_outlier_ratio,
+    taylor_score,
+    wanda_score,
+)
+from ..core.stats import OBJECTIVES, GradStats, channel_stats, window_gradients
 from ..data import Windows
-from ..models.hooks import hook_name
-from ..models.registry import Registry, TensorSlice
 from ._common import (
     check_choice,
     check_choices,
@@ -28,9 +37,6 @@ from ._common import (
     resolve,
 )
 from .captum_methods import BASELINES, CAPTUM_METHODS, captum_components, captum_scores
-from .gradients import OBJECTIVES, GradStats, window_gradients
-from .scores import fisher_score, gblm_score, input_norm, max_over_median, owl_outlier_ratio, taylor_score, wanda_score
-from .stats import channel_stats
 
 __all__ = [
     "COLUMNS",
@@ -67,10 +73,6 @@ class ScoreKey(NamedTuple):
     tensor: str  # TensorSlice.describe(), e.g. "in_proj.weight[512:1024]"
 
 
-def _input_slices(registry: Registry, name: str) -> tuple[TensorSlice, ...]:
-    return tuple(t for t in registry.component(name).tensors if t.param in registry.input_hooks)
-
-
 def covered_components(registry: Registry, method: str) -> tuple[str, ...]:
     """Components that get rows (or score tensors) from ``method``, in registry order.
 
@@ -82,7 +84,7 @@ def covered_components(registry: Registry, method: str) -> tuple[str, ...]:
     if method in CAPTUM_METHODS:
         return captum_components(registry)
     if method in _INPUT_METHODS:
-        return tuple(c.name for c in registry.components if _input_slices(registry, c.name))
+        return tuple(c.name for c in registry.components if registry.weights(c.name))
     return tuple(c.name for c in registry.components if c.tensors)
 
 
@@ -95,17 +97,6 @@ def _check_common(registry: Registry, components, layers, windows, batch_size, o
     batch_size = check_int("batch_size", batch_size, 1)
     check_choice("objective", objective, OBJECTIVES)
     return [(layer, name) for layer in layer_ids for name in names], batch_size
-
-
-def _select(t: TensorSlice, full: torch.Tensor) -> torch.Tensor:
-    """The rows / columns of ``t`` from a tensor shaped like its whole parameter."""
-    if t.rows is not None:
-        full = full[t.rows[0] : t.rows[1]]
-    return full if t.cols is None else full[:, t.cols[0] : t.cols[1]]
-
-
-def _param(mixer: nn.Module, path: str) -> nn.Parameter:
-    return reduce(getattr, path.split("."), mixer)
 
 
 def _slice_input_norm(t: TensorSlice, weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -127,7 +118,7 @@ def _collect(model, registry: Registry, module: nn.Module, windows: Windows, met
     norms: dict[tuple[int, str], torch.Tensor] = {}
     points: set[tuple[int, str]] = set()
     if set(methods) & set(_INPUT_METHODS):
-        points = {(layer, registry.input_hook(t.param)) for layer, name in pairs for t in _input_slices(registry, name)}
+        points = {(layer, registry.input_hook(t.param)) for layer, name in pairs for t in registry.weights(name)}
     if points:
         t0 = time.perf_counter()
         stats = channel_stats(model, windows, sorted({hook_name(*p) for p in points}), batch_size=batch_size,
@@ -137,9 +128,9 @@ def _collect(model, registry: Registry, module: nn.Module, windows: Windows, met
     grads: dict[tuple[int, str], GradStats] = {}
     if set(methods) & set(_GRADIENT_METHODS):
         every = set(methods) & {"taylor", "fisher"}  # all slices; gblm alone needs only weights with input hooks
-        slices = lambda name: registry.component(name).tensors if every else _input_slices(registry, name)
+        slices = lambda name: registry.component(name).tensors if every else registry.weights(name)
         keys = {(layer, t.param) for layer, name in pairs for t in slices(name)}
-        params = {k: _param(registry.mixer(module, k[0]), k[1]) for k in sorted(keys)}
+        params = {k: registry.mixer(module, k[0]).get_parameter(k[1]) for k in sorted(keys)}
         t0 = time.perf_counter()
         grads = window_gradients(model, windows, params, objective=objective, show_progress=show_progress)
         logger.info("per-window gradients of %d parameters in %.1f s", len(params), time.perf_counter() - t0)
@@ -154,7 +145,7 @@ def _scores(method: str, registry: Registry, module: nn.Module, pairs, got: _Col
         if name not in covered:
             continue
         mixer = registry.mixer(module, layer)
-        slices = _input_slices(registry, name) if method in _INPUT_METHODS else registry.component(name).tensors
+        slices = registry.weights(name) if method in _INPUT_METHODS else registry.component(name).tensors
         for t in slices:
             w = t.get(mixer).detach()
             if method in _INPUT_METHODS:
@@ -166,11 +157,11 @@ def _scores(method: str, registry: Registry, module: nn.Module, pairs, got: _Col
             elif method == "wanda":
                 score = wanda_score(w, norm)
             elif method == "taylor":
-                score = taylor_score(w, _select(t, grad.mean))
+                score = taylor_score(w, t.select(grad.mean))
             elif method == "fisher":
-                score = fisher_score(_select(t, grad.sumsq))
+                score = fisher_score(t.select(grad.sumsq))
             else:
-                score = gblm_score(w, norm, _select(t, grad.l2), gblm_alpha)
+                score = gblm_score(w, norm, t.select(grad.l2), gblm_alpha)
             out[ScoreKey(layer, name, t.describe())] = score
     return out
 
@@ -182,7 +173,7 @@ def _act_norm_rows(registry: Registry, module: nn.Module, pairs, got: _Collected
         if name not in covered:
             continue
         mixer, l2s, wandas = registry.mixer(module, layer), [], []
-        for t in _input_slices(registry, name):
+        for t in registry.weights(name):
             w = t.get(mixer).detach()
             l2 = _slice_input_norm(t, w, got.norms[(layer, registry.input_hook(t.param))])  # (in,) or (C,)
             l2s.append(l2)

@@ -33,10 +33,10 @@ import torch
 from captum.attr import LayerConductance, LayerGradientXActivation, LayerIntegratedGradients
 from tqdm.auto import tqdm
 
+from ..core.registry import Registry
+from ..core.stats import grad_state, window_objective
 from ..data import Windows
-from ..models.registry import Registry
 from ._common import resolve
-from .gradients import grad_state, window_objective
 
 __all__ = ["CAPTUM_METHODS", "captum_components", "captum_scores", "make_forward"]
 

@@ -54,8 +54,8 @@ def _csv_list(kind=str):
 
 
 def _build_parser() -> _Parser:
+    from ..core.loading import DEFAULT_MODEL, DTYPES
     from ..data.corpus import DEFAULT_CORPUS
-    from ..models.loading import DEFAULT_MODEL, DTYPES
     from ..pruning.api import METHODS as PRUNE_METHODS
 
     parser = _Parser(prog="sensitivity", description="Pruning-sensitivity analysis of state-space LMs.")
@@ -250,7 +250,7 @@ def _build_parser() -> _Parser:
 
 
 def _cmd_components(args) -> int:
-    from ..models import load_model
+    from ..core import load_model
 
     lm = load_model(args.model, dtype=args.dtype)
     table = lm.registry.table(lm.model)
@@ -276,10 +276,10 @@ def _cmd_components(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .._manifest import versions
+    from ..core import load_model
+    from ..core.output import versions
     from ..data import eval_windows
     from ..eval import kl_divergence, perplexity
-    from ..models import load_model
 
     corpus, lm = _load_for_run(args)
     reference = load_model(args.reference, dtype=args.dtype) if args.reference else None
@@ -312,8 +312,8 @@ def _cmd_evaluate(args) -> int:
 
 
 def _load_for_run(args):
+    from ..core import load_model
     from ..data import load_corpus
-    from ..models import load_model
 
     corpus = load_corpus(args.data, text_field=args.text_field)  # bad data fails before any model loads
     lm = load_model(args.model, dtype=args.dtype)
@@ -351,8 +351,8 @@ def _cmd_probe(args) -> int:
 def _cmd_attribute(args) -> int:
     import time
 
-    from .._manifest import atomic_write_text, versions, write_manifest
     from ..attribution import DEFAULT_METHODS, METHODS, attribute
+    from ..core.output import atomic_write_text, versions, write_manifest
     from ..data import calibration_windows
 
     if bad := [m for m in args.methods or () if m not in METHODS]:  # before anything loads
@@ -386,8 +386,8 @@ def _read_table(path: str, name: str):
 
 
 def _cmd_agreement(args) -> int:
-    from .._manifest import atomic_write_text
     from ..attribution import agreement
+    from ..core.output import atomic_write_text
 
     probes, probes_file = _read_table(args.probes, "probes.csv")
     attribution, _ = _read_table(args.attribution, "attribution.csv")
@@ -403,7 +403,7 @@ def _cmd_agreement(args) -> int:
 
 def _exclude(names: list[str] | None) -> tuple[str, ...]:
     """``--exclude``: default ``conv1d``; ``none`` keeps nothing dense."""
-    from ..allocation import DEFAULT_EXCLUDE
+    from ..core.registry import DEFAULT_EXCLUDE
 
     return DEFAULT_EXCLUDE if names is None else () if names == ["none"] else tuple(names)
 
@@ -416,8 +416,8 @@ def _fraction(name: str, value: float | None) -> None:
 def _cmd_schedule(args) -> int:
     import dataclasses
 
-    from .._manifest import atomic_write_text, versions
     from ..allocation import allocate
+    from ..core.output import atomic_write_text, versions
     from ..data import calibration_windows
 
     _fraction("budget", args.budget)
@@ -457,9 +457,9 @@ def _cmd_prune(args) -> int:
     from pathlib import Path
 
     from ..allocation import Schedule
+    from ..core.masks import parse_structure
     from ..data import calibration_windows
     from ..pruning import prune
-    from ..pruning.masks import parse_structure
     from ..pruning.save import MANIFEST, _check_out, source_dir
 
     _fraction("sparsity", args.sparsity)
@@ -505,10 +505,10 @@ def _cmd_prune(args) -> int:
 def _cmd_explain(args) -> int:
     from pathlib import Path
 
+    from ..core import load_model
     from ..data import calibration_windows, load_corpus
     from ..explain import explain, explain_method, verdict
     from ..explain.explainer import _check_out
-    from ..models import load_model
     from ..pruning.save import MANIFEST
 
     if args.method is not None:

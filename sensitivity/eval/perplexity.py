@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.loading import unwrap
 from ..data import Windows
-from ..models.loading import unwrap
 
 __all__ = ["KLDivergence", "Perplexity", "kl_divergence", "perplexity"]
 

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._manifest import versions
+from ..core.loading import LoadedModel, as_loaded
+from ..core.output import versions
+from ..core.runner import LayerRunner
 from ..data import Windows
-from ..models.hooks import capture, hook_name
-from ..models.loading import LoadedModel, as_loaded
 from .dynamics import (
     decay,
     gate_closed_share,
@@ -200,54 +200,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out} is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
-class _Runner:
-    """Block-by-block forwards of one model, keeping the residual stream entering every layer."""
-
-    def __init__(self, lm: LoadedModel, windows: Windows, batch_size: int) -> None:
-        self.lm, self.model, self.registry = lm, lm.model, lm.registry
-        self.blocks = self.registry.blocks(self.model)
-        device = lm.device
-        self.ids = windows.ids.to(device)  # (n, L)
-        self.batches = [slice(i, i + batch_size) for i in range(0, len(windows), batch_size)]
-
-    @torch.no_grad()
-    def stream(self) -> list[torch.Tensor]:
-        """The residual stream entering each layer, and the last hidden state: ``n_layers + 1`` of (n, L, D)."""
-        resid = [[] for _ in range(len(self.blocks) + 1)]
-        for b in self.batches:
-            hidden = self.model.get_input_embeddings()(self.ids[b])  # (B, L, D)
-            for layer, block in enumerate(self.blocks):
-                resid[layer].append(hidden)
-                hidden = block(hidden, cache=None, attention_mask=None)  # (B, L, D)
-            resid[-1].append(hidden)
-        return [torch.cat(r) for r in resid]
-
-    @torch.no_grad()
-    def nll(self, hidden: torch.Tensor, start: int) -> float:
-        """Mean next-token NLL from the residual stream entering layer ``start`` (``n_layers``: the last state)."""
-        total, count = 0.0, 0
-        head = self.model.get_output_embeddings()
-        for b in self.batches:
-            h = hidden[b]  # (B, L, D)
-            for block in self.blocks[start:]:
-                h = block(h, cache=None, attention_mask=None)
-            for i in range(h.shape[0]):  # one window at a time keeps the (L, V) log-probs small
-                logits = head(self.registry.final_norm(self.model)(h[i : i + 1]).to(head.weight.dtype)).float()
-                logp = F.log_softmax(logits[0, :-1], dim=-1)  # (L-1, V)
-                total -= logp.gather(-1, self.ids[b][i, 1:, None]).sum().item()
-                count += h.shape[1] - 1
-        return total / count
-
-    @torch.no_grad()
-    def points(self, hidden: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
-        """The activations at the dynamics hook points of ``layer``, from its input stream. name -> (n, ...)."""
-        names = {p: hook_name(layer, p) for p in _POINTS}
-        with capture(self.lm, names.values()) as acts:
-            for b in self.batches:
-                self.blocks[layer](hidden[b], cache=None, attention_mask=None)
-        out = {p: torch.cat(acts[n]) for p, n in names.items() if p != "A"}
-        out["A"] = acts[names["A"]][0]
-        return out
+def _points(run: LayerRunner, hidden: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+    """The activations at the dynamics hook points of ``layer``, from its input stream. name -> (n, ...)."""
+    acts = run.capture(layer, _POINTS, hidden)
+    return {p: acts[p][0] if p == "A" else torch.cat(acts[p]) for p in _POINTS}
 
 
 def _drift(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> pd.DataFrame:
@@ -360,12 +316,12 @@ def _patch_plans(dense_lm: LoadedModel, pruned_lm: LoadedModel, components) -> t
     return plans, None
 
 
-def _patched_nll(run: _Runner, stream: list[torch.Tensor], layer: int, plan, nll_unpatched: float) -> float:
+def _patched_nll(run: LayerRunner, stream: list[torch.Tensor], layer: int, plan, nll_unpatched: float) -> float:
     """Loss of the pruned model with ``plan`` restored (no forward when it restores nothing)."""
     if _unchanged(plan):
         return nll_unpatched
     with _restored(plan):
-        return run.nll(stream[layer], layer)
+        return run.loss(stream[layer], layer)[0]
 
 
 def _ratio_text(q: str, d: float, p: float) -> str:
@@ -496,10 +452,11 @@ def explain(
     if len(windows) < 1 or windows.seqlen < 2:
         raise ValueError("windows must hold at least one window of at least 2 tokens")
 
-    d_run, p_run = _Runner(dense_lm, windows, batch_size), _Runner(pruned_lm, windows, batch_size)
+    # one window per log-softmax piece keeps the (L, V) log-probs small
+    d_run, p_run = (LayerRunner(lm, windows, batch_size, piece_windows=1) for lm in (dense_lm, pruned_lm))
     d_stream, p_stream = d_run.stream(), p_run.stream()
     n_layers = rd.n_layers
-    nll_d, nll_p = d_run.nll(d_stream[-1], n_layers), p_run.nll(p_stream[-1], n_layers)
+    nll_d, nll_p = d_run.loss(d_stream[-1], n_layers)[0], p_run.loss(p_stream[-1], n_layers)[0]
     drift = _drift(d_stream, p_stream)
     over = drift[drift.rel_error > drift_threshold]
     first_layer = int(over.layer.iloc[0]) if len(over) else None
@@ -507,7 +464,7 @@ def explain(
     dyn_rows, sample_rows, state_rows = [], [], []
     for layer in range(n_layers):
         per_model = {}
-        acts = {"pruned": p_run.points(p_stream[layer], layer), "dense": d_run.points(d_stream[layer], layer)}
+        acts = {"pruned": _points(p_run, p_stream[layer], layer), "dense": _points(d_run, d_stream[layer], layer)}
         live = _live(acts["pruned"])  # compare the units the pruned model keeps, in both models
         same_units = live[1].shape == _live(acts["dense"])[1].shape
         for model in ("dense", "pruned"):

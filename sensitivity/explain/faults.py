@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.loading import LoadedModel
+from ..core.loading import LoadedModel
 
 __all__ = ["FAULT_KINDS", "Fault", "default_faults", "plant"]
 

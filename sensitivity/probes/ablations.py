@@ -45,10 +45,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..attribution.scores import wanda_score
-from ..models.hooks import hook_name, hooks
-from ..models.registry import Registry
-from ..pruning.masks import unstructured_mask
+from ..core.hooks import hook_name, hooks
+from ..core.masks import unstructured_mask
+from ..core.registry import Registry
+from ..core.scores import wanda_score
 
 __all__ = ["ABLATION_KINDS", "SPARSIFY_METHODS", "UNITS", "Probe", "ablation_table", "applicable"]
 
@@ -155,7 +155,7 @@ class Context:
     Attributes:
         means: Hook name -> calibration mean per channel.
         input_l2: Hook name -> WANDA's input norm ``||X_j||`` per channel over the calibration windows
-            (:func:`sensitivity.attribution.scores.input_norm`).
+            (:func:`sensitivity.core.scores.input_norm`).
         source: Hook name -> the activation of the other windows, set per batch by the sweep.
     """
 
@@ -175,18 +175,13 @@ def needed_points(registry: Registry, probe: Probe) -> tuple[str, ...]:
     if probe.kind == "bypass" and probe.component == "dt":
         return ("dt",)
     if probe.method == "wanda":
-        return tuple(registry.input_hook(t.param) for t in _weights(registry, probe.component))
+        return tuple(registry.input_hook(t.param) for t in registry.weights(probe.component))
     return ()
 
 
 def resample_point(registry: Registry, probe: Probe) -> str | None:
     """The hook point a ``resample`` probe takes from another window."""
     return registry.component(probe.component).hook if probe.kind == "resample" else None
-
-
-def _weights(registry: Registry, component: str):
-    """The component's sparsifiable weights: 2-D linear rows and conv1d's taps (no biases, no 1-D parameters)."""
-    return [t for t in registry.component(component).tensors if t.param in registry.input_hooks]
 
 
 @contextmanager
@@ -319,7 +314,7 @@ def _bypass(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) ->
 @contextmanager
 def _sparsify(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) -> Iterator[None]:
     mixer = registry.mixer(model, probe.layer)
-    slices = _weights(registry, probe.component)
+    slices = registry.weights(probe.component)
     views = [t.get(mixer) for t in slices]
     masks = []
     for t, w in zip(slices, views):

@@ -23,16 +23,16 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._manifest import atomic_write_text, versions, write_manifest
-from ..attribution.scores import input_norm
-from ..attribution.stats import channel_stats
+from ..core.hooks import capture, hook_name
+from ..core.loading import LoadedModel, as_loaded
+from ..core.output import atomic_write_text, versions, write_manifest
+from ..core.registry import Registry
+from ..core.runner import LayerRunner
+from ..core.scores import input_norm
+from ..core.stats import channel_stats
 from ..data import Corpus, Windows, calibration_windows, load_corpus
-from ..models.hooks import capture, hook_name
-from ..models.loading import LoadedModel, as_loaded
-from ..models.registry import Registry
 from .ablations import (
     ABLATION_KINDS,
     SPARSIFY_METHODS,
@@ -173,75 +173,43 @@ class _Dense:
 
 class _Sweep:
     def __init__(self, lm: LoadedModel, windows: Windows, config: ProbeConfig) -> None:
-        self.model, self.registry, self.windows, self.config = lm.model, lm.registry, windows, config
-        self.blocks = self.registry.blocks(self.model)
-        self.device = next(self.model.parameters()).device
-        self.ids = windows.ids.to(self.device)  # (n, L)
-        self.targets = self.ids[:, 1:]  # (n, L-1)
-        self.batches = [slice(i, i + config.batch_size) for i in range(0, len(windows), config.batch_size)]
+        self.model, self.registry, self.config = lm.model, lm.registry, config
+        self.runner = LayerRunner(lm, windows, config.batch_size)
         self.source = (torch.arange(len(windows)) + 1) % len(windows)  # resample: window i takes window i+1's
-
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.get_output_embeddings()
-        hidden = self.registry.final_norm(self.model)(hidden)  # (B, L, D)
-        return head(hidden.to(head.weight.dtype)).float()  # (B, L, V)
-
-    def _tail(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        """The last hidden state from the residual stream entering layer ``start``. (B, L, D) -> (B, L, D)."""
-        for block in self.blocks[start:]:
-            hidden = block(hidden, cache=None, attention_mask=None)  # (B, L, D)
-        return hidden
-
-    def _chunks(self, x: torch.Tensor, b: slice):
-        """Split a batch into pieces whose (b, L, V) float32 log-probs stay under 16 MB (below glibc's mmap
-        threshold, so the buffers are reused instead of page-faulted in afresh). Yields (piece, window rows)."""
-        step = max(1, (16 << 20) // (self.ids.shape[1] * self.model.config.vocab_size * 4))
-        for i in range(0, x.shape[0], step):
-            yield x[i : i + step], slice(b.start + i, b.start + i + x[i : i + step].shape[0])
 
     @torch.no_grad()
     def dense(self) -> _Dense:
-        resid = [[] for _ in self.blocks]
-        logp = []
-        for b in self.batches:
-            hidden = self.model.get_input_embeddings()(self.ids[b])  # (B, L, D)
-            for layer, block in enumerate(self.blocks):
-                resid[layer].append(hidden)
-                hidden = block(hidden, cache=None, attention_mask=None)
-            logp += [F.log_softmax(self._head(h)[:, :-1], dim=-1) for h, _ in self._chunks(hidden, b)]  # (b, L-1, V)
-        logp = torch.cat(logp)  # (n, L-1, V)
-        nll = -logp.gather(-1, self.targets[..., None]).mean().item()
-        return _Dense([torch.cat(r) for r in resid], logp, nll)
+        stream = self.runner.stream()
+        logp = self.runner.logprobs(stream[-1])  # (n, L-1, V)
+        nll = -logp.gather(-1, self.runner.targets[..., None]).mean().item()
+        return _Dense(stream[:-1], logp, nll)
 
     @torch.no_grad()
     def run(self, probe: Probe, dense: _Dense, ctx: Context) -> dict[str, float]:
+        run = self.runner
         nll_sum, kl_sum, count = 0.0, 0.0, 0
         point = resample_point(self.registry, probe)
-        for b in self.batches:
+        for b in run.batches:
             if point is not None:
                 ctx.source = self._source(probe.layer, point, b, dense)
             with ablate(self.model, self.registry, probe, ctx):
                 if self.config.sweep == "cached":
-                    out, to_logits = self._tail(dense.resid[probe.layer][b], probe.layer), self._head  # (B, L, D)
+                    out, logits = run.run(dense.resid[probe.layer][b], probe.layer), None  # (B, L, D)
                 else:
-                    out, to_logits = self.model(input_ids=self.ids[b], use_cache=False).logits, torch.Tensor.float
-            for piece, rows in self._chunks(out, b):
-                logp = F.log_softmax(to_logits(piece)[:, :-1], dim=-1)  # (b, L-1, V)
-                nll_sum -= logp.gather(-1, self.targets[rows][..., None]).sum().item()
-                kl_sum += F.kl_div(logp, dense.logp[rows], log_target=True, reduction="sum").item()
-                count += self.targets[rows].numel()
+                    out, logits = self.model(input_ids=run.ids[b], use_cache=False).logits, torch.Tensor.float
+            for nll, kl, n in run.terms(out, b, dense.logp, logits):
+                nll_sum, kl_sum, count = nll_sum + nll, kl_sum + kl, count + n
         delta = nll_sum / count - dense.nll
         return {"delta_nll": delta, "ppl_ratio": math.exp(delta), "kl": kl_sum / count}
 
     def _source(self, layer: int, point: str, b: slice, dense: _Dense) -> dict[str, torch.Tensor]:
         """The dense activation at ``point`` of ``layer`` on the windows that batch ``b`` resamples from."""
-        src = self.source[b].to(self.device)
+        src = self.source[b].to(self.runner.ids.device)
+        if self.config.sweep == "cached":
+            return {hook_name(layer, point): self.runner.capture(layer, [point], dense.resid[layer][src])[point][0]}
         name = hook_name(layer, point)
         with capture(self.model, [name]) as acts:
-            if self.config.sweep == "cached":
-                self.blocks[layer](dense.resid[layer][src], cache=None, attention_mask=None)
-            else:
-                self.model(input_ids=self.ids[src], use_cache=False)
+            self.model(input_ids=self.runner.ids[src], use_cache=False)
         return {name: acts[name][0]}
 
 

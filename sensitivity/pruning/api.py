@@ -11,10 +11,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .._manifest import versions
-from ..allocation.schedule import DEFAULT_EXCLUDE, Schedule, prunable_slices
+from ..allocation import Schedule
+from ..core.loading import LoadedModel, as_loaded
+from ..core.output import versions
+from ..core.registry import DEFAULT_EXCLUDE
 from ..data import Windows
-from ..models.loading import LoadedModel, as_loaded
 from .save import save_pruned
 from .structured import UNITS, prune_structured
 from .unstructured import METHODS as UNSTRUCTURED
@@ -41,7 +42,7 @@ def sparsity_report(model: LoadedModel | nn.Module) -> pd.DataFrame:
     for layer in range(reg.n_layers):
         mixer = reg.mixer(lm.model, layer)
         for comp in reg.components:
-            prunable = {t.describe() for t in prunable_slices(reg, comp.name)}
+            prunable = {t.describe() for t in reg.weights(comp.name)}
             for t in comp.tensors:
                 w = t.get(mixer).detach()
                 zeros = int((w == 0).sum())

@@ -6,9 +6,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from .._manifest import write_manifest
-from ..models.loading import LoadedModel
-from ..zoo import ZOO_MODELS, zoo_path
+from ..core.loading import LoadedModel
+from ..core.output import write_manifest
+from ..core.zoo import ZOO_MODELS, zoo_path
 
 __all__ = ["MANIFEST", "save_pruned", "source_dir"]
 

@@ -33,7 +33,6 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import reduce
 from inspect import signature
 
 import torch
@@ -43,12 +42,12 @@ from transformers.models.mamba.modeling_mamba import MambaMixer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from ..attribution.api import weight_scores
-from ..attribution.stats import channel_stats
+from ..core.hooks import hook_name
+from ..core.instrumented import instrument, is_instrumented
+from ..core.loading import LoadedModel, as_loaded
+from ..core.registry import Registry, TensorSlice, build_registry
+from ..core.stats import channel_stats
 from ..data import Windows
-from ..models.hooks import hook_name
-from ..models.instrumented import instrument, is_instrumented
-from ..models.loading import LoadedModel, as_loaded
-from ..models.registry import Registry, TensorSlice, build_registry
 
 __all__ = [
     "DEFAULT_SCORES",
@@ -438,17 +437,6 @@ def _shrinkable(reg: Registry, config, unit: str, n: int) -> list[str]:
 # --- scores ---------------------------------------------------------------------------------------------------
 
 
-def _param(mixer: nn.Module, name: str) -> torch.Tensor:
-    return reduce(getattr, name.split("."), mixer)
-
-
-def _slice(t: TensorSlice, full: torch.Tensor) -> torch.Tensor:
-    """The view of ``t``'s rows and columns in a tensor shaped like its whole parameter."""
-    if t.rows is not None:
-        full = full[t.rows[0] : t.rows[1]]
-    return full if t.cols is None else full[:, t.cols[0] : t.cols[1]]
-
-
 def _weight_slice(reg: Registry, component: str) -> TensorSlice:
     return next(t for t in reg.component(component).tensors if t.param.endswith("weight"))
 
@@ -460,8 +448,8 @@ def _full_fisher(reg: Registry, fisher: Mapping, layer: int, mixer: nn.Module) -
         if lay != layer:
             continue
         t = next(t for t in reg.component(comp).tensors if t.describe() == desc)
-        full = out.setdefault(t.param, torch.zeros(_param(mixer, t.param).shape, dtype=torch.float32))
-        _slice(t, full).copy_(f)
+        full = out.setdefault(t.param, torch.zeros(mixer.get_parameter(t.param).shape, dtype=torch.float32))
+        t.select(full).copy_(f)
     return out
 
 
@@ -505,7 +493,7 @@ def _scores(lm: LoadedModel, unit: str, score: str, windows, seed: int, batch_si
         full = _full_fisher(reg, fisher, layer, mixer) if taylor else {}
         values = {}
         for name in index:
-            w = _param(mixer, name).detach()
+            w = mixer.get_parameter(name).detach()
             values[name] = taylor_entries(w, full[name].to(w.device), len(windows)) if taylor else w.float().square()
         scores.append(unit_totals(values, index).view(blocks, n))  # (blocks, n)
     return scores, None
@@ -542,7 +530,7 @@ def _mask(lm: LoadedModel, unit: str, index: UnitIndex, removed: dict[int, list[
         mixer = reg.mixer(lm.model, layer)
         rm = torch.as_tensor(units, dtype=torch.long)
         for name, (dim, idx) in index.items():
-            p = _param(mixer, name)
+            p = mixer.get_parameter(name)
             p.index_fill_(dim, idx[rm].flatten().to(p.device), 0)
         if unit != "state":
             d = reg.dims

@@ -26,14 +26,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..allocation.schedule import DEFAULT_EXCLUDE, Schedule, prunable_slices, uniform_schedule
-from ..attribution.scores import input_norm, wanda_score
-from ..attribution.stats import ChannelStats, channel_stats
+from ..allocation import Schedule, uniform_schedule
+from ..core.hooks import hook_name, hooks
+from ..core.loading import LoadedModel, as_loaded
+from ..core.masks import COMPARE, nm_mask, parse_structure, unstructured_mask
+from ..core.registry import DEFAULT_EXCLUDE, Registry, TensorSlice
+from ..core.runner import LayerRunner
+from ..core.scores import input_norm, wanda_score
+from ..core.stats import ChannelStats, channel_stats
 from ..data import Windows
-from ..models.hooks import hook_name, hooks
-from ..models.loading import LoadedModel, as_loaded
-from ..models.registry import Registry, TensorSlice
-from .masks import COMPARE, nm_mask, parse_structure, unstructured_mask
 
 __all__ = ["METHODS", "prune_unstructured"]
 
@@ -54,7 +55,7 @@ def _targets(registry: Registry, schedule: Schedule) -> list[list[_Target]]:
     out: list[list[_Target]] = [[] for _ in range(registry.n_layers)]
     for (layer, comp), s in sorted(schedule.sparsity.items()):
         if s > 0:
-            out[layer] += [_Target(comp, t, s) for t in prunable_slices(registry, comp)]
+            out[layer] += [_Target(comp, t, s) for t in registry.weights(comp)]
     return out
 
 
@@ -183,17 +184,15 @@ def prune_unstructured(
 def _sequential_wanda(lm: LoadedModel, targets, windows: Windows, nm, compare: str, batch_size: int,
                       show_progress: bool) -> None:  # fmt: skip
     """WANDA layer by layer: statistics of layer l from the pruned layers' outputs, then its own pruned output."""
-    registry, model = lm.registry, lm.model
-    blocks = registry.blocks(model)
-    ids = windows.ids.to(lm.device)  # (n, L)
-    hidden = [model.get_input_embeddings()(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
-    for layer, block in enumerate(tqdm(blocks, desc="wanda (sequential)", disable=not show_progress)):
+    registry, run = lm.registry, LayerRunner(lm, windows, batch_size)
+    hidden = [run.embed(b) for b in run.batches]  # (B, L, D) each
+    for layer in tqdm(range(registry.n_layers), desc="wanda (sequential)", disable=not show_progress):
         points = _input_points(registry, targets[layer])
         if points:
             stats = {p: ChannelStats() for p in points}
             with hooks(lm, {hook_name(layer, p): stats[p].add_batch for p in points}):
                 for h in hidden:
-                    block(h, cache=None, attention_mask=None)
-            _prune_layer(registry.mixer(model, layer), registry, targets[layer], "wanda", nm, compare, stats,
+                    run.run(h, layer, layer + 1)
+            _prune_layer(registry.mixer(lm.model, layer), registry, targets[layer], "wanda", nm, compare, stats,
                          len(windows))  # fmt: skip
-        hidden = [block(h, cache=None, attention_mask=None) for h in hidden]  # (B, L, D) each
+        hidden = [run.run(h, layer, layer + 1) for h in hidden]

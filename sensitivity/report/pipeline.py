@@ -27,10 +27,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .._manifest import atomic_write_text, versions, write_manifest
+from ..core.loading import DEFAULT_MODEL
+from ..core.output import atomic_write_text, versions, write_manifest
 from ..data.corpus import DEFAULT_CORPUS
 from ..explain.explainer import DRIFT
-from ..models.loading import DEFAULT_MODEL
 from ..pruning.structured import UNITS, applicable_units
 
 __all__ = ["GRIDS", "ReportConfig", "build_report"]
@@ -139,8 +139,8 @@ def _explained(cfg: ReportConfig, registry) -> list[tuple[str, str]]:
 
 class _Report:
     def __init__(self, cfg: ReportConfig, out: Path, show: bool) -> None:
+        from ..core import load_model
         from ..data import calibration_windows, eval_windows, load_corpus
-        from ..models import load_model
 
         self.cfg, self.out, self.show = cfg, out, show
         self.corpus = load_corpus(cfg.data)
@@ -172,7 +172,7 @@ class _Report:
         """A new copy of the dense model (pruning works in place)."""
         import copy
 
-        from ..models.loading import LoadedModel
+        from ..core.loading import LoadedModel
 
         lm = self.lm
         return LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.registry, lm.name)

@@ -6,6 +6,10 @@ Sections, in order (each omitted when its tables are absent, except Summary and 
 Components, Sensitivity, Attribution agreement, Schedule, Pruning grid, Why methods collapse, SSM dynamics,
 Reproducibility. A :class:`Section` of ``level`` 3 is a subsection of the level-2 section before it.
 
+The pages' layout lives in jinja2 templates shipped with the package (``templates/report.md.j2``,
+``templates/report.html.j2`` with ``templates/report.css``); this module chooses the sections and turns them into
+plain data for the templates: text cells (floats to 4 significant digits), heading anchors, base64 figures.
+
 Example:
     >>> paths = write_report(Path("reports/default"), tables, meta)
     >>> paths["html"], paths["markdown"], paths["drift"]
@@ -22,12 +26,15 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
-from .._manifest import atomic_write_text
+from ..core.output import atomic_write_text
 from .figures import (
     DEFAULT_THRESHOLDS,
     component_probes,
@@ -85,31 +92,6 @@ _REPRO_FIRST = (
     "explain_sparsity",
     "thresholds",
 )
-_CSS = """
-:root { --fg: #1f2328; --muted: #59636e; --line: #d1d9e0; --zebra: #f6f8fa; --accent: #0969da; }
-* { box-sizing: border-box; }
-body { margin: 0; color: var(--fg); background: #fff; line-height: 1.5;
-       font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1100px; margin: 0 auto; padding: 24px 32px 64px; }
-h1 { font-size: 1.8em; border-bottom: 1px solid var(--line); padding-bottom: .3em; }
-h2 { font-size: 1.4em; border-bottom: 1px solid var(--line); padding-bottom: .25em; margin-top: 2em; }
-h3 { font-size: 1.12em; margin-top: 1.5em; }
-p.meta { color: var(--muted); }
-a { color: var(--accent); text-decoration: none; }
-a:hover { text-decoration: underline; }
-nav.toc { background: var(--zebra); border: 1px solid var(--line); border-radius: 6px; padding: 8px 20px; }
-nav.toc h2 { border: 0; margin: .4em 0; font-size: 1.1em; }
-nav.toc ol { margin: 0; padding-left: 1.4em; }
-figure { margin: 1em 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
-figcaption { color: var(--muted); font-size: .9em; }
-.table-wrap { overflow-x: auto; margin: 1em 0; }
-table { border-collapse: collapse; font-size: .88em; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid var(--line); padding: 4px 10px; text-align: left; white-space: nowrap; }
-th { background: var(--zebra); text-align: center; }
-tbody tr:nth-child(even) { background: #fbfcfd; }
-@media print { nav.toc { display: none; } main { max-width: none; } }
-"""
 
 
 @dataclass(frozen=True)
@@ -502,24 +484,52 @@ def _md_text(text: str) -> str:
     return str(text).replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _md_cell(text) -> str:
+    """Text safe in a markdown table cell: as :func:`_md_text`, pipes escaped, line breaks as spaces."""
+    return _md_text(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _html_text(text) -> Markup:
+    """Text safe in an HTML text node: ``&``, ``<`` and ``>`` escaped, quotes kept as they are (markupsafe's
+    autoescape would also write ``'`` and ``"`` as ``&#39;`` and ``&#34;``)."""
+    return Markup(html.escape(str(text), quote=False))
+
+
+def _html_quoted(text) -> Markup:
+    """Text safe in a quoted HTML attribute: as :func:`_html_text`, quotes as ``&quot;`` and ``&#x27;``."""
+    return Markup(html.escape(str(text), quote=True))
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Environment:
+    """The jinja2 environment of the templates under ``templates/``: ``*.html.j2`` autoescaped, markdown not."""
+    env = Environment(
+        loader=PackageLoader("sensitivity.report", "templates"),
+        autoescape=select_autoescape(enabled_extensions=("html.j2",), default_for_string=False, default=False),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(md=_md_text, md_cell=_md_cell, text=_html_text, quoted=_html_quoted)
+    return env
+
+
 def _numeric_columns(df: pd.DataFrame) -> list[bool]:
     """Per column: numbers (right-aligned) or not."""
     return [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
 
 
-def _md_table(df: pd.DataFrame) -> str:
-    """A GitHub pipe table (numbers right-aligned, floats to 4 significant digits)."""
+def _has_table(section: Section) -> bool:
+    return section.table is not None and len(section.table.columns) > 0
+
+
+def _table_rows(df: pd.DataFrame) -> dict:
+    """``df`` as text cells for a pipe table: ``header``, ``numeric`` (per column: right-aligned) and ``rows``
+    (floats to 4 significant digits, missing values empty)."""
     df = _display(df)
-
-    def cell(value) -> str:
-        return _md_text(_cell(value)).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
-
-    numeric = _numeric_columns(df)
-    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |"]
-    lines.append("| " + " | ".join("---:" if n else "---" for n in numeric) + " |")
-    for row in df.itertuples(index=False, name=None):
-        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
-    return "\n".join(lines)
+    rows = [[_cell(v) for v in row] for row in df.itertuples(index=False, name=None)]
+    return {"header": [_cell(c) for c in df.columns], "numeric": _numeric_columns(df), "rows": rows}
 
 
 def _slugs(items: Iterable[Section]) -> list[str]:
@@ -559,25 +569,19 @@ def render_markdown(sections: list[Section], meta: Mapping) -> str:
         # Sensitivity report: m
         ...
     """
-    slugs = _slugs(sections)
-    out = [f"# {_md_text(_title(meta))}", ""]
-    if byline := _byline(meta):
-        out += [_md_text(byline) + ".", ""]
-    out += ["## Contents", ""]
-    for section, slug in zip(sections, slugs):
-        indent = "  " * max(section.level - 2, 0)
-        out.append(f"{indent}- [{_md_text(section.title)}](#{slug})")
-    out.append("")
-    for section in sections:
-        out += [f"{'#' * max(section.level, 2)} {_md_text(section.title)}", ""]
-        for paragraph in _paragraphs(section.text):
-            out += [_md_text(paragraph), ""]
-        if section.figure:
-            alt = _md_text(section.title).replace("[", "(").replace("]", ")")
-            out += [f"![{alt}](figures/{section.figure})", ""]
-        if section.table is not None and len(section.table.columns):
-            out += [_md_table(section.table), ""]
-    return "\n".join(out).rstrip() + "\n"
+    items = [
+        {
+            "title": section.title,
+            "slug": slug,
+            "level": max(section.level, 2),
+            "paragraphs": _paragraphs(section.text),
+            "figure": section.figure or None,
+            "table": _table_rows(section.table) if _has_table(section) else None,
+        }
+        for section, slug in zip(sections, _slugs(sections))
+    ]
+    template = _environment().get_template("report.md.j2")
+    return template.render(title=_title(meta), byline=_byline(meta), sections=items)
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -606,17 +610,13 @@ def _html_table(df: pd.DataFrame, table_id: str) -> tuple[str, str]:
     return table, css
 
 
-def _html_figure(section: Section, figures_dir: Path) -> str:
+def _html_figure(section: Section, figures_dir: Path) -> dict[str, str] | None:
+    """The section's figure as ``{"name": file name, "data": base64 PNG}``; None (with a warning) when missing."""
     path = Path(figures_dir) / str(section.figure)
     if not path.is_file():
         logger.warning("figure %s of section %r not found; left out of the HTML", path, section.title)
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    title = html.escape(section.title)
-    return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{title}">'
-        f"<figcaption>{html.escape(section.figure or '')}</figcaption></figure>"
-    )
+        return None
+    return {"name": str(section.figure), "data": base64.b64encode(path.read_bytes()).decode("ascii")}
 
 
 def render_html(sections: list[Section], meta: Mapping, figures_dir: Path) -> str:
@@ -630,63 +630,37 @@ def render_html(sections: list[Section], meta: Mapping, figures_dir: Path) -> st
         >>> "a &lt;b&gt; label" in page
         True
     """
-    slugs = _slugs(sections)
-    title = html.escape(_title(meta), quote=False)
-    body = [f"<h1>{title}</h1>"]
-    if byline := _byline(meta):
-        body.append(f'<p class="meta">{html.escape(byline, quote=False)}.</p>')
-    body += _html_toc(sections, slugs)
-    rules = []
-    for number, (section, slug) in enumerate(zip(sections, slugs)):
-        level = min(max(section.level, 2), 6)
-        body.append(f'<section id="{html.escape(slug)}">')
-        body.append(f"<h{level}>{html.escape(section.title, quote=False)}</h{level}>")
-        body += [f"<p>{html.escape(p, quote=False)}</p>" for p in _paragraphs(section.text)]
-        if section.figure:
-            body.append(_html_figure(section, figures_dir))
-        if section.table is not None and len(section.table.columns):
-            table, css = _html_table(section.table, f"table-{number}")
-            body.append(f'<div class="table-wrap">{table}</div>')
+    items, rules = [], []
+    for number, (section, slug) in enumerate(zip(sections, _slugs(sections))):
+        table = None
+        if _has_table(section):
+            html_table, css = _html_table(section.table, f"table-{number}")
+            table = Markup(html_table)  # escaped by pandas
             rules.append(css)
-        body.append("</section>")
-    head = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{title}</title>",
-        f"<style>{_CSS}{chr(10).join(r for r in rules if r)}\n</style>",
-        "</head>",
-        "<body>",
-        "<main>",
-    ]
-    return "\n".join(line for line in (*head, *body, "</main>", "</body>", "</html>") if line) + "\n"
-
-
-def _html_toc(sections: list[Section], slugs: list[str]) -> list[str]:
-    """Nested ordered list of in-page links: level-3 sections under the level-2 section before them."""
-    out = ['<nav class="toc" aria-label="Contents">', "<h2>Contents</h2>", "<ol>"]
-    in_sub = False
-    for i, (section, slug) in enumerate(zip(sections, slugs)):
-        link = f'<a href="#{html.escape(slug)}">{html.escape(section.title, quote=False)}</a>'
-        if section.level > 2 and i > 0:
-            if not in_sub:
-                out.append("<ol>")
-                in_sub = True
-            out.append(f"<li>{link}</li>")
-            continue
-        if in_sub:
-            out.append("</ol>")
-            in_sub = False
-        if i > 0:
-            out.append("</li>")
-        out.append(f"<li>{link}")
-    if in_sub:
-        out.append("</ol>")
-    if sections:
-        out.append("</li>")
-    return [*out, "</ol>", "</nav>"]
+        items.append(
+            {
+                "title": section.title,
+                "slug": slug,
+                "level": min(max(section.level, 2), 6),
+                "paragraphs": _paragraphs(section.text),
+                "figure": _html_figure(section, figures_dir) if section.figure else None,
+                "table": table,
+            }
+        )
+    toc: list[dict] = []  # level-3 (and deeper) sections nested under the level-2 section before them
+    for section, item in zip(sections, items):
+        if section.level > 2 and toc:
+            toc[-1]["children"].append(item)
+        else:
+            toc.append({**item, "children": []})
+    template = _environment().get_template("report.html.j2")
+    return template.render(
+        title=_title(meta),
+        byline=_byline(meta),
+        table_css=Markup("\n".join(r for r in rules if r)),  # generated CSS: ids and column numbers only
+        toc=toc,
+        sections=items,
+    )
 
 
 def write_report(out_dir: Path, tables: Mapping[str, pd.DataFrame | None], meta: Mapping) -> dict[str, Path]:

@@ -150,7 +150,7 @@ def train_model(args, **config_overrides) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models import instrument
+    from ..core import instrument
 
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -365,10 +365,10 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
     """Store ``run/best`` in float16 under ``dest_root/name`` with its card; returns the card."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .._manifest import versions
+    from ..core import load_model
+    from ..core.output import versions
     from ..data import eval_windows, load_corpus
     from ..eval import perplexity
-    from ..models import load_model
 
     best = json.loads((run / "best" / "best.json").read_text())
     meta = json.loads((run / "train_args.json").read_text())

@@ -19,15 +19,13 @@ from sensitivity.allocation import (
     METHODS,
     allocate,
     depth_ramp,
-    entry_sizes,
     fit_budget,
     greedy_allocate,
     lower_convex_hull,
     owl_sparsity,
-    prunable_slices,
 )
+from sensitivity.core import capture, hook_name, load_model
 from sensitivity.data import Windows
-from sensitivity.models import capture, hook_name, load_model
 
 # ---- fit_budget ----
 
@@ -264,7 +262,7 @@ def test_uniform_and_depth(lm):
     s = allocate(lm, "uniform", 0.4, show_progress=False)
     _check_budget(s, 0.4)
     assert set(s.sparsity.values()) == {0.4} and "conv1d" not in s.components and s.method == "uniform"
-    assert s.params == entry_sizes(lm, ["z", "x", "B", "C", "dt", "out_proj"])
+    assert s.params == lm.registry.weight_sizes(lm.model, ["z", "x", "B", "C", "dt", "out_proj"])
     s = allocate(lm, "depth", 0.5, depth_spread=0.2, exclude=(), show_progress=False)
     _check_budget(s, 0.5)
     assert s.per_layer() == pytest.approx([0.3, 0.7]) and "conv1d" in s.components
@@ -279,7 +277,7 @@ def _independent_outlier_ratios(lm, windows, comps, m):
     """WANDA scores from activations captured at each weight's input hook (not through channel_stats)."""
     reg = lm.registry
     names = sorted({hook_name(layer, reg.input_hook(t.param)) for layer in range(reg.n_layers) for c in comps
-                    for t in prunable_slices(reg, c)})  # fmt: skip
+                    for t in reg.weights(c)})  # fmt: skip
     with torch.no_grad(), capture(lm.model, names) as acts:
         lm.model(input_ids=windows.ids, use_cache=False)
     ratios = []
@@ -287,7 +285,7 @@ def _independent_outlier_ratios(lm, windows, comps, m):
         mixer = reg.mixer(lm.model, layer)
         scores = []
         for c in comps:
-            for t in prunable_slices(reg, c):
+            for t in reg.weights(c):
                 x = acts[hook_name(layer, reg.input_hook(t.param))][0].float()  # (B, L, C)
                 norm = (x.pow(2).sum((0, 1)) / len(windows)).sqrt()  # (C,)
                 w = t.get(mixer).detach().float()
@@ -386,7 +384,7 @@ def test_fisher_source_matches_independent_gradients(lm):
     # independent Fisher: one backward of HF's own causal-LM loss per window
     reg, model = lm.registry, lm.model
     keys = list(s.sparsity)
-    params = {k: [t for t in prunable_slices(reg, k[1])] for k in keys}
+    params = {k: [t for t in reg.weights(k[1])] for k in keys}
     sq = {(k, i): 0.0 for k in keys for i in range(len(params[k]))}
     for w in range(len(windows)):
         model.zero_grad(set_to_none=True)

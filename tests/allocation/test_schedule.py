@@ -12,16 +12,8 @@ import pytest
 import yaml
 from torch import nn
 
-from sensitivity.allocation import (
-    DEFAULT_EXCLUDE,
-    Schedule,
-    entry_sizes,
-    prunable_components,
-    prunable_slices,
-    resolve_components,
-    uniform_schedule,
-)
-from sensitivity.models import load_model
+from sensitivity.allocation import Schedule, uniform_schedule
+from sensitivity.core import load_model
 
 M1_COMPONENTS = ("x", "z", "conv1d", "dt", "B", "C", "out_proj")
 
@@ -48,63 +40,6 @@ def _schedule(**overrides) -> Schedule:
         exclude=("conv1d",),
     )
     return Schedule(**{**base, **overrides})
-
-
-# ---- prunable components and sizes ----
-
-
-def test_prunable_components_per_architecture(m2, m1):
-    assert prunable_components(m2.registry) == ("z", "x", "B", "C", "dt", "conv1d", "out_proj")
-    assert prunable_components(m1.registry) == M1_COMPONENTS
-    falcon = load_model("tiny:falcon-mamba", instrument=False)
-    assert prunable_components(falcon.registry) == M1_COMPONENTS  # weightless norms are not prunable
-    assert DEFAULT_EXCLUDE == ("conv1d",)
-
-
-def test_prunable_slices_are_weight_matrices_only(m2, m1):
-    assert [t.describe() for t in prunable_slices(m1.registry, "dt")] == ["x_proj.weight[0:8]", "dt_proj.weight"]
-    assert [t.param for t in prunable_slices(m2.registry, "dt")] == ["in_proj.weight"]  # not dt_bias
-    assert [t.param for t in prunable_slices(m2.registry, "conv1d")] == ["conv1d.weight"]  # not conv1d.bias
-    for name in ("A_log", "D", "norm"):
-        assert prunable_slices(m2.registry, name) == ()
-    with pytest.raises(ValueError, match="unknown component 'w'"):
-        prunable_slices(m2.registry, "w")
-
-
-def test_entry_sizes_match_config_dims_and_tensors(m2, m1):
-    c = m2.model.config
-    D, ED, GN, H, K = c.hidden_size, c.expand * c.hidden_size, c.n_groups * c.state_size, c.num_heads, c.conv_kernel
-    expected = {"z": ED * D, "x": ED * D, "B": GN * D, "C": GN * D, "dt": H * D, "conv1d": (ED + 2 * GN) * K,
-                "out_proj": D * ED}  # fmt: skip
-    sizes = entry_sizes(m2)
-    assert sizes == {(layer, k): v for layer in range(c.num_hidden_layers) for k, v in expected.items()}
-    c = m1.model.config
-    D, ED, N, R, K = c.hidden_size, c.intermediate_size, c.state_size, c.time_step_rank, c.conv_kernel
-    expected = {"x": ED * D, "z": ED * D, "conv1d": ED * K, "dt": R * ED + ED * R, "B": N * ED, "C": N * ED,
-                "out_proj": D * ED}  # fmt: skip
-    assert entry_sizes(m1, ["dt", "B"]) == {(layer, k): expected[k] for layer in range(2) for k in ("dt", "B")}
-    mixer = m1.model.backbone.layers[1].mixer  # the prunable weights hold every parameter of these matrices
-    whole = mixer.in_proj.weight.numel() + mixer.x_proj.weight.numel() + mixer.dt_proj.weight.numel()
-    whole += mixer.out_proj.weight.numel() + mixer.conv1d.weight.numel()
-    assert sum(v for (layer, _), v in entry_sizes(m1).items() if layer == 1) == whole
-
-
-def test_resolve_components(m2):
-    reg = m2.registry
-    assert resolve_components(reg) == ("z", "x", "B", "C", "dt", "out_proj")
-    assert resolve_components(reg, exclude=()) == ("z", "x", "B", "C", "dt", "conv1d", "out_proj")
-    assert resolve_components(reg, ["out_proj", "z"]) == ("z", "out_proj")  # registry order
-    assert resolve_components(reg, "dt", exclude=None) == ("dt",)
-    with pytest.raises(ValueError, match=r"unknown component 'q' for mamba2; allowed: z, x, B, C, dt, conv1d"):
-        resolve_components(reg, ["q"])
-    with pytest.raises(ValueError, match="'A_log' has no weight matrix to prune"):
-        resolve_components(reg, ["A_log"])
-    with pytest.raises(ValueError, match="'conv1d' is both asked for and excluded.*exclude=\\(\\)"):
-        resolve_components(reg, ["conv1d"])
-    with pytest.raises(ValueError, match="unknown excluded component 'conv'"):
-        resolve_components(reg, exclude=["conv"])
-    with pytest.raises(ValueError, match="no component left"):
-        resolve_components(reg, exclude=prunable_components(reg))
 
 
 # ---- the schedule object ----

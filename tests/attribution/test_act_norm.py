@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sensitivity.attribution import attribute, weight_scores
-from sensitivity.models import capture, load_model
+from sensitivity.core import capture, load_model
 
 
 def _norms(lm, windows, layer, point):

@@ -74,7 +74,7 @@ def test_defaults_and_selection(tiny_lm, make_windows):
     ],
 )
 def test_bad_arguments_name_the_value_and_the_allowed_ones(kwargs, match, make_windows):
-    from sensitivity.models import load_model
+    from sensitivity.core import load_model
 
     lm = load_model("tiny:mamba2")
     windows = {
@@ -90,7 +90,7 @@ def test_bad_arguments_name_the_value_and_the_allowed_ones(kwargs, match, make_w
 def test_rejects_seed_and_model_it_cannot_use(make_windows):
     from transformers import AutoModelForCausalLM
 
-    from sensitivity.models import load_model, tiny_config
+    from sensitivity.core import load_model, tiny_config
 
     with pytest.raises(ValueError, match="seed=1.5 is invalid; it must be an integer$"):
         attribute(load_model("tiny:mamba"), make_windows(1), seed=1.5, show_progress=False)
@@ -102,7 +102,7 @@ def test_rejects_seed_and_model_it_cannot_use(make_windows):
 
 
 def test_accepts_a_bare_instrumented_model(make_windows):
-    from sensitivity.models import load_model
+    from sensitivity.core import load_model
 
     lm = load_model("tiny:mamba")
     windows = make_windows(2, 10)

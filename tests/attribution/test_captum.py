@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from captum.attr import LayerConductance, LayerGradientXActivation, LayerIntegratedGradients
 
 from sensitivity.attribution import attribute
-from sensitivity.models import hooks, load_model
+from sensitivity.core import hooks, load_model
 
 
 def _forward(model):

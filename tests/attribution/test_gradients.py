@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sensitivity.attribution import attribute
-from sensitivity.attribution.gradients import grad_state, window_gradients, window_objective
-from sensitivity.attribution.scores import gblm_score, input_norm, taylor_score
-from sensitivity.models import load_model
+from sensitivity.core import load_model
+from sensitivity.core.scores import gblm_score, input_norm, taylor_score
+from sensitivity.core.stats import grad_state, window_gradients, window_objective
 
 V = 5
 

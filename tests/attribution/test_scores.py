@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sensitivity.attribution import owl_outlier_ratio, wanda_score
-from sensitivity.attribution.scores import fisher_score, gblm_score, input_norm, max_over_median, taylor_score
+from sensitivity.core.scores import fisher_score, gblm_score, input_norm, max_over_median, taylor_score
 
 
 def test_wanda_linear_broadcasts_along_columns():

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sensitivity.core import capture, load_model
 from sensitivity.explain.dynamics import (
     decay,
     gate_closed_share,
@@ -15,7 +16,6 @@ from sensitivity.explain.dynamics import (
     ssm_states,
     summary_stats,
 )
-from sensitivity.models import capture, load_model
 
 
 def test_decay_and_memory_length_by_hand():

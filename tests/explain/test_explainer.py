@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from sensitivity.core import LoadedModel, load_model
 from sensitivity.data import Windows
 from sensitivity.explain import Explanation, explain, explain_method, verdict
 from sensitivity.explain.faults import Fault, default_faults, plant
-from sensitivity.models import LoadedModel, load_model
 from sensitivity.pruning import prune
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sensitivity.attribution.stats import channel_stats
+from sensitivity.core import capture, hook_name, load_model
+from sensitivity.core.stats import channel_stats
 from sensitivity.data import Windows
-from sensitivity.models import capture, hook_name, load_model
 from sensitivity.probes import Probe, ablation_table
 from sensitivity.probes.ablations import Context, ablate
 

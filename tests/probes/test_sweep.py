@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
+from sensitivity.core import load_model
 from sensitivity.data import calibration_windows, load_corpus
 from sensitivity.eval import kl_divergence, perplexity
-from sensitivity.models import load_model
 from sensitivity.probes import COLUMNS, Probe, ProbeConfig, plan, probe
 from sensitivity.probes import sweep as sweep_mod
 from sensitivity.probes.ablations import Context, ablate

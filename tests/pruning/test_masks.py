@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sensitivity.pruning.masks import nm_mask, parse_structure, unstructured_mask
+from sensitivity.core.masks import nm_mask, parse_structure, unstructured_mask
 
 
 def test_unstructured_mask_by_hand():

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
+from sensitivity.core import load_model
 from sensitivity.data import Windows, calibration_windows, eval_windows, load_corpus
 from sensitivity.eval import perplexity
-from sensitivity.models import load_model
 from sensitivity.pruning import prune, sparsity_report
 from sensitivity.zoo import zoo_path
 

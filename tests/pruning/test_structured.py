@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from sensitivity.core import build_registry, capture, hook_name, instrument, selective_scan_ref, ssd_scan, tiny_config
+from sensitivity.core.loading import as_loaded
 from sensitivity.data import Windows
-from sensitivity.models import build_registry, capture, hook_name, instrument, selective_scan_ref, ssd_scan, tiny_config
-from sensitivity.models.loading import as_loaded
 from sensitivity.pruning.structured import (
     expand_value,
     flap_bias,

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from sensitivity.allocation import Schedule, entry_sizes, prunable_slices
+from sensitivity.allocation import Schedule
+from sensitivity.core import load_model
 from sensitivity.data import Windows
-from sensitivity.models import load_model
 from sensitivity.pruning import prune, prune_unstructured, sparsity_report
 
 TINY = ["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba"]
@@ -44,14 +44,14 @@ def test_wanda_mask_equals_independent_computation(name):
 
 def test_wanda_prunes_each_slice_at_its_own_sparsity():
     lm, windows = load_model("tiny:mamba2"), _windows()
-    sizes = entry_sizes(lm, ["z", "x", "B", "out_proj"])
+    sizes = lm.registry.weight_sizes(lm.model, ["z", "x", "B", "out_proj"])
     wanted = {(0, "z"): 0.25, (0, "x"): 0.5, (1, "B"): 0.75, (1, "out_proj"): 0.5}
     schedule = Schedule(arch="mamba2", n_layers=2, sparsity=wanted, params={k: sizes[k] for k in wanted},
                         method="custom", budget=None, exclude=("conv1d",), meta={})
     prune_unstructured(lm, "wanda", schedule=schedule, windows=windows)
     report = sparsity_report(lm).set_index(["layer", "component"])
     for (layer, comp), s in wanted.items():
-        (t,) = prunable_slices(lm.registry, comp)
+        (t,) = lm.registry.weights(comp)
         w = t.get(lm.registry.mixer(lm.model, layer))
         assert ((w == 0).sum(1) == int(w.shape[1] * s)).all(), (layer, comp)
         assert report.loc[(layer, comp), "sparsity"] == pytest.approx(int(w.shape[1] * s) / w.shape[1])
@@ -77,7 +77,7 @@ def test_nm_pattern_holds_in_every_group(method, structure, n, m):
     for layer in range(2):
         mixer = lm.registry.mixer(lm.model, layer)
         for comp in ("z", "x", "B", "C", "dt", "out_proj", "conv1d"):
-            for t in prunable_slices(lm.registry, comp):
+            for t in lm.registry.weights(comp):
                 w = t.get(mixer).detach()
                 groups = (w != 0).reshape(-1, m)  # rows of linear weights; flattened taps of conv1d
                 assert (groups.sum(-1) == n).all(), (layer, comp)
@@ -90,8 +90,8 @@ def test_sequential_calibrates_on_pruned_outputs():
     # by hand: layer 0 from the dense model, then layer 1 one-shot on the model whose layer 0 is pruned
     ref = load_model("tiny:mamba2")
     for layer in range(2):
-        comps = [c for c in ref.registry.component_names if prunable_slices(ref.registry, c) and c != "conv1d"]
-        sizes = entry_sizes(ref, comps)
+        comps = [c for c in ref.registry.prunable_components if c != "conv1d"]
+        sizes = ref.registry.weight_sizes(ref.model, comps)
         entries = {(layer, c): 0.5 for c in comps}
         schedule = Schedule(arch="mamba2", n_layers=2, sparsity=entries, params={k: sizes[k] for k in entries},
                             method="custom", budget=None, exclude=("conv1d",), meta={})

@@ -4,6 +4,7 @@ skipped quietly, text escaped, and global matplotlib state left alone."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import shutil
@@ -463,3 +464,38 @@ def test_tables_without_sparsity_and_dollar_labels(tables):
     assert len(dynamics_plot(samples).axes) == 4
     patching = tables["patching"].drop(columns="sparsity")
     assert worst_patching_target(patching, tables["verdicts"])[0] == "magnitude"
+
+
+def test_templates_render_every_section_cell_and_figure(tables, tmp_path):
+    """The jinja2 templates ship as package data and render everything: each section's heading and contents entry,
+    table cells of the input, the embedded figure and the stylesheet; HTML text is escaped by the HTML template."""
+    from importlib.resources import files
+
+    templates = files("sensitivity.report") / "templates"
+    for name in ("report.md.j2", "report.html.j2", "report.css"):
+        assert templates.joinpath(name).is_file(), name
+    png = PNG_MAGIC + b"not really an image"
+    (tmp_path / "drift.png").write_bytes(png)
+    meta = _meta(model="<b>model</b>")
+    parts = sections(tables, meta, {"drift": tmp_path / "drift.png"})
+    parts.append(Section("<b>bold</b> label", "x <b>y</b> & z", table=pd.DataFrame({"name": ["<b>cell</b>"]})))
+    md, page = render_markdown(parts, meta), render_html(parts, meta, tmp_path)
+    assert md.startswith("# Sensitivity report: &lt;b&gt;model&lt;/b&gt;\n") and md.endswith(" |\n")
+    assert not md.endswith("\n\n") and "Created 2025-01-01T00:00:00+00:00; sensitivity 0.1.0; seed 1234." in md
+    assert page.startswith("<!DOCTYPE html>\n") and page.endswith("</html>\n")
+    assert "<title>Sensitivity report: &lt;b&gt;model&lt;/b&gt;</title>" in page
+    assert ":root {" in page and "#table-0 td:nth-child(2) { text-align: right; }" in page  # report.css + rules
+    for part in parts[:-1]:
+        level = max(part.level, 2)
+        assert f"\n{'#' * level} {part.title}\n" in md, part.title
+        assert f">{part.title}</h{level}>" in page, part.title
+        assert f"[{part.title}](#" in md and f'">{part.title}</a>' in page, part.title
+    for cell in ("22.47", "taylor", "0.74", "in_proj.weight, dt_bias"):  # grid, agreement, components
+        assert f"| {cell} |" in md and f"<td>{cell}</td>" in page, cell
+    assert page.count("<section ") == len(parts) and page.count("<table ") == sum(p.table is not None for p in parts)
+    assert "](figures/drift.png)" in md
+    assert f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="Why methods collapse">' in page
+    assert "<b>" not in md and "<b>" not in page
+    assert "## &lt;b&gt;bold&lt;/b&gt; label\n\nx &lt;b&gt;y&lt;/b&gt; & z\n" in md
+    assert "<h2>&lt;b&gt;bold&lt;/b&gt; label</h2>\n<p>x &lt;b&gt;y&lt;/b&gt; &amp; z</p>" in page
+    assert "<td>&lt;b&gt;cell&lt;/b&gt;</td>" in page and "| &lt;b&gt;cell&lt;/b&gt; |" in md

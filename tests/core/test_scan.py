@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sensitivity.models.scan import selective_scan_chunked, selective_scan_ref, ssd_scan
+from sensitivity.core.scan import selective_scan_chunked, selective_scan_ref, ssd_scan
 
 
 def _mamba1_inputs(dtype, L=37, E=6, N=4, seed=0):

@@ -6,7 +6,7 @@ mixer's class for a subclass whose forward
 
 * calls every submodule (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``norm``, ``out_proj``) as a module,
 * passes every canonical activation through a named :class:`HookPoint` (see ``Registry.hooks``), and
-* runs an exact scan (:mod:`sensitivity.models.scan`) whose backward is linear in the sequence length.
+* runs an exact scan (:mod:`sensitivity.core.scan`) whose backward is linear in the sequence length.
 
 It matches the HF forward to 1e-5 in float32. Hook points hold no parameters, so ``state_dict`` keys do not change.
 With a generation cache the HF forward runs unchanged (hook points do not fire then).
@@ -17,17 +17,23 @@ P head dim, G B/C groups.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
 from transformers.models.mamba.modeling_mamba import MambaMixer
-from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, MambaRMSNormGated
 
 from .registry import _M1_HOOKS, _M2_HOOKS, build_registry
 from .scan import selective_scan_chunked, selective_scan_ref, ssd_scan
 
-__all__ = ["HookPoint", "SCANS", "instrument", "is_instrumented", "uninstrument"]
+__all__ = ["GroupedRMSNormGated", "HookPoint", "SCANS", "hf_norm_is_grouped", "instrument", "is_instrumented",
+           "uninstrument"]
+
+logger = logging.getLogger(__name__)
 
 SCANS = ("auto", "chunked", "sequential")
 # Mamba-1 under "auto": the step-by-step scan is faster on CPU up to this length, the chunked one beyond it
@@ -44,6 +50,39 @@ class HookPoint(nn.Identity):
 
     def extra_repr(self) -> str:
         return self.name
+
+
+class GroupedRMSNormGated(MambaRMSNormGated):
+    """Mamba-2's gated RMS norm, normalised per B/C group of ``group_size`` channels as the reference does.
+
+    transformers 5.0-5.22 normalise over all ED channels instead (their ``MambaRMSNormGated`` has no
+    ``group_size``), which changes every number of a model with ``n_groups > 1``. :func:`instrument` gives each
+    Mamba-2 mixer's ``norm`` this class (same ``weight`` parameter, same ``state_dict``), so the instrumented forward
+    computes the grouped norm whatever transformers is installed.
+    """
+
+    group_size: int
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        h = hidden_states.float()  # (B, L, ED)
+        if gate is not None:
+            h = h * F.silu(gate.float())
+        groups = h.view(*h.shape[:-1], -1, self.group_size)  # (B, L, G, ED/G)
+        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * groups.view(h.shape).to(dtype)  # (B, L, ED)
+
+
+@functools.cache
+def hf_norm_is_grouped() -> bool:
+    """Whether the installed transformers normalises Mamba-2's gated RMS norm per group (5.23 and later)."""
+    x = torch.tensor([[1.0, 1.0, 10.0, 10.0]])  # two groups of two channels at different scales
+    try:
+        norm = MambaRMSNormGated(4, group_size=2, eps=0.0)
+    except TypeError:  # no group_size argument: normalised over all channels
+        norm = MambaRMSNormGated(4, eps=0.0)
+    with torch.no_grad():
+        return torch.allclose(norm(x), torch.ones_like(x))
 
 
 def _mask(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -182,7 +221,8 @@ def instrument(model: nn.Module, scan: str = "auto") -> nn.Module:
             ``"sequential"`` (always step by step; on Mamba-2 a slow cross-check). All are exact.
 
     Returns:
-        The same model. Each mixer gains a ``hook_points`` ``ModuleDict`` of :class:`HookPoint`.
+        The same model. Each mixer gains a ``hook_points`` ``ModuleDict`` of :class:`HookPoint`; each Mamba-2
+        mixer's gated norm becomes a :class:`GroupedRMSNormGated` (per-group, whatever transformers is installed).
 
     Raises:
         ValueError: If ``scan`` is unknown or the model has no Mamba mixer.
@@ -202,6 +242,9 @@ def instrument(model: nn.Module, scan: str = "auto") -> nn.Module:
             mixer.hook_points = nn.ModuleDict({h.name: HookPoint(h.name) for h in specs})
         mixer._sensitivity_scan = scan
         mixer._sensitivity_rows = rows
+        if type(getattr(mixer, "norm", None)) is MambaRMSNormGated:  # Mamba-2: the grouped gated norm
+            mixer.norm.__class__ = GroupedRMSNormGated
+            mixer.norm.group_size = registry.dims["ED"] // registry.dims["G"]
     return model
 
 
@@ -212,6 +255,10 @@ def uninstrument(model: nn.Module) -> nn.Module:
             mixer.__class__ = _UNSWAP[type(mixer)]
             del mixer.hook_points
             del mixer._sensitivity_scan, mixer._sensitivity_rows
+        if type(getattr(mixer, "norm", None)) is GroupedRMSNormGated:
+            mixer.norm.__class__ = MambaRMSNormGated
+            if not hf_norm_is_grouped():  # that transformers' norm has no group_size
+                del mixer.norm.group_size
     return model
 
 

@@ -22,10 +22,10 @@ from transformers import (
     PreTrainedModel,
 )
 
-from ..zoo import ZOO_MODELS, zoo_path
+from .instrumented import hf_norm_is_grouped, is_instrumented
 from .instrumented import instrument as _instrument
-from .instrumented import is_instrumented
 from .registry import ARCHITECTURES, Registry, build_registry
+from .zoo import ZOO_MODELS, zoo_path
 
 __all__ = ["DEFAULT_MODEL", "DTYPES", "TINY_MODELS", "LoadedModel", "as_loaded", "load_model", "tiny_config"]
 
@@ -156,6 +156,20 @@ def _tiny(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
     return model.to(dtype), byte_tokenizer()
 
 
+def _warn_ungrouped_norm(config: PretrainedConfig, instrumented: bool) -> None:
+    """Say when the installed transformers would compute a grouped Mamba-2 model's gated norm differently."""
+    groups = getattr(config, "n_groups", 1)
+    if config.model_type != "mamba2" or groups <= 1 or hf_norm_is_grouped():
+        return
+    import transformers
+
+    how = ("sensitivity's instrumented forward normalises per group as Mamba-2 does, but plain transformers "
+           "forwards of this model give other numbers" if instrumented else
+           "this model was loaded with instrument=False, so its forward gives other numbers than Mamba-2's")
+    logger.warning("transformers %s normalises Mamba-2's gated RMS norm over all channels instead of per group "
+                   "(n_groups=%d; fixed in transformers 5.23): %s", transformers.__version__, groups, how)
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -203,6 +217,7 @@ def load_model(
     else:
         model, tokenizer = _from_pretrained(name, dtype, revision)
     model = model.to(device).eval()
+    _warn_ungrouped_norm(model.config, instrument)
     if instrument:
         _instrument(model)
     logger.info("loaded %s (%s, %d layers)", name, model.config.model_type, model.config.num_hidden_layers)

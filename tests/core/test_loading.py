@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from sensitivity.models import load_model
+from sensitivity.core import load_model
 
 
 def test_tiny_models_are_deterministic_and_have_a_tokenizer(ids):

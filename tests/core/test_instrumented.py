@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sensitivity.models import capture, hook_name, hooks, instrument, is_instrumented, tiny_config, uninstrument
+from sensitivity.core import capture, hook_name, hooks, instrument, is_instrumented, tiny_config, uninstrument
 
 CONFIGS = [
     ("mamba", {}),
@@ -154,3 +154,60 @@ def test_unknown_scan_rejected():
     hf, _ = _pair("mamba", {})
     with pytest.raises(ValueError, match="unknown scan 'fast'; allowed: auto, chunked, sequential"):
         instrument(hf, scan="fast")
+
+
+def _ungrouped_forward(self, hidden_states, gate=None):
+    """transformers 5.0-5.22's MambaRMSNormGated.forward: one RMS over all channels, whatever the groups."""
+    dtype = hidden_states.dtype
+    h = hidden_states.float()
+    if gate is not None:
+        h = h * torch.nn.functional.silu(gate.float())
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return self.weight * h.to(dtype)
+
+
+def _grouped_reference(gated, weight, groups, eps):
+    g = gated.float().view(*gated.shape[:-1], groups, -1)  # (B, L, G, ED/G)
+    return weight * (g / (g.pow(2).mean(-1, keepdim=True) + eps).sqrt()).view(gated.shape)
+
+
+def test_gated_norm_is_normalised_per_group(ids):
+    _, ours = _pair("mamba2", {"n_groups": 2})
+    norm = ours.backbone.layers[0].mixer.norm
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, norm.weight.numel()))
+    with capture(ours, [hook_name(0, "gated"), hook_name(0, "out_proj_in")]) as acts, torch.no_grad():
+        ours(ids, use_cache=False)
+    gated, normed = acts[hook_name(0, "gated")][0], acts[hook_name(0, "out_proj_in")][0]
+    expected = _grouped_reference(gated, norm.weight, 2, norm.variance_epsilon)
+    torch.testing.assert_close(normed, expected, rtol=1e-5, atol=1e-6)
+    ungrouped = norm.weight * gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    assert (ungrouped - expected).abs().max() > 1e-3  # the test tells the two norms apart
+
+
+def test_ungrouped_transformers_norm_is_detected_and_overridden(ids, monkeypatch, caplog):
+    from transformers.models.mamba2 import modeling_mamba2
+
+    from sensitivity.core import load_model
+    from sensitivity.core.instrumented import hf_norm_is_grouped
+
+    hf_norm_is_grouped.cache_clear()
+    assert hf_norm_is_grouped()  # transformers >= 5.23 here
+    reference = load_model("tiny:mamba2").model
+    with torch.no_grad():
+        expected = reference(ids, use_cache=False).logits
+    monkeypatch.setattr(modeling_mamba2.MambaRMSNormGated, "forward", _ungrouped_forward)
+    hf_norm_is_grouped.cache_clear()
+    try:
+        assert not hf_norm_is_grouped()
+        with caplog.at_level("WARNING", logger="sensitivity.core.loading"):
+            lm = load_model("tiny:mamba2")
+        assert "normalises Mamba-2's gated RMS norm over all channels" in caplog.text
+        assert "n_groups=2" in caplog.text
+        with torch.no_grad():
+            got = lm.model(ids, use_cache=False).logits
+            plain = uninstrument(lm.model)(ids, use_cache=False).logits
+        assert torch.equal(got, expected)  # the instrumented forward owns the grouped norm
+        assert (plain - expected).abs().max() > 1e-3  # plain transformers would have given other numbers
+    finally:
+        hf_norm_is_grouped.cache_clear()

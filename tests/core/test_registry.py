@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
 
-from sensitivity.models import build_registry, capture, load_model
+from sensitivity.core import build_registry, capture, load_model
+from sensitivity.core.registry import DEFAULT_EXCLUDE
 
 
 def _rows(reg, param):
@@ -101,7 +102,7 @@ def test_unknown_names_and_architectures():
 
 def test_column_slices_follow_the_column_layout(ids):
     """Zeroing out_proj columns of head h equals zeroing head h's channels of the out_proj input."""
-    from sensitivity.models import TensorSlice, hooks
+    from sensitivity.core import TensorSlice, hooks
 
     lm = load_model("tiny:mamba2")
     reg, h = lm.registry, 3
@@ -124,3 +125,73 @@ def test_column_slices_follow_the_column_layout(ids):
         got = lm.model(ids, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert head_cols.describe() == f"out_proj.weight[:, {h * P}:{(h + 1) * P}]"
+
+M1_COMPONENTS = ("x", "z", "conv1d", "dt", "B", "C", "out_proj")
+
+
+@pytest.fixture(scope="module")
+def m2():
+    return load_model("tiny:mamba2", instrument=False)
+
+
+@pytest.fixture(scope="module")
+def m1():
+    return load_model("tiny:mamba", instrument=False)
+
+
+# ---- prunable weights and their sizes ----
+
+
+def test_prunable_components_per_architecture(m2, m1):
+    assert m2.registry.prunable_components == ("z", "x", "B", "C", "dt", "conv1d", "out_proj")
+    assert m1.registry.prunable_components == M1_COMPONENTS
+    falcon = load_model("tiny:falcon-mamba", instrument=False)
+    assert falcon.registry.prunable_components == M1_COMPONENTS  # weightless norms are not prunable
+    assert DEFAULT_EXCLUDE == ("conv1d",)
+
+
+def test_weights_are_weight_matrices_only(m2, m1):
+    assert [t.describe() for t in m1.registry.weights("dt")] == ["x_proj.weight[0:8]", "dt_proj.weight"]
+    assert [t.param for t in m2.registry.weights("dt")] == ["in_proj.weight"]  # not dt_bias
+    assert [t.param for t in m2.registry.weights("conv1d")] == ["conv1d.weight"]  # not conv1d.bias
+    for name in ("A_log", "D", "norm"):
+        assert m2.registry.weights(name) == ()
+    with pytest.raises(ValueError, match="unknown component 'w'"):
+        m2.registry.weights("w")
+
+
+def test_weight_sizes_match_config_dims_and_tensors(m2, m1):
+    c = m2.model.config
+    D, ED, GN, H, K = c.hidden_size, c.expand * c.hidden_size, c.n_groups * c.state_size, c.num_heads, c.conv_kernel
+    expected = {"z": ED * D, "x": ED * D, "B": GN * D, "C": GN * D, "dt": H * D, "conv1d": (ED + 2 * GN) * K,
+                "out_proj": D * ED}  # fmt: skip
+    sizes = m2.registry.weight_sizes(m2.model)
+    assert sizes == {(layer, k): v for layer in range(c.num_hidden_layers) for k, v in expected.items()}
+    c = m1.model.config
+    D, ED, N, R, K = c.hidden_size, c.intermediate_size, c.state_size, c.time_step_rank, c.conv_kernel
+    expected = {"x": ED * D, "z": ED * D, "conv1d": ED * K, "dt": R * ED + ED * R, "B": N * ED, "C": N * ED,
+                "out_proj": D * ED}  # fmt: skip
+    got = m1.registry.weight_sizes(m1.model, ["dt", "B"])
+    assert got == {(layer, k): expected[k] for layer in range(2) for k in ("dt", "B")}
+    mixer = m1.model.backbone.layers[1].mixer  # the prunable weights hold every parameter of these matrices
+    whole = mixer.in_proj.weight.numel() + mixer.x_proj.weight.numel() + mixer.dt_proj.weight.numel()
+    whole += mixer.out_proj.weight.numel() + mixer.conv1d.weight.numel()
+    assert sum(v for (layer, _), v in m1.registry.weight_sizes(m1.model).items() if layer == 1) == whole
+
+
+def test_resolve(m2):
+    reg = m2.registry
+    assert reg.resolve() == ("z", "x", "B", "C", "dt", "out_proj")
+    assert reg.resolve(exclude=()) == ("z", "x", "B", "C", "dt", "conv1d", "out_proj")
+    assert reg.resolve(["out_proj", "z"]) == ("z", "out_proj")  # registry order
+    assert reg.resolve("dt", exclude=None) == ("dt",)
+    with pytest.raises(ValueError, match=r"unknown component 'q' for mamba2; allowed: z, x, B, C, dt, conv1d"):
+        reg.resolve(["q"])
+    with pytest.raises(ValueError, match="'A_log' has no weight matrix to prune"):
+        reg.resolve(["A_log"])
+    with pytest.raises(ValueError, match="'conv1d' is both asked for and excluded.*exclude=\\(\\)"):
+        reg.resolve(["conv1d"])
+    with pytest.raises(ValueError, match="unknown excluded component 'conv'"):
+        reg.resolve(exclude=["conv"])
+    with pytest.raises(ValueError, match="no component left"):
+        reg.resolve(exclude=reg.prunable_components)

@@ -23,9 +23,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "Component", "HookSpec", "Registry", "TensorSlice", "build_registry"]
+__all__ = ["ARCHITECTURES", "DEFAULT_EXCLUDE", "Component", "HookSpec", "Registry", "TensorSlice", "build_registry"]
 
 ARCHITECTURES = ("mamba", "mamba2", "falcon_mamba")
+DEFAULT_EXCLUDE = ("conv1d",)
+"""Components kept dense unless asked for: the depthwise convolution has only K taps per channel."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,17 @@ class TensorSlice:
 
     def get(self, mixer: nn.Module) -> torch.Tensor:
         """A view of the selected rows and columns of the parameter (writes go to the model)."""
-        tensor = reduce(getattr, self.param.split("."), mixer)
+        return self.select(self.parameter(mixer))
+
+    def parameter(self, mixer: nn.Module) -> torch.Tensor:
+        """The whole parameter this slice is part of."""
+        return reduce(getattr, self.param.split("."), mixer)
+
+    def select(self, full: torch.Tensor) -> torch.Tensor:
+        """The rows and columns of this slice from a tensor shaped like its whole parameter (e.g. its gradient)."""
         if self.rows is not None:
-            tensor = tensor[self.rows[0] : self.rows[1]]
-        return tensor if self.cols is None else tensor[:, self.cols[0] : self.cols[1]]
+            full = full[self.rows[0] : self.rows[1]]
+        return full if self.cols is None else full[:, self.cols[0] : self.cols[1]]
 
     def describe(self) -> str:
         rows = "" if self.rows is None else f"{self.rows[0]}:{self.rows[1]}"
@@ -187,6 +196,60 @@ class Registry:
             raise ValueError(f"no input hook for {param!r}; weights with one: {', '.join(self.input_hooks)}")
         return self.input_hooks[param]
 
+    def weights(self, name: str) -> tuple[TensorSlice, ...]:
+        """The weight-matrix slices of component ``name``: those with an input hook point (linear rows and the
+        depthwise conv's taps), what WANDA, magnitude and the schedules prune; biases, ``A_log``, ``D``,
+        ``dt_bias`` and norms are never among them.
+
+        Example:
+            >>> [t.describe() for t in build_registry(tiny_config("mamba")).weights("dt")]
+            ['x_proj.weight[0:8]', 'dt_proj.weight']
+        """
+        return tuple(t for t in self.component(name).tensors if t.param in self.input_hooks)
+
+    @property
+    def prunable_components(self) -> tuple[str, ...]:
+        """Components with at least one weight-matrix slice, in registry order (Mamba-2: ``z, x, B, C, dt, conv1d,
+        out_proj``; Mamba-1 / FalconMamba: ``x, z, conv1d, dt, B, C, out_proj``)."""
+        return tuple(c.name for c in self.components if self.weights(c.name))
+
+    def resolve(self, components=None, exclude=DEFAULT_EXCLUDE) -> tuple[str, ...]:
+        """The components a pruner or schedule covers: ``components`` (default every prunable one) minus
+        ``exclude``, in registry order.
+
+        Raises:
+            ValueError: For an unknown or non-prunable name, a component both asked for and excluded, or nothing
+                left.
+
+        Example:
+            >>> build_registry(tiny_config("mamba")).resolve(exclude=("conv1d", "dt"))
+            ('x', 'z', 'B', 'C', 'out_proj')
+        """
+        prunable = self.prunable_components
+        asked, excluded = _names("components", components), _names("exclude", exclude)
+        for what, names in (("component", asked), ("excluded component", excluded)):
+            for name in names:
+                if name not in self.component_names:
+                    raise ValueError(f"unknown {what} {name!r} for {self.arch}; allowed: {', '.join(prunable)}")
+                if what == "component" and name not in prunable:
+                    raise ValueError(f"component {name!r} has no weight matrix to prune; allowed: "
+                                     f"{', '.join(prunable)}")  # fmt: skip
+        if both := [c for c in asked if c in excluded]:
+            raise ValueError(f"component {both[0]!r} is both asked for and excluded (exclude={list(excluded)}); "
+                             "pass exclude=() to prune it")  # fmt: skip
+        chosen = tuple(c for c in prunable if (not asked or c in asked) and c not in excluded)
+        if not chosen:
+            raise ValueError(f"no component left to prune (components={list(asked) or 'all'}, "
+                             f"exclude={list(excluded)}); prunable: {', '.join(prunable)}")  # fmt: skip
+        return chosen
+
+    def weight_sizes(self, model: nn.Module, components=None) -> dict[tuple[int, str], int]:
+        """Number of weight-matrix entries of every (layer, component), read from ``model``'s tensors
+        (``components``: default every prunable one, ``conv1d`` included), layer-major in registry order."""
+        names = self.resolve(components, exclude=())
+        return {(layer, name): sum(t.get(self.mixer(model, layer)).numel() for t in self.weights(name))
+                for layer in range(self.n_layers) for name in names}  # fmt: skip
+
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer!r} out of range; allowed: 0..{self.n_layers - 1}")
@@ -241,6 +304,16 @@ class Registry:
                         }
                     )
         return pd.DataFrame(rows)
+
+
+def _names(what: str, value) -> tuple[str, ...]:
+    """None, one name or a sequence of names -> a deduplicated tuple."""
+    if value is None:
+        return ()
+    values = (value,) if isinstance(value, str) else tuple(value)
+    if bad := [v for v in values if not isinstance(v, str)]:
+        raise ValueError(f"{what} must be component names, got {bad[0]!r}")
+    return tuple(dict.fromkeys(values))
 
 
 def _layout(t: TensorSlice | None) -> str:

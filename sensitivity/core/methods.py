@@ -1,0 +1,138 @@
+"""Method registries: pruning methods, ablation kinds, attribution methods and allocators, each a name with its
+options, its defaults and what it needs.
+
+Each stage owns one :class:`Methods` table and registers its implementations in it; the command line, the jobs,
+the report, the grid and the explainer read the tables instead of copying names. Adding a method is one function
+plus one registration, also from user code:
+
+Example:
+    >>> from sensitivity.pruning import METHODS, UnstructuredOptions
+    >>> @METHODS.register("random", options=UnstructuredOptions, calibration=False,
+    ...                   description="zero random weights (a baseline)")
+    ... def prune_random(lm, options, *, schedule, windows, seed, batch_size, show_progress): ...
+    >>> "random" in METHODS
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .spec import Spec, SpecError, validate
+
+__all__ = ["Method", "Methods", "NoOptions"]
+
+
+class NoOptions(Spec):
+    """A method without options."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method.
+
+    Attributes:
+        name: What users type (``wanda``, ``zero``, ``taylor``, ``owl``).
+        fn: The implementation (its signature is the table's convention).
+        options: The :class:`~sensitivity.core.spec.Spec` its options validate into.
+        description: One line for ``--help`` and tables.
+        calibration: Whether it needs calibration windows: a bool, or a function of its validated options.
+        archs: Architectures it applies to (None: every one).
+        info: Anything else the owning stage records (e.g. the structured unit, covered components).
+    """
+
+    name: str
+    fn: Callable
+    options: type[Spec] = NoOptions
+    description: str = ""
+    calibration: bool | Callable[[Spec], bool] = False
+    archs: tuple[str, ...] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def needs_calibration(self, options: Spec | None = None) -> bool:
+        """Whether this method, with these options, reads calibration windows."""
+        if callable(self.calibration):
+            return bool(self.calibration(options if options is not None else self.options()))
+        return bool(self.calibration)
+
+    def applies_to(self, arch: str) -> bool:
+        return self.archs is None or arch in self.archs
+
+    def validate(self, options: dict | Spec | None = None) -> Spec:
+        """The options as this method's validated options (errors name the field under ``options``)."""
+        if isinstance(options, self.options):
+            return options
+        if isinstance(options, Spec):
+            options = options.to_dict()
+        try:
+            return validate(self.options, dict(options or {}), "options")
+        except SpecError as e:
+            if e.detail.startswith("unknown field"):
+                allowed = ", ".join(self.options.model_fields) or "none"
+                raise SpecError(f"not an option of {self.name!r}; its options: {allowed}", e.field) from None
+            raise
+
+
+class Methods:
+    """A named table of :class:`Method` entries of one kind (``"pruning method"``, ``"ablation kind"``...)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Method] = {}
+
+    def register(self, name: str, *, options: type[Spec] = NoOptions, description: str = "",
+                 calibration: bool | Callable[[Spec], bool] = False, archs: tuple[str, ...] | None = None,
+                 replace: bool = False, **info: Any) -> Callable[[Callable], Callable]:  # fmt: skip
+        """Decorator registering ``fn`` as method ``name``.
+
+        Raises:
+            ValueError: If ``name`` is taken (unless ``replace``) or is not a plain identifier-like name.
+        """
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"{self.kind} name {name!r} must be letters, digits, '_' or '-'")
+        if name in self._entries and not replace:
+            raise ValueError(f"{self.kind} {name!r} is already registered; pass replace=True to replace it")
+        if not (isinstance(options, type) and issubclass(options, Spec)):
+            raise ValueError(f"options of {self.kind} {name!r} must be a sensitivity.core.spec.Spec subclass")
+
+        def decorate(fn: Callable) -> Callable:
+            self._entries[name] = Method(name, fn, options, description, calibration, archs, dict(info))
+            return fn
+
+        return decorate
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests and notebooks that register throwaway methods)."""
+        self[name]
+        del self._entries[name]
+
+    def __getitem__(self, name: str) -> Method:
+        if not isinstance(name, str) or name not in self._entries:
+            raise SpecError(f"unknown {self.kind} {name!r}; allowed: {', '.join(self._entries)}")
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self, arch: str | None = None) -> tuple[str, ...]:
+        """Registered names, in registration order (those that apply to ``arch`` when given)."""
+        return tuple(n for n, m in self._entries.items() if arch is None or m.applies_to(arch))
+
+    def check(self, name: str, arch: str | None = None) -> Method:
+        """The entry of ``name``, which must apply to ``arch`` when given."""
+        method = self[name]
+        if arch is not None and not method.applies_to(arch):
+            raise SpecError(f"{self.kind} {name!r} does not apply to {arch} models; it needs "
+                            f"{' or '.join(method.archs or ())}")  # fmt: skip
+        return method
+
+    def __repr__(self) -> str:
+        return f"Methods({self.kind!r}: {', '.join(self._entries)})"

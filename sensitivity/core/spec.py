@@ -1,0 +1,239 @@
+"""Validated, serialisable specs: the base class, the field types every stage shares, bounded YAML and one-line errors.
+
+A :class:`Spec` is a frozen pydantic model that refuses unknown keys and round-trips exactly through YAML and JSON.
+Each validation rule lives in one place: a field's type here (``Fraction``, ``Count``, ``Names``...), a field of a
+stage's options, or a validator next to it. A bad value raises :class:`SpecError`, a ``ValueError`` whose message
+is one line naming the field, the value and what is allowed, and whose ``field`` says which field it was (front
+ends map it to their own names, e.g. a command-line flag).
+
+Example:
+    >>> class Options(Spec):
+    ...     sparsity: Fraction = 0.5
+    >>> Options(sparsity=1.5)
+    Traceback (most recent call last):
+    SpecError: sparsity: 1.5 is out of range; allowed: 0 <= value < 1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "Count",
+    "Fraction",
+    "Int",
+    "Names",
+    "Number",
+    "OpenFraction",
+    "Spec",
+    "SpecError",
+    "format_error",
+    "load_yaml",
+    "validate",
+]
+
+MAX_YAML_BYTES = 8 << 20
+"""Largest YAML or JSON input read (a schedule of a 100-layer model is about 0.5 MB)."""
+
+
+class SpecError(ValueError):
+    """A value a spec does not allow: ``"{field}: {detail}"``, or ``detail`` alone for the whole input.
+
+    Attributes:
+        field: Dotted field name (``"options.score"``); ``""`` for the whole input.
+        detail: What is wrong, with the value and what is allowed.
+    """
+
+    def __init__(self, detail: str, field: str = "") -> None:
+        super().__init__(f"{field}: {detail}" if field else detail)
+        self.field, self.detail = field, detail
+
+    def within(self, prefix: str) -> SpecError:
+        """The same error for a field nested under ``prefix``."""
+        return SpecError(self.detail, ".".join(p for p in (prefix, self.field) if p))
+
+
+def _not_bool(value):
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is a boolean; allowed: a number")
+    return value
+
+
+def _split(value):
+    """``"a,b"`` -> ``["a", "b"]`` (command lines and hand-written YAML); sequences as they are."""
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+        if not all(items):
+            raise ValueError(f"{value!r} is not a comma-separated list of names")
+        return items
+    return value
+
+
+def _range(low: float | None, high: float | None, *, low_open: bool = False, high_open: bool = True):
+    """A check that a number lies in the range, naming it when it does not."""
+    if high is None:
+        allowed = f"value {'>' if low_open else '>='} {low:g}"
+    else:
+        lo = "" if low is None else f"{low:g} {'<' if low_open else '<='} "
+        allowed = f"{lo}value {'<' if high_open else '<='} {high:g}"
+
+    def check(value: float) -> float:
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            raise ValueError(f"{value!r} is out of range; allowed: {allowed}")
+        return value
+
+    return AfterValidator(check)
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+"""An integer (booleans refused)."""
+Count = Annotated[int, BeforeValidator(_not_bool), _range(1, None)]
+"""An integer >= 1."""
+Number = Annotated[float, BeforeValidator(_not_bool)]
+"""A finite number."""
+Fraction = Annotated[float, BeforeValidator(_not_bool), _range(0, 1)]
+"""A number in [0, 1)."""
+OpenFraction = Annotated[float, BeforeValidator(_not_bool), _range(0, 1, low_open=True)]
+"""A number in (0, 1)."""
+Names = Annotated[tuple[str, ...], Field(min_length=1), BeforeValidator(_split)]
+"""One or more names: a list, or a comma-separated string."""
+
+
+class Spec(BaseModel):
+    """Base of every validated, serialisable spec: frozen, unknown keys refused, non-finite numbers refused,
+    field descriptions from the attribute docstrings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True,
+                              validate_default=True)  # fmt: skip
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise format_error(e, type(self)) from None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Spec:
+        """Validate plain data (a mapping) into this spec."""
+        if not isinstance(data, dict):
+            raise SpecError(f"a {cls.__name__} must be a mapping of fields, got {type(data).__name__}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON types only) that :meth:`from_dict` turns back into an equal spec."""
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+    @classmethod
+    def from_yaml(cls, source: str | os.PathLike) -> Spec:
+        """Read a spec from a YAML (or JSON) file or text."""
+        return cls.from_dict(load_yaml(source))
+
+    def replace(self, **changes: Any) -> Spec:
+        """A validated copy with some fields changed."""
+        return type(self)(**{**self.to_dict(), **changes})
+
+
+def validate(cls: type[Spec], data: dict, where: str = "") -> Spec:
+    """``cls(**data)``, errors naming their field under ``where`` (e.g. ``"options"``)."""
+    try:
+        return cls(**data)
+    except SpecError as e:
+        raise e.within(where) from None
+
+
+def format_error(e: ValidationError, cls: type[BaseModel] | None = None) -> SpecError:
+    """The first error of a pydantic ``ValidationError`` as one :class:`SpecError`: field, value, what is allowed."""
+    err = e.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"] if _is_field(p)]
+    field = ".".join(loc)
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "value_error" and isinstance(ctx.get("error"), SpecError):  # a nested spec's own error
+        return ctx["error"].within(field)
+    if kind == "extra_forbidden":
+        owner = cls if cls is not None and len(loc) == 1 else None
+        return SpecError("unknown field" + (f"; allowed: {', '.join(owner.model_fields)}" if owner else ""), field)
+    if kind == "missing":
+        return SpecError("required", field)
+    if kind == "value_error":
+        return SpecError(str(ctx["error"]) if "error" in ctx else err["msg"], field)
+    if kind == "finite_number":
+        return SpecError(f"{_show(err.get('input'))} is invalid; allowed: a finite number", field)
+    if kind == "literal_error":
+        allowed = f"one of {ctx['expected']}"
+    elif kind == "too_short":
+        allowed = f"at least {ctx.get('min_length', 1)} item(s)"
+    else:
+        allowed = _KINDS.get(kind.split("_")[0], err["msg"][0].lower() + err["msg"][1:])
+    return SpecError(f"{_show(err.get('input'))} is invalid; allowed: {allowed}", field)
+
+
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+          "tuple": "a list", "list": "a list", "dict": "a mapping", "model": "a mapping"}
+
+
+def _is_field(part) -> bool:
+    """Whether a pydantic error location part names a field or an index (not a union branch like ``float``)."""
+    return isinstance(part, int) or (part.isidentifier() and part not in _TYPE_TAGS)
+
+
+_TYPE_TAGS = {"float", "int", "str", "bool", "none", "list", "tuple", "dict"}
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with anchors/aliases refused: a few hundred bytes of nested aliases expand to
+    gigabytes (a 'billion laughs' document), and no spec or schedule needs them."""
+
+    def compose_node(self, parent, index):  # noqa: D102
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(None, None, "aliases (*name) are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(source: str | os.PathLike) -> Any:
+    """Parse a YAML (or JSON) file or YAML text with the safe loader, aliases refused and the size bounded.
+
+    Raises:
+        SpecError: For a missing, unreadable, binary or oversized file, or malformed YAML (naming where).
+    """
+    is_path = isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
+                                                  and source.endswith((".yaml", ".yml", ".json")))  # fmt: skip
+    if is_path or (isinstance(source, str) and "\n" not in source and Path(source).is_file()):
+        path = Path(source)
+        if not path.is_file():
+            raise SpecError(f"{str(path)!r} is not a file" if path.exists() else f"{str(path)!r} does not exist")
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise SpecError(f"{str(path)!r} has {path.stat().st_size:,} bytes; at most {MAX_YAML_BYTES:,} are read")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SpecError(f"{str(path)!r} is not UTF-8 text") from None
+        where = str(path)
+    else:
+        text, where = str(source), "the YAML text"
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"malformed YAML in {where}{at}: {problem}") from None
