@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_explain.py
 
 grid: $(STAMP)  # the pruning grid on both shipped models (about 30 min on 2 cores; resumes)
-	$(MALLOC) $(BIN)/python benchmarks/grid.py
+	$(MALLOC) $(BIN)/sensitivity grid --out benchmarks/results/grid
 
 lint: $(STAMP)
 	$(BIN)/ruff check sensitivity tests benchmarks notebooks

@@ -31,7 +31,7 @@ def child(args) -> None:
 
     lm = load_model(args.model)
     start = time.perf_counter()
-    df = probe(lm, None, kinds=args.kinds.split(","), windows=args.windows, calibration_windows=args.windows,
+    df = probe(lm, None, kinds=args.kinds.split(","), windows=args.windows, calib_windows=args.windows,
                seqlen=args.seqlen, sweep=args.sweep, show_progress=False)  # fmt: skip
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -43,8 +43,8 @@ def main() -> None:
 
     def pruner(method: str, sequential: bool):
         def run() -> None:
-            prune_unstructured(fresh, method, sparsity=0.5, windows=windows, sequential=sequential,
-                               show_progress=False)  # fmt: skip
+            options = {"sequential": sequential} if method == "wanda" else {}  # magnitude has no calibration
+            prune_unstructured(fresh, method, sparsity=0.5, windows=windows, show_progress=False, **options)
 
         return run
 

@@ -306,8 +306,8 @@ NOTEBOOKS["02_probes_and_attribution"] = [
     ## What an ablation does to each component
 
     Each kind applies where it means something: `zero` and `mean` replace an activation (or zero weights), `bypass`
-    skips what the component does (no gating, identity norm, input-independent Δ), `wanda@s` prunes its weight rows
-    to sparsity `s`, and `remove` takes out a whole unit (a mixer, one head).
+    skips what the component does (no gating, identity norm, input-independent Δ), `wanda` prunes its weight rows
+    to the probe's `sparsity`, and `remove` takes out a whole unit (a mixer, one head).
     """),
     code("""
     ablation_table(lm.registry)
@@ -325,7 +325,7 @@ NOTEBOOKS["02_probes_and_attribution"] = [
     components = [*lm.registry.component_names, "mixer"]
     t0 = time.perf_counter()
     probes = probe(lm, corpus, components=components, kinds=["zero", "bypass", "wanda", "remove"], sparsities=[0.5],
-                   windows=4, calibration_windows=4, seqlen=256, seed=0, show_progress=False)
+                   windows=4, calib_windows=4, seqlen=256, seed=0, show_progress=False)
     n_probes = len(probes) // probes.metric.nunique()
     print(f"{n_probes} probes of {lm.name} in {time.perf_counter() - t0:.0f} s")
     probes.head(6)
@@ -342,13 +342,13 @@ NOTEBOOKS["02_probes_and_attribution"] = [
     code("""
     panels = damage.assign(kind=damage.kind.replace({"remove": "zero"}))
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    for ax, kind in zip(axes, ["zero", "bypass", "wanda@0.5"]):
+    for ax, kind in zip(axes, ["zero", "bypass", "wanda"]):
         grid = panels[panels.kind == kind].pivot(index="component", columns="layer", values="value")
         grid = grid.reindex([c for c in components if c in grid.index])
         top = max(grid.abs().max().max(), 0.01)
-        sns.heatmap(grid, ax=ax, annot=True, fmt=".2f" if kind != "wanda@0.5" else ".3f", cmap="vlag",
+        sns.heatmap(grid, ax=ax, annot=True, fmt=".2f" if kind != "wanda" else ".3f", cmap="vlag",
                     norm=SymLogNorm(linthresh=0.01, vmin=-top, vmax=top), cbar_kws={"label": "Δ NLL (nats/token)"})
-        ax.set_title(kind)
+        ax.set_title(kind if kind != "wanda" else "wanda at 50%")
     fig.tight_layout()
     """),
     md("""
@@ -483,7 +483,7 @@ NOTEBOOKS["03_custom_schedule"] = [
     prunable = ["z", "x", "B", "C", "dt", "out_proj"]
     t0 = time.perf_counter()
     probes = probe(lm, corpus, components=prunable, kinds=["wanda"], sparsities=[0.25, 0.5, 0.75], windows=4,
-                   calibration_windows=4, seqlen=256, seed=0, show_progress=False)
+                   calib_windows=4, seqlen=256, seed=0, show_progress=False)
     print(f"{len(probes) // 3} probes in {time.perf_counter() - t0:.0f} s")
     curves = probes[probes.metric == "delta_nll"]
     grid = sns.relplot(data=curves, x="sparsity", y="value", hue="layer", col="component", col_wrap=6, kind="line",

@@ -22,14 +22,14 @@ from .core import (
 )
 from .data import Corpus, Windows, byte_tokenizer, calibration_windows, eval_windows, load_corpus
 from .eval import KLDivergence, Perplexity, kl_divergence, perplexity
-from .probes import ProbeConfig, ablation_table, probe
+from .probes import ProbeOptions, ablation_table, probe
 from .pruning import prune, sparsity_report
 from .zoo import list_models, zoo_path
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Component", "Corpus", "KLDivergence", "LoadedModel", "Perplexity", "ProbeConfig", "Registry", "Schedule",
+    "Component", "Corpus", "KLDivergence", "LoadedModel", "Perplexity", "ProbeOptions", "Registry", "Schedule",
     "Windows", "ablation_table", "agreement", "allocate", "attribute", "build_registry", "byte_tokenizer",
     "calibration_windows", "capture", "eval_windows", "hooks", "instrument", "kl_divergence", "list_models",
     "load_corpus", "load_model", "perplexity", "probe", "prune", "sparsity_report", "uninstrument", "zoo_path",

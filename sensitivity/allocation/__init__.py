@@ -14,23 +14,26 @@ Example:
 """
 
 from .allocate import (
-    CURVE_METRICS,
     FISHER_GRID,
     METHODS,
-    PROBE_METHODS,
-    SOURCES,
+    AllocateOptions,
     Allocation,
+    AllocationContext,
+    DepthOptions,
+    OwlOptions,
+    SensitivityOptions,
     allocate,
     depth_ramp,
     fit_budget,
     greedy_allocate,
     lower_convex_hull,
+    needs_probes,
     owl_sparsity,
 )
 from .schedule import RECIPE_MODIFIERS, Schedule, uniform_schedule
 
 __all__ = [
-    "CURVE_METRICS", "FISHER_GRID", "METHODS", "PROBE_METHODS", "RECIPE_MODIFIERS", "SOURCES", "Allocation",
-    "Schedule", "allocate", "depth_ramp", "fit_budget", "greedy_allocate", "lower_convex_hull", "owl_sparsity",
-    "uniform_schedule",
+    "FISHER_GRID", "METHODS", "RECIPE_MODIFIERS", "AllocateOptions", "Allocation", "AllocationContext",
+    "DepthOptions", "OwlOptions", "Schedule", "SensitivityOptions", "allocate", "depth_ramp", "fit_budget",
+    "greedy_allocate", "lower_convex_hull", "needs_probes", "owl_sparsity", "uniform_schedule",
 ]

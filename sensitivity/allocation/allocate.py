@@ -17,45 +17,47 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import pandas as pd
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..attribution.api import weight_scores
 from ..core.loading import LoadedModel, as_loaded
+from ..core.methods import Methods
 from ..core.registry import DEFAULT_EXCLUDE
 from ..core.scores import owl_outlier_ratio
+from ..core.spec import Count, Exclude, Fraction, Int, Names, Number, Spec, SpecError, check
 from ..data import Windows
 from .schedule import Schedule
 
 __all__ = [
-    "CURVE_METRICS",
     "FISHER_GRID",
     "METHODS",
-    "PROBE_METHODS",
-    "SOURCES",
+    "AllocateOptions",
     "Allocation",
+    "AllocationContext",
+    "DepthOptions",
+    "OwlOptions",
+    "SensitivityOptions",
     "allocate",
     "depth_ramp",
     "fit_budget",
     "greedy_allocate",
     "lower_convex_hull",
+    "needs_probes",
     "owl_sparsity",
 ]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("uniform", "owl", "depth", "sensitivity")
-"""Allocation methods of :func:`allocate`."""
-SOURCES = ("probes", "fisher")
-"""Where the ``sensitivity`` method's loss curves come from."""
-PROBE_METHODS = ("wanda", "magnitude")
-"""Sparsify probe kinds (``{method}@{s}``) whose curves the ``sensitivity`` method reads."""
-CURVE_METRICS = ("delta_nll", "kl")
-"""Probe metrics usable as a loss increase (0 for the dense model); ``ppl_ratio = exp(delta_nll)`` is not."""
+METHODS = Methods("allocation method")
+"""Allocators of :func:`allocate`: ``uniform``, ``depth``, ``owl``, ``sensitivity``, plus any registered from user
+code. An allocator is called as ``fn(ctx: AllocationContext, options) -> (sparsities (E,), meta)``."""
 FISHER_GRID = tuple(i / 20 for i in range(20))
 """Sparsities at which the Fisher (OBD) loss curves are sampled: 0, 0.05, ..., 0.95."""
 _PROBE_COLUMNS = ("layer", "component", "kind", "sparsity", "metric", "value")
@@ -84,11 +86,8 @@ def _bound(name: str, value, n: int) -> torch.Tensor:
     return t
 
 
-def _check_fraction(name: str, value, *, upper_open: bool = True) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
-        raise ValueError(f"{name} {value!r} out of range; allowed: 0 <= {name} {'<' if upper_open else '<='} 1")
-    return float(value)
+def _check_fraction(name: str, value) -> float:
+    return check(Fraction, value, name)
 
 
 def fit_budget(raw, sizes, budget: float, lo=0.0, hi=1.0) -> torch.Tensor:
@@ -349,44 +348,35 @@ def _windows_record(windows: Windows) -> dict:
             "sha256": windows.sha256()[:16]}  # fmt: skip
 
 
-def _need_windows(method: str, windows) -> Windows:
-    if windows is None:
-        raise ValueError(f"method {method!r} needs calibration windows (windows=...)")
-    if not isinstance(windows, Windows) or len(windows) == 0:
-        raise ValueError(f"windows must be non-empty sensitivity.data.Windows, got {type(windows).__name__}")
-    return windows
-
-
 def _read_probes(probes) -> tuple[pd.DataFrame, str | None]:
     if isinstance(probes, pd.DataFrame):
         return probes, None
     if not isinstance(probes, (str, os.PathLike)):
-        raise ValueError(f"probes must be a DataFrame, a probes.csv path or its directory, got {type(probes).__name__}")
+        raise SpecError(f"{type(probes).__name__} is not a probes frame, probes.csv or its directory", "probes")
     path = Path(probes)
     if path.is_dir():
         path = path / "probes.csv"
     if not path.is_file():
-        raise ValueError(f"probes file {str(path)!r} does not exist")
+        raise SpecError(f"{str(path)!r} does not exist", "probes")
     return pd.read_csv(path, float_precision="round_trip"), str(path)
 
 
 def _probe_curves(df: pd.DataFrame, keys: list[tuple[int, str]], probe_method: str, metric: str, where: str
                   ) -> dict[tuple[int, str], list[tuple[float, float]]]:  # fmt: skip
-    """Per (layer, component), ``[(0, 0)] + [(s, mean value over seeds)]`` of the ``{probe_method}@s`` probes."""
+    """Per (layer, component), ``[(0, 0)] + [(s, mean value over seeds)]`` of the ``probe_method`` probes."""
     if missing := [c for c in _PROBE_COLUMNS if c not in df.columns]:
-        raise ValueError(f"{where} lacks column {missing[0]!r}; a probes frame has {', '.join(_PROBE_COLUMNS)}")
+        raise SpecError(f"{where} lacks column {missing[0]!r}; a probes frame has {', '.join(_PROBE_COLUMNS)}",
+                        "probes")  # fmt: skip
     kinds = df["kind"].astype(str)
-    rows = df[kinds.str.startswith(f"{probe_method}@") & (df["metric"] == metric)]
+    rows = df[(kinds == probe_method) & (df["metric"] == metric)]
     if rows.empty:
-        raise ValueError(f"{where} has no {probe_method}@s probes with metric {metric!r}; kinds present: "
-                         f"{', '.join(sorted(set(kinds))[:12])}")  # fmt: skip
-    sparsity = pd.to_numeric(rows["sparsity"], errors="coerce")
-    from_kind = pd.to_numeric(rows["kind"].astype(str).str.split("@").str[1], errors="coerce")
-    rows = rows.assign(s=sparsity.fillna(from_kind), layer=rows["layer"].astype(int))
+        raise SpecError(f"{where} has no {probe_method} probes with metric {metric!r}; kinds present: "
+                        f"{', '.join(sorted(set(kinds))[:12])}", "probes")  # fmt: skip
+    rows = rows.assign(s=pd.to_numeric(rows["sparsity"], errors="coerce"), layer=rows["layer"].astype(int))
     if rows["s"].isna().any() or rows["value"].isna().any():
         bad = rows[rows["s"].isna() | rows["value"].isna()].iloc[0]
-        raise ValueError(f"{where}: probe {bad['kind']!r} of layer {bad['layer']} {bad['component']} has no sparsity "
-                         "or no value")  # fmt: skip
+        raise SpecError(f"{where}: probe {bad['kind']!r} of layer {bad['layer']} {bad['component']} has no sparsity "
+                        "or no value", "probes")  # fmt: skip
     means = rows.groupby(["layer", "component", "s"])["value"].mean()
     curves: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for (layer, comp, s), v in means.items():
@@ -394,9 +384,8 @@ def _probe_curves(df: pd.DataFrame, keys: list[tuple[int, str]], probe_method: s
     if missing := [k for k in keys if k not in curves]:
         shown = ", ".join(f"({layer}, {comp})" for layer, comp in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise ValueError(f"{where} has no {probe_method}@s probes ({metric}) for (layer, component) {shown}{more}; "
-                         "probe them, or leave them out with components=/exclude= "
-                         "(CLI: --components/--exclude)")  # fmt: skip
+        raise SpecError(f"{where} has no {probe_method} probes ({metric}) for (layer, component) {shown}{more}; "
+                        "probe them, or leave them out with components= / exclude=", "probes")  # fmt: skip
     return {k: curves[k] for k in keys}
 
 
@@ -420,6 +409,129 @@ def _fisher_curves(lm: LoadedModel, windows: Windows, keys, names, *, batch_size
     return curves
 
 
+class AllocateOptions(Spec):
+    """What every allocation takes besides its method's options."""
+
+    budget: Fraction
+    """Overall fraction of the scheduled weights to prune (parameter-weighted)."""
+    components: Names | None = None
+    """Components to schedule (default: every prunable one not excluded)."""
+    exclude: Exclude = DEFAULT_EXCLUDE
+    """Components kept dense ('none': keep none dense)."""
+    min_sparsity: Fraction = 0.0
+    """Lowest sparsity of any entry."""
+    max_sparsity: Fraction = 0.95
+    """Highest sparsity of any entry."""
+    seed: Int = 0
+    """Seeds torch's RNG inside the call (recorded in the schedule's meta)."""
+    batch_size: Count = 8
+    """Windows per forward for calibration statistics."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AllocateOptions:
+        if self.min_sparsity > self.max_sparsity:
+            raise SpecError(f"{self.min_sparsity:g} is above max_sparsity {self.max_sparsity:g}", "min_sparsity")
+        if not self.min_sparsity <= self.budget <= self.max_sparsity:
+            raise SpecError(f"{self.budget:g} is outside [min_sparsity, max_sparsity] = [{self.min_sparsity:g}, "
+                            f"{self.max_sparsity:g}]", "budget")  # fmt: skip
+        return self
+
+
+class DepthOptions(Spec):
+    depth_spread: Number = 0.1
+    """Depth ramp: budget - spread at layer 0 to budget + spread at the last layer (negative: the other way)."""
+
+
+class OwlOptions(Spec):
+    owl_m: Annotated[Number, Field(gt=0)] = 5.0
+    """OWL's outlier threshold M: a WANDA score above M times the mean is an outlier."""
+    owl_lambda: Annotated[Number, Field(ge=0)] = 0.08
+    """OWL's lambda: half the spread of the layer sparsities."""
+
+
+class SensitivityOptions(Spec):
+    source: Literal["probes", "fisher"] = "probes"
+    """Loss curves from measured probes (sensitivity probe's wanda/magnitude kinds) or from Fisher (OBD)."""
+    probe_method: Literal["wanda", "magnitude"] = "wanda"
+    """Which sparsify probes give the curves."""
+    metric: Literal["delta_nll", "kl"] = "delta_nll"
+    """Probe metric used as the loss increase (0 for the dense model)."""
+
+
+@dataclass
+class AllocationContext:
+    """What an allocator works on: the model, the (layer, component) entries and their sizes, and its inputs."""
+
+    lm: LoadedModel
+    keys: list[tuple[int, str]]  # layer-major, registry order
+    n: torch.Tensor  # (E,) float64 parameters per entry
+    layer_of: torch.Tensor  # (E,) layer of each entry
+    common: AllocateOptions
+    windows: Windows | None
+    probes: pd.DataFrame | str | os.PathLike | None
+    show_progress: bool
+
+    def fit(self, raw: torch.Tensor) -> torch.Tensor:
+        """:func:`fit_budget` of raw sparsities (E,) under the budget and bounds."""
+        c = self.common
+        return fit_budget(raw, self.n, c.budget, c.min_sparsity, c.max_sparsity)
+
+
+@METHODS.register("uniform", description="the budget everywhere")
+def _uniform(ctx: AllocationContext, options) -> tuple[torch.Tensor, dict]:
+    return ctx.fit(torch.full((len(ctx.keys),), ctx.common.budget)), {}
+
+
+@METHODS.register("depth", options=DepthOptions, description="a linear ramp over layers, budget -/+ spread")
+def _depth(ctx: AllocationContext, options: DepthOptions) -> tuple[torch.Tensor, dict]:
+    ramp = depth_ramp(ctx.lm.registry.n_layers, ctx.common.budget, options.depth_spread)  # (L,)
+    return ctx.fit(ramp[ctx.layer_of]), {"depth_spread": options.depth_spread}
+
+
+@METHODS.register("owl", options=OwlOptions, calibration=True,
+                  description="outlier-weighted layerwise sparsity (Yin et al., 2023)")  # fmt: skip
+def _owl(ctx: AllocationContext, options: OwlOptions) -> tuple[torch.Tensor, dict]:
+    reg = ctx.lm.registry
+    names = list(dict.fromkeys(c for _, c in ctx.keys))
+    scores = weight_scores(ctx.lm, ctx.windows, "wanda", components=names, batch_size=ctx.common.batch_size,
+                           show_progress=ctx.show_progress)  # fmt: skip
+    ratios = []
+    for layer in range(reg.n_layers):
+        flat = [scores[(layer, comp, t.describe())].flatten() for lyr, comp in ctx.keys if lyr == layer
+                for t in reg.weights(comp)]  # fmt: skip
+        ratios.append(owl_outlier_ratio(torch.cat(flat), options.owl_m))
+    per_layer = owl_sparsity(ratios, ctx.common.budget, options.owl_lambda)  # (L,)
+    meta = {"owl_m": options.owl_m, "owl_lambda": options.owl_lambda, "outlier_ratios": ratios,
+            "windows": _windows_record(ctx.windows)}  # fmt: skip
+    return ctx.fit(per_layer[ctx.layer_of]), meta
+
+
+@METHODS.register("sensitivity", options=SensitivityOptions, calibration=lambda o: o.source == "fisher",
+                  probes=lambda o: o.source == "probes",
+                  description="minimise the predicted loss (probe or Fisher curves) under the budget")  # fmt: skip
+def _sensitivity(ctx: AllocationContext, options: SensitivityOptions) -> tuple[torch.Tensor, dict]:
+    meta: dict = {"source": options.source}
+    if options.source == "probes":
+        df, path = _read_probes(ctx.probes)
+        curves = _probe_curves(df, ctx.keys, options.probe_method, options.metric, path or "the probes frame")
+        meta.update(probe_method=options.probe_method, metric=options.metric, probes=path)
+    else:
+        names = list(dict.fromkeys(c for _, c in ctx.keys))
+        curves = _fisher_curves(ctx.lm, ctx.windows, ctx.keys, names, batch_size=ctx.common.batch_size,
+                                show_progress=ctx.show_progress)  # fmt: skip
+        meta.update(grid=list(FISHER_GRID), windows=_windows_record(ctx.windows))
+    c = ctx.common
+    got = greedy_allocate([curves[k] for k in ctx.keys], ctx.n, c.budget, c.min_sparsity, c.max_sparsity)
+    meta["predicted_loss"] = got.loss
+    return got.sparsity, meta
+
+
+def needs_probes(method: str, options: Spec) -> bool:
+    """Whether ``method`` with ``options`` reads a probes table."""
+    rule = METHODS[method].info.get("probes", False)
+    return bool(rule(options) if callable(rule) else rule)
+
+
 def allocate(
     model: LoadedModel | nn.Module,
     method: str,
@@ -427,23 +539,12 @@ def allocate(
     *,
     windows: Windows | None = None,
     probes: pd.DataFrame | str | os.PathLike | None = None,
-    components: Iterable[str] | str | None = None,
-    exclude: Iterable[str] | None = DEFAULT_EXCLUDE,
-    min_sparsity: float = 0.0,
-    max_sparsity: float = 0.95,
-    owl_m: float = 5.0,
-    owl_lambda: float = 0.08,
-    depth_spread: float = 0.1,
-    source: str = "probes",
-    probe_method: str = "wanda",
-    metric: str = "delta_nll",
-    seed: int = 0,
-    batch_size: int = 8,
     show_progress: bool = True,
+    **options,
 ) -> Schedule:
     """Spread an overall sparsity ``budget`` over the prunable (layer, component) entries of a model.
 
-    Methods:
+    Methods (:data:`METHODS`):
 
     * ``uniform``: every entry at ``budget``.
     * ``depth``: :func:`depth_ramp` over layers (``budget - depth_spread`` at layer 0 to ``budget + depth_spread``
@@ -452,7 +553,7 @@ def allocate(
       above ``owl_m`` times their mean) over all the layer's scheduled weights, then :func:`owl_sparsity` with
       ``owl_lambda``; the same for every component of a layer. Needs ``windows``.
     * ``sensitivity``: :func:`greedy_allocate` on per-entry loss curves: from ``probes`` (``source="probes"``: the
-      ``{probe_method}@s`` sparsify probes' ``metric``, averaged over seeds, plus ``(0, 0)``), or from the Fisher
+      ``probe_method`` sparsify probes' ``metric``, averaged over seeds, plus ``(0, 0)``), or from the Fisher
       diagonal (``source="fisher"``: OBD, pruning a fraction ``s`` of an entry costs the sum of its ``s * n``
       smallest ``0.5 * (F_ii / n_windows) * w_i**2``, sampled at :data:`FISHER_GRID`; needs ``windows``).
 
@@ -461,32 +562,24 @@ def allocate(
 
     Args:
         model: A ``LoadedModel`` (instrumented for ``owl`` and ``fisher``) or HF Mamba causal LM.
-        method: One of :data:`METHODS`.
+        method: A name in :data:`METHODS`.
         budget: Overall fraction of the scheduled weights to prune, in [0, 1).
         windows: Calibration windows (n, L) for ``owl`` and ``source="fisher"``.
         probes: For ``sensitivity`` with ``source="probes"``: a probes frame (:func:`sensitivity.probe`), its
             ``probes.csv`` or the directory holding it.
-        components: Components to schedule (default every prunable one not excluded).
-        exclude: Components kept dense (default ``conv1d``).
-        min_sparsity: Lowest sparsity of any entry.
-        max_sparsity: Highest sparsity of any entry (< 1).
-        owl_m: OWL's outlier threshold M.
-        owl_lambda: OWL's lambda (half the spread of layer sparsities).
-        depth_spread: Half the spread of the depth ramp (negative: prune early layers more).
-        source: ``"probes"`` or ``"fisher"`` (``sensitivity`` only).
-        probe_method: ``"wanda"`` or ``"magnitude"``: which sparsify probes give the curves.
-        metric: ``"delta_nll"`` or ``"kl"``: the probe metric used as the loss increase.
-        seed: Seeds torch's RNG inside the call (recorded in ``meta``).
-        batch_size: Windows per forward for calibration statistics.
         show_progress: Show tqdm bars.
+        **options: :class:`AllocateOptions` (``components``, ``exclude``, ``min_sparsity``, ``max_sparsity``,
+            ``seed``, ``batch_size``) and the method's own: :class:`DepthOptions` (``depth_spread``),
+            :class:`OwlOptions` (``owl_m``, ``owl_lambda``), :class:`SensitivityOptions` (``source``,
+            ``probe_method``, ``metric``).
 
     Returns:
         A :class:`~sensitivity.allocation.Schedule` whose ``meta`` records the method's parameters (and, for
         ``sensitivity``, the predicted total loss and where the curves came from).
 
     Raises:
-        ValueError: Unknown method, source, probe method, metric or component; budget or bounds out of range; a
-            missing input (windows, probes); entries without probe curves; an infeasible budget.
+        SpecError: Unknown method or option, a value out of range, a missing input (windows, probes), entries
+            without probe curves, an infeasible budget.
 
     Example:
         >>> lm = load_model()
@@ -494,73 +587,28 @@ def allocate(
         >>> schedule = allocate(lm, "sensitivity", 0.5, probes=probes)
         >>> schedule.to_yaml("runs/schedule.yaml")
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown allocation method {method!r}; allowed: {', '.join(METHODS)}")
-    budget = _check_fraction("budget", budget)
-    min_sparsity = _check_fraction("min_sparsity", min_sparsity)
-    max_sparsity = _check_fraction("max_sparsity", max_sparsity)
-    if min_sparsity > max_sparsity:
-        raise ValueError(f"min_sparsity {min_sparsity:g} is above max_sparsity {max_sparsity:g}")
-    if not min_sparsity <= budget <= max_sparsity:
-        raise ValueError(f"budget {budget:g} is outside [min_sparsity, max_sparsity] = [{min_sparsity:g}, "
-                         f"{max_sparsity:g}]")  # fmt: skip
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed {seed!r} must be an integer")
-    if method == "sensitivity":
-        for what, value, allowed in (("source", source, SOURCES), ("probe_method", probe_method, PROBE_METHODS),
-                                     ("metric", metric, CURVE_METRICS)):  # fmt: skip
-            if value not in allowed:
-                raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    entry = METHODS[method]
+    own = {k: v for k, v in options.items() if k not in AllocateOptions.model_fields}
+    common = AllocateOptions(budget=budget, **{k: v for k, v in options.items() if k in AllocateOptions.model_fields})
+    opts = entry.validate(own)
+    if entry.needs_calibration(opts) and (windows is None or len(windows) == 0):
+        raise SpecError(f"{method} needs calibration windows", "windows")
+    if needs_probes(method, opts) and probes is None:
+        raise SpecError(f"{method} needs probes (a probes frame, probes.csv or its directory)", "probes")
     lm = as_loaded(model)
     reg = lm.registry
-    names = reg.resolve(components, exclude)
+    names = reg.resolve(common.components, common.exclude)
     sizes = reg.weight_sizes(lm.model, names)
     keys = list(sizes)  # layer-major, registry order
-    n = torch.tensor([sizes[k] for k in keys], dtype=torch.float64)  # (E,)
-    layer_of = torch.tensor([layer for layer, _ in keys])  # (E,)
-    meta: dict = {"min_sparsity": min_sparsity, "max_sparsity": max_sparsity, "seed": int(seed)}
-
+    ctx = AllocationContext(lm, keys, torch.tensor([sizes[k] for k in keys], dtype=torch.float64),
+                            torch.tensor([layer for layer, _ in keys]), common, windows, probes, show_progress)
+    meta: dict = {"min_sparsity": common.min_sparsity, "max_sparsity": common.max_sparsity, "seed": common.seed}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        if method == "uniform":
-            s = fit_budget(torch.full((len(keys),), budget), n, budget, min_sparsity, max_sparsity)  # (E,)
-        elif method == "depth":
-            ramp = depth_ramp(reg.n_layers, budget, depth_spread)  # (L,)
-            s = fit_budget(ramp[layer_of], n, budget, min_sparsity, max_sparsity)  # (E,)
-            meta["depth_spread"] = float(depth_spread)
-        elif method == "owl":
-            windows = _need_windows(method, windows)
-            if not isinstance(owl_m, numbers.Real) or isinstance(owl_m, bool) or not owl_m > 0:
-                raise ValueError(f"owl_m {owl_m!r} must be a number > 0")
-            scores = weight_scores(lm, windows, "wanda", components=names, batch_size=batch_size,
-                                   show_progress=show_progress)  # fmt: skip
-            ratios = []
-            for layer in range(reg.n_layers):
-                flat = [scores[(layer, comp, t.describe())].flatten() for lyr, comp in keys if lyr == layer
-                        for t in reg.weights(comp)]  # fmt: skip
-                ratios.append(owl_outlier_ratio(torch.cat(flat), float(owl_m)))
-            per_layer = owl_sparsity(ratios, budget, owl_lambda)  # (L,)
-            s = fit_budget(per_layer[layer_of], n, budget, min_sparsity, max_sparsity)  # (E,)
-            meta.update(owl_m=float(owl_m), owl_lambda=float(owl_lambda), outlier_ratios=ratios,
-                        windows=_windows_record(windows))  # fmt: skip
-        else:
-            meta.update(source=source)
-            if source == "probes":
-                if probes is None:
-                    raise ValueError("method 'sensitivity' with source='probes' needs probes= (a probes frame, "
-                                     "probes.csv or its directory)")  # fmt: skip
-                df, path = _read_probes(probes)
-                curves = _probe_curves(df, keys, probe_method, metric, path or "the probes frame")
-                meta.update(probe_method=probe_method, metric=metric, probes=path)
-            else:
-                windows = _need_windows("sensitivity (source='fisher')", windows)
-                curves = _fisher_curves(lm, windows, keys, names, batch_size=batch_size, show_progress=show_progress)
-                meta.update(grid=list(FISHER_GRID), windows=_windows_record(windows))
-            got = greedy_allocate([curves[k] for k in keys], n, budget, min_sparsity, max_sparsity)
-            s = got.sparsity  # (E,)
-            meta["predicted_loss"] = got.loss
+        torch.manual_seed(common.seed)
+        s, extra = entry.fn(ctx, opts)  # (E,)
+    meta.update(extra)
     schedule = Schedule(arch=reg.arch, n_layers=reg.n_layers, sparsity=dict(zip(keys, s.tolist())), params=sizes,
-                        method=method, budget=budget, exclude=exclude, meta=meta)  # fmt: skip
-    logger.info("%s allocation of %s at %.4f: per layer %s", method, lm.name, budget,
+                        method=method, budget=common.budget, exclude=common.exclude, meta=meta)  # fmt: skip
+    logger.info("%s allocation of %s at %.4f: per layer %s", method, lm.name, common.budget,
                 ", ".join(f"{x:.3f}" for x in schedule.per_layer()))  # fmt: skip
     return schedule

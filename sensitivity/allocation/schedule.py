@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
+from typing import Annotated, Literal
 
 import pandas as pd
 import yaml
+from pydantic import Field, JsonValue
 from torch import nn
 
 from ..core.loading import LoadedModel, as_loaded, tiny_config
+from ..core.masks import Structure
 from ..core.output import atomic_write_text
 from ..core.registry import ARCHITECTURES, DEFAULT_EXCLUDE, Registry, build_registry
+from ..core.spec import Count, Exclude, Fraction, Int, Spec, SpecError, load_yaml
 
 __all__ = ["RECIPE_MODIFIERS", "Schedule", "uniform_schedule"]
 
@@ -34,48 +36,33 @@ logger = logging.getLogger(__name__)
 RECIPE_MODIFIERS = ("WandaPruningModifier", "SparseGPTModifier")
 """llm-compressor one-shot modifiers that take a per-layer ``sparsity`` list (``MagnitudePruningModifier`` does not:
 it is a gradual training-time pruner with ``init_sparsity``/``final_sparsity``)."""
-_ENTRY_KEYS = ("layer", "component", "params", "sparsity")
-_SCHEDULE_KEYS = ("arch", "n_layers", "method", "budget", "exclude", "meta", "entries")
-_REQUIRED_KEYS = ("arch", "n_layers", "entries")
-_NM = re.compile(r"^(\d+):(\d+)$")
 BUDGET_TOL = 1e-6
 """How far :meth:`Schedule.overall` may be from ``budget``."""
+Meta = dict[str, JsonValue]
+"""Plain data: str keys; str, int, float (finite), bool, None, lists and mappings of them."""
 
 
-def _names(what: str, value) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    values = (value,) if isinstance(value, str) else tuple(value)
-    if bad := [v for v in values if not isinstance(v, str)]:
-        raise ValueError(f"{what} must be component names, got {bad[0]!r}")
-    return tuple(dict.fromkeys(values))
+class _Entry(Spec):
+    layer: Annotated[Int, Field(ge=0)]
+    component: str
+    params: Count
+    sparsity: Fraction
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+class _Document(Spec):
+    """The ``schedule:`` mapping of the YAML form: what every schedule must satisfy field by field."""
+
+    arch: Literal[ARCHITECTURES]  # type: ignore[valid-type]
+    n_layers: Count
+    method: Annotated[str, Field(min_length=1, pattern=r"^[^\n]+$")] = "custom"
+    budget: Fraction | None = None
+    exclude: Exclude = ()
+    meta: Meta = {}
+    entries: Annotated[list[_Entry], Field(min_length=1)]
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _plain(value, where: str):
-    """``value`` as plain YAML/JSON data (dicts with str keys, lists, str, int, float, bool, None)."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if _is_int(value):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        if not math.isfinite(value):
-            raise ValueError(f"{where} is {value!r}; meta values must be finite numbers")
-        return float(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        if bad := [k for k in value if not isinstance(k, str)]:
-            raise ValueError(f"{where} has key {bad[0]!r}; meta keys must be strings")
-        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
-    raise ValueError(f"{where} has type {type(value).__name__}; allowed: dict, list, str, int, float, bool, None")
+class _Recipe(Spec):
+    mask_structure: Structure = None
 
 
 @cache
@@ -122,49 +109,41 @@ class Schedule:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown arch {self.arch!r}; allowed: {', '.join(ARCHITECTURES)}")
-        if not _is_int(self.n_layers) or self.n_layers < 1:
-            raise ValueError(f"n_layers {self.n_layers!r} must be an integer >= 1")
-        if not isinstance(self.method, str) or not self.method or "\n" in self.method:
-            raise ValueError(f"method {self.method!r} must be a non-empty, one-line string")
         if not isinstance(self.sparsity, dict) or not isinstance(self.params, dict):
-            raise ValueError("sparsity and params must be dicts keyed by (layer, component)")
-        if not self.sparsity:
-            raise ValueError("a schedule needs at least one (layer, component) entry")
-        sparsity, params = {}, {}
-        for key, value in self.sparsity.items():
-            if not (isinstance(key, tuple) and len(key) == 2 and _is_int(key[0]) and isinstance(key[1], str)):
-                raise ValueError(f"schedule key {key!r} must be a (layer, component) tuple")
-            layer, comp = int(key[0]), key[1]
-            if not 0 <= layer < self.n_layers:
-                raise ValueError(f"layer {layer} of entry {key!r} out of range; allowed: 0..{self.n_layers - 1}")
-            if not _is_real(value) or not 0.0 <= value < 1.0:
-                raise ValueError(f"sparsity {value!r} of entry {key!r} out of range; allowed: 0 <= s < 1")
-            if key not in self.params:
-                raise ValueError(f"entry {key!r} has a sparsity but no params count")
-            n = self.params[key]
-            if not _is_int(n) or n < 1:
-                raise ValueError(f"params {n!r} of entry {key!r} must be a positive integer")
-            sparsity[(layer, comp)], params[(layer, comp)] = float(value), int(n)
+            raise SpecError("sparsity and params must be dicts keyed by (layer, component)")
+        for key in (*self.sparsity, *self.params):
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise SpecError(f"schedule key {key!r} must be a (layer, component) tuple")
+        if missing := [k for k in self.sparsity if k not in self.params]:
+            raise SpecError(f"entry {missing[0]!r} has a sparsity but no params count")
         if extra := [k for k in self.params if k not in self.sparsity]:
-            raise ValueError(f"entry {extra[0]!r} has a params count but no sparsity")
-        exclude = _names("exclude", self.exclude)
-        if listed := sorted({c for _, c in sparsity} & set(exclude)):
-            raise ValueError(f"component {listed[0]!r} is excluded (exclude={list(exclude)}) but has entries")
+            raise SpecError(f"entry {extra[0]!r} has a params count but no sparsity")
+        doc = _Document(arch=self.arch, n_layers=self.n_layers, method=self.method, budget=self.budget,
+                        exclude=self.exclude, meta=self.meta if isinstance(self.meta, dict) else None,
+                        entries=[{"layer": layer, "component": comp, "params": self.params[(layer, comp)],
+                                  "sparsity": s} for (layer, comp), s in self.sparsity.items()])  # fmt: skip
+        self._adopt(doc)
+
+    def _adopt(self, doc: _Document) -> None:
+        """Take the validated document's values, then check what spans fields."""
+        sparsity, params = {}, {}
+        for i, e in enumerate(doc.entries):
+            key = (e.layer, e.component)
+            if key in sparsity:
+                raise SpecError(f"repeats (layer, component) {key!r}", f"entries.{i}")
+            if e.layer >= doc.n_layers:
+                raise SpecError(f"{e.layer} is out of range; allowed: 0..{doc.n_layers - 1}", f"entries.{i}.layer")
+            sparsity[key], params[key] = e.sparsity, e.params
+        if listed := sorted({c for _, c in sparsity} & set(doc.exclude)):
+            raise SpecError(f"component {listed[0]!r} is excluded (exclude={list(doc.exclude)}) but has entries",
+                            "exclude")  # fmt: skip
+        for name in ("arch", "n_layers", "method", "budget", "exclude", "meta"):
+            object.__setattr__(self, name, getattr(doc, name))
         object.__setattr__(self, "sparsity", sparsity)
         object.__setattr__(self, "params", params)
-        object.__setattr__(self, "exclude", exclude)
-        if not isinstance(self.meta, dict):
-            raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}")
-        object.__setattr__(self, "meta", _plain(self.meta, "meta"))
-        if self.budget is not None:
-            if not _is_real(self.budget) or not 0.0 <= self.budget < 1.0:
-                raise ValueError(f"budget {self.budget!r} out of range; allowed: 0 <= budget < 1, or None")
-            object.__setattr__(self, "budget", float(self.budget))
-            if abs(self.overall() - self.budget) > BUDGET_TOL:
-                raise ValueError(f"the entries prune {self.overall():.8f} of their parameters but budget is "
-                                 f"{self.budget:.8f}; fix the sparsities or set budget to null")  # fmt: skip
+        if self.budget is not None and abs(self.overall() - self.budget) > BUDGET_TOL:
+            raise SpecError(f"the entries prune {self.overall():.8f} of their parameters but budget is "
+                            f"{self.budget:.8f}; fix the sparsities or set budget to null", "budget")  # fmt: skip
 
     # ---- queries ----
 
@@ -238,43 +217,15 @@ class Schedule:
         """Inverse of :meth:`to_dict`.
 
         Raises:
-            ValueError: For a missing or unknown key or a value of the wrong type, naming the key.
+            SpecError: For a missing or unknown key or a value of the wrong type, naming the key.
         """
         if not isinstance(d, dict):
-            raise ValueError(f"a schedule must be a mapping with keys {', '.join(_SCHEDULE_KEYS)}; got {d!r:.80}")
-        if missing := [k for k in _REQUIRED_KEYS if k not in d]:
-            raise ValueError(f"schedule is missing key {missing[0]!r}; required: {', '.join(_REQUIRED_KEYS)}")
-        if unknown := [k for k in d if k not in _SCHEDULE_KEYS]:
-            raise ValueError(f"unknown schedule key {unknown[0]!r}; allowed: {', '.join(_SCHEDULE_KEYS)}")
-        _check_type("arch", d["arch"], str)
-        _check_type("n_layers", d["n_layers"], int)
-        method = d.get("method", "custom")
-        _check_type("method", method, str)
-        budget = d.get("budget")
-        if budget is not None:
-            _check_type("budget", budget, float)
-        exclude = d.get("exclude") or []
-        _check_type("exclude", exclude, list)
-        for i, name in enumerate(exclude):
-            _check_type(f"exclude[{i}]", name, str)
-        meta = d.get("meta") or {}
-        _check_type("meta", meta, dict)
-        _check_type("entries", d["entries"], list)
-        sparsity, params = {}, {}
-        for i, entry in enumerate(d["entries"]):
-            _check_type(f"entries[{i}]", entry, dict)
-            if missing := [k for k in _ENTRY_KEYS if k not in entry]:
-                raise ValueError(f"entries[{i}] is missing key {missing[0]!r}; required: {', '.join(_ENTRY_KEYS)}")
-            if unknown := [k for k in entry if k not in _ENTRY_KEYS]:
-                raise ValueError(f"entries[{i}] has unknown key {unknown[0]!r}; allowed: {', '.join(_ENTRY_KEYS)}")
-            for key, kind in (("layer", int), ("component", str), ("params", int), ("sparsity", float)):
-                _check_type(f"entries[{i}].{key}", entry[key], kind)
-            key = (entry["layer"], entry["component"])
-            if key in sparsity:
-                raise ValueError(f"entries[{i}] repeats (layer, component) {key!r}")
-            sparsity[key], params[key] = entry["sparsity"], entry["params"]
-        return cls(arch=d["arch"], n_layers=d["n_layers"], sparsity=sparsity, params=params, method=method,
-                   budget=budget, exclude=tuple(exclude), meta=meta)  # fmt: skip
+            raise SpecError(f"a schedule must be a mapping with keys {', '.join(_Document.model_fields)}; got "
+                            f"{type(d).__name__}")  # fmt: skip
+        doc = _Document(**d)
+        schedule = object.__new__(cls)
+        schedule._adopt(doc)
+        return schedule
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
         """The schedule as YAML (one flow-style line per entry), written atomically to ``path`` when given.
@@ -292,39 +243,25 @@ class Schedule:
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike) -> Schedule:
-        """Read a schedule from a YAML file path or YAML text.
+        """Read a schedule from a YAML file path or YAML text (the bounded, alias-free loader of
+        :func:`sensitivity.core.spec.load_yaml`).
 
         Raises:
-            ValueError: For a missing file, malformed YAML, a document without a top-level ``schedule:`` mapping, or
+            SpecError: For a missing file, malformed YAML, a document without a top-level ``schedule:`` mapping, or
                 any invalid key or value (naming it).
         """
-        is_path = isinstance(source, os.PathLike) or (
-            isinstance(source, str) and "\n" not in source
-            and (source.endswith((".yaml", ".yml")) or Path(source).is_file())
-        )  # fmt: skip
-        if is_path:
-            path = Path(source)
-            if not path.is_file():
-                raise ValueError(f"schedule file {str(path)!r} does not exist")
-            text, where = path.read_text(encoding="utf-8"), str(path)
-        elif isinstance(source, str):
-            text, where = source, "schedule text"
-        else:
-            raise ValueError(f"from_yaml takes a path or YAML text, got {type(source).__name__}")
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ValueError(f"malformed YAML in {where}{at}: {problem}") from None
-        if isinstance(doc, str) and not is_path and "\n" not in text.strip():
-            raise ValueError(f"{text.strip()!r} is neither an existing schedule file nor schedule YAML")
+        doc = load_yaml(source)
+        where = str(source) if isinstance(source, os.PathLike) or "\n" not in str(source) else "the schedule text"
+        if isinstance(doc, str) and "\n" not in str(source).strip():
+            raise SpecError(f"{str(source).strip()!r} is neither an existing schedule file nor schedule YAML")
         if not isinstance(doc, dict) or "schedule" not in doc:
-            raise ValueError(f"{where} has no top-level 'schedule:' mapping (see Schedule.to_yaml for the format)")
+            raise SpecError(f"{where} has no top-level 'schedule:' mapping (see Schedule.to_yaml for the format)")
         if extra := [k for k in doc if k != "schedule"]:
-            raise ValueError(f"{where} has unknown top-level key {extra[0]!r}; allowed: schedule")
-        return cls.from_dict(doc["schedule"])
+            raise SpecError(f"{where} has unknown top-level key {extra[0]!r}; allowed: schedule")
+        try:
+            return cls.from_dict(doc["schedule"])
+        except SpecError as e:
+            raise e.within("schedule") from None
 
     def to_recipe(self, modifier: str = "WandaPruningModifier", mask_structure: str = "0:0") -> str:
         """An llm-compressor recipe (YAML) pruning each layer to this schedule's per-layer sparsity.
@@ -353,13 +290,12 @@ class Schedule:
         if modifier not in RECIPE_MODIFIERS:
             raise ValueError(f"unknown modifier {modifier!r}; allowed: {', '.join(RECIPE_MODIFIERS)} "
                              "(MagnitudePruningModifier takes no per-layer sparsity)")  # fmt: skip
-        m = _NM.match(str(mask_structure))
-        if not m or (mask_structure != "0:0" and not 0 < int(m.group(1)) < int(m.group(2))):
-            raise ValueError(f"mask_structure {mask_structure!r} is invalid; allowed: '0:0' (unstructured) or 'n:m' "
-                             "with 0 < n < m, e.g. '2:4'")  # fmt: skip
+        nm = _Recipe(mask_structure=mask_structure).mask_structure
+        mask_structure = "0:0" if nm is None else nm
         layers = self.per_layer()
-        if mask_structure != "0:0":
-            implied = 1 - int(m.group(1)) / int(m.group(2))
+        if nm is not None:
+            n, m = map(int, nm.split(":"))
+            implied = 1 - n / m
             if bad := [(i, s) for i, s in enumerate(layers) if abs(s - implied) > 1e-9]:
                 raise ValueError(f"mask_structure {mask_structure!r} prunes {implied:g} of every weight but layer "
                                  f"{bad[0][0]} of the schedule has sparsity {bad[0][1]:.6g}")  # fmt: skip
@@ -418,16 +354,6 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
-
-
-def _check_type(key: str, value, kind: type) -> None:
-    ok = {int: _is_int(value), float: _is_real(value), str: isinstance(value, str), list: isinstance(value, list),
-          dict: isinstance(value, dict)}[kind]  # fmt: skip
-    if not ok:
-        raise ValueError(f"schedule key {key!r} must be {_TYPE_NAMES[kind]}, got {value!r:.80}")
-
-
 def uniform_schedule(
     model: LoadedModel | nn.Module,
     sparsity: float,
@@ -449,11 +375,8 @@ def uniform_schedule(
         >>> uniform_schedule(load_model("tiny:mamba"), 0.5).get(1, "out_proj")
         0.5
     """
-    if not _is_real(sparsity) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity {sparsity!r} out of range; allowed: 0 <= s < 1")
     lm = as_loaded(model)
     names = lm.registry.resolve(components, exclude)
     sizes = lm.registry.weight_sizes(lm.model, names)
     return Schedule(arch=lm.arch, n_layers=lm.registry.n_layers, sparsity={k: float(sparsity) for k in sizes},
-                    params=sizes, method="uniform", budget=float(sparsity),
-                    exclude=_names("exclude", exclude))  # fmt: skip
+                    params=sizes, method="uniform", budget=sparsity, exclude=exclude)  # fmt: skip

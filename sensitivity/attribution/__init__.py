@@ -27,18 +27,20 @@ from ..core.stats import OBJECTIVES, ChannelStats, channel_stats
 from .agreement import agreement, kendall_tau_b, rank_correlation, spearman
 from .api import (
     COLUMNS,
-    DEFAULT_METHODS,
     GBLM_ALPHA,
     METHODS,
     WEIGHT_METHODS,
+    AttributeOptions,
+    AttributionContext,
     ScoreKey,
     attribute,
     covered_components,
+    default_methods,
     weight_scores,
 )
 
 __all__ = [
-    "COLUMNS", "DEFAULT_METHODS", "GBLM_ALPHA", "METHODS", "OBJECTIVES", "WEIGHT_METHODS", "ChannelStats", "ScoreKey",
-    "agreement", "attribute", "channel_stats", "covered_components", "kendall_tau_b", "owl_outlier_ratio",
-    "rank_correlation", "spearman", "wanda_score", "weight_scores",
+    "COLUMNS", "GBLM_ALPHA", "METHODS", "OBJECTIVES", "WEIGHT_METHODS", "AttributeOptions", "AttributionContext",
+    "ChannelStats", "ScoreKey", "agreement", "attribute", "channel_stats", "covered_components", "default_methods",
+    "kendall_tau_b", "owl_outlier_ratio", "rank_correlation", "spearman", "wanda_score", "weight_scores",
 ]

@@ -64,18 +64,6 @@ def _check_columns(df: pd.DataFrame, needed: tuple[str, ...], what: str) -> None
         raise ValueError(f"{what} table lacks column(s) {', '.join(missing)}; needed: {', '.join(needed)}")
 
 
-def _ablations(probes: pd.DataFrame) -> pd.DataFrame:
-    """Label each probe row with its ablation: the kind, plus ``@sparsity`` when a kind has several sparsities."""
-    probes = probes.copy()
-    probes["ablation"] = probes["kind"].astype(str)
-    if "sparsity" in probes.columns:
-        several = probes.groupby("kind")["sparsity"].nunique(dropna=True) > 1
-        multi = probes["kind"].map(several).fillna(False).astype(bool)
-        probes.loc[multi, "ablation"] = [f"{k}@{s:g}" for k, s in zip(probes.loc[multi, "kind"],
-                                                                      probes.loc[multi, "sparsity"])]  # fmt: skip
-    return probes
-
-
 def agreement(
     probes_df: pd.DataFrame, attribution_df: pd.DataFrame, *, probe_metric: str = "delta_nll"
 ) -> pd.DataFrame:
@@ -94,8 +82,9 @@ def agreement(
         probe_metric: Which probe metric ranks the damage.
 
     Returns:
-        Columns ``attribution, attribution_metric, ablation, probe_metric, n, spearman, kendall``, one row per
-        (attribution kind, attribution metric, ablation kind), sorted by ablation then descending Spearman.
+        Columns ``attribution, attribution_metric, ablation, sparsity, probe_metric, n, spearman, kendall``, one row
+        per (attribution kind, attribution metric, ablation kind and its sparsity: empty for kinds without one),
+        sorted by ablation and sparsity, then descending Spearman.
 
     Raises:
         ValueError: Missing columns, or ``probe_metric`` absent from the probes table.
@@ -111,19 +100,23 @@ def agreement(
     attr = attribution_df.dropna(subset=["value"])
     attr = attr.groupby(["kind", "metric", *_KEYS], as_index=False)["value"].mean()
     probes = probes_df[probes_df["index"].isna() & (probes_df["metric"] == probe_metric) & probes_df["value"].notna()]
-    probes = _ablations(probes[probes["component"].isin(set(attr["component"]))])
-    probes = probes.groupby(["ablation", *_KEYS], as_index=False)["value"].mean()
+    probes = probes[probes["component"].isin(set(attr["component"]))]
+    sparsity = probes["sparsity"] if "sparsity" in probes.columns else pd.Series(math.nan, index=probes.index)
+    probes = probes.assign(ablation=probes["kind"].astype(str), sparsity=sparsity.fillna(-1.0))  # -1: no sparsity
+    probes = probes.groupby(["ablation", "sparsity", *_KEYS], as_index=False)["value"].mean()
 
     rows = []
-    for ablation, damage in probes.groupby("ablation", sort=True):
+    for (ablation, level), damage in probes.groupby(["ablation", "sparsity"], sort=True):
         for (kind, metric), scores in attr.groupby(["kind", "metric"], sort=True):
             both = scores.merge(damage, on=_KEYS, suffixes=("_attr", "_probe"))
             n = len(both)
             rho, tau = (math.nan, math.nan)
             if n >= MIN_PAIRS:
                 rho, tau = rank_correlation(both["value_attr"], both["value_probe"])
-            rows.append((kind, metric, ablation, probe_metric, n, rho, tau))
-    columns = ["attribution", "attribution_metric", "ablation", "probe_metric", "n", "spearman", "kendall"]
-    out = pd.DataFrame(rows, columns=columns).astype({"n": "int64", "spearman": "float64", "kendall": "float64"})
-    out = out.sort_values(["ablation", "spearman"], ascending=[True, False], na_position="last", kind="stable")
+            rows.append((kind, metric, ablation, math.nan if level < 0 else level, probe_metric, n, rho, tau))
+    columns = ["attribution", "attribution_metric", "ablation", "sparsity", "probe_metric", "n", "spearman", "kendall"]
+    out = pd.DataFrame(rows, columns=columns).astype({"sparsity": "float64", "n": "int64", "spearman": "float64",
+                                                      "kendall": "float64"})  # fmt: skip
+    out = out.sort_values(["ablation", "sparsity", "spearman"], ascending=[True, True, False], na_position="last",
+                          kind="stable")  # fmt: skip
     return out.reset_index(drop=True)

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Literal, NamedTuple
 
 import pandas as pd
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..core.hooks import hook_name
+from ..core.methods import Methods
 from ..core.registry import Registry, TensorSlice
 from ..core.scores import (
     fisher_score,
@@ -24,38 +27,34 @@ from ..core.scores import (
     taylor_score,
     wanda_score,
 )
+from ..core.spec import Count, Int, Ints, Names, Number, Spec, SpecError, validate
 from ..core.stats import OBJECTIVES, GradStats, channel_stats, window_gradients
 from ..data import Windows
-from ._common import (
-    check_choice,
-    check_choices,
-    check_components,
-    check_float,
-    check_int,
-    check_layers,
-    check_windows,
-    resolve,
-)
-from .captum_methods import BASELINES, CAPTUM_METHODS, captum_components, captum_scores
+from ._common import resolve
+from .captum_methods import BASELINES, captum_components, captum_scores
 
 __all__ = [
     "COLUMNS",
-    "DEFAULT_METHODS",
     "GBLM_ALPHA",
     "METHODS",
     "WEIGHT_METHODS",
+    "AttributeOptions",
+    "AttributionContext",
     "ScoreKey",
     "attribute",
     "covered_components",
+    "default_methods",
     "weight_scores",
 ]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("act_norm", "taylor", "fisher", "gblm", "grad_x_act", "integrated_gradients", "conductance")
-"""Every method of :func:`attribute` (the ``kind`` column)."""
-DEFAULT_METHODS = ("act_norm", "taylor", "fisher", "gblm", "grad_x_act")
-"""The cheap ones: integrated gradients and conductance cost ``n_steps`` forwards per hook point."""
+METHODS = Methods("attribution method")
+"""Every method of :func:`attribute` (the ``kind`` column), plus any registered from user code. A method is called
+as ``fn(ctx: AttributionContext) -> rows`` (``(layer, component, kind, metric, value)`` tuples); its ``info`` says
+what it ``needs`` collected (``norms``: input norms at weight input hooks; ``grads``: per-window gradients of every
+parameter; ``weight_grads``: of weights with an input hook only), whether it is ``default``, and which components
+it ``covers(registry)``."""
 WEIGHT_METHODS = ("magnitude", "wanda", "taylor", "fisher", "gblm")
 """Per-weight scores :func:`weight_scores` returns."""
 GBLM_ALPHA = 100.0
@@ -80,23 +79,36 @@ def covered_components(registry: Registry, method: str) -> tuple[str, ...]:
     ``taylor``, ``fisher``, ``magnitude``: components with any parameter; captum methods: see
     :mod:`.captum_methods`.
     """
-    check_choice("method", method, METHODS + WEIGHT_METHODS)
-    if method in CAPTUM_METHODS:
-        return captum_components(registry)
+    if method in METHODS:
+        return METHODS[method].info["covers"](registry)
+    if method not in WEIGHT_METHODS:
+        raise SpecError(f"unknown method {method!r}; allowed: {', '.join((*METHODS, *WEIGHT_METHODS))}", "method")
     if method in _INPUT_METHODS:
-        return tuple(c.name for c in registry.components if registry.weights(c.name))
+        return _with_weights(registry)
+    return _with_params(registry)
+
+
+def _with_weights(registry: Registry) -> tuple[str, ...]:
+    return tuple(c.name for c in registry.components if registry.weights(c.name))
+
+
+def _with_params(registry: Registry) -> tuple[str, ...]:
     return tuple(c.name for c in registry.components if c.tensors)
 
 
-def _check_common(registry: Registry, components, layers, windows, batch_size, objective):
-    """The checks :func:`attribute` and :func:`weight_scores` share; returns the (layer, component) pairs and
-    the batch size."""
-    names = check_components(registry, components)
-    layer_ids = check_layers(registry, layers)
-    check_windows(windows)
-    batch_size = check_int("batch_size", batch_size, 1)
-    check_choice("objective", objective, OBJECTIVES)
-    return [(layer, name) for layer in layer_ids for name in names], batch_size
+def _pairs(registry: Registry, components, layers) -> list[tuple[int, str]]:
+    """The (layer, component) pairs asked for, checked against the model's registry."""
+    names = registry.component_names if components is None else components
+    for name in names:
+        registry.component(name)
+    layer_ids = range(registry.n_layers) if layers is None else [registry.check_layer(i, "layers") for i in layers]
+    return [(layer, name) for layer in layer_ids for name in names]
+
+
+def _check_windows(windows) -> Windows:
+    if not isinstance(windows, Windows):
+        raise SpecError(f"{type(windows).__name__} is not sensitivity.data.Windows", "windows")
+    return windows
 
 
 def _slice_input_norm(t: TensorSlice, weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -112,12 +124,13 @@ class _Collected(NamedTuple):
     grads: dict[tuple[int, str], GradStats]  # (layer, param) -> per-window gradient sums
 
 
-def _collect(model, registry: Registry, module: nn.Module, windows: Windows, methods, pairs, *, batch_size,
+def _collect(model, registry: Registry, module: nn.Module, windows: Windows, needs: set[str], pairs, *, batch_size,
              objective, show_progress) -> _Collected:  # fmt: skip
-    """Run the calibration passes ``methods`` need: activation norms at input hooks, per-window gradients."""
+    """Run the calibration passes in ``needs``: ``norms`` (activation norms at input hooks), ``grads`` (per-window
+    gradients of every parameter slice) or ``weight_grads`` (of the weights with an input hook only)."""
     norms: dict[tuple[int, str], torch.Tensor] = {}
     points: set[tuple[int, str]] = set()
-    if set(methods) & set(_INPUT_METHODS):
+    if "norms" in needs:
         points = {(layer, registry.input_hook(t.param)) for layer, name in pairs for t in registry.weights(name)}
     if points:
         t0 = time.perf_counter()
@@ -126,8 +139,8 @@ def _collect(model, registry: Registry, module: nn.Module, windows: Windows, met
         norms = {p: input_norm(stats[hook_name(*p)].sumsq, len(windows)) for p in points}
         logger.info("activation norms at %d hook points in %.1f s", len(points), time.perf_counter() - t0)
     grads: dict[tuple[int, str], GradStats] = {}
-    if set(methods) & set(_GRADIENT_METHODS):
-        every = set(methods) & {"taylor", "fisher"}  # all slices; gblm alone needs only weights with input hooks
+    if needs & {"grads", "weight_grads"}:
+        every = "grads" in needs  # all slices; gblm alone needs only weights with input hooks
         slices = lambda name: registry.component(name).tensors if every else registry.weights(name)
         keys = {(layer, t.param) for layer, name in pairs for t in slices(name)}
         params = {k: registry.mixer(module, k[0]).get_parameter(k[1]) for k in sorted(keys)}
@@ -197,26 +210,71 @@ def _sum_mean_rows(kind: str, scores: dict[ScoreKey, torch.Tensor]) -> list[tupl
     return rows
 
 
+class AttributeOptions(Spec):
+    """What :func:`attribute` computes."""
+
+    methods: Names | None = None
+    """Attribution methods (default: act_norm, taylor, fisher, gblm, grad_x_act; integrated_gradients and
+    conductance cost n_steps forwards per hook point)."""
+    components: Names | None = None
+    """Registry components (default: all)."""
+    layers: Ints | None = None
+    """Layers (default: all)."""
+    batch_size: Count = 8
+    """Windows per forward for activation statistics and captum (gradients use one window each)."""
+    seed: Int = 0
+    """Seeds torch's RNG inside the call (the methods are deterministic) and fills the seed column."""
+    objective: Literal[OBJECTIVES] = "loss"  # type: ignore[valid-type]
+    """What is attributed: the mean next-token loss per window, or the sum of the target log-probabilities."""
+    n_steps: Count = 16
+    """Integration steps of integrated_gradients and conductance (captum's n_steps)."""
+    internal_batch_size: Count | None = None
+    """captum's internal_batch_size for the integration steps (sequences per forward; default: all at once)."""
+    owl_m: Annotated[Number, Field(gt=0)] = 5.0
+    """OWL's outlier threshold M of act_norm's outlier_ratio."""
+    gblm_alpha: Annotated[Number, Field(ge=0)] = GBLM_ALPHA
+    """Weight of GBLM's gradient term (the released code scales gradients by 100)."""
+    baseline: Literal[BASELINES] = "zeros"  # type: ignore[valid-type]
+    """captum baseline: all-zero input embeddings."""
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods):
+        for method in methods or ():
+            METHODS[method]  # SpecError naming the allowed methods
+        return methods if methods is None else tuple(dict.fromkeys(methods))
+
+
+@dataclass
+class AttributionContext:
+    """What an attribution method reads: the model, the pairs asked for, the collected statistics, the options."""
+
+    model: object
+    module: nn.Module
+    registry: Registry
+    windows: Windows
+    pairs: list[tuple[int, str]]
+    got: _Collected
+    options: AttributeOptions
+    show_progress: bool
+
+
+def default_methods() -> tuple[str, ...]:
+    """The methods :func:`attribute` runs when none are named."""
+    return tuple(m for m in METHODS if METHODS[m].info.get("default"))
+
+
 def attribute(
     model,
     windows: Windows,
     *,
-    methods: str | Sequence[str] = DEFAULT_METHODS,
-    components: str | Iterable[str] | None = None,
-    layers: int | Iterable[int] | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    objective: str = "loss",
-    n_steps: int = 16,
-    internal_batch_size: int | None = None,
+    options: AttributeOptions | None = None,
     show_progress: bool = True,
-    owl_m: float = 5.0,
-    gblm_alpha: float = GBLM_ALPHA,
-    baseline: str = "zeros",
+    **overrides,
 ) -> pd.DataFrame:
     """Attribution scores of every (layer, component) by several methods, in one tidy table.
 
-    Methods (the ``kind`` column) and their metrics:
+    Methods (the ``kind`` column, :data:`METHODS`) and their metrics:
 
     * ``act_norm``: statistics of the component's weight inputs ``||X_j||`` (WANDA's input norm: the root of the
       sum of squares over every calibration token divided by the number of windows): ``l2_mean``
@@ -235,29 +293,18 @@ def attribute(
     Args:
         model: A ``LoadedModel`` or instrumented HF Mamba / Mamba2 / FalconMamba causal LM.
         windows: Calibration windows (n, L), e.g. from :func:`sensitivity.data.calibration_windows`.
-        methods: Names from :data:`METHODS` (default :data:`DEFAULT_METHODS`).
-        components: Registry component names (default all).
-        layers: Layer indices (default all).
-        batch_size: Windows per forward for activation statistics and captum (gradients use one window each).
-        seed: Seeds torch's RNG inside the call (the methods are deterministic) and fills the ``seed`` column.
-        objective: ``"loss"`` (mean next-token cross-entropy per window) or ``"logprob"`` (sum of the target
-            tokens' log-probabilities), for gradients and captum alike.
-        n_steps: captum's interpolation steps for integrated gradients and conductance.
-        internal_batch_size: captum's flag for integrated gradients and conductance: sequences (windows x steps)
-            per forward; None runs all ``batch_size x n_steps`` at once. On a 2-core CPU, 16-32 ran integrated
-            gradients on the default model twice as fast as None.
+        options: :class:`AttributeOptions`; keyword ``overrides`` change its fields (``methods``, ``components``,
+            ``layers``, ``batch_size``, ``seed``, ``objective``, ``n_steps``, ``internal_batch_size``, ``owl_m``,
+            ``gblm_alpha``, ``baseline``).
         show_progress: Show tqdm bars.
-        owl_m: OWL's outlier threshold M.
-        gblm_alpha: Weight of GBLM's gradient term (default :data:`GBLM_ALPHA` = 100, as in the released code).
-        baseline: captum baseline: ``"zeros"`` (all-zero input embeddings).
 
     Returns:
         A DataFrame with columns ``layer, component, kind, metric, value, seed`` and one row per
         (layer, component, kind, metric).
 
     Raises:
-        ValueError: For an unknown method, component, objective or baseline, a layer out of range, empty windows,
-            or a non-positive ``batch_size`` / ``n_steps`` / ``internal_batch_size``.
+        SpecError: For an unknown method, component, objective or baseline, a layer out of range, or a value out of
+            range (naming the field).
 
     Example:
         >>> lm = load_model("tiny:mamba2")
@@ -265,41 +312,72 @@ def attribute(
         >>> df = attribute(lm, windows, methods=["taylor", "grad_x_act"], layers=[0])
         >>> df.pivot_table(index="component", columns=["kind", "metric"], values="value")
     """
+    options = options or AttributeOptions()
+    if overrides:
+        options = validate(AttributeOptions, {**_fields(options, AttributeOptions), **overrides})
     module, registry = resolve(model)
-    methods = check_choices("method", methods, METHODS)
-    pairs, batch_size = _check_common(registry, components, layers, windows, batch_size, objective)
-    seed = check_int("seed", seed)
-    n_steps = check_int("n_steps", n_steps, 1)
-    if internal_batch_size is not None:
-        internal_batch_size = check_int("internal_batch_size", internal_batch_size, 1)
-    owl_m = check_float("owl_m", owl_m, positive=True)
-    gblm_alpha = check_float("gblm_alpha", gblm_alpha, positive=False)
-    check_choice("baseline", baseline, BASELINES)
-
+    _check_windows(windows)
+    pairs = _pairs(registry, options.components, options.layers)
+    methods = options.methods or default_methods()
+    needs = set().union(*(METHODS[m].info.get("needs", set()) for m in methods))
     rows: list[tuple] = []
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        got = _collect(model, registry, module, windows, methods, pairs, batch_size=batch_size, objective=objective,
-                       show_progress=show_progress)  # fmt: skip
+        torch.manual_seed(options.seed)
+        got = _collect(model, registry, module, windows, needs, pairs, batch_size=options.batch_size,
+                       objective=options.objective, show_progress=show_progress)  # fmt: skip
+        ctx = AttributionContext(model, module, registry, windows, pairs, got, options, show_progress)
         for method in methods:
             t0 = time.perf_counter()
-            if method == "act_norm":
-                rows += _act_norm_rows(registry, module, pairs, got, owl_m)
-            elif method in _GRADIENT_METHODS:
-                rows += _sum_mean_rows(method, _scores(method, registry, module, pairs, got, gblm_alpha=gblm_alpha))
-            else:
-                covered = captum_components(registry)
-                targets = [(layer, name) for layer, name in pairs if name in covered]
-                if targets:
-                    got_captum = captum_scores(model, windows, method, targets, objective=objective, n_steps=n_steps,
-                                               internal_batch_size=internal_batch_size, batch_size=batch_size,
-                                               baseline=baseline, show_progress=show_progress)  # fmt: skip
-                    for (layer, name), (abs_sum, total) in got_captum.items():
-                        rows += [(layer, name, method, "abs_sum", abs_sum), (layer, name, method, "sum", total)]
+            rows += METHODS[method].fn(ctx)
             logger.info("%s in %.1f s", method, time.perf_counter() - t0)
-    df = pd.DataFrame([(*r, seed) for r in rows], columns=list(COLUMNS))
+    df = pd.DataFrame([(*r, options.seed) for r in rows], columns=list(COLUMNS))
     return df.astype({"layer": "int64", "component": "object", "kind": "object", "metric": "object",
                       "value": "float64", "seed": "int64"})  # fmt: skip
+
+
+def _fields(options: Spec, cls: type[Spec]) -> dict:
+    return {k: v for k, v in options.to_dict().items() if k in cls.model_fields}
+
+
+@METHODS.register("act_norm", needs={"norms"}, default=True, covers=_with_weights,
+                  description="statistics of the weight inputs ||X_j||: l2_mean, max_over_median, outlier_ratio")
+def _act_norm(ctx: AttributionContext) -> list[tuple]:
+    return _act_norm_rows(ctx.registry, ctx.module, ctx.pairs, ctx.got, ctx.options.owl_m)
+
+
+def _gradient_method(name: str, needs: set[str], covers, description: str) -> None:
+    def run(ctx: AttributionContext) -> list[tuple]:
+        scores = _scores(name, ctx.registry, ctx.module, ctx.pairs, ctx.got, gblm_alpha=ctx.options.gblm_alpha)
+        return _sum_mean_rows(name, scores)
+
+    METHODS.register(name, needs=needs, default=True, covers=covers, description=description)(run)
+
+
+_gradient_method("taylor", {"grads"}, _with_params, "|w * mean_k g_k| (Molchanov et al., 2019): sum and mean")
+_gradient_method("fisher", {"grads"}, _with_params, "empirical Fisher sum_k g_k**2: sum and mean")
+_gradient_method("gblm", {"norms", "weight_grads"}, _with_weights,
+                 "|W| ||X_j|| + alpha |W| ||G|| (Das et al., 2023): sum and mean")
+
+
+def _captum_method(name: str, default: bool, description: str) -> None:
+    def run(ctx: AttributionContext) -> list[tuple]:
+        covered = captum_components(ctx.registry)
+        targets = [(layer, comp) for layer, comp in ctx.pairs if comp in covered]
+        if not targets:
+            return []
+        o = ctx.options
+        got = captum_scores(ctx.model, ctx.windows, name, targets, objective=o.objective, n_steps=o.n_steps,
+                            internal_batch_size=o.internal_batch_size, batch_size=o.batch_size, baseline=o.baseline,
+                            show_progress=ctx.show_progress)  # fmt: skip
+        return [row for (layer, comp), (abs_sum, total) in got.items()
+                for row in ((layer, comp, name, "abs_sum", abs_sum), (layer, comp, name, "sum", total))]  # fmt: skip
+
+    METHODS.register(name, default=default, covers=captum_components, description=description)(run)
+
+
+_captum_method("grad_x_act", True, "captum LayerGradientXActivation at the component's hook point")
+_captum_method("integrated_gradients", False, "captum LayerIntegratedGradients (n_steps forwards per hook point)")
+_captum_method("conductance", False, "captum LayerConductance (n_steps forwards per hook point)")
 
 
 def weight_scores(
@@ -338,9 +416,14 @@ def weight_scores(
         >>> scores[(0, "x", "in_proj.weight[256:512]")].shape
     """
     module, registry = resolve(model)
-    method = check_choice("method", method, WEIGHT_METHODS)
-    pairs, batch_size = _check_common(registry, components, layers, windows, batch_size, objective)
-    gblm_alpha = check_float("gblm_alpha", gblm_alpha, positive=False)
-    got = _collect(model, registry, module, windows, (method,), pairs, batch_size=batch_size, objective=objective,
-                   show_progress=show_progress)  # fmt: skip
-    return _scores(method, registry, module, pairs, got, gblm_alpha=gblm_alpha)
+    if method not in WEIGHT_METHODS:
+        raise SpecError(f"unknown weight score {method!r}; allowed: {', '.join(WEIGHT_METHODS)}", "method")
+    options = AttributeOptions(components=components, layers=layers, batch_size=batch_size, objective=objective,
+                               gblm_alpha=gblm_alpha)  # fmt: skip
+    _check_windows(windows)
+    pairs = _pairs(registry, options.components, options.layers)
+    needs = {"magnitude": set(), "wanda": {"norms"}, "taylor": {"grads"}, "fisher": {"grads"},
+             "gblm": {"norms", "weight_grads"}}[method]  # fmt: skip
+    got = _collect(model, registry, module, windows, needs, pairs, batch_size=options.batch_size,
+                   objective=options.objective, show_progress=show_progress)  # fmt: skip
+    return _scores(method, registry, module, pairs, got, gblm_alpha=options.gblm_alpha)

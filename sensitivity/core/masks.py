@@ -7,10 +7,12 @@ position (a stable sort), so masks are deterministic.
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
 import torch
+from pydantic import BeforeValidator
 
-__all__ = ["COMPARE", "nm_mask", "parse_structure", "unstructured_mask"]
+__all__ = ["COMPARE", "Structure", "nm_mask", "parse_structure", "unstructured_mask"]
 
 COMPARE = ("row", "tensor")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -30,9 +32,18 @@ def parse_structure(structure: str | None) -> tuple[int, int] | None:
         return None
     m = _NM.match(str(structure))
     if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-        raise ValueError(f"structure {structure!r} is invalid; allowed: 'unstructured' or 'n:m' with 0 < n < m, "
-                         "e.g. '2:4' or '4:8'")  # fmt: skip
+        raise ValueError(f"{structure!r} is invalid; allowed: 'unstructured' or 'n:m' with 0 < n < m, e.g. '2:4' or "
+                         "'4:8'")  # fmt: skip
     return int(m.group(1)), int(m.group(2))
+
+
+def _structure(value) -> str | None:
+    nm = parse_structure(value)
+    return None if nm is None else f"{nm[0]}:{nm[1]}"
+
+
+Structure = Annotated[str | None, BeforeValidator(_structure)]
+"""A validated N:M structure ``"n:m"`` (:func:`parse_structure`), or None for unstructured."""
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, *, per_row: bool = True) -> torch.Tensor:
@@ -53,8 +64,6 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, *, per_row: bool = 
         >>> unstructured_mask(torch.tensor([[3.0, 1.0, 2.0, 0.5]]), 0.5)
         tensor([[ True, False,  True, False]])
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity {sparsity!r} out of range; allowed: 0 <= s < 1")
     flat = scores.reshape(scores.shape[0], -1) if per_row else scores.reshape(1, -1)  # (rows, cols)
     k = int(flat.shape[1] * sparsity)
     keep = torch.ones_like(flat, dtype=torch.bool)

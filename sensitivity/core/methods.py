@@ -60,14 +60,16 @@ class Method:
     def applies_to(self, arch: str) -> bool:
         return self.archs is None or arch in self.archs
 
-    def validate(self, options: dict | Spec | None = None) -> Spec:
-        """The options as this method's validated options (errors name the field under ``options``)."""
+    def validate(self, options: dict | Spec | None = None, where: str = "options") -> Spec:
+        """The options as this method's validated options (errors name the field under ``where``)."""
         if isinstance(options, self.options):
             return options
         if isinstance(options, Spec):
             options = options.to_dict()
+        if options is not None and not isinstance(options, dict):
+            raise SpecError(f"{options!r} is not a mapping of {self.name}'s options", where)
         try:
-            return validate(self.options, dict(options or {}), "options")
+            return validate(self.options, dict(options or {}), where)
         except SpecError as e:
             if e.detail.startswith("unknown field"):
                 allowed = ", ".join(self.options.model_fields) or "none"
@@ -126,12 +128,15 @@ class Methods:
         """Registered names, in registration order (those that apply to ``arch`` when given)."""
         return tuple(n for n, m in self._entries.items() if arch is None or m.applies_to(arch))
 
-    def check(self, name: str, arch: str | None = None) -> Method:
-        """The entry of ``name``, which must apply to ``arch`` when given."""
-        method = self[name]
+    def check(self, name: str, arch: str | None = None, field: str = "") -> Method:
+        """The entry of ``name``, which must apply to ``arch`` when given; errors name ``field``."""
+        try:
+            method = self[name]
+        except SpecError as e:
+            raise e.within(field) from None
         if arch is not None and not method.applies_to(arch):
             raise SpecError(f"{self.kind} {name!r} does not apply to {arch} models; it needs "
-                            f"{' or '.join(method.archs or ())}")  # fmt: skip
+                            f"{' or '.join(method.archs or ())}", field)  # fmt: skip
         return method
 
     def __repr__(self) -> str:

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-__all__ = ["MANIFEST", "OutputDir", "OutputError", "atomic_write_text", "publish_dir", "versions", "write_manifest"]
+__all__ = ["MANIFEST", "OutputDir", "OutputError", "atomic_write_text", "check_publish", "publish_dir", "versions",
+           "write_manifest"]
 
 MANIFEST = "manifest.json"
 _PACKAGES = ("sensitivity", "torch", "transformers", "tokenizers", "captum", "pandas", "numpy", "scipy", "pydantic")
@@ -109,6 +110,9 @@ class OutputDir:
         path: The directory.
         job: The job's name (``probe``, ``report``...).
         spec: The job's full spec as plain data (``Spec.to_dict()``); stored in the manifest.
+        inputs: Fingerprints of inputs the spec does not name (e.g. the SHA-256 of windows passed in by a caller);
+            stored, and a resume must match them too.
+        overwrite: Empty a directory holding a sensitivity output of another job or spec.
 
     Example:
         >>> with OutputDir("runs/p", "probe", spec.to_dict()) as out:
@@ -116,16 +120,19 @@ class OutputDir:
         ...     out.manifest(status="complete")
     """
 
-    def __init__(self, path: str | os.PathLike, job: str, spec: dict, *, overwrite: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, job: str, spec: dict, *, inputs: dict | None = None,
+                 overwrite: bool = False) -> None:  # fmt: skip
         self.path = Path(path).expanduser().absolute()
-        self.job, self.spec, self.overwrite = job, spec, overwrite
+        self.job, self.spec, self.inputs, self.overwrite = job, spec, dict(inputs or {}), overwrite
         self.previous: dict | None = None
         self._fd: int | None = None
+        self._created = False
 
     def __enter__(self) -> OutputDir:
         path = self.path
         if path.exists() and not path.is_dir():
             raise OutputError(f"{path} is a file; give a directory")
+        self._created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -133,8 +140,8 @@ class OutputDir:
         self._fd = _lock(path)
         try:
             self._check()
-        except BaseException:
-            self.__exit__(None, None, None)
+        except BaseException as e:
+            self.__exit__(type(e), e, None)
             raise
         return self
 
@@ -147,6 +154,11 @@ class OutputDir:
                                   "directory")  # fmt: skip
             return
         same = old.get("job") == self.job and _identity(old.get("spec") or {}) == _identity(self.spec)
+        if same and (old.get("inputs") or {}) != self.inputs:
+            if not self.overwrite:
+                raise OutputError(f"{self.path} holds a {self.job} run on other inputs ({', '.join(self.inputs)}); "
+                                  "use another directory, or overwrite to start it again")  # fmt: skip
+            same = False
         if same:
             self.previous = old
             return
@@ -161,8 +173,10 @@ class OutputDir:
         for child in self.path.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, value, traceback) -> None:
         if self._fd is not None:
+            if kind is not None and self._created and not any(self.path.iterdir()):
+                self.path.rmdir()  # a run that failed before writing anything leaves no trace
             os.close(self._fd)  # releases the lock
             self._fd = None
 
@@ -176,7 +190,7 @@ class OutputDir:
 
     def manifest(self, **fields) -> dict:
         """Write ``manifest.json``: job, spec, versions and ``fields`` (e.g. status, timings), atomically."""
-        record = {"job": self.job, "spec": self.spec, **fields}
+        record = {"job": self.job, "spec": self.spec, **({"inputs": self.inputs} if self.inputs else {}), **fields}
         record.setdefault("versions", versions())
         write_manifest(self.path / MANIFEST, record)
         return record
@@ -204,7 +218,7 @@ def publish_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             another process is writing it.
     """
     out = Path(out).expanduser().absolute()
-    _check_target(out, overwrite)
+    check_publish(out, overwrite)
     stage = out.with_name(f".{out.name}.tmp")
     stage.mkdir(exist_ok=True)
     fd = _lock(stage)
@@ -212,7 +226,7 @@ def publish_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         for child in stage.iterdir():  # leftovers of a killed run
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         yield stage
-        _check_target(out, overwrite)
+        check_publish(out, overwrite)
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
@@ -223,7 +237,9 @@ def publish_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_publish(out: Path, overwrite: bool = False) -> None:
+    """Whether :func:`publish_dir` may write ``out``: a new or empty directory (any directory with ``overwrite``) in
+    an existing parent."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

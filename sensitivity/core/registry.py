@@ -23,6 +23,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .spec import SpecError
+
 __all__ = ["ARCHITECTURES", "DEFAULT_EXCLUDE", "Component", "HookSpec", "Registry", "TensorSlice", "build_registry"]
 
 ARCHITECTURES = ("mamba", "mamba2", "falcon_mamba")
@@ -181,9 +183,10 @@ class Registry:
         return tuple(h.name for h in self.hooks)
 
     def component(self, name: str) -> Component:
-        """The component called ``name``; ValueError naming the allowed names otherwise."""
+        """The component called ``name``; a :class:`SpecError` naming the allowed names otherwise."""
         if name not in self._by_name:
-            raise ValueError(f"unknown component {name!r} for {self.arch}; allowed: {', '.join(self.component_names)}")
+            raise SpecError(f"unknown component {name!r} for {self.arch}; allowed: {', '.join(self.component_names)}",
+                            "component")  # fmt: skip
         return self._by_name[name]
 
     def packed_rows(self, param: str) -> dict[str, tuple[int, int]]:
@@ -227,20 +230,20 @@ class Registry:
         """
         prunable = self.prunable_components
         asked, excluded = _names("components", components), _names("exclude", exclude)
-        for what, names in (("component", asked), ("excluded component", excluded)):
+        for where, names in (("components", asked), ("exclude", excluded)):
             for name in names:
                 if name not in self.component_names:
-                    raise ValueError(f"unknown {what} {name!r} for {self.arch}; allowed: {', '.join(prunable)}")
-                if what == "component" and name not in prunable:
-                    raise ValueError(f"component {name!r} has no weight matrix to prune; allowed: "
-                                     f"{', '.join(prunable)}")  # fmt: skip
+                    raise SpecError(f"unknown component {name!r} for {self.arch}; allowed: {', '.join(prunable)}",
+                                    where)  # fmt: skip
+                if where == "components" and name not in prunable:
+                    raise SpecError(f"{name!r} has no weight matrix to prune; allowed: {', '.join(prunable)}", where)
         if both := [c for c in asked if c in excluded]:
-            raise ValueError(f"component {both[0]!r} is both asked for and excluded (exclude={list(excluded)}); "
-                             "pass exclude=() to prune it")  # fmt: skip
+            raise SpecError(f"{both[0]!r} is both asked for and excluded (exclude={list(excluded)}); exclude none of "
+                            "them to prune it", "components")  # fmt: skip
         chosen = tuple(c for c in prunable if (not asked or c in asked) and c not in excluded)
         if not chosen:
-            raise ValueError(f"no component left to prune (components={list(asked) or 'all'}, "
-                             f"exclude={list(excluded)}); prunable: {', '.join(prunable)}")  # fmt: skip
+            raise SpecError(f"no component left to prune (components={list(asked) or 'all'}, exclude="
+                            f"{list(excluded)}); prunable: {', '.join(prunable)}", "exclude")  # fmt: skip
         return chosen
 
     def weight_sizes(self, model: nn.Module, components=None) -> dict[tuple[int, str], int]:
@@ -250,9 +253,10 @@ class Registry:
         return {(layer, name): sum(t.get(self.mixer(model, layer)).numel() for t in self.weights(name))
                 for layer in range(self.n_layers) for name in names}  # fmt: skip
 
-    def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer!r} out of range; allowed: 0..{self.n_layers - 1}")
+    def check_layer(self, layer: int, field: str = "layer") -> int:
+        """``layer`` if it is a layer of this model; else a :class:`SpecError` naming ``field``."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise SpecError(f"{layer!r} is out of range; allowed: 0..{self.n_layers - 1}", field)
         return layer
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:

@@ -16,23 +16,29 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 __all__ = [
     "Count",
+    "Exclude",
+    "Seqlen",
+    "Sparsities",
     "Fraction",
     "Int",
+    "Ints",
     "Names",
     "Number",
     "OpenFraction",
     "Spec",
     "SpecError",
+    "check",
     "format_error",
     "load_yaml",
     "validate",
@@ -97,6 +103,8 @@ Int = Annotated[int, BeforeValidator(_not_bool)]
 """An integer (booleans refused)."""
 Count = Annotated[int, BeforeValidator(_not_bool), _range(1, None)]
 """An integer >= 1."""
+Seqlen = Annotated[int, BeforeValidator(_not_bool), _range(2, None)]
+"""Tokens per window: an integer >= 2 (the first token is context only)."""
 Number = Annotated[float, BeforeValidator(_not_bool)]
 """A finite number."""
 Fraction = Annotated[float, BeforeValidator(_not_bool), _range(0, 1)]
@@ -105,6 +113,31 @@ OpenFraction = Annotated[float, BeforeValidator(_not_bool), _range(0, 1, low_ope
 """A number in (0, 1)."""
 Names = Annotated[tuple[str, ...], Field(min_length=1), BeforeValidator(_split)]
 """One or more names: a list, or a comma-separated string."""
+
+
+def _several(value):
+    """One number, a sequence, or a comma-separated string -> a sequence."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",")]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    return value
+
+
+Ints = Annotated[tuple[Int, ...], Field(min_length=1), BeforeValidator(_several)]
+"""One or more integers: a list, one integer, or a comma-separated string."""
+Sparsities = Annotated[tuple[OpenFraction, ...], Field(min_length=1), BeforeValidator(_several)]
+"""One or more numbers in (0, 1): a list, one number, or a comma-separated string."""
+
+
+def _none_or_names(value):
+    if value is None or value == "none" or (isinstance(value, (list, tuple)) and list(value) in ([], ["none"])):
+        return ()
+    return _split(value)
+
+
+Exclude = Annotated[tuple[str, ...], BeforeValidator(_none_or_names)]
+"""Names kept out (e.g. components kept dense): a list, a comma-separated string, or ``"none"`` for none."""
 
 
 class Spec(BaseModel):
@@ -147,6 +180,20 @@ class Spec(BaseModel):
         return type(self)(**{**self.to_dict(), **changes})
 
 
+@functools.cache
+def _adapter(kind) -> TypeAdapter:
+    return TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
+
+
+def check(kind, value, field: str):
+    """``value`` validated as one of the types above (e.g. ``check(Fraction, budget, "budget")``), the error naming
+    ``field``: for plain functions that take one such value."""
+    try:
+        return _adapter(kind).validate_python(value)
+    except ValidationError as e:
+        raise format_error(e).within(field) from None
+
+
 def validate(cls: type[Spec], data: dict, where: str = "") -> Spec:
     """``cls(**data)``, errors naming their field under ``where`` (e.g. ``"options"``)."""
     try:
@@ -157,7 +204,9 @@ def validate(cls: type[Spec], data: dict, where: str = "") -> Spec:
 
 def format_error(e: ValidationError, cls: type[BaseModel] | None = None) -> SpecError:
     """The first error of a pydantic ``ValidationError`` as one :class:`SpecError`: field, value, what is allowed."""
-    err = e.errors(include_url=False)[0]
+    errors = e.errors(include_url=False)
+    depth = lambda x: len([p for p in x["loc"] if _is_field(p)])  # noqa: E731
+    err = min(errors, key=lambda x: (x["loc"][:1] != errors[0]["loc"][:1], -depth(x), _mismatch(x)))
     loc = [str(p) for p in err["loc"] if _is_field(p)]
     field = ".".join(loc)
     kind, ctx = err["type"], err.get("ctx") or {}
@@ -172,6 +221,9 @@ def format_error(e: ValidationError, cls: type[BaseModel] | None = None) -> Spec
         return SpecError(str(ctx["error"]) if "error" in ctx else err["msg"], field)
     if kind == "finite_number":
         return SpecError(f"{_show(err.get('input'))} is invalid; allowed: a finite number", field)
+    if kind in _BOUNDS:
+        bound = ctx[_BOUNDS[kind][0]]
+        return SpecError(f"{_show(err.get('input'))} is out of range; allowed: value {_BOUNDS[kind][1]} {bound}", field)
     if kind == "literal_error":
         allowed = f"one of {ctx['expected']}"
     elif kind == "too_short":
@@ -181,8 +233,17 @@ def format_error(e: ValidationError, cls: type[BaseModel] | None = None) -> Spec
     return SpecError(f"{_show(err.get('input'))} is invalid; allowed: {allowed}", field)
 
 
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+           "less_than_equal": ("le", "<=")}
 _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
           "tuple": "a list", "list": "a list", "dict": "a mapping", "model": "a mapping"}
+
+
+def _mismatch(err: dict) -> bool:
+    """Whether an error only says the value is not of one branch's type (a union tries every branch): the error of
+    the branch the value was meant for says more."""
+    kind = err["type"]
+    return kind.endswith(("_type", "_parsing")) or kind == "none_required"
 
 
 def _is_field(part) -> bool:

@@ -58,6 +58,10 @@ class Windows:
             )
         if self.kind not in ("eval", "calibration"):
             raise ValueError(f"kind={self.kind!r} is invalid; allowed: 'eval', 'calibration'")
+        if self.ids.shape[0] == 0:
+            raise ValueError("no windows: need at least 1")
+        if self.seqlen < 2:
+            raise ValueError(f"windows of {self.seqlen} token(s) have no next token to predict; need seqlen >= 2")
 
     def __len__(self) -> int:
         """Number of windows ``n``."""

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..core.loading import unwrap
 from ..data import Windows
 
-__all__ = ["KLDivergence", "Perplexity", "kl_divergence", "perplexity"]
+__all__ = ["KLDivergence", "Perplexity", "definition", "kl_divergence", "perplexity"]
 
 
 class _Result:
@@ -81,6 +81,11 @@ def _scored(windows: Windows) -> str:
     )
 
 
+def definition(windows: Windows) -> str:
+    """What :func:`perplexity` measures on ``windows``, in one sentence (window length, stride, split, counts)."""
+    return f"token-level perplexity exp(mean next-token NLL, nats) over {_scored(windows)}"
+
+
 @torch.no_grad()
 def perplexity(model, windows: Windows, *, batch_size: int = 8, show_progress: bool = True) -> Perplexity:
     """Token-level perplexity ``exp(mean NLL)`` over non-overlapping windows.
@@ -110,8 +115,7 @@ def perplexity(model, windows: Windows, *, batch_size: int = 8, show_progress: b
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
         count += target.numel()
     nll = total / count
-    definition = f"token-level perplexity exp(mean next-token NLL, nats) over {_scored(windows)}"
-    return Perplexity(math.exp(nll), nll, count, len(windows), windows.seqlen, definition)
+    return Perplexity(math.exp(nll), nll, count, len(windows), windows.seqlen, definition(windows))
 
 
 @torch.no_grad()

@@ -24,21 +24,21 @@ import copy
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from ..core.loading import LoadedModel, as_loaded
-from ..core.output import versions
+from ..core.output import MANIFEST, publish_dir, versions, write_manifest
 from ..core.runner import LayerRunner
+from ..core.spec import Count, Int, Names, Number, Spec, SpecError, validate
 from ..data import Windows
 from .dynamics import (
     decay,
@@ -49,7 +49,7 @@ from .dynamics import (
     summary_stats,
 )
 
-__all__ = ["Explanation", "VERDICTS", "explain", "explain_method", "verdict"]
+__all__ = ["ExplainOptions", "Explanation", "Thresholds", "VERDICTS", "explain", "explain_method", "verdict"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +64,50 @@ _NAMES = {"delta": "Δ", "decay": "decay exp(ΔA)", "memory": "memory length", "
           "outlier_y": "y outlier share", "live_units": "live units"}  # fmt: skip
 
 
+class Thresholds(Spec):
+    """The verdict bands of a perplexity ratio: healthy up to ``healthy``, collapsed from ``collapsed``."""
+
+    healthy: Annotated[Number, Field(ge=1)] = HEALTHY
+    """Perplexity ratio up to which a pruned model is healthy."""
+    collapsed: Number = COLLAPSED
+    """Perplexity ratio from which a pruned model has collapsed."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        if not self.healthy < self.collapsed:
+            raise SpecError(f"{self.collapsed!r} is not above healthy={self.healthy!r}; need 1 <= healthy < "
+                            "collapsed", "collapsed")  # fmt: skip
+        return self
+
+
+class ExplainOptions(Thresholds):
+    """What :func:`explain` measures."""
+
+    patch: bool = True
+    """Run restoration patching (one partial forward per (layer, component) that differs from dense)."""
+    top_layers: Count | None = None
+    """Coarse to fine: restore whole mixers first, then single components of the top_layers layers whose mixer
+    restoration recovers most (default: every layer's components)."""
+    components: Names | None = None
+    """Components to patch (default: every component that owns weights)."""
+    drift_threshold: Annotated[Number, Field(gt=0)] = DRIFT
+    """Relative error of the residual stream that marks a layer as diverged."""
+    batch_size: Count = 8
+    """Windows per forward."""
+    n_samples: Count = 2000
+    """Per-token Δ and decay values kept per (layer, model) for distribution plots."""
+    seed: Int = 0
+    """Seed of every subsample; recorded."""
+
+
 def verdict(ppl_ratio: float, *, healthy: float = HEALTHY, collapsed: float = COLLAPSED) -> str:
     """``healthy`` when ``ppl_ratio <= healthy``, ``collapsed`` when ``>= collapsed``, else ``degraded``.
 
     Raises:
-        ValueError: If the thresholds are not ``1 <= healthy < collapsed`` or the ratio is not a positive number.
+        SpecError: If the thresholds are not ``1 <= healthy < collapsed``; ValueError if the ratio is not a positive
+            number.
     """
-    if not (1.0 <= healthy < collapsed):
-        raise ValueError(f"thresholds healthy={healthy!r}, collapsed={collapsed!r}; need 1 <= healthy < collapsed")
+    Thresholds(healthy=healthy, collapsed=collapsed)
     if not (isinstance(ppl_ratio, (int, float)) and ppl_ratio > 0):
         raise ValueError(f"ppl_ratio {ppl_ratio!r} must be a positive number")
     if math.isnan(ppl_ratio) or ppl_ratio >= collapsed:
@@ -154,30 +190,25 @@ class Explanation:
         return {name: getattr(self, name).assign(label=self.label, sparsity=self.sparsity)[
             ["label", "sparsity", *getattr(self, name).columns]] for name in _FILES}  # fmt: skip
 
-    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
-        """Write ``explanation.json``, ``explanation.md`` and the tables as CSV into ``out`` (atomically: a
-        temporary sibling directory renamed into place).
+    def save(self, out: str | Path, *, overwrite: bool = False, manifest: dict | None = None) -> Path:
+        """Write ``explanation.json``, ``explanation.md`` and the tables as CSV into ``out``, which appears whole
+        (a locked staging sibling renamed into place; :func:`~sensitivity.core.output.publish_dir`), plus
+        ``manifest.json`` when a job passes its ``manifest``.
 
         Raises:
-            ValueError: If ``out`` is a non-empty directory and ``overwrite`` is False.
+            OutputError: If ``out`` is a non-empty directory and ``overwrite`` is False, or another process is
+                writing it.
         """
-        out = Path(out).expanduser().resolve()
-        _check_out(out, overwrite)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with publish_dir(out, overwrite=overwrite) as tmp:
             for name in _FILES:
                 getattr(self, name).to_csv(tmp / f"{name}.csv", index=False, float_format="%.8g")
             record = {**self.summary(), "nll_dense": self.nll_dense, "nll_pruned": self.nll_pruned,
                       "definition": self.definition, "drift_threshold": self.drift_threshold, "meta": self.meta}
             (tmp / "explanation.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
             (tmp / "explanation.md").write_text(f"# {self.label}\n\n{self.text}\n")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
+            if manifest is not None:
+                write_manifest(tmp / MANIFEST, manifest)
+        return Path(out).expanduser().absolute()
 
     @classmethod
     def load(cls, path: str | Path) -> Explanation:
@@ -191,13 +222,6 @@ class Explanation:
                    nll_pruned=rec["nll_pruned"], definition=rec["definition"], first_layer=rec["first_layer"],
                    drift_threshold=rec["drift_threshold"], text=rec["explanation"], meta=rec["meta"],
                    **tables)  # fmt: skip
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
 def _points(run: LayerRunner, hidden: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
@@ -299,9 +323,9 @@ def _patch_plans(dense_lm: LoadedModel, pruned_lm: LoadedModel, components) -> t
     names = [c.name for c in reg.components if c.tensors]
     if components is not None:
         if bad := [c for c in components if c not in reg.component_names]:
-            raise ValueError(f"unknown component {bad[0]!r}; allowed: {', '.join(reg.component_names)}")
+            raise SpecError(f"unknown component {bad[0]!r}; allowed: {', '.join(reg.component_names)}", "components")
         if weightless := [c for c in components if c not in names]:
-            raise ValueError(f"component {weightless[0]!r} owns no weights to restore; allowed: {', '.join(names)}")
+            raise SpecError(f"{weightless[0]!r} owns no weights to restore; allowed: {', '.join(names)}", "components")
         names = [c for c in names if c in components]
     plans = []
     for layer in range(reg.n_layers):
@@ -389,16 +413,9 @@ def explain(
     *,
     label: str = "pruned",
     sparsity: float | None = None,
-    patch: bool = True,
-    top_layers: int | None = None,
-    components=None,
-    drift_threshold: float = DRIFT,
-    healthy: float = HEALTHY,
-    collapsed: float = COLLAPSED,
-    batch_size: int = 8,
-    n_samples: int = 2000,
-    seed: int = 0,
+    options: ExplainOptions | None = None,
     show_progress: bool = True,
+    **overrides,
 ) -> Explanation:
     """Explain how a pruned model departs from its dense original, on the same windows.
 
@@ -410,23 +427,15 @@ def explain(
         windows: Token windows both models run on (e.g. 8 validation windows of 256 tokens).
         label: Name of the pruned model in tables and text.
         sparsity: Its sparsity, for tables and text.
-        patch: Run restoration patching (one partial forward per (layer, component) that differs from dense).
-        top_layers: Coarse to fine: restore each whole mixer first, then single components only in the
-            ``top_layers`` layers whose mixer restoration recovers most (None: every layer's components).
-        components: Components to patch (default: every component that owns weights).
-        drift_threshold: Relative error that marks a layer as diverged.
-        healthy: Perplexity ratio up to which the verdict is ``healthy``.
-        collapsed: Perplexity ratio from which the verdict is ``collapsed``.
-        batch_size: Windows per forward.
-        n_samples: Per-token Δ and decay values kept per (layer, model) for distribution plots.
-        seed: Seed of every subsample; recorded.
+        options: :class:`ExplainOptions`; keyword ``overrides`` change its fields (``patch``, ``top_layers``,
+            ``components``, ``drift_threshold``, ``healthy``, ``collapsed``, ``batch_size``, ``n_samples``, ``seed``).
         show_progress: Show a tqdm bar over the patching runs.
 
     Returns:
         An :class:`Explanation`; ``str(e.text)`` is the generated explanation.
 
     Raises:
-        ValueError: If the models differ in architecture or depth, or an argument is out of range.
+        SpecError: If the models differ in architecture or depth, or an option is out of range.
 
     Example:
         >>> dense = load_model(); pruned = load_model()
@@ -435,24 +444,19 @@ def explain(
         ...             split="validation"), label="magnitude", sparsity=0.5)
         >>> e.verdict, e.first_layer, e.top
     """
+    options = options or ExplainOptions()
+    if overrides:
+        options = validate(ExplainOptions, {**_fields(options, ExplainOptions), **overrides})
+    o = options
     dense_lm, pruned_lm = as_loaded(dense, instrumented=True), as_loaded(pruned, instrumented=True)
     rd, rp = dense_lm.registry, pruned_lm.registry
     if (rd.arch, rd.n_layers) != (rp.arch, rp.n_layers):
-        raise ValueError(f"dense is {rd.arch} with {rd.n_layers} layers but pruned is {rp.arch} with "
-                         f"{rp.n_layers}; explain compares a model with a pruned copy of itself")  # fmt: skip
-    if not (isinstance(drift_threshold, (int, float)) and drift_threshold > 0):
-        raise ValueError(f"drift_threshold {drift_threshold!r} must be a positive number")
-    verdict(1.0, healthy=healthy, collapsed=collapsed)  # validates the thresholds
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size {batch_size!r} must be an integer >= 1")
-    if not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples {n_samples!r} must be an integer >= 1")
-    if top_layers is not None and (not isinstance(top_layers, int) or top_layers < 1):
-        raise ValueError(f"top_layers {top_layers!r} must be an integer >= 1 or None")
-    if len(windows) < 1 or windows.seqlen < 2:
-        raise ValueError("windows must hold at least one window of at least 2 tokens")
+        raise SpecError(f"dense is {rd.arch} with {rd.n_layers} layers but pruned is {rp.arch} with "
+                        f"{rp.n_layers}; explain compares a model with a pruned copy of itself", "pruned")  # fmt: skip
+    batch_size, seed, n_samples, drift_threshold = o.batch_size, o.seed, o.n_samples, o.drift_threshold
+    healthy, collapsed, top_layers, components = o.healthy, o.collapsed, o.top_layers, o.components
+    patch = o.patch
 
-    # one window per log-softmax piece keeps the (L, V) log-probs small
     d_run, p_run = (LayerRunner(lm, windows, batch_size, piece_windows=1) for lm in (dense_lm, pruned_lm))
     d_stream, p_stream = d_run.stream(), p_run.stream()
     n_layers = rd.n_layers
@@ -526,6 +530,10 @@ def explain(
     return e
 
 
+def _fields(options: Spec, cls: type[Spec]) -> dict:
+    return {k: v for k, v in options.to_dict().items() if k in cls.model_fields}
+
+
 def _definition(windows: Windows) -> str:
     return (f"token-level perplexity exp(mean next-token NLL) over {windows.describe()}; every token after the "
             "first of each window is scored with the window's preceding tokens as context")  # fmt: skip
@@ -552,27 +560,21 @@ def explain_method(
         method: A pruning method of :data:`sensitivity.pruning.METHODS`.
         sparsity: Its sparsity.
         windows: Windows to explain on.
-        calibration: Calibration windows for WANDA and the structured scores.
+        calibration: Calibration windows for the methods that need them (``METHODS[method].needs_calibration``).
         label: Name in tables (default: ``method``).
         prune_options: Extra keyword arguments of :func:`sensitivity.prune`.
         **options: Keyword arguments of :func:`explain`.
     """
-    from ..pruning import prune
-    from ..pruning.api import METHODS
-    from ..pruning.structured import UNITS
+    from ..pruning import METHODS, prune
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    entry = METHODS.check(method, as_loaded(model).arch)
     dense = as_loaded(model, instrumented=True)
+    kwargs = dict(prune_options or {})
+    if "mode" in entry.options.model_fields:  # structured: masked units keep the shapes, so patching applies
+        kwargs.setdefault("mode", "mask")
+    needs = entry.needs_calibration(entry.validate(kwargs))
     pruned = LoadedModel(model=copy.deepcopy(dense.model), tokenizer=dense.tokenizer, registry=dense.registry,
                          name=f"{dense.name} [{method} {sparsity:g}]")  # fmt: skip
-    kwargs = dict(prune_options or {})
-    if method in UNITS:
-        kwargs.setdefault("mode", "mask")
-    needs = method == "wanda" or (method in UNITS and kwargs.get("score") not in
-                                  ("magnitude", "random"))  # fmt: skip
-    if needs and calibration is None:
-        raise ValueError(f"method {method!r} needs calibration windows (calibration=...)")
     prune(pruned, method, sparsity=sparsity, windows=calibration if needs else None,
           show_progress=options.get("show_progress", True), **kwargs)  # fmt: skip
     return explain(dense, pruned, windows, label=label or method, sparsity=sparsity, **options)

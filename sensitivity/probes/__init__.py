@@ -1,9 +1,7 @@
 """Ablation probes: damage from ablating each component of each mixer layer, measured on held-out windows."""
 
-from .ablations import ABLATION_KINDS, SPARSIFY_METHODS, UNITS, Probe, ablation_table
-from .sweep import COLUMNS, KINDS, METRICS, SWEEPS, ProbeConfig, plan, probe
+from .ablations import KINDS, UNITS, Probe, ablation_table, applicable
+from .sweep import COLUMNS, METRICS, SWEEPS, ProbeOptions, plan, probe
 
-__all__ = [
-    "ABLATION_KINDS", "COLUMNS", "KINDS", "METRICS", "SPARSIFY_METHODS", "SWEEPS", "UNITS", "Probe", "ProbeConfig",
-    "ablation_table", "plan", "probe",
-]
+__all__ = ["COLUMNS", "KINDS", "METRICS", "SWEEPS", "UNITS", "Probe", "ProbeOptions", "ablation_table", "applicable",
+           "plan", "probe"]

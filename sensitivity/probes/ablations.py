@@ -38,7 +38,7 @@ G B/C groups, K conv kernel.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
@@ -47,13 +47,18 @@ from torch import nn
 
 from ..core.hooks import hook_name, hooks
 from ..core.masks import unstructured_mask
+from ..core.methods import Methods
 from ..core.registry import Registry
 from ..core.scores import wanda_score
+from ..core.spec import SpecError
 
-__all__ = ["ABLATION_KINDS", "SPARSIFY_METHODS", "UNITS", "Probe", "ablation_table", "applicable"]
+__all__ = ["KINDS", "UNITS", "Probe", "ablation_table", "applicable"]
 
-ABLATION_KINDS = ("zero", "mean", "resample", "bypass")
-SPARSIFY_METHODS = ("magnitude", "wanda")
+KINDS = Methods("ablation kind")
+"""Every ablation kind: ``zero``, ``mean``, ``resample``, ``bypass``, ``magnitude``, ``wanda``, ``remove``, plus any
+registered from user code. A kind is a context manager ``fn(model, registry, probe, ctx)`` applying the ablation;
+its ``info`` says where it ``applies(registry, component)``, which calibration hook ``points(registry, probe)`` it
+reads, whether it is a ``sparsify`` kind (one probe per sparsity) and whether it ``resample``s another window."""
 UNITS = ("mixer", "head", "state")
 """Whole-unit probes (kind ``remove``); ``head`` exists on Mamba-2 only."""
 
@@ -91,60 +96,48 @@ for _c in _ACTIVATIONS:  # {hook}: filled in from the registry by ablation_table
 _SPARSIFIABLE = ("x", "z", "B", "C", "dt", "conv1d", "out_proj")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Probe:
-    """One ablation: ``kind`` applied to ``component`` of ``layer`` (``index`` names a head or state).
-
-    ``kind`` is one of ``ABLATION_KINDS``, ``"remove"`` (units) or ``"<method>@<sparsity>"``, e.g. ``"wanda@0.5"``.
-    """
+    """One ablation: ``kind`` (a name in :data:`KINDS`) applied to ``component`` of ``layer``; ``index`` names a
+    head or state of a unit probe, ``sparsity`` the level of a sparsify kind (``magnitude``, ``wanda``)."""
 
     layer: int
     component: str
     kind: str
     index: int | None = None
-
-    @property
-    def sparsity(self) -> float | None:
-        return float(self.kind.split("@")[1]) if "@" in self.kind else None
-
-    @property
-    def method(self) -> str:
-        return self.kind.split("@")[0]
+    sparsity: float | None = None
 
     @property
     def key(self) -> tuple:
-        """Identity used to resume: (layer, component, index or -1, kind)."""
-        return (self.layer, self.component, -1 if self.index is None else self.index, self.kind)
+        """Identity used to resume: (layer, component, index or -1, kind, sparsity or -1)."""
+        return (self.layer, self.component, -1 if self.index is None else self.index, self.kind,
+                -1.0 if self.sparsity is None else self.sparsity)  # fmt: skip
 
 
 def applicable(registry: Registry, component: str, kind: str) -> bool:
-    """Whether ``kind`` (a base kind: ``zero``, ..., ``magnitude``, ``wanda``, ``remove``) applies to ``component``."""
-    if component in UNITS:
-        return kind == "remove" and (component != "head" or registry.arch == "mamba2")
-    if component not in registry.component_names:
-        return False
-    if kind in SPARSIFY_METHODS:
-        return component in _SPARSIFIABLE
-    return (component, kind) in _DOC
+    """Whether ``kind`` (a name in :data:`KINDS`) applies to ``component`` of ``registry``'s architecture."""
+    return KINDS[kind].info["applies"](registry, component)
 
 
 def ablation_table(registry: Registry) -> pd.DataFrame:
     """One row per (component, kind) that applies to ``registry``'s architecture, with what it does."""
     rows = []
     for comp in (*registry.component_names, *UNITS):
-        for kind in (*ABLATION_KINDS, *SPARSIFY_METHODS, "remove"):
+        for kind in KINDS:
             if not applicable(registry, comp, kind):
                 continue
-            if kind in SPARSIFY_METHODS:
+            entry = KINDS[kind]
+            if entry.info.get("sparsify"):
                 score = "|W|" if kind == "magnitude" else "|W_ij| * ||X_j||_2"
                 what = f"weights pruned to sparsity s by {score}, " + (
                     "per tensor" if comp == "conv1d" else "per output row"
                 )
-                kind = f"{kind}@s"
+                label = f"{kind}@s"
             else:
                 hook = registry.component(comp).hook if comp in registry.component_names else ""
-                what = _DOC[(comp, kind)].format(hook=hook)
-            rows.append({"component": comp, "kind": kind, "ablation": what})
+                what = _DOC[(comp, kind)].format(hook=hook) if (comp, kind) in _DOC else entry.description
+                label = kind
+            rows.append({"component": comp, "kind": label, "ablation": what})
     return pd.DataFrame(rows)
 
 
@@ -170,18 +163,12 @@ def _mean_point(registry: Registry, component: str) -> str:
 
 def needed_points(registry: Registry, probe: Probe) -> tuple[str, ...]:
     """Hook points whose calibration statistics ``probe`` reads (means for mean/bypass, input norms for WANDA)."""
-    if probe.kind == "mean":
-        return (_mean_point(registry, probe.component),)
-    if probe.kind == "bypass" and probe.component == "dt":
-        return ("dt",)
-    if probe.method == "wanda":
-        return tuple(registry.input_hook(t.param) for t in registry.weights(probe.component))
-    return ()
+    return KINDS[probe.kind].info.get("points", lambda reg, p: ())(registry, probe)
 
 
 def resample_point(registry: Registry, probe: Probe) -> str | None:
     """The hook point a ``resample`` probe takes from another window."""
-    return registry.component(probe.component).hook if probe.kind == "resample" else None
+    return registry.component(probe.component).hook if KINDS[probe.kind].info.get("resample") else None
 
 
 @contextmanager
@@ -190,29 +177,80 @@ def ablate(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) -> 
 
     Weight edits are undone and hooks and module swaps removed on exit, even when the body raises.
     """
-    layer, comp, kind = probe.layer, probe.component, probe.kind
-    name = lambda point: hook_name(layer, point)  # noqa: E731
-    with ExitStack() as stack:
-        if kind == "remove":
-            stack.enter_context(hooks(model, _remove_hooks(registry, probe)))
-        elif kind == "zero" and comp in ("x", "z", "B", "C", "dt"):  # activations; the rest: weights -> 0
-            stack.enter_context(hooks(model, {name(registry.component(comp).hook): torch.zeros_like}))
-        elif kind == "zero":
-            stack.enter_context(_edit(registry, model, layer, comp, lambda w: torch.zeros_like(w)))
-        elif kind == "mean":
-            point = name(_mean_point(registry, comp))
-            mean = ctx.means[point]
-            stack.enter_context(hooks(model, {point: lambda t: mean.to(t.dtype).expand_as(t)}))
-        elif kind == "resample":
-            point = name(resample_point(registry, probe))
-            stack.enter_context(hooks(model, {point: lambda t: ctx.source[point].to(t.dtype)}))
-        elif kind == "bypass":
-            stack.enter_context(_bypass(model, registry, probe, ctx))
-        elif probe.method in SPARSIFY_METHODS:
-            stack.enter_context(_sparsify(model, registry, probe, ctx))
-        else:
-            raise ValueError(f"kind {kind!r} does not apply to {comp!r}; see ablation_table()")
+    if not applicable(registry, probe.component, probe.kind):
+        raise SpecError(f"kind {probe.kind!r} does not apply to {probe.component!r}; see ablation_table()", "kinds")
+    with KINDS[probe.kind].fn(model, registry, probe, ctx):
         yield
+
+
+# ---- the kinds ----------------------------------------------------------------------------------------------
+
+
+def _has(kind: str):
+    """``applies`` of a built-in kind: the (component, kind) pairs of the table above."""
+    return lambda registry, comp: comp in registry.component_names and (comp, kind) in _DOC
+
+
+def _name(probe: Probe, point: str) -> str:
+    return hook_name(probe.layer, point)
+
+
+@KINDS.register("zero", description="activation or weights -> 0", applies=_has("zero"))
+@contextmanager
+def _zero(model, registry, probe, ctx):
+    comp = probe.component
+    if comp in ("x", "z", "B", "C", "dt"):  # activations; the rest: weights -> 0
+        with hooks(model, {_name(probe, registry.component(comp).hook): torch.zeros_like}):
+            yield
+    else:
+        with _edit(registry, model, probe.layer, comp, lambda w: torch.zeros_like(w)):
+            yield
+
+
+@KINDS.register("mean", description="activation -> its calibration mean per channel", applies=_has("mean"),
+                points=lambda reg, p: (_mean_point(reg, p.component),))  # fmt: skip
+@contextmanager
+def _mean(model, registry, probe, ctx):
+    point = _name(probe, _mean_point(registry, probe.component))
+    mean = ctx.means[point]
+    with hooks(model, {point: lambda t: mean.to(t.dtype).expand_as(t)}):
+        yield
+
+
+@KINDS.register("resample", description="activation -> the same activation on another window",
+                applies=_has("resample"), resample=True)  # fmt: skip
+@contextmanager
+def _resample(model, registry, probe, ctx):
+    point = _name(probe, resample_point(registry, probe))
+    with hooks(model, {point: lambda t: ctx.source[point].to(t.dtype)}):
+        yield
+
+
+@KINDS.register("bypass", description="the component made input-independent or skipped", applies=_has("bypass"),
+                points=lambda reg, p: ("dt",) if p.component == "dt" else ())  # fmt: skip
+def _bypass_kind(model, registry, probe, ctx):
+    return _bypass(model, registry, probe, ctx)
+
+
+def _sparsify_kind(method: str, description: str) -> None:
+    def points(registry: Registry, probe: Probe) -> tuple[str, ...]:
+        if method != "wanda":
+            return ()
+        return tuple(registry.input_hook(t.param) for t in registry.weights(probe.component))
+
+    KINDS.register(method, description=description, sparsify=True, points=points,
+                   applies=lambda registry, comp: comp in registry.component_names and comp in _SPARSIFIABLE,
+                   )(lambda model, registry, probe, ctx: _sparsify(model, registry, probe, ctx, method))  # fmt: skip
+
+
+_sparsify_kind("magnitude", "the component's weights pruned to sparsity s by |W|")
+_sparsify_kind("wanda", "the component's weights pruned to sparsity s by |W_ij| * ||X_j||_2")
+
+
+@KINDS.register("remove", description="a whole unit removed (mixer, head h, state n)",
+                applies=lambda registry, comp: comp in UNITS and (comp != "head" or registry.arch == "mamba2"))
+def _remove(model, registry, probe, ctx):
+    return hooks(model, _remove_hooks(registry, probe))
 
 
 def _remove_hooks(registry: Registry, probe: Probe) -> dict[str, Callable]:
@@ -312,14 +350,14 @@ def _bypass(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) ->
 
 
 @contextmanager
-def _sparsify(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) -> Iterator[None]:
+def _sparsify(model: nn.Module, registry: Registry, probe: Probe, ctx: Context, method: str) -> Iterator[None]:
     mixer = registry.mixer(model, probe.layer)
     slices = registry.weights(probe.component)
     views = [t.get(mixer) for t in slices]
     masks = []
     for t, w in zip(slices, views):
         scores = w.detach().abs().float()  # (rows, cols) or conv (C, 1, K)
-        if probe.method == "wanda":
+        if method == "wanda":
             l2 = ctx.input_l2[hook_name(probe.layer, registry.input_hook(t.param))].reshape(-1)  # (cols,) or (C,)
             scores = wanda_score(w.detach(), l2 if t.cols is None else l2[t.cols[0] : t.cols[1]])
         masks.append(unstructured_mask(scores, probe.sparsity, per_row=w.dim() == 2))

@@ -14,20 +14,17 @@ from torch import nn
 from ..allocation import Schedule
 from ..core.loading import LoadedModel, as_loaded
 from ..core.output import versions
-from ..core.registry import DEFAULT_EXCLUDE
 from ..data import Windows
+
+# isort: off
+from . import unstructured, structured  # noqa: F401 (they register their methods: magnitude, wanda, then units)
+# isort: on
+from .methods import METHODS, resolve
 from .save import save_pruned
-from .structured import UNITS, prune_structured
-from .unstructured import METHODS as UNSTRUCTURED
-from .unstructured import prune_unstructured
 
 __all__ = ["METHODS", "PruneResult", "prune", "sparsity_report"]
 
 logger = logging.getLogger(__name__)
-
-METHODS = UNSTRUCTURED + UNITS
-"""``magnitude``, ``wanda`` (weight-level, unstructured or N:M) and ``state``, ``head``, ``headdim`` (SSM units)."""
-
 
 def sparsity_report(model: LoadedModel | nn.Module) -> pd.DataFrame:
     """Measured zeros of every mixer parameter slice.
@@ -92,108 +89,69 @@ def prune(
     *,
     sparsity: float | list[float] | None = None,
     schedule: Schedule | None = None,
-    structure: str | None = None,
-    compare: str = "row",
-    sequential: bool = False,
     windows: Windows | None = None,
-    score: str | None = None,
-    mode: str = "auto",
-    bias_compensation: bool = True,
-    components=None,
-    exclude=DEFAULT_EXCLUDE,
     seed: int = 0,
     batch_size: int = 8,
     show_progress: bool = True,
+    **options,
 ) -> PruneResult:
-    """Prune a state-space LM in place with one of :data:`METHODS`.
+    """Prune a state-space LM in place with a method of :data:`METHODS`.
 
     ``magnitude`` and ``wanda`` zero weights of the mixers' weight matrices (:func:`prune_unstructured`);
     ``state``, ``head`` and ``headdim`` remove SSM units (:func:`prune_structured`): uniform ratios shrink the
     tensors and rewrite the config, per-layer ratios zero the units and say so (``manifest["structured"]["mode"]``).
+    Methods registered from user code (``METHODS.register``) run the same way.
 
     Args:
         model: A ``LoadedModel`` (or instrumented HF model). It is modified in place; load it again to keep the
             dense one.
-        method: One of :data:`METHODS`.
+        method: A name in :data:`METHODS`.
         sparsity: Fraction to remove (weights for magnitude/WANDA; units per layer for structured methods, or a
             list with one value per layer).
         schedule: A :class:`~sensitivity.allocation.Schedule` instead of ``sparsity``; structured methods use its
             parameter-weighted per-layer sparsity (``Schedule.per_layer()``).
-        structure: ``"n:m"`` for N:M sparsity (magnitude/WANDA only).
-        compare: ``"row"`` or ``"tensor"`` (magnitude/WANDA).
-        sequential: Sequential WANDA calibration.
-        windows: Calibration windows (WANDA, Taylor and FLAP scores).
-        score: Structured unit score (``taylor``, ``flap``, ``magnitude``, ``random``; default per unit).
-        mode: Structured ``"auto"``, ``"shrink"`` or ``"mask"``.
-        bias_compensation: FLAP's bias compensation for head/headdim pruning.
-        components: Components to prune with a uniform ``sparsity`` (magnitude/WANDA).
-        exclude: Components kept dense (magnitude/WANDA; default ``conv1d``).
-        seed: Recorded in the manifest; seeds random unit scores.
+        windows: Calibration windows (WANDA, Taylor and FLAP scores; ``METHODS[method].needs_calibration``).
+        seed: Recorded in the manifest; seeds torch's RNG and random unit scores.
         batch_size: Windows per forward.
         show_progress: Show tqdm bars.
+        **options: The method's options, validated by ``METHODS[method].options``: :class:`WandaOptions`
+            (``structure``, ``compare``, ``components``, ``exclude``, ``sequential``), :class:`UnstructuredOptions`
+            (magnitude), :class:`StateOptions` and :class:`HeadOptions` (``score``, ``mode``,
+            ``bias_compensation``).
 
     Returns:
         A :class:`PruneResult`; ``result.save(out)`` writes a checkpoint that ``load_model(out)`` reads.
 
     Raises:
-        ValueError: Unknown method, or any invalid option (see the per-method functions).
+        SpecError: An unknown method or option, or an invalid request (naming the field).
 
     Example:
         >>> lm = load_model()
         >>> result = prune(lm, "wanda", sparsity=0.5, windows=calibration_windows(corpus, lm.tokenizer, 64, 256))
         >>> result.save("runs/wanda50")
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; allowed: {', '.join(METHODS)}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed {seed!r} must be an integer")
     lm = as_loaded(model)
+    entry, opts, request = resolve(lm, method, options, sparsity=sparsity, schedule=schedule, windows=windows,
+                                   seed=seed, batch_size=batch_size)  # fmt: skip
     before = _param_counts(lm.model)
     source_config = lm.model.config.to_dict()
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if method in UNSTRUCTURED:
-            for name, value, default in (("score", score, None), ("mode", mode, "auto")):
-                if value != default:
-                    raise ValueError(f"{name} {value!r} applies to the structured methods ({', '.join(UNITS)}), "
-                                     f"not {method!r}")  # fmt: skip
-            if sequential and method != "wanda":
-                raise ValueError("sequential calibration applies to wanda only; magnitude needs no calibration")
-            if isinstance(sparsity, (list, tuple)):
-                raise ValueError(f"{method} takes one sparsity; give per-layer or per-component values as a schedule")
-            applied = prune_unstructured(lm, method, sparsity=sparsity, schedule=schedule, structure=structure,
-                                         compare=compare, windows=windows, sequential=sequential,
-                                         components=components, exclude=exclude, batch_size=batch_size,
-                                         show_progress=show_progress)  # fmt: skip
-            structured = None
-        else:
-            if schedule is not None:
-                if sparsity is not None:
-                    raise ValueError("give either sparsity or schedule, not both")
-                schedule.validate(lm.registry)
-                sparsity = schedule.per_layer()
-            if structure is not None or sequential:
-                what = f"structure {structure!r}" if structure is not None else "sequential calibration"
-                raise ValueError(f"{what} applies to magnitude and wanda only, not {method!r}")
-            if sparsity is None:
-                raise ValueError(f"{method} pruning needs a sparsity (fraction of units per layer) or a schedule")
-            applied = schedule
-            structured = prune_structured(lm, method, sparsity, windows=windows, score=score, seed=seed, mode=mode,
-                                          bias_compensation=bias_compensation, batch_size=batch_size,
-                                          show_progress=show_progress).to_dict()  # fmt: skip
+        torch.manual_seed(request.seed)
+        applied, structured = entry.fn(lm, opts, sparsity=request.sparsity, schedule=schedule, windows=windows,
+                                       seed=request.seed, batch_size=request.batch_size,
+                                       show_progress=show_progress)  # fmt: skip
     seconds = time.perf_counter() - start
     report = sparsity_report(lm)
+    sparsity = list(request.sparsity) if isinstance(request.sparsity, tuple) else request.sparsity
     manifest = {
         "method": method,
         "source_model": lm.name,
-        "options": {"sparsity": sparsity, "structure": structure, "compare": compare, "sequential": sequential,
-                    "score": score, "mode": mode, "bias_compensation": bias_compensation,
-                    "components": list(components) if components else None, "exclude": list(exclude or ())},
+        "options": {"sparsity": sparsity, **opts.to_dict()},
         "schedule": applied.to_dict() if applied is not None else None,
         "structured": structured,
-        "calibration": _windows_record(windows),
-        "seed": seed,
+        "calibration": _windows_record(windows if entry.needs_calibration(opts) else None),
+        "seed": request.seed,
         "params_before": before,
         "params_after": _param_counts(lm.model),
         "config_changed": {k: [v, lm.model.config.to_dict().get(k)] for k, v in source_config.items()

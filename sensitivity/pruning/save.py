@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from ..core.loading import LoadedModel
-from ..core.output import write_manifest
+from ..core.output import OutputError, check_publish, publish_dir, write_manifest
 from ..core.zoo import ZOO_MODELS, zoo_path
 
-__all__ = ["MANIFEST", "save_pruned", "source_dir"]
+__all__ = ["MANIFEST", "check_out", "save_pruned", "source_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,23 +24,28 @@ def source_dir(name: str) -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
-def _check_out(out: Path, source: Path | None, overwrite: bool) -> None:
-    if source is not None and (out == source or source in out.parents):
-        raise ValueError(f"--out {str(out)!r} is inside the source checkpoint {str(source)!r}; "
-                         "pruned models are never written into their source")  # fmt: skip
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {str(out)!r} is not empty; choose another directory or pass overwrite=True")
-    if not out.parent.is_dir():
-        raise ValueError(f"the parent directory of --out {str(out)!r} does not exist")
+def check_out(out: str | Path, model_name: str, overwrite: bool = False) -> Path:
+    """Where a pruned checkpoint of ``model_name`` may go: never inside its source checkpoint, and a new or empty
+    directory unless ``overwrite``. Returns the absolute path.
+
+    Raises:
+        OutputError: Naming the directory and what is wrong.
+    """
+    out = Path(out).expanduser().absolute()
+    source = source_dir(model_name)
+    if source is not None and (out.resolve() == source or source in out.resolve().parents):
+        raise OutputError(f"{out} is inside the source checkpoint {source}; pruned models are never written into "
+                          "their source")  # fmt: skip
+    check_publish(out, overwrite)
+    return out
 
 
 def save_pruned(lm: LoadedModel, out, manifest: dict, *, overwrite: bool = False) -> Path:
     """Write ``save_pretrained`` of the model and tokenizer plus ``pruning_manifest.json`` into ``out``.
 
-    Everything is written into a temporary sibling directory first and renamed into place, so ``out`` holds either
-    nothing new or a complete checkpoint. The result reloads with ``load_model(out)`` / ``from_pretrained``.
+    Everything is written into a locked staging sibling first and renamed into place
+    (:func:`~sensitivity.core.output.publish_dir`), so ``out`` holds either nothing new or a complete checkpoint.
+    The result reloads with ``load_model(out)`` / ``from_pretrained``.
 
     Args:
         lm: The pruned model.
@@ -50,26 +54,17 @@ def save_pruned(lm: LoadedModel, out, manifest: dict, *, overwrite: bool = False
         overwrite: Replace a non-empty ``out``.
 
     Returns:
-        The resolved output directory.
+        The absolute output directory.
 
     Raises:
-        ValueError: ``out`` inside the source checkpoint, not a directory, non-empty without ``overwrite``, or
-            its parent missing.
+        OutputError: ``out`` inside the source checkpoint, not a directory, non-empty without ``overwrite``, its
+            parent missing, or another process writing it.
     """
-    out = Path(out).expanduser().resolve()
-    _check_out(out, source_dir(lm.name), overwrite)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    out = check_out(out, lm.name, overwrite)
+    with publish_dir(out, overwrite=overwrite) as tmp:
         lm.model.save_pretrained(tmp)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)
         write_manifest(tmp / MANIFEST, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved pruned model to %s", out)
     return out

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from inspect import signature
@@ -46,13 +45,12 @@ from ..core.hooks import hook_name
 from ..core.instrumented import instrument, is_instrumented
 from ..core.loading import LoadedModel, as_loaded
 from ..core.registry import Registry, TensorSlice, build_registry
+from ..core.spec import SpecError
 from ..core.stats import channel_stats
 from ..data import Windows
+from .methods import METHODS, HeadOptions, StateOptions, resolve
 
 __all__ = [
-    "DEFAULT_SCORES",
-    "MODES",
-    "SCORES",
     "UNITS",
     "applicable_units",
     "StructuredResult",
@@ -73,18 +71,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UNITS = ("state", "head", "headdim")
-
-
-def applicable_units(registry: Registry) -> tuple[str, ...]:
-    """The structured units a model of this architecture can lose: heads and head channels only on Mamba-2."""
-    return UNITS if registry.arch == "mamba2" else ("state",)
-SCORES = {
-    "state": ("taylor", "magnitude", "random"),
-    "head": ("flap", "taylor", "magnitude", "random"),
-    "headdim": ("flap", "taylor", "magnitude", "random"),
-}
-DEFAULT_SCORES = {"state": "taylor", "head": "flap", "headdim": "flap"}
-MODES = ("auto", "shrink", "mask")
 _CALIBRATED = ("taylor", "flap")
 # Components whose Fisher a head / head-channel Taylor score needs (every parameter the unit owns).
 _TAYLOR_COMPONENTS = {
@@ -151,8 +137,8 @@ def removal_counts(n: int, sparsity: Sequence[float], what: str = "units") -> li
     counts = [int(n * s + 1e-9) for s in sparsity]
     for layer, (s, k) in enumerate(zip(sparsity, counts)):
         if k >= n:
-            raise ValueError(f"sparsity {s!r} removes all {n} {what} in layer {layer}; at most {n - 1} of {n} "
-                             "can go")  # fmt: skip
+            raise SpecError(f"{s!r} removes all {n} {what} in layer {layer}; at most {n - 1} of {n} can go",
+                            "sparsity")  # fmt: skip
     return counts
 
 
@@ -348,44 +334,14 @@ def unit_index(reg: Registry, unit: str) -> UnitIndex:
 # --- argument checks -----------------------------------------------------------------------------------------
 
 
-def _check_sparsity(sparsity, n_layers: int) -> list[float]:
-    def ok(s) -> bool:
-        return isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and 0 <= s < 1
-
-    if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
-        values = [float(sparsity)] * n_layers
-    elif isinstance(sparsity, Sequence) and not isinstance(sparsity, str):
-        values = list(sparsity)
-        if len(values) != n_layers:
-            raise ValueError(f"sparsity has {len(values)} values but the model has {n_layers} layers; give one "
-                             "float or one per layer")  # fmt: skip
-    else:
-        raise ValueError(f"sparsity {sparsity!r} must be a float in [0, 1) or a list of {n_layers} of them")
-    for s in values:
-        if not ok(s):
-            raise ValueError(f"sparsity {s!r} out of range; allowed: 0 <= s < 1")
-    return [float(s) for s in values]
-
-
-def _check_args(reg: Registry, unit, score, mode, windows, seed, batch_size) -> str:
-    if unit not in UNITS:
-        raise ValueError(f"unknown unit {unit!r}; allowed: {', '.join(UNITS)}")
-    if unit != "state" and reg.arch != "mamba2":
-        raise ValueError(f"{unit} pruning needs a mamba2 model (mixer heads); this model is {reg.arch!r}")
-    score = DEFAULT_SCORES[unit] if score is None else score
-    if score not in SCORES[unit]:
-        raise ValueError(f"unknown score {score!r} for unit {unit!r}; allowed: {', '.join(SCORES[unit])}")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-    if score in _CALIBRATED and windows is None:
-        raise ValueError(f"score {score!r} needs calibration windows (windows=...); 'magnitude' and 'random' "
-                         "do not")  # fmt: skip
-    if windows is not None and not isinstance(windows, Windows):
-        raise ValueError(f"windows must be sensitivity.data.Windows, got {type(windows).__name__}")
-    for name, value, low in (("seed", seed, None), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
-            raise ValueError(f"{name}={value!r} is invalid; it must be an integer{'' if low is None else ' >= 1'}")
-    return score
+def _per_layer(sparsity, n_layers: int) -> list[float]:
+    """One validated sparsity for every layer, or one per layer."""
+    if isinstance(sparsity, float):
+        return [sparsity] * n_layers
+    if len(sparsity) != n_layers:
+        raise SpecError(f"{len(sparsity)} values for a model of {n_layers} layers; give one or one per layer",
+                        "sparsity")  # fmt: skip
+    return list(sparsity)
 
 
 def _blocks(reg: Registry, unit: str) -> tuple[int, int, str]:
@@ -584,12 +540,10 @@ def prune_structured(
     sparsity: float | Sequence[float],
     *,
     windows: Windows | None = None,
-    score: str | None = None,
     seed: int = 0,
-    mode: str = "auto",
-    bias_compensation: bool = True,
     batch_size: int = 8,
     show_progress: bool = True,
+    **options,
 ) -> StructuredResult:
     """Remove SSM states, heads or head channels from every mixer layer, in place (Ghattas et al., 2025).
 
@@ -609,24 +563,25 @@ def prune_structured(
         unit: ``"state"``, ``"head"`` or ``"headdim"`` (the last two on Mamba-2 only).
         sparsity: Fraction of units to remove, in [0, 1): one float for every layer or one per layer.
         windows: Calibration windows (n, L); needed by ``taylor`` and ``flap``.
-        score: One of ``SCORES[unit]``; default ``DEFAULT_SCORES[unit]`` (``taylor`` for states, ``flap`` else).
-            ``taylor``: ``sum W**2 E[g**2]`` over the unit's entries (states: mean over each B and C row);
-            ``magnitude``: the same with ``W**2``; ``flap``: ``Var(X_j) ||W_out[:, j]||**2`` summed over the unit's
-            out_proj input channels; ``random``: uniform, from ``torch.Generator().manual_seed(seed)``.
         seed: Seed of the random scores.
-        mode: ``"auto"`` (shrink when every layer removes the same count and the config can express it, else
-            mask), ``"shrink"`` or ``"mask"``. transformers 5's ``Mamba2Config.expand`` is an int, so heads and
-            head channels shrink only when the new ``num_heads * head_dim`` is a multiple of ``hidden_size``.
-        bias_compensation: FLAP's bias compensation (with ``score="flap"`` only).
         batch_size: Windows per forward for FLAP's statistics.
         show_progress: Show tqdm bars.
+        **options: The unit's options (:class:`StateOptions`, :class:`HeadOptions`): ``score`` (default
+            ``taylor`` for states, ``flap`` else; ``taylor``: ``sum W**2 E[g**2]`` over the unit's entries (states:
+            mean over each B and C row); ``magnitude``: the same with ``W**2``; ``flap``: ``Var(X_j)
+            ||W_out[:, j]||**2`` summed over the unit's out_proj input channels; ``random``: uniform, from
+            ``torch.Generator().manual_seed(seed)``), ``mode`` (``"auto"``: shrink when every layer removes the
+            same count and the config can express it, else mask; ``"shrink"``; ``"mask"``. transformers 5's
+            ``Mamba2Config.expand`` is an int, so heads and head channels shrink only when the new
+            ``num_heads * head_dim`` is a multiple of ``hidden_size``) and, for heads and head channels,
+            ``bias_compensation`` (FLAP's, with ``score="flap"`` only).
 
     Returns:
         A :class:`StructuredResult`.
 
     Raises:
-        ValueError: Unknown unit, score or mode; head units on a non-Mamba-2 model; a sparsity outside [0, 1), of
-            the wrong length, or removing every unit of a layer / group / head; missing windows for ``taylor`` or
+        SpecError: Unknown unit or option; head units on a non-Mamba-2 model; a sparsity outside [0, 1), of the
+            wrong length, or removing every unit of a layer / group / head; missing windows for ``taylor`` or
             ``flap``; ``mode="shrink"`` with differing per-layer counts or a shape the config cannot hold.
 
     Example:
@@ -636,11 +591,20 @@ def prune_structured(
         ('shrink', 12)
     """
     lm = as_loaded(model)
+    entry, opts, request = resolve(lm, unit, options, sparsity=sparsity, schedule=None, windows=windows, seed=seed,
+                                   batch_size=batch_size)  # fmt: skip
+    if entry.info.get("unit") != unit:
+        raise SpecError(f"{unit!r} is not a structured unit; allowed: {', '.join(UNITS)}", "method")
+    return _structured(lm, unit, opts, request.sparsity, windows, seed, request.batch_size, show_progress)
+
+
+def _structured(lm: LoadedModel, unit: str, opts, sparsity, windows, seed: int, batch_size: int,
+                show_progress: bool) -> StructuredResult:  # fmt: skip
     reg = lm.registry
-    score = _check_args(reg, unit, score, mode, windows, seed, batch_size)
+    score, mode, bias_compensation = opts.score, opts.mode, getattr(opts, "bias_compensation", False)
     if score in _CALIBRATED:
         as_loaded(lm, instrumented=True)  # ValueError naming the fix
-    per_layer = _check_sparsity(sparsity, reg.n_layers)
+    per_layer = _per_layer(sparsity, reg.n_layers)
     blocks, n, what = _blocks(reg, unit)
     counts = removal_counts(n, per_layer, what)  # per block
     params_before = lm.n_params
@@ -652,8 +616,8 @@ def prune_structured(
         reason = "mode='mask' was asked for"
     elif not uniform:
         if mode == "shrink":
-            raise ValueError(f"mode='shrink' needs the same number of units removed in every layer, got per-layer "
-                             f"counts {counts}; use mode='mask' or 'auto'")  # fmt: skip
+            raise SpecError(f"'shrink' needs the same number of units removed in every layer, got per-layer counts "
+                            f"{counts}; use 'mask' or 'auto'", "options.mode")  # fmt: skip
         mode, reason = "mask", f"per-layer counts {counts} differ, so the layers cannot share one config"
     elif counts[0] == 0:
         mode, reason = "shrink", "nothing to remove"
@@ -664,8 +628,8 @@ def prune_structured(
             mode, reason = "shrink", f"{counts[0]} {_PER_BLOCK[unit]} removed in every layer"
         elif mode == "shrink":
             allowed = _shrinkable(reg, lm.model.config, unit, n)
-            raise ValueError(f"cannot shrink: {problem}; sparsities that shrink this model: "
-                             f"{', '.join(allowed) or 'none'}; use mode='mask' for others")  # fmt: skip
+            raise SpecError(f"cannot shrink: {problem}; sparsities that shrink this model: "
+                            f"{', '.join(allowed) or 'none'}; use 'mask' for others", "options.mode")  # fmt: skip
         else:
             mode, reason, changes = "mask", problem, None
     logger.info("%s pruning by %s: mode %s (%s)", unit, score, mode, reason)
@@ -710,3 +674,26 @@ def prune_structured(
         config_changes["use_bias"] = [False, True]
     return StructuredResult(unit, score, mode, removed, n_units, params_before, lm.n_params, bias, use_bias_added,
                             config_changes, reason)  # fmt: skip
+
+
+def _register(unit: str, options, description: str) -> None:
+    def apply(lm, opts, *, sparsity, schedule, windows, seed, batch_size, show_progress):
+        if schedule is not None:
+            schedule.validate(lm.registry)
+            sparsity = tuple(schedule.per_layer())
+        result = _structured(lm, unit, opts, sparsity, windows, seed, batch_size, show_progress)
+        return schedule, result.to_dict()
+
+    METHODS.register(unit, options=options, description=description, unit=unit, per_layer=True,
+                     calibration=lambda o: o.score in _CALIBRATED,
+                     archs=None if unit == "state" else ("mamba2",))(apply)  # fmt: skip
+
+
+_register("state", StateOptions, "remove SSM states: B and C rows (and their conv channels), Ghattas et al. 2025")
+_register("head", HeadOptions, "remove Mamba-2 heads, the same number from every B/C group")
+_register("headdim", HeadOptions, "remove channels of every Mamba-2 head (each head its own set)")
+
+
+def applicable_units(registry: Registry) -> tuple[str, ...]:
+    """The structured units a model of this architecture can lose."""
+    return tuple(u for u in METHODS.names(registry.arch) if METHODS[u].info.get("unit") == u)

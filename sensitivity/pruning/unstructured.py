@@ -29,19 +29,18 @@ from tqdm.auto import tqdm
 from ..allocation import Schedule, uniform_schedule
 from ..core.hooks import hook_name, hooks
 from ..core.loading import LoadedModel, as_loaded
-from ..core.masks import COMPARE, nm_mask, parse_structure, unstructured_mask
-from ..core.registry import DEFAULT_EXCLUDE, Registry, TensorSlice
+from ..core.masks import nm_mask, parse_structure, unstructured_mask
+from ..core.registry import Registry, TensorSlice
 from ..core.runner import LayerRunner
 from ..core.scores import input_norm, wanda_score
+from ..core.spec import SpecError
 from ..core.stats import ChannelStats, channel_stats
 from ..data import Windows
+from .methods import METHODS, UnstructuredOptions, WandaOptions, resolve
 
-__all__ = ["METHODS", "prune_unstructured"]
+__all__ = ["prune_unstructured"]
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("magnitude", "wanda")
-
 
 @dataclass(frozen=True)
 class _Target:
@@ -84,48 +83,16 @@ def _prune_layer(mixer: nn.Module, registry: Registry, targets: list[_Target], m
         weight.mul_(_mask(weight, scores, target.sparsity, nm, compare))
 
 
-def _check(lm: LoadedModel, method, sparsity, schedule, structure, compare, windows, batch_size):
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    if compare not in COMPARE:
-        raise ValueError(f"unknown compare {compare!r}; allowed: {', '.join(COMPARE)}")
-    nm = parse_structure(structure)
-    if schedule is not None:
-        if sparsity is not None:
-            raise ValueError("give either sparsity or schedule, not both")
-        if nm is not None:
-            raise ValueError(f"structure {structure!r} fixes the sparsity of every weight to {1 - nm[0] / nm[1]:g}; "
-                             "it cannot be combined with a schedule")  # fmt: skip
-        if not isinstance(schedule, Schedule):
-            raise ValueError(f"schedule must be a sensitivity.allocation.Schedule, got {type(schedule).__name__}")
-        schedule.validate(lm.registry, lm)
-    elif nm is not None:
-        implied = 1 - nm[0] / nm[1]
-        if sparsity is not None and abs(sparsity - implied) > 1e-9:
-            raise ValueError(f"sparsity {sparsity!r} contradicts structure {structure!r} (which prunes {implied:g})")
-    elif sparsity is None:
-        raise ValueError("give a sparsity in [0, 1), a schedule, or an n:m structure")
-    if method == "wanda" and (windows is None or len(windows) == 0):
-        raise ValueError("wanda needs calibration windows (windows=...)")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size {batch_size!r} must be an integer >= 1")
-    return nm
-
-
 def prune_unstructured(
     model: LoadedModel | nn.Module,
     method: str,
     *,
     sparsity: float | None = None,
     schedule: Schedule | None = None,
-    structure: str | None = None,
-    compare: str = "row",
     windows: Windows | None = None,
-    sequential: bool = False,
-    components=None,
-    exclude=DEFAULT_EXCLUDE,
     batch_size: int = 8,
     show_progress: bool = True,
+    **options,
 ) -> Schedule:
     """Prune the mixers' weight matrices in place by magnitude or WANDA.
 
@@ -134,40 +101,47 @@ def prune_unstructured(
         method: ``"wanda"`` (``|W| * ||X||``, Sun et al., 2023) or ``"magnitude"`` (``|W|``).
         sparsity: Fraction of every targeted weight to remove, in [0, 1). Implied by ``structure`` when omitted.
         schedule: A per-(layer, component) :class:`~sensitivity.allocation.Schedule` instead of one sparsity.
-        structure: ``None``/``"unstructured"`` or ``"n:m"`` (keep n of every m consecutive input weights per row,
-            e.g. ``"2:4"``).
-        compare: ``"row"`` (rank within each output row, WANDA's default) or ``"tensor"`` (across the slice).
         windows: Calibration windows (n, L); required by WANDA.
-        sequential: Calibrate layer ``l`` on the outputs of the pruned layers before it (WANDA's procedure) rather
-            than on the dense model in one forward.
-        components: Components to prune with ``sparsity`` (default every prunable one not in ``exclude``).
-        exclude: Components kept dense with ``sparsity`` (default ``conv1d``).
         batch_size: Windows per forward.
         show_progress: Show a tqdm bar.
+        **options: The method's options (:class:`WandaOptions`, :class:`UnstructuredOptions`): ``structure``
+            (``"n:m"``: keep n of every m consecutive input weights per row, e.g. ``"2:4"``), ``compare``
+            (``"row"``, WANDA's default, or ``"tensor"``), ``components``, ``exclude`` (default ``conv1d``) and,
+            for WANDA, ``sequential`` (calibrate layer ``l`` on the outputs of the pruned layers before it).
 
     Returns:
         The schedule that was applied (a uniform one when ``sparsity`` was given).
 
     Raises:
-        ValueError: Unknown method, compare or structure; sparsity and schedule both or neither; a schedule that
-            does not fit the model; WANDA without windows.
+        SpecError: An unknown method or option, or a request :func:`~sensitivity.pruning.methods.resolve` refuses.
 
     Example:
         >>> prune_unstructured(lm, "wanda", sparsity=0.5, windows=calib)
         >>> prune_unstructured(lm, "magnitude", structure="2:4")
     """
-    lm = as_loaded(model, instrumented=method == "wanda")
-    registry = lm.registry
-    nm = _check(lm, method, sparsity, schedule, structure, compare, windows, batch_size)
+    lm = as_loaded(model)
+    entry, opts, request = resolve(lm, method, options, sparsity=sparsity, schedule=schedule, windows=windows,
+                                   seed=0, batch_size=batch_size)  # fmt: skip
+    if entry.fn not in (_magnitude, _wanda):
+        raise SpecError(f"{method!r} is not a weight pruner; use sensitivity.prune", "method")
+    return entry.fn(lm, opts, sparsity=request.sparsity, schedule=schedule, windows=windows, seed=0,
+                    batch_size=request.batch_size, show_progress=show_progress)[0]  # fmt: skip
+
+
+def _weights(lm: LoadedModel, method: str, options: UnstructuredOptions, sparsity, schedule, windows,
+             batch_size: int, show_progress: bool) -> Schedule:  # fmt: skip
+    registry, nm, compare = lm.registry, parse_structure(options.structure), options.compare
     if schedule is None:
         s = sparsity if sparsity is not None else 1 - nm[0] / nm[1]
-        schedule = uniform_schedule(lm, s, exclude=exclude, components=components)
+        schedule = uniform_schedule(lm, s, exclude=options.exclude, components=options.components)
+    else:
+        schedule.validate(registry, lm)
     targets = _targets(registry, schedule)
-    n_windows = len(windows) if windows is not None else 0
     if method == "magnitude":
         for layer, layer_targets in enumerate(targets):
             _prune_layer(registry.mixer(lm.model, layer), registry, layer_targets, method, nm, compare, None, 0)
-    elif sequential:
+    elif options.sequential:
+        as_loaded(lm, instrumented=True)
         _sequential_wanda(lm, targets, windows, nm, compare, batch_size, show_progress)
     else:
         points = [hook_name(layer, p) for layer, t in enumerate(targets) for p in _input_points(registry, t)]
@@ -175,9 +149,23 @@ def prune_unstructured(
         for layer, layer_targets in enumerate(targets):
             layer_stats = {p: stats[hook_name(layer, p)] for p in _input_points(registry, layer_targets)}
             _prune_layer(registry.mixer(lm.model, layer), registry, layer_targets, method, nm, compare, layer_stats,
-                         n_windows)  # fmt: skip
-    logger.info("%s pruned %s to %.4f overall (%s)", method, lm.name, schedule.overall(), structure or "unstructured")
+                         len(windows))  # fmt: skip
+    logger.info("%s pruned %s to %.4f overall (%s)", method, lm.name, schedule.overall(),
+                options.structure or "unstructured")  # fmt: skip
     return schedule
+
+
+@METHODS.register("magnitude", options=UnstructuredOptions, description="zero the smallest |W| of every weight "
+                  "matrix (unstructured or N:M)")  # fmt: skip
+def _magnitude(lm, options, *, sparsity, schedule, windows, seed, batch_size, show_progress):
+    return _weights(lm, "magnitude", options, sparsity, schedule, None, batch_size, show_progress), None
+
+
+@METHODS.register("wanda", options=WandaOptions, calibration=True, description="zero the smallest |W_ij| ||X_j|| "
+                  "of every weight matrix (Sun et al., 2023; unstructured or N:M)")  # fmt: skip
+def _wanda(lm, options, *, sparsity, schedule, windows, seed, batch_size, show_progress):
+    as_loaded(lm, instrumented=True)
+    return _weights(lm, "wanda", options, sparsity, schedule, windows, batch_size, show_progress), None
 
 
 @torch.no_grad()

@@ -302,7 +302,7 @@ def sparsity_curves(
     methods = list(methods)
     rows = component_probes(probes, metric)
     rows = rows.assign(sparsity=_column(rows, "sparsity"), value=pd.to_numeric(rows["value"], errors="coerce"),
-                       kind=rows["kind"].astype(str).str.split("@").str[0])  # probe kinds read "wanda@0.5"
+                       kind=rows["kind"].astype(str))
     rows = rows.loc[(rows["sparsity"].notna() & rows["kind"].isin(methods)).to_numpy()]
     if rows.empty:
         raise ValueError(f"no component-level {metric!r} probes with a sparsity for {', '.join(methods)}")

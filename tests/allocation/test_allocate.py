@@ -108,7 +108,7 @@ def test_owl_sparsity_equal_ratios_is_uniform_and_errors():
     assert owl_sparsity([0.01] * 4, 0.5, 0.08).tolist() == [0.5] * 4
     with pytest.raises(ValueError, match="owl lambda -0.1"):
         owl_sparsity([1, 2], 0.5, -0.1)
-    with pytest.raises(ValueError, match="budget 1.0 out of range"):
+    with pytest.raises(ValueError, match="^budget: 1.0 is out of range; allowed: 0 <= value < 1"):
         owl_sparsity([1, 2], 1.0, 0.1)
 
 
@@ -315,7 +315,7 @@ def test_owl_matches_independent_ratios(lm):
 
 
 def _synthetic_probes(lm, comps, scale, seeds=(0,)) -> pd.DataFrame:
-    """Probe rows ``wanda@s`` with delta_nll = scale[component] * (layer + 1) * s**2 (+ seed noise), plus
+    """Probe rows of kind ``wanda`` at sparsities s with delta_nll = scale[component] * (layer + 1) * s**2 (+ seed noise), plus
     distractors (other kinds and metrics)."""
     rows = []
     for layer in range(lm.registry.n_layers):
@@ -323,11 +323,11 @@ def _synthetic_probes(lm, comps, scale, seeds=(0,)) -> pd.DataFrame:
             for s in (0.25, 0.5, 0.75):
                 for seed in seeds:
                     v = scale[c] * (layer + 1) * s**2 + 0.01 * seed
-                    rows += [dict(layer=layer, component=c, index=None, kind=f"wanda@{s:g}", sparsity=s,
+                    rows += [dict(layer=layer, component=c, index=None, kind="wanda", sparsity=s,
                                   metric="delta_nll", value=v, seed=seed),
-                             dict(layer=layer, component=c, index=None, kind=f"wanda@{s:g}", sparsity=s,
+                             dict(layer=layer, component=c, index=None, kind="wanda", sparsity=s,
                                   metric="ppl_ratio", value=math.exp(v), seed=seed),
-                             dict(layer=layer, component=c, index=None, kind=f"magnitude@{s:g}", sparsity=s,
+                             dict(layer=layer, component=c, index=None, kind="magnitude", sparsity=s,
                                   metric="delta_nll", value=100.0, seed=seed)]  # fmt: skip
             rows.append(dict(layer=layer, component=c, index=None, kind="zero", sparsity=None, metric="delta_nll",
                              value=5.0, seed=0))  # fmt: skip
@@ -355,24 +355,24 @@ def test_sensitivity_from_probe_frame(lm):
 def test_sensitivity_probe_errors(lm):
     comps = ("z", "x") if lm.arch == "mamba2" else ("x", "z")
     df = _synthetic_probes(lm, comps, {c: 1.0 for c in comps})
-    with pytest.raises(ValueError, match=r"no wanda@s probes \(delta_nll\) for \(layer, component\) .*\(0, B\), "
-                                         r"\(0, C\).*components=/exclude="):  # fmt: skip
+    with pytest.raises(ValueError, match=r"no wanda probes \(delta_nll\) for \(layer, component\) .*\(0, B\), "
+                                         r"\(0, C\).*components= / exclude="):  # fmt: skip
         allocate(lm, "sensitivity", 0.5, probes=df, show_progress=False)
     s = allocate(lm, "sensitivity", 0.5, probes=df, components=comps, max_sparsity=0.75, show_progress=False)
     _check_budget(s, 0.5, hi=0.75)
-    with pytest.raises(ValueError, match=r"budget 0.8 is outside \[min_sparsity, max_sparsity\] = \[0, 0.75\]"):
+    with pytest.raises(ValueError, match=r"^budget: 0.8 is outside \[min_sparsity, max_sparsity\] = \[0, 0.75\]"):
         allocate(lm, "sensitivity", 0.8, probes=df, components=comps, max_sparsity=0.75)
     with pytest.raises(ValueError, match="budget 0.8 is infeasible.*between 0 and 0.75"):
         allocate(lm, "sensitivity", 0.8, probes=df, components=comps)  # probes only reach 0.75
-    with pytest.raises(ValueError, match="unknown metric 'ppl_ratio'; allowed: delta_nll, kl"):
+    with pytest.raises(ValueError, match="^options.metric: 'ppl_ratio' is invalid; allowed: one of 'delta_nll' or 'kl'"):
         allocate(lm, "sensitivity", 0.5, probes=df, metric="ppl_ratio")
-    with pytest.raises(ValueError, match="no magnitude@s probes with metric 'kl'; kinds present: magnitude@0.25"):
+    with pytest.raises(ValueError, match="no magnitude probes with metric 'kl'; kinds present: magnitude, wanda"):
         allocate(lm, "sensitivity", 0.5, probes=df, probe_method="magnitude", metric="kl", components=comps)
     with pytest.raises(ValueError, match="lacks column 'metric'"):
         allocate(lm, "sensitivity", 0.5, probes=df.drop(columns="metric"))
-    with pytest.raises(ValueError, match="needs probes="):
+    with pytest.raises(ValueError, match="^probes: sensitivity needs probes"):
         allocate(lm, "sensitivity", 0.5)
-    with pytest.raises(ValueError, match="probes file .* does not exist"):
+    with pytest.raises(ValueError, match="^probes: '/nonexistent/probes' does not exist"):
         allocate(lm, "sensitivity", 0.5, probes="/nonexistent/probes")
 
 
@@ -413,17 +413,21 @@ def test_fisher_source_matches_independent_gradients(lm):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(method="random"), "unknown allocation method 'random'; allowed: uniform, owl, depth, sensitivity"),
-        (dict(budget=1.0), "budget 1.0 out of range"),
-        (dict(budget=-0.1), "budget -0.1 out of range"),
-        (dict(min_sparsity=0.6, max_sparsity=0.5), "min_sparsity 0.6 is above max_sparsity 0.5"),
-        (dict(min_sparsity=0.6), r"budget 0.5 is outside \[min_sparsity, max_sparsity\] = \[0.6, 0.95\]"),
-        (dict(components=["q"]), "unknown component 'q'"),
-        (dict(method="owl"), "method 'owl' needs calibration windows"),
-        (dict(method="sensitivity", source="hessian"), "unknown source 'hessian'; allowed: probes, fisher"),
-        (dict(method="sensitivity", source="fisher"), "needs calibration windows"),
-        (dict(method="sensitivity", probe_method="taylor"), "unknown probe_method 'taylor'; allowed: wanda, magnitude"),
-        (dict(seed=1.5), "seed 1.5 must be an integer"),
+        (dict(method="random"), "unknown allocation method 'random'; allowed: uniform, depth, owl, sensitivity"),
+        (dict(budget=1.0), "^budget: 1.0 is out of range; allowed: 0 <= value < 1"),
+        (dict(budget=-0.1), "^budget: -0.1 is out of range"),
+        (dict(min_sparsity=0.6, max_sparsity=0.5), "^min_sparsity: 0.6 is above max_sparsity 0.5"),
+        (dict(min_sparsity=0.6), r"^budget: 0.5 is outside \[min_sparsity, max_sparsity\] = \[0.6, 0.95\]"),
+        (dict(components=["q"]), "^components: unknown component 'q'"),
+        (dict(method="owl"), "^windows: owl needs calibration windows"),
+        (dict(method="sensitivity", source="hessian"),
+         "^options.source: 'hessian' is invalid; allowed: one of 'probes' or 'fisher'"),
+        (dict(method="sensitivity", source="fisher"), "^windows: sensitivity needs calibration windows"),
+        (dict(method="sensitivity", probe_method="taylor"),
+         "^options.probe_method: 'taylor' is invalid; allowed: one of 'wanda' or 'magnitude'"),
+        (dict(seed=1.5), "^seed: 1.5 is invalid; allowed: an integer"),
+        (dict(method="depth", owl_m=3), "^options.owl_m: not an option of 'depth'; its options: depth_spread"),
+        (dict(method="owl", owl_m=0), "^options.owl_m: 0 is out of range; allowed: value > 0"),
     ],
 )
 def test_allocate_argument_errors(m2, kwargs, match):

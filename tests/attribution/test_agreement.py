@@ -62,8 +62,9 @@ def _probes():
 
 def test_agreement_table():
     out = agreement(_probes(), _attribution())
-    assert list(out.columns) == ["attribution", "attribution_metric", "ablation", "probe_metric", "n", "spearman",
-                                 "kendall"]  # fmt: skip
+    assert list(out.columns) == ["attribution", "attribution_metric", "ablation", "sparsity", "probe_metric", "n",
+                                 "spearman", "kendall"]  # fmt: skip
+    assert out["sparsity"].isna().all()  # zero and mean have no sparsity
     assert list(out["ablation"]) == ["mean"] * 3 + ["zero"] * 3  # sorted by ablation, then spearman descending
     got = out.set_index(["ablation", "attribution"])
     # zero: damage [2, 1, 4, 3, 5] vs taylor [1, 2, 3, 4, 5] -> (0.8, 0.6); fisher is its reverse.
@@ -91,6 +92,6 @@ def test_several_sparsities_of_one_kind_are_separate_ablations():
     probes = _probes().query("kind == 'zero' and metric == 'delta_nll' and index.isna()").copy()
     probes = pd.concat([probes.assign(kind="magnitude", sparsity=0.25),
                         probes.assign(kind="magnitude", sparsity=0.5, value=-probes["value"])])  # fmt: skip
-    out = agreement(probes, _attribution()).set_index(["ablation", "attribution"])
-    assert out.loc[("magnitude@0.25", "taylor"), "spearman"] == pytest.approx(0.8)
-    assert out.loc[("magnitude@0.5", "taylor"), "spearman"] == pytest.approx(-0.8)
+    out = agreement(probes, _attribution()).set_index(["ablation", "sparsity", "attribution"])
+    assert out.loc[("magnitude", 0.25, "taylor"), "spearman"] == pytest.approx(0.8)
+    assert out.loc[("magnitude", 0.5, "taylor"), "spearman"] == pytest.approx(-0.8)

@@ -67,12 +67,15 @@ def test_evaluate_text_output_with_reference(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["evaluate", "--seqlen", "1"], "argument --seqlen: 1 is too small; must be an integer >= 2"),
-        (["evaluate", "--max-windows", "x"], "argument --max-windows: 'x' is not an integer"),
+        (["evaluate", "--seqlen", "1"], "argument --seqlen: 1 is out of range; allowed: value >= 2"),
+        (["evaluate", "--max-windows", "x"], "argument --max-windows: 'x' is invalid; allowed: an integer"),
+        (["evaluate", "--batch-size", "0"], "argument --batch-size: 0 is out of range; allowed: value >= 1"),
+        (["evaluate", "--dtype", "int8"], "argument --dtype: 'int8' is invalid; allowed: one of 'float32'"),
+        (["evaluate", "--colour", "red"], "unrecognized arguments: --colour red"),
         (["evaluate", "--model", "tiny:gpt"], "unknown built-in model 'tiny:gpt'"),
         (["evaluate", "--data", "/no/such/file.txt"], "'/no/such/file.txt' is neither an existing path"),
         (["evaluate", "--seqlen", "1000000"], "fewer than one window of 1000000"),
-        (["components", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+        (["components", "--format", "xml"], "argument --format: 'xml' is invalid; allowed: table, csv, json"),
         (["components", "--model", "/no/such/dir/"], "model path '/no/such/dir/' is not a directory"),
         ([], "the following arguments are required: command"),
     ],

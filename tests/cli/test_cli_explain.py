@@ -47,13 +47,14 @@ def test_explain_a_pruned_checkpoint_reads_its_manifest(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "wanda"], "--method wanda needs --sparsity"),
-        (["--method", "wanda", "--sparsity", "1.5"], "sparsity 1.5"),
-        (["--pruned", "nowhere"], "--pruned nowhere is not a directory"),
-        (["--pruned", ".", "--sparsity", "0.5"], "--sparsity goes with --method"),
-        (["--method", "wanda", "--sparsity", "0.5", "--healthy", "3"], "need 1 <= healthy < collapsed"),
-        (["--method", "obs", "--sparsity", "0.5"], "invalid choice: 'obs'"),
-        (["--sparsity", "0.5"], "one of the arguments --pruned --method is required"),
+        (["--method", "wanda"], "argument --sparsity: method wanda needs a sparsity"),
+        (["--method", "wanda", "--sparsity", "1.5"], "argument --sparsity: 1.5 is out of range"),
+        (["--pruned", "nowhere"], "argument --pruned: 'nowhere' is not a directory"),
+        (["--pruned", ".", "--sparsity", "0.5"], "argument --sparsity: goes with method"),
+        (["--method", "wanda", "--sparsity", "0.5", "--healthy", "3"], "argument --collapsed: 2.0 is not above "
+                                                                       "healthy=3.0; need 1 <= healthy < collapsed"),
+        (["--method", "obs", "--sparsity", "0.5"], "argument --method: unknown pruning method 'obs'"),
+        (["--sparsity", "0.5"], "argument --method: give exactly one of a pruned checkpoint (pruned) or a method"),
     ],
 )
 def test_explain_bad_arguments_exit_2_without_writing(tmp_path, capsys, args, message):
@@ -76,10 +77,10 @@ def test_explain_refuses_a_non_empty_out(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--eval-windows", "0"], "--eval-windows '0' must be an integer >= 1 or 'all'"),
-        (["--budget", "1.5"], "budget 1.5 out of range"),
-        (["--grid", "all"], "invalid choice: 'all'"),
-        (["--explain-sparsity", "0"], "explain_sparsity 0.0 out of range"),
+        (["--eval-windows", "0"], "argument --eval-windows: 0 is out of range; allowed: value >= 1"),
+        (["--budget", "1.5"], "argument --budget: 1.5 is out of range; allowed: 0 < value < 1"),
+        (["--grid", "all"], "argument --grid: 'all' is invalid; allowed: one of 'reduced' or 'full'"),
+        (["--explain-sparsity", "0"], "argument --explain-sparsity: 0.0 is out of range"),
     ],
 )
 def test_report_bad_arguments_exit_2_without_writing(tmp_path, capsys, args, message):

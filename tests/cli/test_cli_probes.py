@@ -25,12 +25,13 @@ def test_probe_writes_csv_and_manifest_equal_to_the_python_api(tmp_path):
     assert "probes of tiny:mamba2" in proc.stdout and "most damaging" in proc.stdout
     df = pd.read_csv(out / "probes.csv")
     expected = probe(load_model("tiny:mamba2"), load_corpus("sample"), components=["dt", "B", "mixer"],
-                     kinds=["zero", "wanda"], sparsities=[0.5], layers=[1], windows=2, calibration_windows=2,
+                     kinds=["zero", "wanda"], sparsities=[0.5], layers=[1], windows=2, calib_windows=2,
                      seqlen=32, show_progress=False)  # fmt: skip
-    assert list(df.kind.unique()) == ["zero", "wanda@0.5"] and len(df) == len(expected)
+    assert list(df.kind.unique()) == ["zero", "wanda"] and len(df) == len(expected)
+    assert set(df[df.kind == "wanda"].sparsity) == {0.5} and df[df.kind == "zero"].sparsity.isna().all()
     assert df.value.to_numpy() == pytest.approx(expected.value.to_numpy(), rel=1e-8, abs=1e-12)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"] == "tiny:mamba2" and manifest["seed"] == 0 and manifest["seqlen"] == 32
+    assert manifest["spec"]["model"] == "tiny:mamba2" and manifest["seed"] == 0 and manifest["seqlen"] == 32
     assert manifest["status"] == "complete" and "sweep_s" in manifest["timings"] and "torch" in manifest["versions"]
     again = run("probe", *SMALL, "--calib-windows", "2", "--out", str(out), "--layers", "1", "--kinds", "zero,wanda",
                 "--sparsities", "0.5", "--components", "dt,B,mixer")  # fmt: skip
@@ -40,12 +41,12 @@ def test_probe_writes_csv_and_manifest_equal_to_the_python_api(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--kinds", "zap"], "unknown probe kind 'zap'; allowed: zero, mean, resample"),
-        (["--components", "q_proj"], "unknown component 'q_proj' for mamba2; allowed: z, x, B"),
-        (["--layers", "5"], "layer 5 out of range; allowed: 0..1"),
-        (["--layers", "x"], "argument --layers: 'x' is not a comma-separated list of ints"),
-        (["--sparsities", "0.9,2"], "sparsity 2.0 out of range; allowed: 0 < s < 1"),
-        (["--windows", "0"], "argument --windows: 0 is too small"),
+        (["--kinds", "zap"], "argument --kinds: unknown ablation kind 'zap'; allowed: zero, mean, resample"),
+        (["--components", "q_proj"], "argument --components: unknown component 'q_proj' for mamba2; allowed: z, x, B"),
+        (["--layers", "5"], "argument --layers: 5 is out of range; allowed: 0..1"),
+        (["--layers", "x"], "argument --layers: 0: 'x' is invalid; allowed: an integer"),
+        (["--sparsities", "0.9,2"], "argument --sparsities: 1: 2.0 is out of range; allowed: 0 < value < 1"),
+        (["--windows", "0"], "argument --windows: 0 is out of range; allowed: value >= 1"),
         (["--data", "/nonexistent.txt"], "/nonexistent.txt"),
     ],
 )
@@ -65,7 +66,7 @@ def test_probe_into_another_sweeps_directory_exits_2_and_keeps_it(tmp_path):
     assert run("probe", *SMALL, "--out", str(out), "--components", "D", "--kinds", "zero").returncode == 0
     before = (out / "probes.csv").read_bytes()
     proc = run("probe", *SMALL, "--out", str(out), "--components", "D", "--kinds", "zero", "--seed", "3")
-    assert proc.returncode == 2 and "different config" in proc.stderr
+    assert proc.returncode == 2 and "holds a probe run with other settings (seed)" in proc.stderr
     assert (out / "probes.csv").read_bytes() == before
 
 
@@ -87,7 +88,7 @@ def test_attribute_then_agreement(tmp_path):
     assert "spearman" in g.stdout
     bad_out = run("agreement", "--probes", str(tmp_path / "p"), "--attribution", str(tmp_path / "a"), "--out",
                   str(tmp_path / "no" / "where.csv"))  # fmt: skip
-    assert bad_out.returncode == 2 and "its directory does not exist" in bad_out.stderr
+    assert bad_out.returncode == 2 and "argument --out:" in bad_out.stderr and "existing directory" in bad_out.stderr
     assert not (tmp_path / "no").exists()
     missing = run("agreement", "--probes", str(tmp_path / "nowhere"), "--attribution", str(tmp_path / "a"))
     assert missing.returncode == 2 and "probes.csv" in missing.stderr
@@ -99,5 +100,5 @@ def test_attribute_unknown_method_exits_2_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["attribute", "--model", "/no/such/model", "--out", str(tmp_path / "a"), "--methods", "taylor,zap"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "unknown method 'zap'; allowed: act_norm, taylor" in err
+    assert exit_info.value.code == 2 and "unknown attribution method 'zap'; allowed: act_norm, taylor" in err
     assert not (tmp_path / "a").exists()

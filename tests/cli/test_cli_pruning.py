@@ -67,12 +67,15 @@ def test_structured_prune_shrinks_and_reloads(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "wanda", "--sparsity", "1.5"], "--sparsity 1.5 out of range; allowed: 0 <= sparsity < 1"),
-        (["--method", "wanda"], "give --sparsity, --schedule or --structure"),
-        (["--method", "obs", "--sparsity", "0.5"], "argument --method: invalid choice: 'obs'"),
-        (["--method", "wanda", "--structure", "2-4"], "structure '2-4' is invalid"),
-        (["--method", "wanda", "--schedule", "/nonexistent.yaml"], "--schedule /nonexistent.yaml does not exist"),
-        (["--method", "head", "--sparsity", "0.5", "--model", "tiny:mamba"], "head pruning needs a mamba2 model"),
+        (["--method", "wanda", "--sparsity", "1.5"], "argument --sparsity: 1.5 is out of range; allowed: 0 <= value < 1"),
+        (["--method", "wanda"], "argument --sparsity: wanda needs a sparsity, a schedule or an n:m structure"),
+        (["--method", "obs", "--sparsity", "0.5"], "argument --method: unknown pruning method 'obs'; allowed: magnitude"),
+        (["--method", "wanda", "--structure", "2-4"], "argument --structure: '2-4' is invalid"),
+        (["--method", "wanda", "--schedule", "/nonexistent.yaml"], "argument --schedule: '/nonexistent.yaml' does "
+                                                                     "not exist"),
+        (["--method", "head", "--sparsity", "0.5", "--model", "tiny:mamba"],
+         "pruning method 'head' does not apply to mamba models; it needs mamba2"),
+        (["--method", "wanda", "--sparsity", "0.5", "--score", "flap"], "argument --score: not an option of 'wanda'"),
         (["--method", "wanda", "--sparsity", "0.5", "--model", "default", "--out", "@ZOO@"],
          "is inside the source checkpoint"),
     ],
@@ -95,9 +98,11 @@ def test_prune_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, mess
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "owl", "--budget", "1.0"], "--budget 1.0 out of range"),
-        (["--method", "sensitivity", "--budget", "0.5"], "--method sensitivity --source probes needs --probes"),
-        (["--method", "uniform", "--budget", "0.5", "--probes", "/nonexistent"], "/nonexistent does not exist"),
+        (["--method", "owl", "--budget", "1.0"], "argument --budget: 1.0 is out of range"),
+        (["--method", "sensitivity", "--budget", "0.5"], "argument --probes: sensitivity with these options needs probes"),
+        (["--method", "sensitivity", "--budget", "0.5", "--probes", "/nonexistent"],
+         "argument --probes: '/nonexistent' does not exist"),
+        (["--method", "depth", "--budget", "0.5", "--owl-m", "3"], "argument --owl-m: not an option of 'depth'"),
     ],
 )
 def test_schedule_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
@@ -128,7 +133,7 @@ def test_schedule_from_a_probe_run_equals_the_python_api(tmp_path, capsys):
     from sensitivity.probes import probe
 
     probe(load_model("tiny:mamba2"), load_corpus("sample"), kinds=["wanda"], sparsities=[0.25, 0.5, 0.75],
-          components=["z", "x", "B", "C", "dt", "out_proj"], windows=2, calibration_windows=2, seqlen=32,
+          components=["z", "x", "B", "C", "dt", "out_proj"], windows=2, calib_windows=2, seqlen=32,
           out=tmp_path / "p", show_progress=False)  # fmt: skip
     out = tmp_path / "s.yaml"
     assert main(["schedule", *SMALL, "--method", "sensitivity", "--budget", "0.5", "--probes", str(tmp_path / "p"),

@@ -121,7 +121,7 @@ def test_unfired_hook_raises_and_hooks_are_removed(tiny_lm, ids):
 @pytest.mark.parametrize(
     "bad,match",
     [
-        ("layers.9.dt", "layer 9 out of range"),
+        ("layers.9.dt", "layer: 9 is out of range"),
         ("layers.0.nope", "unknown hook point 'nope'"),
         ("dt", "bad hook name 'dt'"),
     ],

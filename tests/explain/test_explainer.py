@@ -145,7 +145,7 @@ def test_save_and_load_round_trip(tmp_path, dense):
     pd.testing.assert_frame_equal(back.drift, e.drift, check_exact=False, rtol=1e-6)
     frames = e.frames()
     assert list(frames["drift"].columns[:2]) == ["label", "sparsity"] and (frames["drift"].label == "magnitude").all()
-    with pytest.raises(ValueError, match="not empty; pass overwrite=True"):
+    with pytest.raises(ValueError, match="exp is not empty; choose another directory or overwrite it"):
         e.save(out)
     e.save(out, overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
@@ -155,17 +155,19 @@ def test_bad_inputs_are_named(dense):
     other = load_model("tiny:mamba2" if dense.arch == "mamba" else "tiny:mamba")
     with pytest.raises(ValueError, match="dense is .* but pruned is"):
         explain(dense, other, _windows(), show_progress=False)
-    with pytest.raises(ValueError, match="drift_threshold -1"):
+    with pytest.raises(ValueError, match="^drift_threshold: -1 is out of range; allowed: value > 0"):
         explain(dense, _copy(dense), _windows(), drift_threshold=-1, show_progress=False)
     with pytest.raises(ValueError, match="unknown component 'gate'"):
         explain(dense, _copy(dense), _windows(), components=["gate"], show_progress=False)
-    with pytest.raises(ValueError, match="n_samples 0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match="^n_samples: 0 is out of range; allowed: value >= 1"):
         explain(dense, _copy(dense), _windows(), n_samples=0, show_progress=False)
-    with pytest.raises(ValueError, match="top_layers 0"):
+    with pytest.raises(ValueError, match="^top_layers: 0 is out of range"):
         explain(dense, _copy(dense), _windows(), top_layers=0, show_progress=False)
-    with pytest.raises(ValueError, match="unknown method 'obs'"):
+    with pytest.raises(ValueError, match="^collapsed: 1.1 is not above healthy=1.5"):
+        explain(dense, _copy(dense), _windows(), healthy=1.5, collapsed=1.1, show_progress=False)
+    with pytest.raises(ValueError, match="unknown pruning method 'obs'"):
         explain_method(dense, "obs", 0.5, _windows())
-    with pytest.raises(ValueError, match="needs calibration windows"):
+    with pytest.raises(ValueError, match="^windows: wanda needs calibration windows"):
         explain_method(dense, "wanda", 0.5, _windows())
 
 

@@ -177,7 +177,7 @@ def test_sparsify_prunes_the_lowest_scores_per_row_and_restores(m2, ids, method)
     expected = W.clone()
     for r in range(W.shape[0]):
         expected[r, score[r].argsort()[:k]] = 0
-    with ablate(m2.model, m2.registry, Probe(1, "B", f"{method}@0.5"), ctx):
+    with ablate(m2.model, m2.registry, Probe(1, "B", method, sparsity=0.5), ctx):
         pruned = mixer.in_proj.weight.detach()[lo:hi].clone()
         others = mixer.in_proj.weight.detach()[:lo].clone()
     torch.testing.assert_close(pruned, expected)
@@ -190,17 +190,17 @@ def test_sparsify_prunes_the_lowest_scores_per_row_and_restores(m2, ids, method)
 def test_conv_sparsify_is_per_tensor(m2, ids):
     ctx = _ctx(m2, ids, 0, ["conv_in"])
     w = m2.registry.mixer(m2.model, 0).conv1d.weight
-    with ablate(m2.model, m2.registry, Probe(0, "conv1d", "wanda@0.25"), ctx):
+    with ablate(m2.model, m2.registry, Probe(0, "conv1d", "wanda", sparsity=0.25), ctx):
         zeros = (w == 0).sum().item()
     assert zeros == int(w.numel() * 0.25)
 
 
 def test_every_probe_restores_the_model_and_removes_hooks(lm, ids):
-    from sensitivity.probes import ProbeConfig, plan
+    from sensitivity.probes import ProbeOptions, plan
 
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     ctx = _ctx(lm, ids, 0, [p for p in lm.registry.hook_names if p != "A"])
-    probes = plan(lm.registry, ProbeConfig(components=None, layers=(0,), kinds=("zero", "bypass", "mean", "wanda")))
+    probes = plan(lm.registry, ProbeOptions(components=None, layers=(0,), kinds=("zero", "bypass", "mean", "wanda")))
     for p in probes:
         with ablate(lm.model, lm.registry, p, ctx):
             lm.model(ids, use_cache=False)

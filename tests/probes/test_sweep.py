@@ -13,11 +13,11 @@ import torch
 from sensitivity.core import load_model
 from sensitivity.data import calibration_windows, load_corpus
 from sensitivity.eval import kl_divergence, perplexity
-from sensitivity.probes import COLUMNS, Probe, ProbeConfig, plan, probe
+from sensitivity.probes import COLUMNS, Probe, ProbeOptions, plan, probe
 from sensitivity.probes import sweep as sweep_mod
 from sensitivity.probes.ablations import Context, ablate
 
-SMALL = dict(windows=3, calibration_windows=2, seqlen=32, batch_size=2, show_progress=False)
+SMALL = dict(windows=3, calib_windows=2, seqlen=32, batch_size=2, show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +68,13 @@ def test_table_is_tidy_and_covers_the_plan():
     lm = load_model("tiny:mamba2")
     df = probe(lm, "sample", **SMALL)
     assert tuple(df.columns) == COLUMNS
-    probes = plan(lm.registry, ProbeConfig())
+    probes = plan(lm.registry, ProbeOptions())
     assert len(df) == 3 * len(probes)
     assert set(df.metric) == {"delta_nll", "ppl_ratio", "kl"}
     assert (df.seed == 0).all()
-    sparse = df[df.kind.str.contains("@")]
-    assert set(sparse.sparsity) == {0.25, 0.5, 0.75}
+    sparse = df[df.kind.isin(["magnitude", "wanda"])]
+    assert set(sparse.sparsity) == {0.25, 0.5, 0.75} and df[~df.kind.isin(["magnitude", "wanda"])].sparsity.isna().all()
+    assert set(df.kind) == {"zero", "mean", "resample", "bypass", "magnitude", "wanda", "remove"}  # plain names
     assert df[df.component == "head"]["index"].notna().all() and df[df.component == "x"]["index"].isna().all()
     ratio = df[df.metric == "ppl_ratio"].value.to_numpy()
     assert ratio == pytest.approx([math.exp(v) for v in df[df.metric == "delta_nll"].value])
@@ -124,8 +125,9 @@ def test_finished_sweep_reruns_nothing_and_manifest_records_the_run(tmp_path, mo
     again = probe(lm, "sample", out=tmp_path, **opts)
     pd.testing.assert_frame_equal(first, again)
     m = json.loads((tmp_path / "manifest.json").read_text())
-    assert m["model"] == "tiny:mamba" and m["data"] == "sample" and m["seqlen"] == 32 and m["seed"] == 0
-    assert m["config"]["windows"] == 3 and "3 random" in m["windows"] and "'test'" in m["windows"]
+    assert m["job"] == "probe" and m["spec"]["model"] == "tiny:mamba" and m["spec"]["data"] == "sample"
+    assert m["seqlen"] == 32 and m["seed"] == 0 and len(m["inputs"]["windows_sha256"]) == 16
+    assert m["spec"]["windows"] == 3 and "3 random" in m["windows"] and "'test'" in m["windows"]
     assert {"torch", "transformers", "python"} <= set(m["versions"]) and m["probes"] == 2
 
 
@@ -133,7 +135,7 @@ def test_out_dir_of_another_sweep_is_refused(tmp_path):
     lm = load_model("tiny:mamba")
     probe(lm, "sample", out=tmp_path, components=["D"], kinds=["zero"], **SMALL)
     before = (tmp_path / "probes.csv").read_bytes()
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match="holds a probe run with other settings \\(seed\\)"):
         probe(lm, "sample", out=tmp_path, components=["D"], kinds=["zero"], **{**SMALL, "seed": 4})
     assert (tmp_path / "probes.csv").read_bytes() == before
 
@@ -141,19 +143,20 @@ def test_out_dir_of_another_sweep_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"kinds": ["zap"]}, "unknown probe kind 'zap'; allowed: zero, mean"),
-        ({"components": ["q_proj"]}, "unknown component 'q_proj' for mamba; allowed: x, z"),
-        ({"components": ["head"]}, "component 'head' needs a Mamba-2 model"),
-        ({"layers": [9]}, r"layer 9 out of range; allowed: 0..1"),
-        ({"sparsities": [1.5]}, r"sparsity 1.5 out of range; allowed: 0 < s < 1"),
-        ({"windows": 0}, "windows 0 must be an integer >= 1"),
-        ({"sweep": "fast"}, "unknown sweep 'fast'; allowed: cached, naive"),
-        ({"components": ["A_log"], "kinds": ["mean"]}, "no probe applies"),
-        ({"layers": [0, 0]}, "layers lists 0 twice"),
-        ({"kinds": ["zero", "zero"]}, "kinds lists 'zero' twice"),
-        ({"sparsities": [0.5, 0.50]}, r"sparsities \[0.5, 0.5\] list one value twice"),
-        ({"seed": "one"}, "seed 'one' must be an integer"),
-        ({"colour": "red"}, "unknown probe option 'colour'; allowed: batch_size, calibration_split"),
+        ({"kinds": ["zap"]}, "kinds: unknown ablation kind 'zap'; allowed: zero, mean"),
+        ({"components": ["q_proj"]}, "components: unknown component 'q_proj' for mamba; allowed: x, z"),
+        ({"components": ["head"]}, "components: 'head' needs a Mamba-2 model"),
+        ({"layers": [9]}, r"layers: 9 is out of range; allowed: 0..1"),
+        ({"sparsities": [1.5]}, r"sparsities.0: 1.5 is out of range; allowed: 0 < value < 1"),
+        ({"windows": 0}, "windows: 0 is out of range; allowed: value >= 1"),
+        ({"sweep": "fast"}, "sweep: 'fast' is invalid; allowed: one of 'cached' or 'naive'"),
+        ({"components": ["A_log"], "kinds": ["mean"]}, "kinds: no probe applies"),
+        ({"layers": [0, 0]}, "layers: lists 0 twice"),
+        ({"kinds": ["zero", "zero"]}, "kinds: lists 'zero' twice"),
+        ({"sparsities": [0.5, 0.50]}, r"sparsities: lists 0.5 twice"),
+        ({"seed": "one"}, "seed: 'one' is invalid; allowed: an integer"),
+        ({"colour": "red"}, "colour: unknown field; allowed: components, kinds"),
+        ({"seqlen": 1}, "seqlen: 1 is out of range; allowed: value >= 2"),
     ],
 )
 def test_bad_options(options, match):
@@ -161,18 +164,18 @@ def test_bad_options(options, match):
         probe(load_model("tiny:mamba"), "sample", **{**SMALL, **options})
 
 
-def test_config_round_trips_through_a_dict():
-    cfg = ProbeConfig(components=("dt",), kinds=("zero",), layers=(1,), seed=3)
-    assert ProbeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match="unknown probe option 'colour'"):
-        ProbeConfig.from_dict({"colour": 1})
+def test_options_round_trip_through_json_and_yaml():
+    opts = ProbeOptions(components=("dt",), kinds=("zero",), layers=(1,), seed=3)
+    assert ProbeOptions.from_dict(json.loads(opts.to_json())) == opts
+    assert ProbeOptions.from_yaml(opts.to_yaml()) == opts
+    assert ProbeOptions(components="dt,B", sparsities="0.25,0.5").sparsities == (0.25, 0.5)  # command-line forms
 
 
 @pytest.mark.slow
 def test_default_model_cached_equals_naive_and_damage_is_real():
     lm = load_model("default")
     opts = dict(components=["dt", "mixer"], kinds=["zero", "bypass", "remove"], layers=[0, 7], windows=2,
-                calibration_windows=2, seqlen=128, show_progress=False)  # fmt: skip
+                calib_windows=2, seqlen=128, show_progress=False)  # fmt: skip
     cached, naive = probe(lm, **opts), probe(lm, **opts, sweep="naive")
     assert (cached.value - naive.value).abs().max() < 1e-5
     d = cached[cached.metric == "delta_nll"].set_index(["layer", "component", "kind"]).value

@@ -370,21 +370,23 @@ def test_per_layer_sparsity_masks_the_right_rows(caplog):
 def test_errors_name_the_bad_value(windows):
     m2, m1 = _model("mamba2"), _model("mamba")
     cases = [
-        (m2, ("neuron", 0.5), {}, "unknown unit 'neuron'; allowed: state, head, headdim"),
-        (m2, ("state", 0.5), {"score": "flap"}, "unknown score 'flap' for unit 'state'; allowed: taylor, magnitude"),
-        (m1, ("head", 0.5), {}, "head pruning needs a mamba2 model \\(mixer heads\\); this model is 'mamba'"),
-        (m1, ("headdim", 0.5), {}, "headdim pruning needs a mamba2 model"),
-        (m2, ("state", 1.0), {"score": "magnitude"}, "sparsity 1.0 out of range; allowed: 0 <= s < 1"),
-        (m2, ("state", [0.5, -0.1]), {"score": "magnitude"}, "sparsity -0.1 out of range"),
-        (m2, ("state", [0.5, 0.5, 0.5]), {"score": "magnitude"}, "sparsity has 3 values but the model has 2 layers"),
+        (m2, ("neuron", 0.5), {}, "unknown pruning method 'neuron'; allowed: magnitude, wanda, state, head, headdim"),
+        (m2, ("wanda", 0.5), {"windows": windows}, "method: 'wanda' is not a structured unit"),
+        (m2, ("state", 0.5), {"score": "flap"},
+         "options.score: 'flap' is invalid; allowed: one of 'taylor', 'magnitude' or 'random'"),
+        (m1, ("head", 0.5), {}, "pruning method 'head' does not apply to mamba models; it needs mamba2"),
+        (m1, ("headdim", 0.5), {}, "pruning method 'headdim' does not apply to mamba models"),
+        (m2, ("state", 1.0), {"score": "magnitude"}, "sparsity: 1.0 is out of range; allowed: 0 <= value < 1"),
+        (m2, ("state", [0.5, -0.1]), {"score": "magnitude"}, "sparsity.1: -0.1 is out of range"),
+        (m2, ("state", [0.5, 0.5, 0.5]), {"score": "magnitude"}, "sparsity: 3 values for a model of 2 layers"),
         (m2, ("head", 1 - 1e-12), {"score": "magnitude"}, "removes all 4 heads of a B/C group"),
         (m2, ("state", [0.25, 0.5]), {"score": "magnitude", "mode": "shrink"}, "got per-layer counts \\[4, 8\\]"),
         (m2, ("headdim", 0.25), {"score": "magnitude", "mode": "shrink"},
          "num_heads\\*head_dim = 96 is not a multiple of hidden_size 64.*sparsities that shrink this model: 0.5;"),
-        (m2, ("state", 0.5), {"mode": "fold"}, "unknown mode 'fold'; allowed: auto, shrink, mask"),
-        (m2, ("state", 0.5), {"score": "taylor"}, "score 'taylor' needs calibration windows"),
-        (m2, ("head", 0.5), {}, "score 'flap' needs calibration windows"),
-        (m2, ("state", 0.5), {"score": "random", "seed": 1.5}, "seed=1.5 is invalid"),
+        (m2, ("state", 0.5), {"mode": "fold"}, "options.mode: 'fold' is invalid; allowed: one of 'auto', 'shrink'"),
+        (m2, ("state", 0.5), {"score": "taylor"}, "windows: state needs calibration windows"),
+        (m2, ("head", 0.5), {}, "windows: head needs calibration windows"),
+        (m2, ("state", 0.5), {"score": "random", "seed": 1.5}, "seed: 1.5 is invalid; allowed: an integer"),
     ]  # fmt: skip
     for lm, args, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -115,30 +115,42 @@ def test_sparsity_zero_is_identity():
 def test_errors():
     lm, windows = load_model("tiny:mamba2"), _windows()
     cases = [
-        (dict(method="sparsegpt", sparsity=0.5), "unknown method 'sparsegpt'; allowed: magnitude, wanda"),
-        (dict(method="wanda", sparsity=1.0, windows=windows), "sparsity 1.0 out of range"),
-        (dict(method="wanda", sparsity=0.5), "wanda needs calibration windows"),
-        (dict(method="magnitude"), "give a sparsity in"),
-        (dict(method="magnitude", sparsity=0.3, structure="2:4"), "sparsity 0.3 contradicts structure '2:4'"),
-        (dict(method="magnitude", sparsity=0.5, compare="layer"), "unknown compare 'layer'; allowed: row, tensor"),
-        (dict(method="magnitude", structure="3:2"), "structure '3:2' is invalid"),
+        (dict(method="sparsegpt", sparsity=0.5), "unknown pruning method 'sparsegpt'; allowed: magnitude, wanda"),
+        (dict(method="wanda", sparsity=1.0, windows=windows), "sparsity: 1.0 is out of range; allowed: 0 <= value < 1"),
+        (dict(method="wanda", sparsity=0.5), "windows: wanda needs calibration windows"),
+        (dict(method="magnitude"), "sparsity: magnitude needs a sparsity, a schedule or an n:m structure"),
+        (dict(method="magnitude", sparsity=0.3, structure="2:4"), "sparsity: 0.3 contradicts structure '2:4'"),
+        (dict(method="magnitude", sparsity=0.5, compare="layer"),
+         "options.compare: 'layer' is invalid; allowed: one of 'row' or 'tensor'"),
+        (dict(method="magnitude", structure="3:2"), "options.structure: '3:2' is invalid"),
+        (dict(method="head", sparsity=0.5), "options.mode"),
     ]
-    for kwargs, message in cases:
+    for kwargs, message in cases[:-1]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             prune_unstructured(lm, **kwargs)
+    with pytest.raises(ValueError, match="'head' is not a weight pruner"):
+        prune_unstructured(lm, "head", sparsity=0.5, score="magnitude")
     bad = Schedule(arch="mamba2", n_layers=2, sparsity={(0, "x"): 0.5}, params={(0, "x"): 1},
                    method="custom", budget=None, exclude=(), meta={})
-    with pytest.raises(ValueError, match="structure '2:4' fixes the sparsity"):
+    with pytest.raises(ValueError, match="options.structure: '2:4' fixes the sparsity"):
         prune_unstructured(lm, "magnitude", schedule=bad, structure="2:4")
+    with pytest.raises(ValueError, match="schedule: give either a sparsity or a schedule, not both"):
+        prune_unstructured(lm, "magnitude", schedule=bad, sparsity=0.5)
+    with pytest.raises(ValueError, match="schedule: dict is not a sensitivity.allocation.Schedule"):
+        prune_unstructured(lm, "magnitude", schedule={})
     with pytest.raises(ValueError, match="unknown pruning method 'prune'"):
         prune(lm, "prune", sparsity=0.5)
     api_cases = [
-        (dict(method="wanda", sparsity=0.5, windows=windows, score="flap"), "score 'flap' applies to the structured"),
-        (dict(method="magnitude", sparsity=0.5, mode="mask"), "mode 'mask' applies to the structured methods"),
-        (dict(method="magnitude", sparsity=0.5, sequential=True), "sequential calibration applies to wanda only"),
-        (dict(method="head", sparsity=0.5, windows=windows, structure="2:4"), "structure '2:4' applies to magnitude"),
-        (dict(method="state", sparsity=0.5, sequential=True), "sequential calibration applies to magnitude and wanda"),
-        (dict(method="wanda", sparsity=[0.5, 0.5], windows=windows), "wanda takes one sparsity"),
+        (dict(method="wanda", sparsity=0.5, windows=windows, score="flap"),
+         "options.score: not an option of 'wanda'; its options: structure, compare, components, exclude, sequential"),
+        (dict(method="magnitude", sparsity=0.5, mode="mask"), "options.mode: not an option of 'magnitude'"),
+        (dict(method="magnitude", sparsity=0.5, sequential=True), "options.sequential: not an option of 'magnitude'"),
+        (dict(method="head", sparsity=0.5, windows=windows, structure="2:4"),
+         "options.structure: not an option of 'head'"),
+        (dict(method="state", sparsity=0.5, sequential=True), "options.sequential: not an option of 'state'"),
+        (dict(method="wanda", sparsity=[0.5, 0.5], windows=windows), "sparsity: wanda takes one sparsity"),
+        (dict(method="magnitude", sparsity=0.5, batch_size=0), "batch_size: 0 is out of range; allowed: value >= 1"),
+        (dict(method="magnitude", sparsity=0.5, seed=True), "seed: True is a boolean"),
     ]
     for kwargs, message in api_cases:
         with pytest.raises(ValueError, match=message):

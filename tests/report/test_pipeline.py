@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-import sensitivity.eval
-import sensitivity.explain
-from sensitivity.report import ReportConfig, build_report
+import sensitivity.report.grid
+import sensitivity.report.pipeline
+from sensitivity.report import ReportOptions, build_report
 from sensitivity.report.render import SECTION_TITLES
 
 TINY = dict(model="tiny:mamba2", data="sample", seqlen=32, probe_windows=2, probe_kinds=["zero", "wanda"],
@@ -50,6 +50,10 @@ def test_grid_and_verdicts_are_consistent(report):
     grid = pd.read_csv(out / "data" / "grid.csv")
     labels = set(grid.label)
     assert {"dense", "magnitude", "wanda", "wanda+sensitivity", "wanda 2:4", "state", "head", "headdim"} <= labels
+    runs = grid[grid.sparsity == 0.5].set_index("label")  # method, allocator, structure: columns; label: display
+    assert runs.loc["wanda+sensitivity", ["method", "allocator"]].tolist() == ["wanda", "sensitivity"]
+    assert runs.loc["wanda 2:4", ["method", "structure", "sparsity"]].tolist() == ["wanda", "2:4", 0.5]
+    assert runs.loc["head", ["method", "allocator", "structure"]].fillna("").tolist() == ["head", "", ""]
     dense = grid[grid.label == "dense"].iloc[0]
     assert dense.ppl_ratio == pytest.approx(1.0)
     # ppl_ratio is exp of the NLL difference, and the verdict follows the thresholds
@@ -68,7 +72,9 @@ def test_grid_and_verdicts_are_consistent(report):
 def test_manifest_records_seed_versions_config_and_outputs(report):
     out, _ = report
     m = json.loads((out / "manifest.json").read_text())
-    assert m["seed"] == 0 and m["config"]["model"] == "tiny:mamba2" and "torch" in m["versions"]
+    assert m["job"] == "report" and m["status"] == "complete"
+    assert m["seed"] == 0 and m["spec"]["model"] == "tiny:mamba2" and "torch" in m["versions"]
+    assert m["spec"]["out"] == str(out) and m["spec"]["probe_kinds"] == ["zero", "wanda"]
     assert set(m["steps"]) == {"components", "probes", "attribution", "agreement", "schedule", "grid", "explain",
                                "render"}  # fmt: skip
     assert "report.html" in m["outputs"] and "data/grid.csv" in m["outputs"]
@@ -84,8 +90,8 @@ def test_rerun_resumes_without_recomputing(report, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a finished step")
 
-    monkeypatch.setattr(sensitivity.eval, "perplexity", fail)
-    monkeypatch.setattr(sensitivity.explain, "explain", fail)
+    monkeypatch.setattr(sensitivity.report.grid, "perplexity", fail)
+    monkeypatch.setattr(sensitivity.report.pipeline, "explain", fail)
     build_report(out, show_progress=False, **TINY)
     pd.testing.assert_frame_equal(pd.read_csv(out / "data" / "grid.csv"), grid_before)
     assert json.loads((out / "manifest.json").read_text())["resumed"] is True
@@ -96,8 +102,8 @@ def test_an_interrupted_run_finishes_only_what_is_missing(report, monkeypatch):
     grid = pd.read_csv(out / "data" / "grid.csv")
     grid[grid.label != "state"].to_csv(out / "data" / "grid.csv", index=False)  # as if killed before "state" ran
     calls = []
-    real = sensitivity.eval.perplexity
-    monkeypatch.setattr(sensitivity.eval, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = sensitivity.report.grid.perplexity
+    monkeypatch.setattr(sensitivity.report.grid, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
     build_report(out, show_progress=False, **TINY)
     assert len(calls) == (grid.label == "state").sum()
     again = pd.read_csv(out / "data" / "grid.csv")
@@ -106,11 +112,11 @@ def test_an_interrupted_run_finishes_only_what_is_missing(report, monkeypatch):
 
 def test_other_settings_in_the_same_directory_are_refused(report, tmp_path):
     out, _ = report
-    with pytest.raises(ValueError, match=r"holds a report made with other settings \(seed\)"):
+    with pytest.raises(ValueError, match=r"holds a report run with other settings \(seed\)"):
         build_report(out, show_progress=False, **{**TINY, "seed": 1})
     (tmp_path / "junk.txt").write_text("x")
     for overwrite in (False, True):  # --overwrite never deletes a directory that holds no report
-        with pytest.raises(ValueError, match="not empty and holds no report"):
+        with pytest.raises(ValueError, match="not empty and holds no sensitivity output"):
             build_report(tmp_path, show_progress=False, overwrite=overwrite, **TINY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.txt"]  # nothing half-written
 
@@ -118,14 +124,16 @@ def test_other_settings_in_the_same_directory_are_refused(report, tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"grid": "huge"}, "unknown grid 'huge'; allowed: reduced, full"),
-        ({"budget": 1.0}, "budget 1.0 out of range"),
-        ({"eval_windows": 0}, "eval_windows 0 must be an integer >= 1 or None"),
-        ({"sparsities": [0.5, 1.2]}, "sparsities holds 1.2"),
-        ({"healthy": 2.5}, "need 1 <= healthy < collapsed"),
-        ({"colour": "red"}, "unknown report option 'colour'"),
+        ({"grid": "huge"}, "grid: 'huge' is invalid; allowed: one of 'reduced' or 'full'"),
+        ({"budget": 1.0}, "budget: 1.0 is out of range; allowed: 0 < value < 1"),
+        ({"eval_windows": 0}, "eval_windows: 0 is out of range; allowed: value >= 1"),
+        ({"sparsities": [0.5, 1.2]}, "sparsities.1: 1.2 is out of range"),
+        ({"healthy": 2.5}, "collapsed: 2.0 is not above healthy=2.5"),
+        ({"probe_kinds": ["zero", "zap"]}, "probe_kinds: unknown ablation kind 'zap'"),
+        ({"colour": "red"}, "colour: unknown field; allowed: healthy, collapsed, model"),
     ],
 )
 def test_bad_settings_are_named(options, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ReportConfig.from_dict({**ReportConfig().to_dict(), **options})
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        ReportOptions(**options)
+    assert ReportOptions(eval_windows="all").eval_windows is None  # the command line's word for the whole split

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sensitivity.core.masks import nm_mask, parse_structure, unstructured_mask
+from sensitivity.core.masks import Structure, nm_mask, parse_structure, unstructured_mask
 
 
 def test_unstructured_mask_by_hand():
@@ -10,8 +10,6 @@ def test_unstructured_mask_by_hand():
     assert unstructured_mask(scores, 0.25, per_row=False).tolist() == [[True, True, True, True],
                                                                         [False, True, True, False]]
     assert unstructured_mask(scores, 0.0).all()
-    with pytest.raises(ValueError, match="sparsity 1.0 out of range"):
-        unstructured_mask(scores, 1.0)
 
 
 def test_unstructured_mask_count_and_threshold():
@@ -56,3 +54,15 @@ def test_parse_structure():
     for bad in ("4:2", "2-4", "0:4", "a:b"):
         with pytest.raises(ValueError, match="allowed: 'unstructured' or 'n:m'"):
             parse_structure(bad)
+
+
+def test_structure_type_normalises_and_names_the_field():
+    from sensitivity.core.spec import Spec, SpecError
+
+    class Options(Spec):
+        structure: Structure = None
+
+    assert Options(structure="2:4").structure == "2:4" and Options(structure="unstructured").structure is None
+    with pytest.raises(SpecError, match=r"^structure: '3:2' is invalid; allowed: 'unstructured' or 'n:m'") as e:
+        Options(structure="3:2")
+    assert e.value.field == "structure"

@@ -1,0 +1,83 @@
+"""The ``schedule`` job: allocate a global sparsity budget over (layer, component) and write it as YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SerializeAsAny, field_validator, model_validator
+
+from ..core.jobs import JOBS, Inputs, JobResult, ModelData
+from ..core.output import atomic_write_text, versions
+from ..core.spec import Count, Seqlen, Spec, SpecError
+from ..data import calibration_windows
+from .allocate import METHODS, AllocateOptions, allocate, needs_probes
+
+__all__ = ["ScheduleSpec", "run_schedule"]
+
+
+class ScheduleSpec(AllocateOptions, ModelData):
+    """The ``schedule`` job."""
+
+    job: Literal["schedule"] = "schedule"
+    method: str
+    """Allocation method: uniform, depth, owl, sensitivity (or one registered from user code)."""
+    options: SerializeAsAny[Spec] = {}
+    """The method's own options (depth_spread; owl_m, owl_lambda; source, probe_method, metric)."""
+    probes: str | None = None
+    """probes.csv or its directory (method sensitivity with source probes)."""
+    calib_windows: Count = 32
+    """Calibration windows for owl and fisher."""
+    seqlen: Seqlen = 256
+    """Tokens per calibration window."""
+    recipe: str | None = None
+    """Also write an llm-compressor recipe YAML here."""
+    out: str
+    """Schedule YAML to write."""
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, method: str) -> str:
+        METHODS[method]
+        return method
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _method_options(cls, options, info):
+        method = info.data.get("method")
+        return METHODS[method].validate(options, where="") if method in METHODS else options
+
+    @model_validator(mode="after")
+    def _inputs(self) -> ScheduleSpec:
+        if needs_probes(self.method, self.options) and self.probes is None:
+            raise SpecError(f"{self.method} with these options needs probes (a probes.csv or its directory)", "probes")
+        for field, path in (("out", self.out), ("recipe", self.recipe)):
+            if path is not None and (Path(path).is_dir() or not Path(path).absolute().parent.is_dir()):
+                raise SpecError(f"{path!r} must be a file in an existing directory", field)
+        return self
+
+
+@JOBS.register("schedule", options=ScheduleSpec,
+               description="allocate a global sparsity budget over layers and components; write YAML")  # fmt: skip
+def run_schedule(spec: ScheduleSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
+                 ) -> JobResult:  # fmt: skip
+    """Allocate and write the schedule (its ``meta`` holds the job's spec); the schedule is the job's value."""
+    corpus, lm = inputs.load(spec)
+    windows = None
+    if METHODS[spec.method].needs_calibration(spec.options):
+        windows = calibration_windows(corpus, lm.tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)
+    common = {k: getattr(spec, k) for k in AllocateOptions.model_fields if k != "budget"}
+    schedule = allocate(lm, spec.method, spec.budget, windows=windows, probes=spec.probes,
+                        show_progress=show_progress, **common, **spec.options.to_dict())  # fmt: skip
+    meta = {**schedule.meta, "model": lm.name, "data": spec.data, "seed": spec.seed, "versions": versions(),
+            "spec": spec.to_dict()}  # fmt: skip
+    if windows is not None:
+        meta["calibration"] = windows.describe()
+    schedule = dataclasses.replace(schedule, meta=meta)
+    schedule.to_yaml(spec.out)
+    outputs = {"schedule": Path(spec.out)}
+    if spec.recipe:
+        atomic_write_text(spec.recipe, schedule.to_recipe())
+        outputs["recipe"] = Path(spec.recipe)
+    return JobResult(spec, outputs, schedule)

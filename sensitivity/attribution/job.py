@@ -1,0 +1,88 @@
+"""The ``attribute`` and ``agreement`` jobs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from ..core.jobs import JOBS, Inputs, JobResult, JobSpec, ModelData
+from ..core.output import OutputDir, atomic_write_text, versions, write_manifest
+from ..core.spec import Count, Seqlen, SpecError
+from ..data import calibration_windows
+from .agreement import agreement
+from .api import AttributeOptions, attribute, default_methods
+
+__all__ = ["AgreementSpec", "AttributeSpec", "read_table", "run_agreement", "run_attribute"]
+
+
+class AttributeSpec(AttributeOptions, ModelData):
+    """The ``attribute`` job."""
+
+    job: Literal["attribute"] = "attribute"
+    windows: Count = 8
+    """Calibration windows (random offsets of the train split, seeded)."""
+    seqlen: Seqlen = 256
+    """Tokens per window."""
+    out: str
+    """Output directory for attribution.csv and manifest.json."""
+
+
+@JOBS.register("attribute", options=AttributeSpec,
+               description="activation, gradient and captum attribution; write attribution.csv")  # fmt: skip
+def run_attribute(spec: AttributeSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
+                  ) -> JobResult:  # fmt: skip
+    """Score every (layer, component); the table is the job's value."""
+    with OutputDir(spec.out, "attribute", spec.to_dict(), overwrite=overwrite) as out:
+        corpus, lm = inputs.load(spec)
+        windows = calibration_windows(corpus, lm.tokenizer, spec.windows, spec.seqlen, seed=spec.seed)
+        started = time.perf_counter()
+        df = attribute(lm, windows, options=spec, show_progress=show_progress)
+        out.write_text("attribution.csv", df.to_csv(index=False, float_format="%.10g"))
+        out.manifest(status="complete", arch=lm.arch, windows=windows.describe(), seed=spec.seed,
+                     methods=list(spec.methods or default_methods()),
+                     timings={"total_s": time.perf_counter() - started})  # fmt: skip
+    return JobResult(spec, {"attribution": out.file("attribution.csv")}, df)
+
+
+def read_table(path: str | Path, name: str, field: str) -> tuple[pd.DataFrame, Path]:
+    """A CSV table given as the file or the directory holding ``name``; errors name ``field``."""
+    file = Path(path) / name if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise SpecError(f"{str(file)!r} does not exist; expected {name} or a directory holding it", field)
+    return pd.read_csv(file, float_precision="round_trip"), file
+
+
+class AgreementSpec(JobSpec):
+    """The ``agreement`` job."""
+
+    job: Literal["agreement"] = "agreement"
+    probes: str
+    """probes.csv or the directory holding it."""
+    attribution: str
+    """attribution.csv or the directory holding it."""
+    metric: Literal["delta_nll", "kl", "ppl_ratio"] = "delta_nll"
+    """Probe damage metric to rank by."""
+    out: str | None = None
+    """CSV to write (default: agreement.csv next to the probes); its manifest goes next to it."""
+
+
+@JOBS.register("agreement", options=AgreementSpec,
+               description="rank correlation of each attribution with each ablation's damage")  # fmt: skip
+def run_agreement(spec: AgreementSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
+                  ) -> JobResult:  # fmt: skip
+    """Rank-correlate the two tables; the agreement table is the job's value. Writes the CSV and, next to it,
+    ``<name>.manifest.json`` (atomically; the CSV is replaced whole)."""
+    probes, probes_file = read_table(spec.probes, "probes.csv", "probes")
+    attribution, _ = read_table(spec.attribution, "attribution.csv", "attribution")
+    out = Path(spec.out) if spec.out else probes_file.parent / "agreement.csv"
+    if out.is_dir() or not out.parent.is_dir():
+        raise SpecError(f"{str(out)!r} must be a file in an existing directory", "out")
+    table = agreement(probes, attribution, probe_metric=spec.metric)
+    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
+    manifest = out.with_name(f"{out.stem}.manifest.json")
+    write_manifest(manifest, {"job": "agreement", "spec": spec.to_dict(), "status": "complete",
+                              "versions": versions()})  # fmt: skip
+    return JobResult(spec, {"agreement": out, "manifest": manifest}, table)

@@ -1,0 +1,97 @@
+"""Jobs: one validated, serialisable spec per job, and the table that runs them.
+
+Every stage defines its job next to its code (``probes/job.py``, ``pruning/job.py``...): a :class:`JobSpec`
+subclass (the stage's options plus what to load and where to write) and a function that runs it, registered in
+:data:`JOBS`. :mod:`sensitivity.jobs` runs any spec; the command line builds specs from flags and runs them there.
+
+A spec serialises to YAML and JSON with ``job`` first; every output's manifest stores the full spec it ran, so
+``sensitivity run DIR/manifest.json`` runs it again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..data import Corpus, load_corpus
+from .loading import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
+from .methods import Methods
+from .spec import Spec, SpecError
+
+__all__ = ["JOBS", "Inputs", "JobResult", "JobSpec", "ModelData"]
+
+logger = logging.getLogger(__name__)
+
+JOBS = Methods("job")
+"""Job name -> its spec class (``options``) and runner (``fn(spec, inputs, overwrite, show_progress)``)."""
+
+
+class JobSpec(Spec):
+    """Base of every job spec; subclasses set ``job`` to a ``Literal`` of their name."""
+
+    job: str
+
+    def to_dict(self) -> dict:
+        """Plain data with ``job`` first."""
+        data = super().to_dict()
+        return {"job": data.pop("job"), **data}
+
+
+class ModelData(JobSpec):
+    """A job on one model and one corpus."""
+
+    model: str = DEFAULT_MODEL
+    """Zoo model (default, default-mamba1), checkpoint directory, HF hub id, or tiny:mamba|tiny:mamba2|
+    tiny:falcon-mamba."""
+    dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+    """Weights dtype."""
+    data: str = "austen-kjv"
+    """The built-in corpus austen-kjv (default), 'sample', a text/JSONL file, a directory, or a local HF dataset."""
+    text_field: str = "text"
+    """JSONL/HF field holding the text."""
+
+
+@dataclass
+class JobResult:
+    """What a job produced: its spec, the files it wrote and an in-memory value for the caller to show."""
+
+    spec: JobSpec
+    outputs: dict[str, Path] = field(default_factory=dict)
+    value: Any = None
+
+
+class Inputs:
+    """Loads what jobs read, once: corpora and models by name (a report or grid runs many jobs on one model).
+
+    ``model(spec)`` returns the cached model; ``fresh(spec)`` a deep copy for jobs that modify it (pruning).
+    """
+
+    def __init__(self) -> None:
+        self._corpora: dict[tuple[str, str], Corpus] = {}
+        self._models: dict[tuple[str, str], LoadedModel] = {}
+
+    def corpus(self, data: str, text_field: str = "text") -> Corpus:
+        key = (data, text_field)
+        if key not in self._corpora:
+            self._corpora[key] = load_corpus(data, text_field=text_field)
+        return self._corpora[key]
+
+    def model(self, name: str, dtype: str = "float32", *, tokenizer: bool = True) -> LoadedModel:
+        key = (name, dtype)
+        if key not in self._models:
+            self._models[key] = load_model(name, dtype=dtype)
+        lm = self._models[key]
+        if tokenizer and lm.tokenizer is None:
+            raise SpecError(f"{name!r} has no tokenizer; save one next to its config", "model")
+        return lm
+
+    def fresh(self, name: str, dtype: str = "float32") -> LoadedModel:
+        lm = self.model(name, dtype)
+        return LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.registry, lm.name)
+
+    def load(self, spec: ModelData) -> tuple[Corpus, LoadedModel]:
+        """The spec's corpus (first: bad data fails before any model loads) and model."""
+        return self.corpus(spec.data, spec.text_field), self.model(spec.model, spec.dtype)

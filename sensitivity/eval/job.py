@@ -1,0 +1,55 @@
+"""The ``evaluate`` job: token-level perplexity (and KL to a reference) of one model on held-out text."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from ..core.jobs import JOBS, Inputs, JobResult, ModelData
+from ..core.output import OutputDir, versions
+from ..core.spec import Count, Int, Seqlen
+from ..data import eval_windows
+from .perplexity import kl_divergence, perplexity
+
+__all__ = ["EvaluateSpec", "run_evaluate"]
+
+
+class EvaluateSpec(ModelData):
+    """The ``evaluate`` job."""
+
+    job: Literal["evaluate"] = "evaluate"
+    split: str | None = None
+    """Split to evaluate (default: test, else the corpus' held-out split)."""
+    seqlen: Seqlen = 512
+    """Window length in tokens (non-overlapping windows, stride = seqlen)."""
+    max_windows: Count | None = None
+    """Evaluate only the first K windows (default: all)."""
+    batch_size: Count = 8
+    """Windows per forward."""
+    reference: str | None = None
+    """Also report KL(reference || model) against this model."""
+    seed: Int = 0
+    """Seed recorded with the result (evaluation draws nothing at random)."""
+    out: str | None = None
+    """Directory for evaluation.json and manifest.json (default: print only)."""
+
+
+@JOBS.register("evaluate", options=EvaluateSpec, description="token-level perplexity on held-out text")
+def run_evaluate(spec: EvaluateSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
+                 ) -> JobResult:  # fmt: skip
+    """Evaluate ``spec.model`` on ``spec.data``; the result dict is the job's value (and ``evaluation.json``)."""
+    corpus, lm = inputs.load(spec)
+    reference = inputs.model(spec.reference, spec.dtype, tokenizer=False) if spec.reference else None
+    windows = eval_windows(corpus, lm.tokenizer, spec.seqlen, split=spec.split, max_windows=spec.max_windows)
+    ppl = perplexity(lm, windows, batch_size=spec.batch_size, show_progress=show_progress)
+    result = {"model": lm.name, "arch": lm.arch, "data": spec.data, "split": windows.split, **ppl.to_dict(),
+              "seed": spec.seed, "versions": versions()}  # fmt: skip
+    if reference is not None:
+        kl = kl_divergence(lm, reference, windows, batch_size=spec.batch_size, show_progress=show_progress)
+        result.update(reference=reference.name, kl=kl.kl, kl_definition=kl.definition)
+    outputs = {}
+    if spec.out is not None:
+        with OutputDir(spec.out, "evaluate", spec.to_dict(), overwrite=overwrite) as out:
+            outputs["evaluation"] = out.write_text("evaluation.json", json.dumps(result, indent=2) + "\n")
+            out.manifest(status="complete", windows=windows.describe(), windows_sha256=windows.sha256())
+    return JobResult(spec, outputs, result)

@@ -1,0 +1,98 @@
+"""The ``explain`` job: why a pruned model degrades, written as ``explanation.json``, ``.md`` and CSV tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+
+from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
+from ..core.loading import DEFAULT_MODEL, DTYPES
+from ..core.output import check_publish, versions
+from ..core.spec import Count, Fraction, Seqlen, SpecError
+from ..data import calibration_windows
+from .explainer import ExplainOptions, explain, explain_method
+
+__all__ = ["ExplainSpec", "run_explain"]
+
+PRUNING_MANIFEST = "pruning_manifest.json"
+
+
+class ExplainSpec(ExplainOptions, JobSpec):
+    """The ``explain`` job: a pruned checkpoint (``pruned``), or a method and sparsity to prune a copy with."""
+
+    job: Literal["explain"] = "explain"
+    dense: str = DEFAULT_MODEL
+    """The dense model."""
+    dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+    """Weights dtype."""
+    pruned: str | None = None
+    """A pruned checkpoint directory (from the prune job)."""
+    method: str | None = None
+    """Prune a copy of dense with this method instead (structured methods in mask mode)."""
+    sparsity: Fraction | None = None
+    """Sparsity for method."""
+    data: str = "austen-kjv"
+    """Corpus the windows come from."""
+    text_field: str = "text"
+    """JSONL/HF field holding the text."""
+    windows: Count = 8
+    """Windows to explain on (random offsets of split, seeded)."""
+    split: str | None = None
+    """Split of those windows (default: validation, else the corpus' held-out split)."""
+    seqlen: Seqlen = 256
+    """Tokens per window."""
+    calib_windows: Count = 32
+    """Train windows for methods that need calibration (WANDA, Taylor and FLAP scores)."""
+    label: str | None = None
+    """Name of the pruned model in tables (default: the method)."""
+    out: str
+    """Directory for explanation.json/.md and the CSV tables."""
+
+    @model_validator(mode="after")
+    def _which(self) -> ExplainSpec:
+        from ..pruning import METHODS
+
+        if (self.pruned is None) == (self.method is None):
+            raise SpecError("give exactly one of a pruned checkpoint (pruned) or a method", "method")
+        if self.method is not None:
+            METHODS.check(self.method, field="method")
+            if self.sparsity is None:
+                raise SpecError(f"method {self.method} needs a sparsity", "sparsity")
+        elif self.sparsity is not None:
+            raise SpecError("goes with method; a pruned checkpoint already has its sparsity", "sparsity")
+        elif not Path(self.pruned).is_dir():
+            raise SpecError(f"{self.pruned!r} is not a directory", "pruned")
+        return self
+
+
+@JOBS.register("explain", options=ExplainSpec,
+               description="why a pruned model degrades: drift, restoration patching, SSM dynamics")  # fmt: skip
+def run_explain(spec: ExplainSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
+                ) -> JobResult:  # fmt: skip
+    """Explain ``spec.pruned`` (or ``spec.method`` at ``spec.sparsity``) against ``spec.dense``; the
+    :class:`Explanation` is the job's value."""
+    check_publish(Path(spec.out).expanduser().absolute(), overwrite)  # before anything loads
+    corpus = inputs.corpus(spec.data, spec.text_field)
+    dense = inputs.model(spec.dense, spec.dtype)
+    split = spec.split or ("validation" if "validation" in corpus.splits else corpus.heldout_split)
+    windows = calibration_windows(corpus, dense.tokenizer, spec.windows, spec.seqlen, seed=spec.seed, split=split)
+    options = {k: getattr(spec, k) for k in ExplainOptions.model_fields}
+    if spec.method is not None:
+        calib = calibration_windows(corpus, dense.tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)
+        e = explain_method(dense, spec.method, spec.sparsity, windows, calibration=calib, label=spec.label,
+                           show_progress=show_progress, **options)  # fmt: skip
+    else:
+        pruned = inputs.model(spec.pruned, spec.dtype, tokenizer=False)
+        record = Path(spec.pruned) / PRUNING_MANIFEST
+        info = json.loads(record.read_text()) if record.is_file() else {}
+        label = spec.label or info.get("method") or Path(spec.pruned).name
+        sparsity = info.get("options", {}).get("sparsity")
+        e = explain(dense, pruned, windows, label=label, sparsity=sparsity if isinstance(sparsity, float) else None,
+                    show_progress=show_progress, **options)  # fmt: skip
+    manifest = {"job": "explain", "spec": spec.to_dict(), "status": "complete", "seed": spec.seed,
+                "versions": versions()}  # fmt: skip
+    saved = e.save(spec.out, overwrite=overwrite, manifest=manifest)
+    return JobResult(spec, {"explanation": saved / "explanation.json"}, e)

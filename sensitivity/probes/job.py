@@ -1,0 +1,28 @@
+"""The ``probe`` job: the ablation sweep of one model, written to ``DIR/probes.csv`` and ``DIR/manifest.json``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..core.jobs import JOBS, Inputs, JobResult, ModelData
+from ..core.output import OutputDir
+from .sweep import ProbeOptions, probe
+
+__all__ = ["ProbeSpec", "run_probe"]
+
+
+class ProbeSpec(ProbeOptions, ModelData):
+    """The ``probe`` job."""
+
+    job: Literal["probe"] = "probe"
+    out: str
+    """Output directory (rerunning into it resumes)."""
+
+
+@JOBS.register("probe", options=ProbeSpec, description="ablate each component of each layer; write probes.csv")
+def run_probe(spec: ProbeSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
+    """Run the sweep ``spec`` asks for; the probes frame is the job's value."""
+    with OutputDir(spec.out, "probe", spec.to_dict(), overwrite=overwrite) as out:
+        corpus, lm = inputs.load(spec)
+        df = probe(lm, corpus, options=spec, out=out, show_progress=show_progress)
+    return JobResult(spec, {"probes": out.file("probes.csv"), "manifest": out.file("manifest.json")}, df)

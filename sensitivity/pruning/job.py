@@ -1,0 +1,76 @@
+"""The ``prune`` job: prune a model and save it as an ordinary checkpoint with ``pruning_manifest.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SerializeAsAny, field_validator, model_validator
+
+from ..allocation import Schedule
+from ..core.jobs import JOBS, Inputs, JobResult, ModelData
+from ..core.spec import Count, Seqlen, Spec, SpecError
+from ..data import calibration_windows
+from .api import prune
+from .methods import METHODS, PruneRequest, check_target
+from .save import MANIFEST, check_out
+
+__all__ = ["PruneSpec", "run_prune"]
+
+
+class PruneSpec(PruneRequest, ModelData):
+    """The ``prune`` job."""
+
+    job: Literal["prune"] = "prune"
+    method: str
+    """Pruning method: magnitude, wanda (weights), state, head, headdim (SSM units), or one registered from user
+    code."""
+    options: SerializeAsAny[Spec] = {}
+    """The method's own options (structure, compare, components, exclude, sequential; score, mode,
+    bias_compensation)."""
+    schedule: str | None = None
+    """Schedule YAML (from the schedule job) instead of a sparsity."""
+    calib_windows: Count = 64
+    """Calibration windows (random offsets of the train split)."""
+    seqlen: Seqlen = 256
+    """Tokens per calibration window."""
+    out: str
+    """Directory for the pruned checkpoint."""
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, method: str) -> str:
+        METHODS[method]
+        return method
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _method_options(cls, options, info):
+        method = info.data.get("method")
+        return METHODS[method].validate(options, where="") if method in METHODS else options
+
+    @model_validator(mode="after")
+    def _target(self) -> PruneSpec:
+        check_target(METHODS[self.method], self.options, self.sparsity, self.schedule is not None)
+        if self.schedule is not None and not Path(self.schedule).is_file():
+            raise SpecError(f"{self.schedule!r} is not a file" if Path(self.schedule).exists() else
+                            f"{self.schedule!r} does not exist", "schedule")  # fmt: skip
+        return self
+
+
+@JOBS.register("prune", options=PruneSpec, description="prune a model and save it with its manifest")
+def run_prune(spec: PruneSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
+    """Prune a copy of ``spec.model`` and save it to ``spec.out``; the :class:`PruneResult` is the job's value."""
+    out = check_out(spec.out, spec.model, overwrite)  # before anything loads
+    schedule = Schedule.from_yaml(Path(spec.schedule)) if spec.schedule else None
+    corpus, _ = inputs.load(spec)
+    lm = inputs.fresh(spec.model, spec.dtype)
+    entry = METHODS.check(spec.method, lm.arch)
+    windows = None
+    if entry.needs_calibration(spec.options):
+        windows = calibration_windows(corpus, lm.tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)
+    result = prune(lm, spec.method, sparsity=spec.sparsity, schedule=schedule, windows=windows, seed=spec.seed,
+                   batch_size=spec.batch_size, show_progress=show_progress, **spec.options.to_dict())  # fmt: skip
+    result.manifest.update(job="prune", spec=spec.to_dict(), data=spec.data)
+    saved = result.save(out, overwrite=overwrite)
+    return JobResult(spec, {"checkpoint": saved, "manifest": saved / MANIFEST}, result)

@@ -1,0 +1,125 @@
+"""The ``report`` and ``grid`` jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated, Literal
+
+import pandas as pd
+from pydantic import AfterValidator
+from tqdm.auto import tqdm
+
+from ..allocation import METHODS as ALLOCATORS
+from ..allocation import allocate
+from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
+from ..core.masks import Structure
+from ..core.output import OutputDir, versions
+from ..core.spec import Count, Int, Names, Seqlen, Sparsities
+from ..data import calibration_windows, eval_windows
+from ..eval import definition
+from ..probes import probe
+from ..pruning import METHODS
+from .grid import DENSE, grid_row, plan_grid
+from .pipeline import EvalWindows, ReportSpec, build_report
+
+__all__ = ["GridSpec", "ReportSpec", "run_grid", "run_report"]
+
+
+@JOBS.register("report", options=ReportSpec,
+               description="the whole pipeline on one model: report.html, report.md, figures, CSV")  # fmt: skip
+def run_report(spec: ReportSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
+               ) -> JobResult:  # fmt: skip
+    """Build the report ``spec`` describes; the paths it wrote are the job's value."""
+    paths = build_report(spec.out, spec, overwrite=overwrite, show_progress=show_progress, inputs=inputs)
+    return JobResult(spec, dict(paths), paths)
+
+
+def _allocators(names):
+    for name in names:
+        ALLOCATORS[name]
+    return names
+
+
+class GridSpec(JobSpec):
+    """The ``grid`` job: every pruning method at every sparsity on each model, evaluated by test perplexity."""
+
+    job: Literal["grid"] = "grid"
+    models: Names = ("default", "default-mamba1")
+    """Models to prune (zoo names, checkpoint directories...)."""
+    data: str = "austen-kjv"
+    """Corpus of the calibration, probe and test windows."""
+    sparsities: Sparsities = (0.25, 0.5, 0.75)
+    """Sparsities of magnitude, WANDA and WANDA on each allocator's schedule."""
+    structured_sparsities: Sparsities = (0.25, 0.5)
+    """Sparsities of the structured units each model has."""
+    allocators: Annotated[Names, AfterValidator(_allocators)] = ("owl", "sensitivity")
+    """Schedules WANDA runs on (sensitivity: from WANDA probes of every prunable component)."""
+    structure: Structure = "2:4"
+    """The N:M structure of the WANDA N:M run ('unstructured' for none)."""
+    calib_windows: Count = 64
+    """Calibration windows (train split) of WANDA, OWL and the structured scores."""
+    seqlen: Seqlen = 256
+    """Tokens per calibration and probe window."""
+    probe_windows: Count = 8
+    """Validation windows of the probes behind the sensitivity schedule."""
+    probe_sparsities: Sparsities = (0.25, 0.5, 0.75, 0.9)
+    """Sparsities of those probes (the schedule's curves; its max_sparsity is the largest)."""
+    eval_windows: EvalWindows = None
+    """Test windows of eval_seqlen tokens (consecutive) for perplexity; null or 'all': the whole split."""
+    eval_seqlen: Seqlen = 512
+    """Tokens per evaluation window."""
+    seed: Int = 0
+    """Seed of every window draw."""
+    out: str
+    """Output directory (grid.csv, grid.json, probes/, manifest.json; rerunning resumes)."""
+
+
+def _score(method: str) -> str:
+    return str(getattr(METHODS[method].options(), "score", "")) if method in METHODS else ""
+
+
+@JOBS.register("grid", options=GridSpec, description="the pruning grid on one or more models (test perplexity)")
+def run_grid(spec: GridSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
+    """Prune every model with every method and evaluate each; the grid table is the job's value."""
+    with OutputDir(spec.out, "grid", spec.to_dict(), overwrite=overwrite) as out:
+        csv = out.file("grid.csv")
+        rows = pd.read_csv(csv).to_dict(orient="records") if csv.is_file() else []
+        corpus = inputs.corpus(spec.data)
+        meaning = ""
+        for name in spec.models:
+            lm = inputs.model(name)
+            test = eval_windows(corpus, lm.tokenizer, spec.eval_seqlen, split="test", max_windows=spec.eval_windows)
+            meaning = definition(test)
+            calib = calibration_windows(corpus, lm.tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)
+            curves = {}
+
+            def schedule(allocator: str, budget: float, lm=lm, name=name, calib=calib, curves=curves):
+                if allocator != "sensitivity":
+                    return allocate(lm, allocator, budget, windows=calib, seed=spec.seed, show_progress=False)
+                if "probes" not in curves:  # resumable: the sweep skips finished probes in its directory
+                    curves["probes"] = probe(lm, corpus, kinds=["wanda"], sparsities=list(spec.probe_sparsities),
+                                             components=list(lm.registry.resolve()), windows=spec.probe_windows,
+                                             calib_windows=8, seqlen=spec.seqlen, seed=spec.seed,
+                                             out=out.path / "probes" / name, show_progress=False)  # fmt: skip
+                return allocate(lm, "sensitivity", budget, probes=curves["probes"],
+                                max_sparsity=max(spec.probe_sparsities), seed=spec.seed, show_progress=False)
+
+            runs = plan_grid(lm.registry, spec.sparsities, spec.structured_sparsities, allocators=spec.allocators,
+                             nm=spec.structure)  # fmt: skip
+            done = {(r["model"], r["label"], float(r["sparsity"])) for r in rows}
+            todo = [r for r in runs if (name, r.label, float(r.sparsity)) not in done]
+            for run in tqdm(todo, desc=f"grid {name}", disable=not show_progress):
+                row = grid_row(inputs, name, run, test, calib, schedule, seed=spec.seed)
+                rows.append({"model": name, "arch": lm.arch, **row, "score": _score(run.method)})
+                out.write_text("grid.csv", pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
+        df = pd.DataFrame(rows)
+        dense = df[df.method == DENSE].set_index("model").perplexity
+        df["ppl_ratio"] = df.perplexity / df.model.map(dense)
+        out.write_text("grid.csv", df.to_csv(index=False, float_format="%.6g"))
+        summary = {"benchmark": "pruning grid: test perplexity per method and sparsity", "definition": meaning,
+                   "calibration": f"{spec.calib_windows} x {spec.seqlen} tokens of train, seed {spec.seed}",
+                   "dense": dense.to_dict(), "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
+        out.write_text("grid.json", json.dumps(summary, indent=2) + "\n")
+        out.manifest(status="complete", definition=meaning)
+    return JobResult(spec, {"grid": csv, "summary": out.file("grid.json")}, df)
