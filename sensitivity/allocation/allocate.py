@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..attribution.api import weight_scores
+from ..attribution import weight_scores
 from ..core.loading import LoadedModel, as_loaded
 from ..core.methods import Methods
 from ..core.registry import DEFAULT_EXCLUDE

@@ -168,7 +168,8 @@ class Spec(BaseModel):
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+        """One line per field (lists and small mappings inline), in field order."""
+        return yaml.dump(self.to_dict(), Dumper=_BlockTop, sort_keys=False, default_flow_style=None, width=120)
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike) -> Spec:
@@ -259,6 +260,20 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+class _BlockTop(yaml.SafeDumper):
+    """The safe dumper with the top-level mapping in block style (one field a line) and nested lists and mappings
+    of scalars inline."""
+
+    def represent_dict(self, data):
+        if not getattr(self, "_top_done", False):
+            self._top_done = True
+            return self.represent_mapping("tag:yaml.org,2002:map", data, flow_style=False)
+        return super().represent_dict(data)
+
+
+_BlockTop.add_representer(dict, _BlockTop.represent_dict)
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """PyYAML's safe loader with anchors/aliases refused: a few hundred bytes of nested aliases expand to
     gigabytes (a 'billion laughs' document), and no spec or schedule needs them."""
@@ -278,7 +293,7 @@ def load_yaml(source: str | os.PathLike) -> Any:
     """
     is_path = isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
                                                   and source.endswith((".yaml", ".yml", ".json")))  # fmt: skip
-    if is_path or (isinstance(source, str) and "\n" not in source and Path(source).is_file()):
+    if is_path or (isinstance(source, str) and "\n" not in source and Path(source).exists()):
         path = Path(source)
         if not path.is_file():
             raise SpecError(f"{str(path)!r} is not a file" if path.exists() else f"{str(path)!r} does not exist")

@@ -299,7 +299,7 @@ def _text_of(record: object, text_field: str, where: str) -> str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict) or text_field not in record:
-        raise ValueError(f"{where} has no field {text_field!r} (use --text-field to choose another)")
+        raise ValueError(f"{where} has no field {text_field!r} (choose another text_field)")
     text = record[text_field]
     if not isinstance(text, str):
         raise ValueError(f"{where} field {text_field!r} must be a string, got {type(text).__name__}")

@@ -219,7 +219,7 @@ def _check_length(stream: torch.Tensor, seqlen: int, split: str, corpus: Corpus)
     if stream.numel() < seqlen:
         raise ValueError(
             f"split {split!r} of {corpus.name} has {stream.numel()} tokens, fewer than one window of "
-            f"{seqlen}; use a smaller --seqlen or more text"
+            f"{seqlen}; use a smaller seqlen or more text"
         )
 
 

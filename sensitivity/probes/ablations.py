@@ -23,7 +23,7 @@ dt_norm,       -                           -                                   n
 B_norm, C_norm
 =============  ==========================  ==================================  ================================
 
-``magnitude@s`` and ``wanda@s`` prune the component's 2-D weight rows (and conv1d's taps) to sparsity ``s`` by
+``magnitude`` and ``wanda`` prune the component's 2-D weight rows (and conv1d's taps) to the probe's sparsity by
 ``|W|`` or by WANDA's ``|W_ij| * ||X_j||_2`` (input norms over the calibration windows), comparing within each
 output row as WANDA does; conv1d is depthwise (one input channel per row), so it is compared per tensor instead.
 Biases and 1-D parameters are never sparsified. Whole units (kind ``remove``): ``mixer`` (the block keeps only its
@@ -129,10 +129,10 @@ def ablation_table(registry: Registry) -> pd.DataFrame:
             entry = KINDS[kind]
             if entry.info.get("sparsify"):
                 score = "|W|" if kind == "magnitude" else "|W_ij| * ||X_j||_2"
-                what = f"weights pruned to sparsity s by {score}, " + (
+                what = f"weights pruned to the probe's sparsity by {score}, " + (
                     "per tensor" if comp == "conv1d" else "per output row"
                 )
-                label = f"{kind}@s"
+                label = kind
             else:
                 hook = registry.component(comp).hook if comp in registry.component_names else ""
                 what = _DOC[(comp, kind)].format(hook=hook) if (comp, kind) in _DOC else entry.description

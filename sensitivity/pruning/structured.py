@@ -40,7 +40,7 @@ from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMi
 from transformers.models.mamba.modeling_mamba import MambaMixer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
-from ..attribution.api import weight_scores
+from ..attribution import weight_scores
 from ..core.hooks import hook_name
 from ..core.instrumented import instrument, is_instrumented
 from ..core.loading import LoadedModel, as_loaded

@@ -76,5 +76,5 @@ def test_weight_scores_shapes_keys_and_values(make_windows):
     conv = mixer.conv1d.weight.detach().double()
     torch.testing.assert_close(wanda[(1, "conv1d", "conv1d.weight")].double(), conv.abs() * norm[:, None, None])
     torch.testing.assert_close(magnitude[(1, "D", "D")], mixer.D.detach().abs())
-    with pytest.raises(ValueError, match="^method: unknown weight score 'act_norm'; allowed: magnitude, wanda, taylor, fisher, gblm"):
+    with pytest.raises(ValueError, match="^method: unknown weight score 'act_norm'; allowed: magnitude, wanda, taylor"):
         weight_scores(lm, windows, "act_norm")

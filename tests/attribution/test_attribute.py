@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from sensitivity.attribution import COLUMNS, METHODS, attribute, default_methods
-from sensitivity.data import Windows
 
 LINEAR = {"x", "z", "B", "C", "dt", "conv1d", "out_proj"}  # components with a weight that has an input hook
 EXPECTED = {  # arch -> kind -> components
@@ -22,7 +21,8 @@ METRICS = {"act_norm": {"l2_mean", "max_over_median", "outlier_ratio"}, "taylor"
 
 
 def test_every_architecture_gives_the_expected_table(tiny_lm, make_windows):
-    df = attribute(tiny_lm, make_windows(2, 12), methods=list(METHODS), layers=[1], n_steps=2, seed=3, show_progress=False)
+    df = attribute(tiny_lm, make_windows(2, 12), methods=list(METHODS), layers=[1], n_steps=2, seed=3,
+                   show_progress=False)
     assert list(df.columns) == list(COLUMNS)
     assert df.dtypes.to_dict() == {"layer": np.int64, "component": object, "kind": object, "metric": object,
                                    "value": np.float64, "seed": np.int64}  # fmt: skip

@@ -125,7 +125,7 @@ def test_eval_windows_bad_max_windows(max_windows: object) -> None:
 
 
 def test_eval_windows_text_too_short() -> None:
-    expected = r"split 'test' of toy has 135 tokens, fewer than one window of 136; use a smaller --seqlen or more text"
+    expected = r"split 'test' of toy has 135 tokens, fewer than one window of 136; use a smaller seqlen or more text"
     with pytest.raises(ValueError, match=expected):
         eval_windows(CORPUS, TOK, 136)
     assert len(eval_windows(CORPUS, TOK, 135)) == 1
