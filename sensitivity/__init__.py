@@ -1,10 +1,12 @@
 """sensitivity: where a state-space LM can be pruned, and why some pruning methods collapse it.
 
-Stages, one subpackage each: ``models`` (loading, component registry, instrumented forward) -> ``data`` (corpora
-and token windows) -> ``probes`` (ablation damage per layer and component) and ``attribution`` (activation,
-gradient and captum scores; agreement with the probes) -> ``allocation`` (sparsity schedules) -> ``pruning``
-(magnitude, WANDA, state, head, head-dim) -> ``eval`` (perplexity, KL). ``zoo`` holds the trained
-models shipped with the package, and ``data`` the corpus they were trained on.
+``core`` is the layer every stage sits on (loading, the component registry, the instrumented forward, the layer
+runner, statistics, pure scores, specs, method tables, the output layer); ``data`` holds corpora and token
+windows. Stages, one subpackage each: ``eval`` (perplexity, KL) -> ``probes`` (ablation damage per layer and
+component) and ``attribution`` (activation, gradient and captum scores; agreement with the probes) ->
+``allocation`` (sparsity schedules) -> ``pruning`` (magnitude, WANDA, state, head, head-dim) -> ``explain`` (why a
+pruned model degrades) -> ``report``. Every stage defines its job (a validated spec and a runner);
+:mod:`sensitivity.jobs` runs any of them. ``zoo`` holds the trained models shipped with the package.
 """
 
 from .allocation import Schedule, allocate

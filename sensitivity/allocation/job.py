@@ -52,9 +52,6 @@ class ScheduleSpec(AllocateOptions, ModelData):
     def _inputs(self) -> ScheduleSpec:
         if needs_probes(self.method, self.options) and self.probes is None:
             raise SpecError(f"{self.method} with these options needs probes (a probes.csv or its directory)", "probes")
-        for field, path in (("out", self.out), ("recipe", self.recipe)):
-            if path is not None and (Path(path).is_dir() or not Path(path).absolute().parent.is_dir()):
-                raise SpecError(f"{path!r} must be a file in an existing directory", field)
         return self
 
 
@@ -63,6 +60,9 @@ class ScheduleSpec(AllocateOptions, ModelData):
 def run_schedule(spec: ScheduleSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
                  ) -> JobResult:  # fmt: skip
     """Allocate and write the schedule (its ``meta`` holds the job's spec); the schedule is the job's value."""
+    for field, path in (("out", spec.out), ("recipe", spec.recipe)):  # before anything loads
+        if path is not None and (Path(path).is_dir() or not Path(path).absolute().parent.is_dir()):
+            raise SpecError(f"{path!r} must be a file in an existing directory", field)
     corpus, lm = inputs.load(spec)
     windows = None
     if METHODS[spec.method].needs_calibration(spec.options):

@@ -113,9 +113,19 @@ def _method_table(spec_cls):
     return METHODS
 
 
+def _name_tables() -> dict[str, object]:
+    """Fields whose values are names from a method table (their help lists the table's current names)."""
+    from ..allocation import METHODS as ALLOCATORS
+    from ..attribution import METHODS as ATTRIBUTIONS
+    from ..probes import KINDS
+
+    return {"kinds": KINDS, "probe_kinds": KINDS, "methods": ATTRIBUTIONS, "allocators": ALLOCATORS}
+
+
 def _add_spec(parser, spec_cls) -> dict[str, str]:
     """Flags for every field of ``spec_cls`` (and every registered method's options); returns flag -> field."""
     flags: dict[str, str] = {}
+    names = _name_tables()
     table = _method_table(spec_cls)
     for name, field in spec_cls.model_fields.items():
         if name == "job":
@@ -125,7 +135,8 @@ def _add_spec(parser, spec_cls) -> dict[str, str]:
                 for opt, f in table[method].options.model_fields.items():
                     _add_field(parser, flags, opt, f, f"options.{opt}", _per_method(table, opt))
             continue
-        extra = f"Choices: {', '.join(table)}." if name == "method" and table is not None else ""
+        listed = table if name == "method" else names.get(name)
+        extra = f"Choices: {', '.join(listed)}." if listed is not None else ""
         _add_field(parser, flags, name, field, name, extra)
     return flags
 
@@ -220,7 +231,7 @@ def _print_evaluate(result, args) -> None:
 
 def _print_probe(result, args) -> None:
     df, top = result.value, int(getattr(args, "top", 10) or 0)
-    print(f"{len(df) // 3} probes of {result.spec.model} -> {result.outputs['probes']}")
+    print(f"{len(df) // 3} probes of {result.spec.model} -> {os.path.join(result.spec.out, 'probes.csv')}")
     if top:
         damage = df[df.metric == "delta_nll"].sort_values("value", ascending=False, kind="stable").head(top)
         damage = damage.assign(index=damage["index"].astype("string").fillna("-"),
@@ -231,11 +242,13 @@ def _print_probe(result, args) -> None:
 
 
 def _print_attribute(result, args) -> None:
-    print(f"{len(result.value)} attribution rows of {result.spec.model} -> {result.outputs['attribution']}")
+    print(f"{len(result.value)} attribution rows of {result.spec.model} -> "
+          f"{os.path.join(result.spec.out, 'attribution.csv')}")  # fmt: skip
 
 
 def _print_agreement(result, args) -> None:
-    print(result.value.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    table = result.value.assign(sparsity=result.value.sparsity.map(lambda s: "-" if s != s else f"{s:g}"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"-> {result.outputs['agreement']}")
 
 
@@ -248,7 +261,8 @@ def _print_schedule(result, args) -> None:
 
 
 def _print_prune(result, args) -> None:
-    m, saved, spec = result.value.manifest, result.outputs["checkpoint"], result.spec
+    m, spec = result.value.manifest, result.spec
+    saved = spec.out  # as the user gave it
     before, after = m["params_before"], m["params_after"]
     print(f"{spec.method} pruned {spec.model} in {m['seconds']:.2f} s -> {saved}")
     print(f"parameters  {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.3f}x)")
@@ -263,7 +277,8 @@ def _print_prune(result, args) -> None:
     if m["structured"]:
         s = m["structured"]
         print(f"units       {s['unit']} scored by {s['score']}, mode {s['mode']}")
-    print(f"manifest    {result.outputs['manifest']}; evaluate with: sensitivity evaluate --model {saved}")
+    print(f"manifest    {os.path.join(saved, 'pruning_manifest.json')}; evaluate with: sensitivity evaluate --model "
+          f"{saved}")  # fmt: skip
 
 
 def _print_explain(result, args) -> None:
@@ -275,7 +290,7 @@ def _print_explain(result, args) -> None:
             index=False, float_format=lambda v: f"{v:.3f}"))  # fmt: skip
     print(f"perplexity: {e.definition}")
     tables = "explanation.md, drift.csv, patching.csv, dynamics.csv, samples.csv, states.csv, manifest.json"
-    print(f"wrote {result.outputs['explanation']}, {tables}")
+    print(f"wrote {os.path.join(result.spec.out, 'explanation.json')}, {tables}")
 
 
 def _print_report(result, args) -> None:
@@ -284,7 +299,7 @@ def _print_report(result, args) -> None:
     paths = result.value
     verdicts = pd.read_csv(paths["data"] / "verdicts.csv")
     table = verdicts[["label", "sparsity", "ppl_ratio", "verdict", "first_layer", "top_layer", "top_component"]]
-    print(f"report of {result.spec.model} -> {paths['html']}")
+    print(f"report of {result.spec.model} -> {os.path.join(result.spec.out, 'report.html')}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"also: {paths['markdown'].name}, figures/, data/*.csv, schedule.yaml, recipe.yaml, manifest.json")
 
@@ -296,7 +311,7 @@ def _print_grid(result, args) -> None:
     dense = df[df.method == "dense"].set_index("model").perplexity
     print(f"dense: {', '.join(f'{m} {p:.2f}' for m, p in dense.items())}")
     print(table.to_string(float_format=lambda v: f"{v:.2f}"))
-    print(f"wrote {result.outputs['grid']}")
+    print(f"wrote {os.path.join(result.spec.out, 'grid.csv')}")
 
 
 _PRINTERS = {"evaluate": _print_evaluate, "probe": _print_probe, "attribute": _print_attribute,

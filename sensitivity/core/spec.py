@@ -186,11 +186,12 @@ def _adapter(kind) -> TypeAdapter:
     return TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
 
 
-def check(kind, value, field: str):
+def check(kind, value, field: str, *, strict: bool = True):
     """``value`` validated as one of the types above (e.g. ``check(Fraction, budget, "budget")``), the error naming
-    ``field``: for plain functions that take one such value."""
+    ``field``: for plain functions that take one such value. ``strict`` (the default for Python arguments) refuses
+    what specs read from text would convert (``"8"`` for an integer, ``2.0`` for an integer)."""
     try:
-        return _adapter(kind).validate_python(value)
+        return _adapter(kind).validate_python(value, strict=strict)
     except ValidationError as e:
         raise format_error(e).within(field) from None
 

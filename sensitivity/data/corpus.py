@@ -134,12 +134,9 @@ def load_corpus(spec: str = DEFAULT_CORPUS, *, text_field: str = "text", heldout
         ValueError: For invalid arguments, empty or malformed input, or an
             unknown spec.
     """
-    if (
-        isinstance(heldout_fraction, bool)
-        or not isinstance(heldout_fraction, (int, float))
-        or not (0 < heldout_fraction < 1)
-    ):
-        raise ValueError(f"heldout_fraction={heldout_fraction!r} is invalid; it must be a number with 0 < x < 1")
+    from ..core.spec import OpenFraction, check  # the shared rule; imported here as core itself imports data
+
+    check(OpenFraction, heldout_fraction, "heldout_fraction")
     if spec in (DEFAULT_CORPUS, "default"):
         splits = builtin_splits()
         name, source = DEFAULT_CORPUS, BUILTIN_SOURCE

@@ -143,9 +143,7 @@ def eval_windows(
     Raises:
         ValueError: For invalid arguments or a split shorter than one window.
     """
-    _check_seqlen(seqlen)
-    if max_windows is not None and (not _is_int(max_windows) or max_windows < 1):
-        raise ValueError(f"max_windows={max_windows!r} is invalid; it must be an integer >= 1 or None")
+    _check(seqlen=seqlen, max_windows=max_windows)
     split = corpus.heldout_split if split is None else split
     stream = tokenize_split(corpus, tokenizer, split)  # (T,)
     _check_length(stream, seqlen, split, corpus)
@@ -187,11 +185,7 @@ def calibration_windows(
     Raises:
         ValueError: For invalid arguments or a split shorter than one window.
     """
-    _check_seqlen(seqlen)
-    if not _is_int(nsamples) or nsamples < 1:
-        raise ValueError(f"nsamples={nsamples!r} is invalid; it must be an integer >= 1")
-    if not _is_int(seed):
-        raise ValueError(f"seed={seed!r} is invalid; it must be an integer")
+    _check(seqlen=seqlen, nsamples=nsamples, seed=seed)
     stream = tokenize_split(corpus, tokenizer, split)  # (T,)
     _check_length(stream, seqlen, split, corpus)
     generator = torch.Generator().manual_seed(seed)
@@ -203,15 +197,14 @@ def calibration_windows(
     return windows
 
 
-def _is_int(value: object) -> bool:
-    """True for ``int`` values that are not ``bool``."""
-    return isinstance(value, int) and not isinstance(value, bool)
+def _check(**values) -> None:
+    """The arguments against the shared field types (one rule each, in :mod:`sensitivity.core.spec`, which imports
+    nothing of the package: imported here when called, as ``core`` itself imports ``data``)."""
+    from ..core.spec import Count, Int, Seqlen, check
 
-
-def _check_seqlen(seqlen: int) -> None:
-    """Raise ValueError unless ``seqlen`` is an integer >= 2."""
-    if not _is_int(seqlen) or seqlen < 2:
-        raise ValueError(f"seqlen={seqlen!r} is invalid; it must be an integer >= 2")
+    kinds = {"seqlen": Seqlen, "nsamples": Count, "max_windows": Count | None, "seed": Int}
+    for name, value in values.items():
+        check(kinds[name], value, name, strict=True)
 
 
 def _check_length(stream: torch.Tensor, seqlen: int, split: str, corpus: Corpus) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.loading import unwrap
+from ..core.spec import Count, check
 from ..data import Windows
 
 __all__ = ["KLDivergence", "Perplexity", "definition", "kl_divergence", "perplexity"]
@@ -56,8 +57,7 @@ class KLDivergence(_Result):
 
 
 def _check(windows: Windows, batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size {batch_size!r} must be an integer >= 1")
+    check(Count, batch_size, "batch_size")
     if len(windows) == 0:
         raise ValueError("no windows to evaluate")
 

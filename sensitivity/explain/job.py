@@ -63,8 +63,6 @@ class ExplainSpec(ExplainOptions, JobSpec):
                 raise SpecError(f"method {self.method} needs a sparsity", "sparsity")
         elif self.sparsity is not None:
             raise SpecError("goes with method; a pruned checkpoint already has its sparsity", "sparsity")
-        elif not Path(self.pruned).is_dir():
-            raise SpecError(f"{self.pruned!r} is not a directory", "pruned")
         return self
 
 
@@ -75,6 +73,8 @@ def run_explain(spec: ExplainSpec, inputs: Inputs, *, overwrite: bool = False, s
     """Explain ``spec.pruned`` (or ``spec.method`` at ``spec.sparsity``) against ``spec.dense``; the
     :class:`Explanation` is the job's value."""
     check_publish(Path(spec.out).expanduser().absolute(), overwrite)  # before anything loads
+    if spec.pruned is not None and not Path(spec.pruned).is_dir():
+        raise SpecError(f"{spec.pruned!r} is not a directory", "pruned")
     corpus = inputs.corpus(spec.data, spec.text_field)
     dense = inputs.model(spec.dense, spec.dtype)
     split = spec.split or ("validation" if "validation" in corpus.splits else corpus.heldout_split)

@@ -52,9 +52,6 @@ class PruneSpec(PruneRequest, ModelData):
     @model_validator(mode="after")
     def _target(self) -> PruneSpec:
         check_target(METHODS[self.method], self.options, self.sparsity, self.schedule is not None)
-        if self.schedule is not None and not Path(self.schedule).is_file():
-            raise SpecError(f"{self.schedule!r} is not a file" if Path(self.schedule).exists() else
-                            f"{self.schedule!r} does not exist", "schedule")  # fmt: skip
         return self
 
 
@@ -62,7 +59,12 @@ class PruneSpec(PruneRequest, ModelData):
 def run_prune(spec: PruneSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
     """Prune a copy of ``spec.model`` and save it to ``spec.out``; the :class:`PruneResult` is the job's value."""
     out = check_out(spec.out, spec.model, overwrite)  # before anything loads
-    schedule = Schedule.from_yaml(Path(spec.schedule)) if spec.schedule else None
+    schedule = None
+    if spec.schedule is not None:
+        try:
+            schedule = Schedule.from_yaml(Path(spec.schedule))
+        except SpecError as e:
+            raise e.within("schedule") if not e.field.startswith("schedule") else e from None
     corpus, _ = inputs.load(spec)
     lm = inputs.fresh(spec.model, spec.dtype)
     entry = METHODS.check(spec.method, lm.arch)

@@ -35,6 +35,7 @@ from ..core.spec import Count, Int, Names, OpenFraction, Seqlen, Sparsities
 from ..data import calibration_windows, eval_windows
 from ..explain import ExplainOptions, Explanation, Thresholds, explain
 from ..probes import KINDS, probe
+from ..pruning import applicable_units
 from .grid import DENSE, GridRun, grid_row, plan_grid, prune_run, ratio
 
 __all__ = ["GRIDS", "ReportOptions", "ReportSpec", "build_report"]
@@ -111,11 +112,11 @@ def _allocators(options: ReportOptions) -> tuple[str, ...]:
     return ("sensitivity", "owl", "depth") if options.grid == "full" else ("sensitivity",)
 
 
-def _explained(registry) -> list[GridRun]:
-    """The runs explained (at ``explain_sparsity``): magnitude, WANDA, WANDA on the sensitivity schedule, and every
-    structured unit of the architecture."""
-    runs = [r for r in plan_grid(registry, [1.0], [1.0], nm=None) if r.method != DENSE]
-    return [r for r in runs if r.allocator in (None, "sensitivity")]
+def _explained(registry, sparsity: float) -> list[GridRun]:
+    """The runs explained: magnitude, WANDA, WANDA on the sensitivity schedule, and every structured unit of the
+    architecture, at ``sparsity``."""
+    return [GridRun("magnitude", sparsity), GridRun("wanda", sparsity), GridRun("wanda", sparsity, "sensitivity"),
+            *(GridRun(unit, sparsity) for unit in applicable_units(registry))]  # fmt: skip
 
 
 class _Report:
@@ -212,8 +213,7 @@ class _Report:
     def explain(self) -> list[Explanation]:
         o, s = self.o, self.o.explain_sparsity
         results = []
-        for run in tqdm(_explained(self.lm.registry), desc="explaining", disable=not self.show):
-            run = GridRun(run.method, s, run.allocator, run.structure)
+        for run in tqdm(_explained(self.lm.registry, s), desc="explaining", disable=not self.show):
             path = self.dir / "explain" / f"{run.label.replace(' ', '_').replace(':', '-')}-{s:g}"
             if (path / "explanation.json").is_file():
                 results.append(Explanation.load(path))

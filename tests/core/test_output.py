@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -118,7 +119,11 @@ def test_two_processes_on_one_output_directory_give_one_clear_error_and_an_intac
     while not (manifest.is_file() and json.loads(manifest.read_text()).get("status") == "running"):
         assert time.time() < deadline and first.poll() is None, "the first run never started its sweep"
         time.sleep(0.05)
-    second = subprocess.run(_probe(out), capture_output=True, text=True, timeout=600)
+    first.send_signal(signal.SIGSTOP)  # hold it mid-sweep, lock held, so the second surely meets it
+    try:
+        second = subprocess.run(_probe(out), capture_output=True, text=True, timeout=600)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=600) == 0, first.stderr.read()
     assert second.returncode == 2 and second.stdout == ""
     assert second.stderr.strip() == f"sensitivity probe: error: {out} is being written by another process; wait " \

@@ -123,7 +123,7 @@ def test_unsplittable_text_raises() -> None:
 
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, True, "0.1"])
 def test_bad_heldout_fraction(fraction: object) -> None:
-    with pytest.raises(ValueError, match=rf"heldout_fraction={fraction!r}.*0 < x < 1"):
+    with pytest.raises(ValueError, match=r"^heldout_fraction: .* allowed: (0 < value < 1|a number)$"):
         load_corpus("sample", heldout_fraction=fraction)  # type: ignore[arg-type]
 
 

@@ -216,3 +216,30 @@ def test_ablation_table_lists_architecture_specific_components(lm):
     assert (("head", "remove") in pairs) == (lm.arch == "mamba2")
     assert (("dt_norm", "bypass") in pairs) == (lm.arch == "falcon_mamba")
     assert ("A_log", "mean") not in pairs
+
+
+def test_a_kind_registered_from_user_code_is_planned_and_measured():
+    from sensitivity.core.hooks import hook_name, hooks
+    from sensitivity.data import calibration_windows, load_corpus
+    from sensitivity.eval import perplexity
+    from sensitivity.probes import KINDS, probe
+
+    @KINDS.register("negate", description="activation -> its negative",
+                    applies=lambda registry, comp: comp in ("x", "z"))  # fmt: skip
+    def negate(model, registry, probe_, ctx):
+        return hooks(model, {hook_name(probe_.layer, registry.component(probe_.component).hook): torch.neg})
+
+    try:
+        lm = load_model("tiny:mamba2")
+        corpus = load_corpus("sample")
+        heldout = calibration_windows(corpus, lm.tokenizer, 2, 32, seed=0, split="test")
+        calib = calibration_windows(corpus, lm.tokenizer, 2, 32, seed=0)
+        df = probe(lm, kinds=["negate"], heldout=heldout, calibration=calib, layers=[1], show_progress=False)
+        assert sorted(set(df.component)) == ["x", "z"] and set(df.kind) == {"negate"}
+        dense = perplexity(lm, heldout, show_progress=False).nll
+        with hooks(lm, {hook_name(1, "x"): torch.neg}):
+            negated = perplexity(lm, heldout, show_progress=False).nll
+        got = df[(df.component == "x") & (df.metric == "delta_nll")].value.item()
+        assert got == pytest.approx(negated - dense, abs=1e-5) and abs(got) > 1e-4
+    finally:
+        KINDS.unregister("negate")
