@@ -11,7 +11,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 __all__ = ["agreement", "kendall_tau_b", "rank_correlation", "spearman"]
 
@@ -30,18 +29,20 @@ def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _statistic(test, x, y) -> float:
-    """A scipy rank statistic, NaN (without scipy's warning) when a side is constant or n < 2."""
+def _statistic(name: str, x, y) -> float:
+    """A ``scipy.stats`` rank statistic, NaN (without scipy's warning) when a side is constant or n < 2."""
     if len(x) < 2:
         return math.nan
+    from scipy import stats  # 0.4 s to import: only when a correlation is computed
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        return float(test(x, y).statistic)
+        return float(getattr(stats, name)(x, y).statistic)
 
 
 def spearman(x, y) -> float:
     """Spearman's rho: the Pearson correlation of the average ranks (NaN if either side is constant or n < 2)."""
-    return _statistic(stats.spearmanr, *_pair(x, y))
+    return _statistic("spearmanr", *_pair(x, y))
 
 
 def kendall_tau_b(x, y) -> float:
@@ -50,7 +51,7 @@ def kendall_tau_b(x, y) -> float:
     ``n_0 = n(n-1)/2``; ``n_1``, ``n_2`` count the pairs tied in ``x`` and in ``y``. NaN if either side is constant
     or n < 2.
     """
-    return _statistic(stats.kendalltau, *_pair(x, y))
+    return _statistic("kendalltau", *_pair(x, y))
 
 
 def rank_correlation(x, y) -> tuple[float, float]:

@@ -27,7 +27,7 @@ from ..core.scores import (
     taylor_score,
     wanda_score,
 )
-from ..core.spec import Count, Int, Ints, Names, Number, Spec, SpecError, validate
+from ..core.spec import Count, Int, Ints, Names, Number, Spec, SpecError
 from ..core.stats import OBJECTIVES, GradStats, channel_stats, window_gradients
 from ..data import Windows
 from ._common import resolve
@@ -312,9 +312,7 @@ def attribute(
         >>> df = attribute(lm, windows, methods=["taylor", "grad_x_act"], layers=[0])
         >>> df.pivot_table(index="component", columns=["kind", "metric"], values="value")
     """
-    options = options or AttributeOptions()
-    if overrides:
-        options = validate(AttributeOptions, {**_fields(options, AttributeOptions), **overrides})
+    options = AttributeOptions.merged(options, **overrides)
     module, registry = resolve(model)
     _check_windows(windows)
     pairs = _pairs(registry, options.components, options.layers)
@@ -333,10 +331,6 @@ def attribute(
     df = pd.DataFrame([(*r, options.seed) for r in rows], columns=list(COLUMNS))
     return df.astype({"layer": "int64", "component": "object", "kind": "object", "metric": "object",
                       "value": "float64", "seed": "int64"})  # fmt: skip
-
-
-def _fields(options: Spec, cls: type[Spec]) -> dict:
-    return {k: v for k, v in options.to_dict().items() if k in cls.model_fields}
 
 
 @METHODS.register("act_norm", needs={"norms"}, default=True, covers=_with_weights,

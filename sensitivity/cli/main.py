@@ -218,7 +218,7 @@ def _print_evaluate(result, args) -> None:
     if getattr(args, "json", False):
         print(json.dumps(r, indent=2))
         return
-    print(f"model       {r['model']} ({r['arch']})")
+    print(f"model       {r['model']} ({r['arch']}, {r['n_layers']} layers, {r['params']:,} parameters)")
     print(f"data        {r['data']}, split {r['split']!r}")
     print(f"perplexity  {r['perplexity']:.3f}")
     print(f"nll         {r['nll']:.4f} nats/token over {r['tokens']} tokens in {r['windows']} windows")

@@ -139,5 +139,22 @@ class Methods:
                             f"{' or '.join(method.archs or ())}", field)  # fmt: skip
         return method
 
+    def spec_validators(self) -> tuple[Callable, Callable]:
+        """Field validators for a spec naming a method of this table in ``method`` and its options in ``options``::
+
+            known, options_for = METHODS.spec_validators()
+            _method = field_validator("method")(known)
+            _options = field_validator("options", mode="before")(options_for)
+        """
+
+        def known(name: str) -> str:
+            return self[name].name
+
+        def options_for(options, info) -> Spec:
+            method = info.data.get("method")
+            return self[method].validate(options, where="") if method in self._entries else options
+
+        return known, options_for
+
     def __repr__(self) -> str:
         return f"Methods({self.kind!r}: {', '.join(self._entries)})"

@@ -37,6 +37,14 @@ class OutputError(ValueError):
     directory."""
 
 
+def shown(path: Path) -> str:
+    """A path as messages show it: relative to the working directory when inside it, else absolute."""
+    try:
+        return str(Path(path).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def versions() -> dict[str, str]:
     """Installed versions of the packages that shape the numbers, plus Python's."""
     out = {"python": platform.python_version()}
@@ -89,8 +97,8 @@ def _lock(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise OutputError(f"{path} is being written by another process; wait for it to finish or choose another "
-                          "directory") from None  # fmt: skip
+        raise OutputError(f"{shown(path)} is being written by another process; wait for it to finish or choose "
+                          "another directory") from None  # fmt: skip
     return fd
 
 
@@ -131,12 +139,12 @@ class OutputDir:
     def __enter__(self) -> OutputDir:
         path = self.path
         if path.exists() and not path.is_dir():
-            raise OutputError(f"{path} is a file; give a directory")
+            raise OutputError(f"{shown(path)} is a file; give a directory")
         self._created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise OutputError(f"cannot create directory {path}: {e.strerror}") from None
+            raise OutputError(f"cannot create directory {shown(path)}: {e.strerror}") from None
         self._fd = _lock(path)
         try:
             self._check()
@@ -150,25 +158,26 @@ class OutputDir:
         old = _read_manifest(manifest)
         if old is None:
             if any(p.name != MANIFEST for p in self.path.iterdir()):
-                raise OutputError(f"{self.path} is not empty and holds no sensitivity output; give a new or empty "
-                                  "directory")  # fmt: skip
+                raise OutputError(f"{shown(self.path)} is not empty and holds no sensitivity output; give a new or "
+                                  "empty directory")  # fmt: skip
             return
         same = old.get("job") == self.job and _identity(old.get("spec") or {}) == _identity(self.spec)
         if same and (old.get("inputs") or {}) != self.inputs:
             if not self.overwrite:
-                raise OutputError(f"{self.path} holds a {self.job} run on other inputs ({', '.join(self.inputs)}); "
-                                  "use another directory, or overwrite to start it again")  # fmt: skip
+                raise OutputError(f"{shown(self.path)} holds a {self.job} run on other inputs "
+                                  f"({', '.join(self.inputs)}); use another directory, or overwrite to start it "
+                                  "again")  # fmt: skip
             same = False
         if same:
             self.previous = old
             return
         if not self.overwrite:
             if old.get("job") != self.job:
-                raise OutputError(f"{self.path} holds the output of a {old.get('job')!r} job, not {self.job!r}; use "
-                                  "another directory")  # fmt: skip
+                raise OutputError(f"{shown(self.path)} holds the output of a {old.get('job')!r} job, not "
+                                  f"{self.job!r}; use another directory")  # fmt: skip
             diff = sorted(k for k in set(_identity(old.get("spec") or {})) | set(_identity(self.spec))
                           if (old.get("spec") or {}).get(k) != self.spec.get(k))  # fmt: skip
-            raise OutputError(f"{self.path} holds a {self.job} run with other settings ({', '.join(diff)}); use "
+            raise OutputError(f"{shown(self.path)} holds a {self.job} run with other settings ({', '.join(diff)}); use "
                               "another directory, or overwrite to start it again")  # fmt: skip
         for child in self.path.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
@@ -202,7 +211,7 @@ def _read_manifest(path: Path) -> dict | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise OutputError(f"{path} is not a readable manifest (invalid JSON); move it away or use another "
+        raise OutputError(f"{shown(path)} is not a readable manifest (invalid JSON); move it away or use another "
                           "directory") from None  # fmt: skip
     return record if isinstance(record, dict) else None
 
@@ -241,8 +250,8 @@ def check_publish(out: Path, overwrite: bool = False) -> None:
     """Whether :func:`publish_dir` may write ``out``: a new or empty directory (any directory with ``overwrite``) in
     an existing parent."""
     if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a directory")
+        raise OutputError(f"{shown(out)} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out} is not empty; choose another directory or overwrite it")
+        raise OutputError(f"{shown(out)} is not empty; choose another directory or overwrite it")
     if not out.parent.is_dir():
-        raise OutputError(f"the parent directory of {out} does not exist")
+        raise OutputError(f"the parent directory of {shown(out)} does not exist")

@@ -176,6 +176,15 @@ class Spec(BaseModel):
         """Read a spec from a YAML (or JSON) file or text."""
         return cls.from_dict(load_yaml(source))
 
+    @classmethod
+    def merged(cls, options: Spec | None = None, **overrides: Any) -> Spec:
+        """This spec from ``options`` (an instance, or a spec carrying more fields, e.g. a job's; None: the defaults)
+        with ``overrides`` applied, validated: how a function taking ``options=`` and keyword overrides reads them."""
+        if not overrides and isinstance(options, cls):
+            return options
+        base = {} if options is None else {k: v for k, v in options.to_dict().items() if k in cls.model_fields}
+        return cls(**{**base, **overrides})
+
     def replace(self, **changes: Any) -> Spec:
         """A validated copy with some fields changed."""
         return type(self)(**{**self.to_dict(), **changes})

@@ -42,8 +42,9 @@ def run_evaluate(spec: EvaluateSpec, inputs: Inputs, *, overwrite: bool = False,
     reference = inputs.model(spec.reference, spec.dtype, tokenizer=False) if spec.reference else None
     windows = eval_windows(corpus, lm.tokenizer, spec.seqlen, split=spec.split, max_windows=spec.max_windows)
     ppl = perplexity(lm, windows, batch_size=spec.batch_size, show_progress=show_progress)
-    result = {"model": lm.name, "arch": lm.arch, "data": spec.data, "split": windows.split, **ppl.to_dict(),
-              "seed": spec.seed, "versions": versions()}  # fmt: skip
+    result = {"model": lm.name, "arch": lm.arch, "n_layers": lm.registry.n_layers, "params": lm.n_params,
+              "data": spec.data, "split": windows.split, **ppl.to_dict(), "seed": spec.seed,
+              "versions": versions()}  # fmt: skip
     if reference is not None:
         kl = kl_divergence(lm, reference, windows, batch_size=spec.batch_size, show_progress=show_progress)
         result.update(reference=reference.name, kl=kl.kl, kl_definition=kl.definition)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..core.loading import LoadedModel, as_loaded
 from ..core.output import MANIFEST, publish_dir, versions, write_manifest
 from ..core.runner import LayerRunner
-from ..core.spec import Count, Int, Names, Number, Spec, SpecError, validate
+from ..core.spec import Count, Int, Names, Number, Spec, SpecError
 from ..data import Windows
 from .dynamics import (
     decay,
@@ -444,9 +444,7 @@ def explain(
         ...             split="validation"), label="magnitude", sparsity=0.5)
         >>> e.verdict, e.first_layer, e.top
     """
-    options = options or ExplainOptions()
-    if overrides:
-        options = validate(ExplainOptions, {**_fields(options, ExplainOptions), **overrides})
+    options = ExplainOptions.merged(options, **overrides)
     o = options
     dense_lm, pruned_lm = as_loaded(dense, instrumented=True), as_loaded(pruned, instrumented=True)
     rd, rp = dense_lm.registry, pruned_lm.registry
@@ -528,10 +526,6 @@ def explain(
     e.text = _text(e)
     logger.info("%s", e.text)
     return e
-
-
-def _fields(options: Spec, cls: type[Spec]) -> dict:
-    return {k: v for k, v in options.to_dict().items() if k in cls.model_fields}
 
 
 def _definition(windows: Windows) -> str:

@@ -32,7 +32,7 @@ from ..core.output import OutputDir
 from ..core.registry import Registry
 from ..core.runner import LayerRunner
 from ..core.scores import input_norm
-from ..core.spec import Count, Int, Ints, Names, Seqlen, Sparsities, Spec, SpecError, validate
+from ..core.spec import Count, Int, Ints, Names, Seqlen, Sparsities, Spec, SpecError
 from ..core.stats import channel_stats
 from ..data import Corpus, Windows, calibration_windows, load_corpus
 from .ablations import (
@@ -257,9 +257,7 @@ def probe(
         >>> df = probe(load_model("default"), components=["dt", "conv1d"], kinds=["zero", "bypass"])
         >>> df[df.metric == "delta_nll"].sort_values("value").tail(3)
     """
-    options = options or ProbeOptions()
-    if overrides:
-        options = validate(ProbeOptions, {**_fields(options, ProbeOptions), **overrides})
+    options = ProbeOptions.merged(options, **overrides)
     lm = as_loaded(model, instrumented=True)
     probes = plan(lm.registry, options)
     windows = heldout
@@ -286,11 +284,6 @@ def probe(
     spec = {"job": "probe", "model": lm.name, "data": data_name, **options.to_dict(), "out": str(out)}
     with OutputDir(out, "probe", spec, inputs=inputs) as directory:
         return _sweep(lm, probes, options, windows, calibration, directory, inputs, show_progress)
-
-
-def _fields(options: Spec, cls: type[Spec]) -> dict:
-    """The fields of ``cls`` from ``options`` (which may be a job spec carrying more)."""
-    return {k: v for k, v in options.to_dict().items() if k in cls.model_fields}
 
 
 def _sweep(lm: LoadedModel, probes: list[Probe], options: ProbeOptions, windows: Windows, calibration: Windows,

@@ -37,17 +37,8 @@ class PruneSpec(PruneRequest, ModelData):
     out: str
     """Directory for the pruned checkpoint."""
 
-    @field_validator("method")
-    @classmethod
-    def _known(cls, method: str) -> str:
-        METHODS[method]
-        return method
-
-    @field_validator("options", mode="before")
-    @classmethod
-    def _method_options(cls, options, info):
-        method = info.data.get("method")
-        return METHODS[method].validate(options, where="") if method in METHODS else options
+    _method = field_validator("method")(METHODS.spec_validators()[0])
+    _options = field_validator("options", mode="before")(METHODS.spec_validators()[1])
 
     @model_validator(mode="after")
     def _target(self) -> PruneSpec:

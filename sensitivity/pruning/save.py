@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from ..core.loading import LoadedModel
-from ..core.output import OutputError, check_publish, publish_dir, write_manifest
+from ..core.output import OutputError, check_publish, publish_dir, shown, write_manifest
 from ..core.zoo import ZOO_MODELS, zoo_path
 
 __all__ = ["MANIFEST", "check_out", "save_pruned", "source_dir"]
@@ -34,8 +34,8 @@ def check_out(out: str | Path, model_name: str, overwrite: bool = False) -> Path
     out = Path(out).expanduser().absolute()
     source = source_dir(model_name)
     if source is not None and (out.resolve() == source or source in out.resolve().parents):
-        raise OutputError(f"{out} is inside the source checkpoint {source}; pruned models are never written into "
-                          "their source")  # fmt: skip
+        raise OutputError(f"{shown(out)} is inside the source checkpoint {source}; pruned models are never written "
+                          "into their source")  # fmt: skip
     check_publish(out, overwrite)
     return out
 

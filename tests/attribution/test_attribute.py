@@ -123,3 +123,23 @@ def test_default_model_default_methods():
     ranks = taylor.rank(axis=1)  # per layer, the components' rank order
     assert not (ranks.nunique(axis=0) == 1).all(), "taylor ranks identical in every layer"
     assert elapsed < 120
+
+
+def test_a_method_registered_from_user_code_runs_in_attribute(tiny_lm, make_windows):
+    from sensitivity.attribution import METHODS
+
+    @METHODS.register("weight_l1", covers=lambda registry: registry.prunable_components,
+                      description="sum |W| of the component's weight matrices")  # fmt: skip
+    def weight_l1(ctx):
+        return [(layer, name, "weight_l1", "sum", sum(t.get(ctx.registry.mixer(ctx.module, layer)).abs().sum().item()
+                                                      for t in ctx.registry.weights(name)))
+                for layer, name in ctx.pairs if name in ctx.registry.prunable_components]  # fmt: skip
+
+    try:
+        df = attribute(tiny_lm, make_windows(1, 8), methods=["weight_l1", "taylor"], layers=[0], show_progress=False)
+        got = df[df.kind == "weight_l1"].set_index("component").value
+        mixer = tiny_lm.registry.mixer(tiny_lm.model, 0)
+        assert got["out_proj"] == pytest.approx(mixer.out_proj.weight.abs().sum().item(), rel=1e-6)
+        assert set(df.kind) == {"weight_l1", "taylor"}
+    finally:
+        METHODS.unregister("weight_l1")
