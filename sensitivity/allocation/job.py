@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import SerializeAsAny, field_validator, model_validator
 
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
+from ..core.methods import Methods
 from ..core.output import atomic_write_text, versions
 from ..core.spec import Count, Seqlen, Spec, SpecError
 from ..data import calibration_windows
@@ -19,6 +20,8 @@ __all__ = ["ScheduleSpec", "run_schedule"]
 
 class ScheduleSpec(AllocateOptions, ModelData):
     """The ``schedule`` job."""
+
+    method_table: ClassVar[Methods] = METHODS
 
     job: Literal["schedule"] = "schedule"
     method: str

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pandas as pd
 
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec, ModelData
+from ..core.methods import Methods
 from ..core.output import OutputDir, atomic_write_text, versions, write_manifest
 from ..core.spec import Count, Seqlen, SpecError
 from ..data import calibration_windows
 from .agreement import agreement
-from .api import AttributeOptions, attribute, default_methods
+from .api import METHODS, AttributeOptions, attribute, default_methods
 
 __all__ = ["AgreementSpec", "AttributeSpec", "read_table", "run_agreement", "run_attribute"]
 
 
 class AttributeSpec(AttributeOptions, ModelData):
     """The ``attribute`` job."""
+
+    name_tables: ClassVar[dict[str, Methods]] = {"methods": METHODS}
 
     job: Literal["attribute"] = "attribute"
     windows: Count = 8

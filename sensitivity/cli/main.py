@@ -99,34 +99,10 @@ def _per_method(table, option: str) -> str:
     return "Methods: " + "; ".join(f"{', '.join(ms)}{what}" for what, ms in groups.items()) + "."
 
 
-def _method_table(spec_cls):
-    """The method table behind a spec's ``method`` field, if it has one."""
-    if "method" not in spec_cls.model_fields:
-        return None
-    job = spec_cls.model_fields["job"].default
-    if job in ("prune", "explain"):
-        from ..pruning import METHODS
-
-        return METHODS
-    from ..allocation import METHODS
-
-    return METHODS
-
-
-def _name_tables() -> dict[str, object]:
-    """Fields whose values are names from a method table (their help lists the table's current names)."""
-    from ..allocation import METHODS as ALLOCATORS
-    from ..attribution import METHODS as ATTRIBUTIONS
-    from ..probes import KINDS
-
-    return {"kinds": KINDS, "probe_kinds": KINDS, "methods": ATTRIBUTIONS, "allocators": ALLOCATORS}
-
-
 def _add_spec(parser, spec_cls) -> dict[str, str]:
     """Flags for every field of ``spec_cls`` (and every registered method's options); returns flag -> field."""
     flags: dict[str, str] = {}
-    names = _name_tables()
-    table = _method_table(spec_cls)
+    table, names = spec_cls.method_table, spec_cls.name_tables
     for name, field in spec_cls.model_fields.items():
         if name == "job":
             continue

@@ -14,9 +14,10 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..data import Corpus, load_corpus
+from ..data.corpus import DEFAULT_CORPUS
 from .loading import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
 from .methods import Methods
 from .spec import Spec, SpecError
@@ -30,7 +31,15 @@ JOBS = Methods("job")
 
 
 class JobSpec(Spec):
-    """Base of every job spec; subclasses set ``job`` to a ``Literal`` of their name."""
+    """Base of every job spec; subclasses set ``job`` to a ``Literal`` of their name.
+
+    ``method_table`` is the table a ``method`` field names an entry of (whose options the ``options`` field holds);
+    ``name_tables`` maps fields holding names of table entries (``kinds``, ``methods``) to their tables. Front ends
+    read both (the command line lists the names and every method's options as flags).
+    """
+
+    method_table: ClassVar[Methods | None] = None
+    name_tables: ClassVar[dict[str, Methods]] = {}
 
     job: str
 
@@ -48,7 +57,7 @@ class ModelData(JobSpec):
     tiny:falcon-mamba."""
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
     """Weights dtype."""
-    data: str = "austen-kjv"
+    data: str = DEFAULT_CORPUS
     """The built-in corpus austen-kjv (default), 'sample', a text/JSONL file, a directory, or a local HF dataset."""
     text_field: str = "text"
     """JSONL/HF field holding the text."""

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import model_validator
 
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
 from ..core.loading import DEFAULT_MODEL, DTYPES
+from ..core.methods import Methods
 from ..core.output import check_publish, versions
 from ..core.spec import Count, Fraction, Seqlen, SpecError
 from ..data import calibration_windows
+from ..data.corpus import DEFAULT_CORPUS
+from ..pruning import METHODS as PRUNING_METHODS
 from .explainer import ExplainOptions, explain, explain_method
 
 __all__ = ["ExplainSpec", "run_explain"]
@@ -22,6 +25,8 @@ PRUNING_MANIFEST = "pruning_manifest.json"
 
 class ExplainSpec(ExplainOptions, JobSpec):
     """The ``explain`` job: a pruned checkpoint (``pruned``), or a method and sparsity to prune a copy with."""
+
+    method_table: ClassVar[Methods] = PRUNING_METHODS
 
     job: Literal["explain"] = "explain"
     dense: str = DEFAULT_MODEL
@@ -34,7 +39,7 @@ class ExplainSpec(ExplainOptions, JobSpec):
     """Prune a copy of dense with this method instead (structured methods in mask mode)."""
     sparsity: Fraction | None = None
     """Sparsity for method."""
-    data: str = "austen-kjv"
+    data: str = DEFAULT_CORPUS
     """Corpus the windows come from."""
     text_field: str = "text"
     """JSONL/HF field holding the text."""
@@ -53,12 +58,10 @@ class ExplainSpec(ExplainOptions, JobSpec):
 
     @model_validator(mode="after")
     def _which(self) -> ExplainSpec:
-        from ..pruning import METHODS
-
         if (self.pruned is None) == (self.method is None):
             raise SpecError("give exactly one of a pruned checkpoint (pruned) or a method", "method")
         if self.method is not None:
-            METHODS.check(self.method, field="method")
+            PRUNING_METHODS.check(self.method, field="method")
             if self.sparsity is None:
                 raise SpecError(f"method {self.method} needs a sparsity", "sparsity")
         elif self.sparsity is not None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
+from ..core.methods import Methods
 from ..core.output import OutputDir
+from .ablations import KINDS
 from .sweep import ProbeOptions, probe
 
 __all__ = ["ProbeSpec", "run_probe"]
@@ -13,6 +15,8 @@ __all__ = ["ProbeSpec", "run_probe"]
 
 class ProbeSpec(ProbeOptions, ModelData):
     """The ``probe`` job."""
+
+    name_tables: ClassVar[dict[str, Methods]] = {"kinds": KINDS}
 
     job: Literal["probe"] = "probe"
     out: str

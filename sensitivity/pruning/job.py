@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import SerializeAsAny, field_validator, model_validator
 
 from ..allocation import Schedule
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
+from ..core.methods import Methods
 from ..core.spec import Count, Seqlen, Spec, SpecError
 from ..data import calibration_windows
 from .api import prune
@@ -20,6 +21,8 @@ __all__ = ["PruneSpec", "run_prune"]
 
 class PruneSpec(PruneRequest, ModelData):
     """The ``prune`` job."""
+
+    method_table: ClassVar[Methods] = METHODS
 
     job: Literal["prune"] = "prune"
     method: str

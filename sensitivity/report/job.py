@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import pandas as pd
 from pydantic import AfterValidator
@@ -14,9 +14,12 @@ from ..allocation import METHODS as ALLOCATORS
 from ..allocation import allocate
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
 from ..core.masks import Structure
+from ..core.methods import Methods
 from ..core.output import OutputDir, versions
 from ..core.spec import Count, Int, Names, Seqlen, Sparsities
+from ..core.zoo import ZOO_MODELS
 from ..data import calibration_windows, eval_windows
+from ..data.corpus import DEFAULT_CORPUS
 from ..eval import definition
 from ..probes import probe
 from ..pruning import METHODS
@@ -44,10 +47,12 @@ def _allocators(names):
 class GridSpec(JobSpec):
     """The ``grid`` job: every pruning method at every sparsity on each model, evaluated by test perplexity."""
 
+    name_tables: ClassVar[dict[str, Methods]] = {"allocators": ALLOCATORS}
+
     job: Literal["grid"] = "grid"
-    models: Names = ("default", "default-mamba1")
-    """Models to prune (zoo names, checkpoint directories...)."""
-    data: str = "austen-kjv"
+    models: Names = tuple(dict.fromkeys(ZOO_MODELS.values()))
+    """Models to prune (zoo names, checkpoint directories...; default: every shipped model)."""
+    data: str = DEFAULT_CORPUS
     """Corpus of the calibration, probe and test windows."""
     sparsities: Sparsities = (0.25, 0.5, 0.75)
     """Sparsities of magnitude, WANDA and WANDA on each allocator's schedule."""

@@ -20,7 +20,7 @@ import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import pandas as pd
 from pydantic import AfterValidator, BeforeValidator
@@ -30,9 +30,11 @@ from ..allocation import Schedule, allocate
 from ..attribution import agreement, attribute
 from ..core.jobs import Inputs, JobSpec
 from ..core.loading import DEFAULT_MODEL
+from ..core.methods import Methods
 from ..core.output import OutputDir, versions
 from ..core.spec import Count, Int, Names, OpenFraction, Seqlen, Sparsities
 from ..data import calibration_windows, eval_windows
+from ..data.corpus import DEFAULT_CORPUS
 from ..explain import ExplainOptions, Explanation, Thresholds, explain
 from ..probes import KINDS, probe
 from ..pruning import applicable_units
@@ -65,7 +67,7 @@ class ReportOptions(Thresholds):
 
     model: str = DEFAULT_MODEL
     """Zoo model, checkpoint directory or hub id."""
-    data: str = "austen-kjv"
+    data: str = DEFAULT_CORPUS
     """Corpus (see sensitivity.load_corpus)."""
     seed: Int = 0
     """Seed of every window draw and subsample."""
@@ -102,6 +104,8 @@ class ReportOptions(Thresholds):
 
 class ReportSpec(ReportOptions, JobSpec):
     """The ``report`` job."""
+
+    name_tables: ClassVar[dict[str, Methods]] = {"probe_kinds": KINDS}
 
     job: Literal["report"] = "report"
     out: str
