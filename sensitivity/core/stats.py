@@ -31,8 +31,22 @@ __all__ = ["OBJECTIVES", "ChannelStats", "GradStats", "channel_stats", "grad_sta
            "window_objective"]
 
 
+class _Sums:
+    """``mean`` and ``l2`` from the running ``count``, ``sum`` and ``sumsq`` of a collector."""
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``sum / count``: the mean per channel (activations) or Taylor's averaged gradient ``mean_k g_k``."""
+        return self.sum / self.count
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """``sqrt(sumsq)``: WANDA's input norm ``||X_j||_2`` per channel, or GBLM's ``sqrt(sum_k g_k**2)``."""
+        return self.sumsq.sqrt()
+
+
 @dataclass
-class ChannelStats:
+class ChannelStats(_Sums):
     """Running float32 sums over the (B, L) positions of one activation, per channel.
 
     Attributes:
@@ -59,16 +73,6 @@ class ChannelStats:
         self.sum += a.sum((0, 1))  # (*C)
         self.sumsq += a.square().sum((0, 1))  # (*C)
         self.absmax = torch.maximum(self.absmax, a.abs().amax((0, 1)))  # (*C)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """Mean per channel, shape C."""
-        return self.sum / self.count
-
-    @property
-    def l2(self) -> torch.Tensor:
-        """``||X_j||_2`` over all positions per channel, shape C (WANDA's input norm)."""
-        return self.sumsq.sqrt()
 
 
 @torch.no_grad()
@@ -146,7 +150,7 @@ def grad_state(module: nn.Module, trainable: Iterable[nn.Parameter] = ()) -> Ite
 
 
 @dataclass
-class GradStats:
+class GradStats(_Sums):
     """Float32 running sums of the per-window gradients of one parameter.
 
     Attributes:
@@ -164,16 +168,6 @@ class GradStats:
         self.count += 1
         self.sum += g
         self.sumsq += g.square()
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """``mean_k g_k`` (Taylor's averaged gradient)."""
-        return self.sum / self.count
-
-    @property
-    def l2(self) -> torch.Tensor:
-        """``sqrt(sum_k g_k**2)`` (GBLM's gradient norm over windows)."""
-        return self.sumsq.sqrt()
 
 
 def window_gradients(
