@@ -71,6 +71,11 @@ def load_spec(source: str | os.PathLike) -> JobSpec:
         SpecError: For a missing or malformed file, or one that holds no job spec.
     """
     data = load_yaml(Path(source) if not isinstance(source, Path) else source)
+    if data is None:
+        raise SpecError(f"{str(source)!r} is empty; allowed: a job spec (a mapping with a 'job' key)")
+    if not isinstance(data, dict):
+        raise SpecError(f"{str(source)!r} holds a {type(data).__name__}, not a job spec; allowed: a mapping with a "
+                        f"'job' key naming one of {', '.join(JOBS)}")  # fmt: skip
     if isinstance(data, dict) and isinstance(data.get("spec"), dict):  # a manifest
         data = data["spec"]
     elif isinstance(data, dict) and isinstance(data.get("schedule"), dict):  # a schedule YAML

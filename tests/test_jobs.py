@@ -78,8 +78,7 @@ def _outputs(job: str, result) -> dict[str, bytes]:
     if job == "explain":
         files = {n: result.outputs["explanation"].parent / f"{n}.csv" for n in ("drift", "patching", "dynamics")}
     if job == "grid":
-        df = pd.read_csv(result.outputs["grid"]).drop(columns="prune_s")
-        return {"grid": df.to_csv(index=False).encode()}
+        return {"grid": result.outputs["grid"].read_bytes()}  # wall times are in the manifest, not the CSV
     out = {k: p.read_bytes() for k, p in files.items()}
     if job == "schedule":  # the meta records the spec (and so where it was written) and versions
         schedule = result.value

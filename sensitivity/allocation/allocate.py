@@ -18,7 +18,6 @@ import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
 
 import pandas as pd
@@ -32,6 +31,7 @@ from ..core.methods import Methods
 from ..core.registry import DEFAULT_EXCLUDE
 from ..core.scores import owl_outlier_ratio
 from ..core.spec import Count, Exclude, Fraction, Int, Names, Number, Spec, SpecError, check
+from ..core.tables import PROBE_COLUMNS, read_table
 from ..data import Windows
 from .schedule import Schedule
 
@@ -353,12 +353,8 @@ def _read_probes(probes) -> tuple[pd.DataFrame, str | None]:
         return probes, None
     if not isinstance(probes, (str, os.PathLike)):
         raise SpecError(f"{type(probes).__name__} is not a probes frame, probes.csv or its directory", "probes")
-    path = Path(probes)
-    if path.is_dir():
-        path = path / "probes.csv"
-    if not path.is_file():
-        raise SpecError(f"{str(path)!r} does not exist", "probes")
-    return pd.read_csv(path, float_precision="round_trip"), str(path)
+    df, path = read_table(probes, "probes.csv", "probes", PROBE_COLUMNS)
+    return df, str(path)
 
 
 def _probe_curves(df: pd.DataFrame, keys: list[tuple[int, str]], probe_method: str, metric: str, where: str
@@ -484,6 +480,16 @@ def _uniform(ctx: AllocationContext, options) -> tuple[torch.Tensor, dict]:
 
 @METHODS.register("depth", options=DepthOptions, description="a linear ramp over layers, budget -/+ spread")
 def _depth(ctx: AllocationContext, options: DepthOptions) -> tuple[torch.Tensor, dict]:
+    c, spread = ctx.common, abs(options.depth_spread)
+    lo, hi = c.budget - spread, c.budget + spread
+    if ctx.lm.registry.n_layers > 1 and (lo < 0 or hi >= 1):
+        raise SpecError(f"{options.depth_spread:g} ramps layers from {lo:g} to {hi:g}, outside [0, 1); allowed: "
+                        f"|depth_spread| < {min(c.budget, 1 - c.budget):g} at budget {c.budget:g}",
+                        "options.depth_spread")  # fmt: skip
+    if ctx.lm.registry.n_layers > 1 and (lo < c.min_sparsity or hi > c.max_sparsity):
+        logger.warning("depth_spread %g ramps layers from %g to %g: clipped to [min_sparsity, max_sparsity] = [%g, %g] "
+                       "and the rest shifted to keep the budget", options.depth_spread, lo, hi, c.min_sparsity,
+                       c.max_sparsity)  # fmt: skip
     ramp = depth_ramp(ctx.lm.registry.n_layers, ctx.common.budget, options.depth_spread)  # (L,)
     return ctx.fit(ramp[ctx.layer_of]), {"depth_spread": options.depth_spread}
 

@@ -10,8 +10,8 @@ from pydantic import SerializeAsAny, field_validator, model_validator
 
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
 from ..core.methods import Methods
-from ..core.output import atomic_write_text, versions
-from ..core.spec import Count, Seqlen, Spec, SpecError
+from ..core.output import OutputError, atomic_write_texts, check_file, versions
+from ..core.spec import Count, Seqlen, Spec, SpecError, Text
 from ..data import calibration_windows
 from .allocate import METHODS, AllocateOptions, allocate, needs_probes
 
@@ -28,15 +28,15 @@ class ScheduleSpec(AllocateOptions, ModelData):
     """Allocation method: uniform, depth, owl, sensitivity (or one registered from user code)."""
     options: SerializeAsAny[Spec] = {}
     """The method's own options (depth_spread; owl_m, owl_lambda; source, probe_method, metric)."""
-    probes: str | None = None
+    probes: Text | None = None
     """probes.csv or its directory (method sensitivity with source probes)."""
     calib_windows: Count = 32
     """Calibration windows for owl and fisher."""
     seqlen: Seqlen = 256
     """Tokens per calibration window."""
-    recipe: str | None = None
+    recipe: Text | None = None
     """Also write an llm-compressor recipe YAML here."""
-    out: str
+    out: Text
     """Schedule YAML to write."""
 
     _method = field_validator("method")(METHODS.spec_validators()[0])
@@ -55,8 +55,11 @@ def run_schedule(spec: ScheduleSpec, inputs: Inputs, *, overwrite: bool = False,
                  ) -> JobResult:  # fmt: skip
     """Allocate and write the schedule (its ``meta`` holds the job's spec); the schedule is the job's value."""
     for field, path in (("out", spec.out), ("recipe", spec.recipe)):  # before anything loads
-        if path is not None and (Path(path).is_dir() or not Path(path).absolute().parent.is_dir()):
-            raise SpecError(f"{path!r} must be a file in an existing directory", field)
+        try:
+            if path is not None:
+                check_file(Path(path), overwrite)
+        except OutputError as e:
+            raise SpecError(str(e), field) from None
     corpus, lm = inputs.load(spec)
     windows = None
     if METHODS[spec.method].needs_calibration(spec.options):
@@ -69,9 +72,8 @@ def run_schedule(spec: ScheduleSpec, inputs: Inputs, *, overwrite: bool = False,
     if windows is not None:
         meta["calibration"] = windows.describe()
     schedule = dataclasses.replace(schedule, meta=meta)
-    schedule.to_yaml(spec.out)
-    outputs = {"schedule": Path(spec.out)}
-    if spec.recipe:
-        atomic_write_text(spec.recipe, schedule.to_recipe())
-        outputs["recipe"] = Path(spec.recipe)
+    outputs = {"schedule": Path(spec.out), **({"recipe": Path(spec.recipe)} if spec.recipe else {})}
+    texts = {outputs["schedule"]: schedule.to_yaml(), **({outputs["recipe"]: schedule.to_recipe()} if spec.recipe
+                                                         else {})}  # fmt: skip
+    atomic_write_texts(texts)  # both or neither
     return JobResult(spec, outputs, schedule)

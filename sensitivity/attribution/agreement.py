@@ -12,11 +12,14 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from ..core.tables import PROBE_COLUMNS
+
 __all__ = ["agreement", "kendall_tau_b", "rank_correlation", "spearman"]
 
 _KEYS = ["layer", "component"]
-_PROBE_COLUMNS = ("layer", "component", "index", "kind", "metric", "value")
-_ATTRIBUTION_COLUMNS = ("layer", "component", "kind", "metric", "value")
+_PROBE_COLUMNS = PROBE_COLUMNS
+ATTRIBUTION_COLUMNS = ("layer", "component", "kind", "metric", "value")
+"""Columns every attribution table has."""
 MIN_PAIRS = 3
 
 
@@ -94,7 +97,7 @@ def agreement(
         >>> agreement(probes, attribute(lm, windows)).query("ablation == 'zero'").head()
     """
     _check_columns(probes_df, _PROBE_COLUMNS, "probes")
-    _check_columns(attribution_df, _ATTRIBUTION_COLUMNS, "attribution")
+    _check_columns(attribution_df, ATTRIBUTION_COLUMNS, "attribution")
     metrics = sorted(probes_df["metric"].dropna().astype(str).unique())
     if probe_metric not in metrics:
         raise ValueError(f"probe_metric {probe_metric!r} is not in the probes table; allowed: {', '.join(metrics)}")

@@ -6,17 +6,16 @@ import time
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import pandas as pd
-
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec, ModelData
 from ..core.methods import Methods
-from ..core.output import OutputDir, atomic_write_text, versions, write_manifest
-from ..core.spec import Count, Seqlen, SpecError
+from ..core.output import OutputDir, OutputError, atomic_write_text, check_file, versions, write_manifest
+from ..core.spec import Count, Seqlen, SpecError, Text
+from ..core.tables import PROBE_COLUMNS, read_table
 from ..data import calibration_windows
-from .agreement import agreement
+from .agreement import ATTRIBUTION_COLUMNS, agreement
 from .api import METHODS, AttributeOptions, attribute, default_methods
 
-__all__ = ["AgreementSpec", "AttributeSpec", "read_table", "run_agreement", "run_attribute"]
+__all__ = ["AgreementSpec", "AttributeSpec", "run_agreement", "run_attribute"]
 
 
 class AttributeSpec(AttributeOptions, ModelData):
@@ -29,7 +28,7 @@ class AttributeSpec(AttributeOptions, ModelData):
     """Calibration windows (random offsets of the train split, seeded)."""
     seqlen: Seqlen = 256
     """Tokens per window."""
-    out: str
+    out: Text
     """Output directory for attribution.csv and manifest.json."""
 
 
@@ -38,37 +37,31 @@ class AttributeSpec(AttributeOptions, ModelData):
 def run_attribute(spec: AttributeSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
                   ) -> JobResult:  # fmt: skip
     """Score every (layer, component); the table is the job's value."""
-    with OutputDir(spec.out, "attribute", spec.to_dict(), overwrite=overwrite) as out:
-        corpus, lm = inputs.load(spec)
-        windows = calibration_windows(corpus, lm.tokenizer, spec.windows, spec.seqlen, seed=spec.seed)
+    out = OutputDir(spec.out, "attribute", spec.to_dict(), overwrite=overwrite).check()
+    corpus, lm = inputs.load(spec)
+    windows = calibration_windows(corpus, lm.tokenizer, spec.windows, spec.seqlen, seed=spec.seed)
+    with out:
         started = time.perf_counter()
+        out.manifest(status="running")  # a run killed from here on is this job's: rerunning it starts it again
         df = attribute(lm, windows, options=spec, show_progress=show_progress)
-        out.write_text("attribution.csv", df.to_csv(index=False, float_format="%.10g"))
+        out.write_text("attribution.csv", df.to_csv(index=False))
         out.manifest(status="complete", arch=lm.arch, windows=windows.describe(), seed=spec.seed,
                      methods=list(spec.methods or default_methods()),
                      timings={"total_s": time.perf_counter() - started})  # fmt: skip
     return JobResult(spec, {"attribution": out.file("attribution.csv")}, df)
 
 
-def read_table(path: str | Path, name: str, field: str) -> tuple[pd.DataFrame, Path]:
-    """A CSV table given as the file or the directory holding ``name``; errors name ``field``."""
-    file = Path(path) / name if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        raise SpecError(f"{str(file)!r} does not exist; expected {name} or a directory holding it", field)
-    return pd.read_csv(file, float_precision="round_trip"), file
-
-
 class AgreementSpec(JobSpec):
     """The ``agreement`` job."""
 
     job: Literal["agreement"] = "agreement"
-    probes: str
+    probes: Text
     """probes.csv or the directory holding it."""
-    attribution: str
+    attribution: Text
     """attribution.csv or the directory holding it."""
     metric: Literal["delta_nll", "kl", "ppl_ratio"] = "delta_nll"
     """Probe damage metric to rank by."""
-    out: str | None = None
+    out: Text | None = None
     """CSV to write (default: agreement.csv next to the probes); its manifest goes next to it."""
 
 
@@ -78,13 +71,15 @@ def run_agreement(spec: AgreementSpec, inputs: Inputs, *, overwrite: bool = Fals
                   ) -> JobResult:  # fmt: skip
     """Rank-correlate the two tables; the agreement table is the job's value. Writes the CSV and, next to it,
     ``<name>.manifest.json`` (atomically; the CSV is replaced whole)."""
-    probes, probes_file = read_table(spec.probes, "probes.csv", "probes")
-    attribution, _ = read_table(spec.attribution, "attribution.csv", "attribution")
+    probes, probes_file = read_table(spec.probes, "probes.csv", "probes", PROBE_COLUMNS)
+    attribution, _ = read_table(spec.attribution, "attribution.csv", "attribution", ATTRIBUTION_COLUMNS)
     out = Path(spec.out) if spec.out else probes_file.parent / "agreement.csv"
-    if out.is_dir() or not out.parent.is_dir():
-        raise SpecError(f"{str(out)!r} must be a file in an existing directory", "out")
+    try:
+        check_file(out, overwrite)
+    except OutputError as e:
+        raise SpecError(str(e), "out") from None
     table = agreement(probes, attribution, probe_metric=spec.metric)
-    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out, table.to_csv(index=False))
     manifest = out.with_name(f"{out.stem}.manifest.json")
     write_manifest(manifest, {"job": "agreement", "spec": spec.to_dict(), "status": "complete",
                               "versions": versions()})  # fmt: skip

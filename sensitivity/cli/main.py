@@ -15,6 +15,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -24,7 +25,7 @@ __all__ = ["main"]
 _FORMATS = ("table", "csv", "json")
 # Job subcommands in the order --help lists them, with the flags that only change what is printed.
 _JOBS = ("evaluate", "probe", "attribute", "agreement", "schedule", "prune", "explain", "report", "grid")
-_WRITES_DIR = {"evaluate", "probe", "attribute", "prune", "explain", "report", "grid"}
+_WRITES = {"evaluate", "probe", "attribute", "agreement", "schedule", "prune", "explain", "report", "grid"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,7 +131,9 @@ def _build_parser() -> tuple[_Parser, dict[str, dict[str, str]]]:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"the model (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", help=f"weights dtype: {', '.join(DTYPES)} (default float32)")
     p.add_argument("--format", default="table", help=f"output format: {', '.join(_FORMATS)} (default table)")
-    flags["components"] = {"--model": "model", "--dtype": "dtype", "--format": "format"}
+    p.add_argument("--allow-nonfinite", action="store_true", help="load weights that hold NaN or infinity")
+    flags["components"] = {"--model": "model", "--dtype": "dtype", "--format": "format",
+                           "--allow-nonfinite": "allow_nonfinite"}  # fmt: skip
 
     for job in (*_JOBS, *(j for j in JOBS if j not in _JOBS)):
         p = sub.add_parser(job, help=JOBS[job].description)
@@ -154,7 +157,7 @@ def _display_flags(p, job: str) -> None:
     """Flags that change how a job runs or prints, not what it computes (they are not part of its spec)."""
     p.add_argument("--print-spec", action="store_true", help="print the job's spec as YAML and exit (edit it, then "
                    "`sensitivity run FILE`)")  # fmt: skip
-    if job in _WRITES_DIR or job == "run":
+    if job in _WRITES or job == "run":
         p.add_argument("--overwrite", action="store_true", help="replace an output that holds another run")
     if job in ("evaluate", "run"):
         p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -186,6 +189,15 @@ def _flag_for(field: str, flags: dict[str, str]) -> tuple[str | None, str]:
     return None, field
 
 
+def _as_flags(text: str, flags: dict[str, str]) -> str:
+    """A library message with the spec fields it names (``allow_nonfinite``) spelled as their flags."""
+    text = " ".join(text.split())  # one line
+    for flag, dest in flags.items():
+        if "_" in dest and "." not in dest:
+            text = re.sub(rf"(?<![\w-]){dest}(?!\w)", flag, text)
+    return text
+
+
 # ---- printing ---------------------------------------------------------------------------------------------------
 
 
@@ -195,7 +207,7 @@ def _print_evaluate(result, args) -> None:
         print(json.dumps(r, indent=2))
         return
     print(f"model       {r['model']} ({r['arch']}, {r['n_layers']} layers, {r['params']:,} parameters)")
-    print(f"data        {r['data']}, split {r['split']!r}")
+    print(f"data        {r['data']}, split {r['split']!r}" + (f": {r['split_note']}" if "split_note" in r else ""))
     print(f"perplexity  {r['perplexity']:.3f}")
     print(f"nll         {r['nll']:.4f} nats/token over {r['tokens']} tokens in {r['windows']} windows")
     if "kl" in r:
@@ -300,11 +312,14 @@ _PRINTERS = {"evaluate": _print_evaluate, "probe": _print_probe, "attribute": _p
 
 def _cmd_components(args) -> int:
     from ..core import load_model
+    from ..core.loading import DTYPES
     from ..core.spec import SpecError
 
     if args.format not in _FORMATS:
         raise SpecError(f"{args.format!r} is invalid; allowed: {', '.join(_FORMATS)}", "format")
-    lm = load_model(args.model, dtype=args.dtype)
+    if args.dtype not in DTYPES:
+        raise SpecError(f"{args.dtype!r} is invalid; allowed: {', '.join(DTYPES)}", "dtype")
+    lm = load_model(args.model, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite)
     table = lm.registry.table(lm.model)
     if args.format == "csv":
         sys.stdout.write(table.to_csv(index=False))
@@ -366,6 +381,9 @@ def _run_job(args, flags: dict[str, str]) -> int:
     if args.print_spec:
         sys.stdout.write(spec.to_yaml())
         return 0
+    top = getattr(args, "top", "0")
+    if not (top.isdigit() and top.isascii()):
+        raise ValueError(f"argument --top: {top!r} is invalid; allowed: an integer >= 0")
     result = jobs.run(spec, overwrite=getattr(args, "overwrite", False), show_progress=sys.stderr.isatty())
     _PRINTERS.get(spec.job, lambda r, a: print(f"{spec.job}: {r.outputs}"))(result, args)
     return 0
@@ -402,9 +420,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_zoo(args)
         return _run_job(args, flags.get(args.command, {}))
     except SpecError as e:
-        flag, rest = _flag_for(e.field, flags.get(args.command, {}))
+        named = flags.get(args.command, {})
+        flag, rest = _flag_for(e.field, named)
         if flag is None:
-            parser.exit(2, f"{where}: error: {e}\n")
-        parser.exit(2, f"{where}: error: argument {flag}: {rest + ': ' if rest else ''}{e.detail}\n")
+            parser.exit(2, f"{where}: error: {_as_flags(str(e), named)}\n")
+        parser.exit(2, f"{where}: error: argument {flag}: {rest + ': ' if rest else ''}{_as_flags(e.detail, named)}\n")
     except (OutputError, ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"{where}: error: {e}\n")
+        parser.exit(2, f"{where}: error: {_as_flags(str(e), flags.get(args.command, {}))}\n")

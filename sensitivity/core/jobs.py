@@ -20,7 +20,7 @@ from ..data import Corpus, load_corpus
 from ..data.corpus import DEFAULT_CORPUS
 from .loading import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
 from .methods import Methods
-from .spec import Spec, SpecError
+from .spec import Spec, SpecError, Text
 
 __all__ = ["JOBS", "Inputs", "JobResult", "JobSpec", "ModelData"]
 
@@ -52,15 +52,17 @@ class JobSpec(Spec):
 class ModelData(JobSpec):
     """A job on one model and one corpus."""
 
-    model: str = DEFAULT_MODEL
+    model: Text = DEFAULT_MODEL
     """Zoo model (default, default-mamba1), checkpoint directory, HF hub id, or tiny:mamba|tiny:mamba2|
     tiny:falcon-mamba."""
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
     """Weights dtype."""
-    data: str = DEFAULT_CORPUS
+    data: Text = DEFAULT_CORPUS
     """The built-in corpus austen-kjv (default), 'sample', a text/JSONL file, a directory, or a local HF dataset."""
     text_field: str = "text"
     """JSONL/HF field holding the text."""
+    allow_nonfinite: bool = False
+    """Load a model whose weights hold NaN or infinity (refused by default, naming the tensors)."""
 
 
 @dataclass
@@ -88,19 +90,27 @@ class Inputs:
             self._corpora[key] = load_corpus(data, text_field=text_field)
         return self._corpora[key]
 
-    def model(self, name: str, dtype: str = "float32", *, tokenizer: bool = True) -> LoadedModel:
+    def model(self, name: str, dtype: str = "float32", *, tokenizer: bool = True, allow_nonfinite: bool = False,
+              field: str = "model") -> LoadedModel:  # fmt: skip
+        """The model ``name`` (loaded once); errors name the spec ``field`` that gave it."""
         key = (name, dtype)
         if key not in self._models:
-            self._models[key] = load_model(name, dtype=dtype)
+            try:
+                self._models[key] = load_model(name, dtype=dtype, allow_nonfinite=allow_nonfinite)
+            except SpecError:
+                raise
+            except ValueError as e:
+                raise SpecError(str(e), field) from None
         lm = self._models[key]
         if tokenizer and lm.tokenizer is None:
-            raise SpecError(f"{name!r} has no tokenizer; save one next to its config", "model")
+            raise SpecError(f"{name!r} has no tokenizer; save one next to its config", field)
         return lm
 
-    def fresh(self, name: str, dtype: str = "float32") -> LoadedModel:
-        lm = self.model(name, dtype)
+    def fresh(self, name: str, dtype: str = "float32", *, allow_nonfinite: bool = False) -> LoadedModel:
+        lm = self.model(name, dtype, allow_nonfinite=allow_nonfinite)
         return LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.registry, lm.name)
 
     def load(self, spec: ModelData) -> tuple[Corpus, LoadedModel]:
         """The spec's corpus (first: bad data fails before any model loads) and model."""
-        return self.corpus(spec.data, spec.text_field), self.model(spec.model, spec.dtype)
+        return self.corpus(spec.data, spec.text_field), self.model(spec.model, spec.dtype,
+                                                                   allow_nonfinite=spec.allow_nonfinite)

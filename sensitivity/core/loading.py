@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -10,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -22,12 +24,14 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .finite import check_weights
 from .instrumented import hf_norm_is_grouped, is_instrumented
 from .instrumented import instrument as _instrument
 from .registry import ARCHITECTURES, Registry, build_registry
 from .zoo import ZOO_MODELS, zoo_path
 
-__all__ = ["DEFAULT_MODEL", "DTYPES", "TINY_MODELS", "LoadedModel", "as_loaded", "load_model", "tiny_config"]
+__all__ = ["DEFAULT_MODEL", "DTYPES", "TINY_MODELS", "LoadedModel", "as_loaded", "check_source", "checkpoint_dtype",
+           "load_model", "tiny_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +105,121 @@ def _check_arch(config: PretrainedConfig, name: str) -> None:
         )
 
 
+_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+
+
+def _shards(path: Path, name: str) -> list[str]:
+    """The safetensors files of a checkpoint directory: its index's shards, or ``model.safetensors``, or none."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{os.path.join(name, index.name)} is not a safetensors index (a JSON object with a "
+                             "weight_map)") from None  # fmt: skip
+    return ["model.safetensors"] if (path / "model.safetensors").is_file() else []
+
+
+def _check_checkpoint(path: Path, name: str) -> None:
+    """Refuse a local checkpoint directory transformers would fail on with a traceback (or unpickle), naming the
+    file and what is wrong: its config.json, and that its weights are complete safetensors files."""
+    config = path / "config.json"
+    shown = os.path.join(name, "config.json")
+    if not config.is_file():
+        raise ValueError(f"model directory {name!r} has no config.json; allowed: a checkpoint directory "
+                         "(config.json and model.safetensors)")  # fmt: skip
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{shown} is not UTF-8 text; allowed: a JSON object") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{shown} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{shown} is not a JSON object ({type(data).__name__}); allowed: a model config")
+    if data.get("model_type") not in ARCHITECTURES:
+        what = f"model_type {data['model_type']!r}" if "model_type" in data else "no model_type"
+        raise ValueError(f"{shown} has {what}; allowed model types: {', '.join(ARCHITECTURES)}")
+    shards = _shards(path, name)
+    if not shards:
+        pickles = [p for p in _PICKLES if (path / p).exists()] + sorted(p.name for p in path.glob("*.bin"))
+        if pickles:
+            raise ValueError(f"{os.path.join(name, pickles[0])} is a pickle checkpoint; pickles are never loaded "
+                             "(loading one can run code): convert it to safetensors (model.safetensors)")  # fmt: skip
+        raise ValueError(f"model directory {name!r} has no weights; allowed: model.safetensors or "
+                         "model.safetensors.index.json with its shards")  # fmt: skip
+    for shard in shards:
+        file = path / shard
+        if not file.is_file():
+            raise ValueError(f"{os.path.join(name, shard)} does not exist (listed in the safetensors index)")
+        try:
+            with safe_open(file, framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError, a base Exception)
+            reason = str(e).splitlines()[0].removeprefix("Error while deserializing header: ")
+            raise ValueError(f"{os.path.join(name, shard)} is not a complete safetensors file ({reason}); "
+                             "allowed: a file save_pretrained wrote, whole") from None  # fmt: skip
+
+
+def _check_shapes(path: Path, name: str, config: PretrainedConfig) -> None:
+    """Refuse weights whose shapes do not match what the config builds, naming the first tensor that differs."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    for shard in _shards(path, name):
+        with safe_open(path / shard, framework="pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                if key in expected and shape != expected[key]:
+                    raise ValueError(f"{os.path.join(name, shard)}: {key} has shape {list(shape)}; the config "
+                                     f"needs {list(expected[key])}")  # fmt: skip
+
+
+def check_source(name: str) -> None:
+    """Check, without loading weights, that ``name`` names a loadable model: a built-in tiny or zoo model, a local
+    checkpoint directory with a readable config and complete safetensors weights, or a hub id.
+
+    Raises:
+        ValueError: Naming the path or file and what is wrong.
+    """
+    if name.startswith("tiny:"):
+        if name not in TINY_MODELS:
+            raise ValueError(f"unknown built-in model {name!r}; allowed: {', '.join(TINY_MODELS)}")
+        return
+    if name in ZOO_MODELS:
+        return
+    path = Path(name).expanduser()
+    if not path.is_dir() and (path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1):
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ValueError(f"model path {name!r} {what}; allowed: a checkpoint directory, a zoo model, a hub id or "
+                         f"{', '.join(TINY_MODELS)}")  # fmt: skip
+    if path.is_dir():
+        _check_checkpoint(path, name)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def checkpoint_dtype(name: str) -> torch.dtype | None:
+    """The dtype a checkpoint's floating-point weights are stored in (read from its safetensors header: the most
+    common among them), or None for built-in tiny models and hub ids."""
+    path = zoo_path(name) if name in ZOO_MODELS else Path(name).expanduser()
+    if name.startswith("tiny:") or not path.is_dir():
+        return None
+    shards = _shards(path, name)
+    if not shards:
+        return None
+    counts: dict[torch.dtype, int] = {}
+    with safe_open(path / shards[0], framework="pt") as f:
+        for key in f.keys():
+            dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+            if dtype is not None:
+                counts[dtype] = counts.get(dtype, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
 def _from_pretrained(name: str, dtype: torch.dtype, revision: str | None) -> tuple[PreTrainedModel, object | None]:
     path = Path(name).expanduser()
     is_local = path.is_dir()
-    if not is_local and (path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise ValueError(f"model path {name!r} is not a directory with a config.json")
-    if is_local and not (path / "config.json").is_file():
-        raise ValueError(f"model directory {name!r} has no config.json")
+    check_source(name)
     source = str(path) if is_local else name
     offline = is_local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:  # the local cache first; the hub only when the cache lacks it and the hub answers
@@ -126,6 +238,8 @@ def _from_pretrained(name: str, dtype: torch.dtype, revision: str | None) -> tup
     else:
         offline = True
     _check_arch(config, name)
+    if is_local:
+        _check_shapes(path, name, config)
     model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, local_files_only=offline)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=offline)
@@ -177,6 +291,7 @@ def load_model(
     device: str | torch.device = "cpu",
     instrument: bool = True,
     revision: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> LoadedModel:
     """Load a state-space LM with its tokenizer and component registry.
 
@@ -189,12 +304,16 @@ def load_model(
         device: Where to put the model.
         instrument: Replace the mixer forwards with the instrumented, hookable ones (needed by probes).
         revision: Hub revision.
+        allow_nonfinite: Load weights that hold NaN or infinity (refused by default, naming the tensors: such a
+            model evaluates to NaN and prunes to nothing).
 
     Returns:
         A :class:`LoadedModel` in eval mode.
 
     Raises:
-        ValueError: Unknown name, unreadable path, unsupported architecture or dtype, unreachable hub.
+        ValueError: Unknown name, unreadable path, a broken or pickle-only checkpoint (naming the file),
+            unsupported architecture or dtype, unreachable hub.
+        NonFiniteError: Weights holding NaN or infinity, without ``allow_nonfinite``.
 
     Example:
         >>> lm = load_model("tiny:mamba2")
@@ -209,13 +328,14 @@ def load_model(
     elif dtype not in DTYPES.values():
         raise ValueError(f"unsupported dtype {dtype}; allowed: {', '.join(DTYPES)}")
     if name.startswith("tiny:"):
-        if name not in TINY_MODELS:
-            raise ValueError(f"unknown built-in model {name!r}; allowed: {', '.join(TINY_MODELS)}")
+        check_source(name)
         model, tokenizer = _tiny(name, dtype)
     elif name in ZOO_MODELS:
         model, tokenizer = _from_pretrained(str(zoo_path(name)), dtype, None)
     else:
         model, tokenizer = _from_pretrained(name, dtype, revision)
+    if not allow_nonfinite:
+        check_weights(model, name)
     model = model.to(device).eval()
     _warn_ungrouped_norm(model.config, instrument)
     if instrument:

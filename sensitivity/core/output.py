@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-__all__ = ["MANIFEST", "OutputDir", "OutputError", "atomic_write_text", "check_publish", "publish_dir", "versions",
-           "write_manifest"]
+__all__ = ["MANIFEST", "OutputDir", "OutputError", "atomic_write_text", "atomic_write_texts", "check_dir", "check_file",
+           "check_publish", "publish_dir", "versions", "write_manifest"]
 
 MANIFEST = "manifest.json"
 _PACKAGES = ("sensitivity", "torch", "transformers", "tokenizers", "captum", "pandas", "numpy", "scipy", "pydantic")
@@ -69,20 +69,43 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically: a temporary file in the same directory, fsynced, renamed into place,
-    then the directory fsynced."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    then the directory fsynced.
+
+    Raises:
+        OutputError: The directory cannot be written (naming ``path``, never the temporary file).
+    """
+    atomic_write_texts({path: text})
+
+
+def atomic_write_texts(texts: dict[str | os.PathLike, str]) -> None:
+    """Write several files so that either all appear or none does (short of a crash between the final renames):
+    every temporary file is written and fsynced before the first is renamed into place.
+
+    Raises:
+        OutputError: A directory cannot be written (naming the file, never the temporary one); nothing is left.
+    """
+    staged: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, text in texts.items():
+            path = Path(path)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except OSError as e:
+                raise OutputError(f"cannot write {shown(path)}: {e.strerror}") from None
+            staged.append((tmp, path))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    for parent in {path.parent for _, path in staged}:
+        _fsync_dir(parent)
 
 
 def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
@@ -136,10 +159,17 @@ class OutputDir:
         self._fd: int | None = None
         self._created = False
 
+    def check(self) -> OutputDir:
+        """Check, without creating or changing anything, that the directory can be written by this run (jobs call
+        it before loading their inputs, so bad output paths fail first and leave nothing); returns ``self``."""
+        check_dir(self.path)
+        if self.path.is_dir():
+            self._check(dry=True)
+        return self
+
     def __enter__(self) -> OutputDir:
         path = self.path
-        if path.exists() and not path.is_dir():
-            raise OutputError(f"{shown(path)} is a file; give a directory")
+        check_dir(path)
         self._created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -148,12 +178,14 @@ class OutputDir:
         self._fd = _lock(path)
         try:
             self._check()
+            if self.previous is not None:
+                _clear_leftovers(path)
         except BaseException as e:
             self.__exit__(type(e), e, None)
             raise
         return self
 
-    def _check(self) -> None:
+    def _check(self, dry: bool = False) -> None:
         manifest = self.path / MANIFEST
         old = _read_manifest(manifest)
         if old is None:
@@ -179,6 +211,8 @@ class OutputDir:
                           if (old.get("spec") or {}).get(k) != self.spec.get(k))  # fmt: skip
             raise OutputError(f"{shown(self.path)} holds a {self.job} run with other settings ({', '.join(diff)}); use "
                               "another directory, or overwrite to start it again")  # fmt: skip
+        if dry:
+            return
         for child in self.path.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
@@ -188,6 +222,11 @@ class OutputDir:
                 self.path.rmdir()  # a run that failed before writing anything leaves no trace
             os.close(self._fd)  # releases the lock
             self._fd = None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the directory is created and locked (inside the ``with`` block)."""
+        return self._fd is not None
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -205,6 +244,52 @@ class OutputDir:
         return record
 
 
+def _clear_leftovers(path: Path) -> None:
+    """Remove what a killed run of this output left mid-write: ``.NAME.XXXX.tmp`` files of atomic writes and
+    ``.NAME.tmp`` staging directories (the caller holds the directory's lock, so no one is writing them)."""
+    for stale in sorted(path.rglob(".*.tmp"), key=lambda p: len(p.parts), reverse=True):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def check_dir(path: Path) -> None:
+    """Whether ``path`` is a directory or one could be created there (with its parents), without creating it.
+
+    Raises:
+        OutputError: ``path`` is a file, or the nearest existing ancestor is not a writable directory.
+    """
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{shown(path)} is a file; allowed: a directory")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot create {shown(path)}: {shown(ancestor)} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create {shown(path)}: {shown(ancestor)} is not writable")
+
+
+def check_file(path: Path, overwrite: bool = False) -> None:
+    """Whether a file may be written at ``path``: in an existing, writable directory, and not already there unless
+    ``overwrite``.
+
+    Raises:
+        OutputError: Naming the path and what is wrong.
+    """
+    if path.is_dir():
+        raise OutputError(f"{shown(path)} is a directory; allowed: a file name")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{shown(path)} exists; choose another file or overwrite it")
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise OutputError(f"cannot write {shown(path)}: {shown(parent)} {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {shown(path)}: {shown(parent)} is not writable")
+
+
 def _read_manifest(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -217,25 +302,35 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def publish_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def publish_dir(out: str | os.PathLike, *, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
     """Build a directory that must appear whole: yields a locked staging sibling (``.NAME.tmp``), then renames it
     to ``out``. A second process publishing the same ``out`` meanwhile gets an :class:`OutputError`; a killed run
     leaves only the staging directory, which the next run clears.
 
+    With ``overwrite``, a non-empty ``out`` is replaced only when it holds ``marker`` (the file that says it is
+    such an output, e.g. ``pruning_manifest.json``): a directory of something else is never deleted.
+
     Raises:
-        OutputError: ``out`` is a file, a non-empty directory (without ``overwrite``), its parent is missing, or
-            another process is writing it.
+        OutputError: ``out`` is a file, a non-empty directory (without ``overwrite``, or without ``marker``), its
+            parent is missing, or another process is writing it.
     """
     out = Path(out).expanduser().absolute()
-    check_publish(out, overwrite)
+    check_publish(out, overwrite, marker)
     stage = out.with_name(f".{out.name}.tmp")
-    stage.mkdir(exist_ok=True)
-    fd = _lock(stage)
+    try:
+        stage.mkdir(exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {shown(out)}: {e.strerror}") from None
+    try:
+        fd = _lock(stage)
+    except OutputError:
+        raise OutputError(f"{shown(out)} is being written by another process; wait for it to finish or choose "
+                          "another directory") from None  # fmt: skip
     try:
         for child in stage.iterdir():  # leftovers of a killed run
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         yield stage
-        check_publish(out, overwrite)
+        check_publish(out, overwrite, marker)
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
@@ -246,12 +341,19 @@ def publish_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def check_publish(out: Path, overwrite: bool = False) -> None:
-    """Whether :func:`publish_dir` may write ``out``: a new or empty directory (any directory with ``overwrite``) in
-    an existing parent."""
+def check_publish(out: Path, overwrite: bool = False, marker: str | None = None) -> None:
+    """Whether :func:`publish_dir` may write ``out``: a new or empty directory in an existing parent, or with
+    ``overwrite`` a directory holding ``marker`` (any directory when ``marker`` is None)."""
     if out.exists() and not out.is_dir():
-        raise OutputError(f"{shown(out)} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{shown(out)} is not empty; choose another directory or overwrite it")
+        raise OutputError(f"{shown(out)} is a file; allowed: a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{shown(out)} is not empty; choose another directory or overwrite it")
+        if marker is not None and not (out / marker).is_file():
+            raise OutputError(f"{shown(out)} is not empty and holds no {marker}; it is never replaced, even with "
+                              "overwrite: choose another directory")  # fmt: skip
     if not out.parent.is_dir():
-        raise OutputError(f"the parent directory of {shown(out)} does not exist")
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise OutputError(f"cannot create {shown(out)}: {shown(out.parent)} {what}")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create {shown(out)}: {shown(out.parent)} is not writable")

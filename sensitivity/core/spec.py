@@ -38,6 +38,7 @@ __all__ = [
     "OpenFraction",
     "Spec",
     "SpecError",
+    "Text",
     "check",
     "format_error",
     "load_yaml",
@@ -113,6 +114,16 @@ OpenFraction = Annotated[float, BeforeValidator(_not_bool), _range(0, 1, low_ope
 """A number in (0, 1)."""
 Names = Annotated[tuple[str, ...], Field(min_length=1), BeforeValidator(_split)]
 """One or more names: a list, or a comma-separated string."""
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{value!r} is empty; allowed: a path or name")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+"""A non-empty path or name (``""`` would mean the current directory, or nothing)."""
 
 
 def _several(value):
@@ -306,7 +317,9 @@ def load_yaml(source: str | os.PathLike) -> Any:
     if is_path or (isinstance(source, str) and "\n" not in source and Path(source).exists()):
         path = Path(source)
         if not path.is_file():
-            raise SpecError(f"{str(path)!r} is not a file" if path.exists() else f"{str(path)!r} does not exist")
+            raise SpecError(f"{str(path)!r} is a directory; allowed: a YAML or JSON file" if path.is_dir() else
+                            f"{str(path)!r} is not a regular file; allowed: a YAML or JSON file" if path.exists() else
+                            f"{str(path)!r} does not exist")  # fmt: skip
         if path.stat().st_size > MAX_YAML_BYTES:
             raise SpecError(f"{str(path)!r} has {path.stat().st_size:,} bytes; at most {MAX_YAML_BYTES:,} are read")
         try:

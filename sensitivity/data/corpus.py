@@ -62,6 +62,11 @@ class Corpus:
     name: str
     source: str
     splits: dict[str, tuple[str, ...]]
+    heldout_fraction: float | None = None
+    """Set when the source had no held-out split: its test split is this last fraction of the text, cut off its
+    train split."""
+    unsplit: tuple[str, ...] = ()
+    """The documents before that cut (the ``all`` split)."""
 
     def __post_init__(self) -> None:
         """Copy ``splits`` so later edits of the caller's dict cannot leak in."""
@@ -76,7 +81,8 @@ class Corpus:
         """Return the documents of ``split``.
 
         Args:
-            split: Split name, e.g. ``"train"`` or ``"test"``.
+            split: Split name, e.g. ``"train"`` or ``"test"``; ``"all"`` is every document of every split (the
+                whole text of a single file).
 
         Returns:
             The split's documents in order.
@@ -84,8 +90,10 @@ class Corpus:
         Raises:
             ValueError: If the corpus has no such split.
         """
+        if split == "all" and "all" not in self.splits:
+            return self.unsplit or tuple(doc for docs in self.splits.values() for doc in docs)
         if split not in self.splits:
-            available = ", ".join(repr(s) for s in self.splits) or "none"
+            available = ", ".join(repr(s) for s in dict.fromkeys([*self.splits, "all"]))
             raise ValueError(f"unknown split {split!r} for corpus {self.name}; available: {available}")
         return self.splits[split]
 
@@ -151,12 +159,14 @@ def load_corpus(spec: str = DEFAULT_CORPUS, *, text_field: str = "text", heldout
         splits = _load_hf(spec, text_field)
         name, source = spec, f"Hugging Face dataset {spec}"
     splits = {split: docs for split, docs in splits.items() if docs}
+    cut = None
     if not any(s in splits for s in ("test", "validation")):
         train = splits.get("train", ())
         if not train:
             raise ValueError(f"{source} has no documents in a 'train', 'validation' or 'test' split")
         splits["train"], splits["test"] = split_documents(train, heldout_fraction)
-    corpus = Corpus(name=name, source=source, splits=splits)
+        cut = heldout_fraction
+    corpus = Corpus(name=name, source=source, splits=splits, heldout_fraction=cut, unsplit=train if cut else ())
     logger.info(
         "loaded corpus %s (%s): %s",
         name,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.finite import check_loss
 from ..core.loading import unwrap
 from ..core.spec import Count, check
 from ..data import Windows
@@ -112,7 +113,9 @@ def perplexity(model, windows: Windows, *, batch_size: int = 8, show_progress: b
     for ids in _batches(windows, batch_size, "perplexity", show_progress):
         logits = _logits(module, ids)[:, :-1]  # (b, L-1, V)
         target = ids[:, 1:].to(logits.device)  # (b, L-1)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        check_loss(module, loss, ids.to(logits.device), "the loss")
+        total += loss
         count += target.numel()
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, len(windows), windows.seqlen, definition(windows))

@@ -199,9 +199,9 @@ class Explanation:
             OutputError: If ``out`` is a non-empty directory and ``overwrite`` is False, or another process is
                 writing it.
         """
-        with publish_dir(out, overwrite=overwrite) as tmp:
+        with publish_dir(out, overwrite=overwrite, marker="explanation.json") as tmp:
             for name in _FILES:
-                getattr(self, name).to_csv(tmp / f"{name}.csv", index=False, float_format="%.8g")
+                getattr(self, name).to_csv(tmp / f"{name}.csv", index=False)  # shortest round-trip floats
             record = {**self.summary(), "nll_dense": self.nll_dense, "nll_pruned": self.nll_pruned,
                       "definition": self.definition, "drift_threshold": self.drift_threshold, "meta": self.meta}
             (tmp / "explanation.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -217,7 +217,7 @@ class Explanation:
         if not (path / "explanation.json").is_file():
             raise FileNotFoundError(f"{path} holds no explanation.json")
         rec = json.loads((path / "explanation.json").read_text())
-        tables = {name: pd.read_csv(path / f"{name}.csv") for name in _FILES}
+        tables = {name: pd.read_csv(path / f"{name}.csv", float_precision="round_trip") for name in _FILES}
         return cls(label=rec["label"], sparsity=rec["sparsity"], verdict=rec["verdict"], nll_dense=rec["nll_dense"],
                    nll_pruned=rec["nll_pruned"], definition=rec["definition"], first_layer=rec["first_layer"],
                    drift_threshold=rec["drift_threshold"], text=rec["explanation"], meta=rec["meta"],

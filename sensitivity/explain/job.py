@@ -12,7 +12,7 @@ from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
 from ..core.loading import DEFAULT_MODEL, DTYPES
 from ..core.methods import Methods
 from ..core.output import check_publish, versions
-from ..core.spec import Count, Fraction, Seqlen, SpecError
+from ..core.spec import Count, Fraction, Seqlen, SpecError, Text
 from ..data import calibration_windows
 from ..data.corpus import DEFAULT_CORPUS
 from ..pruning import METHODS as PRUNING_METHODS
@@ -29,17 +29,17 @@ class ExplainSpec(ExplainOptions, JobSpec):
     method_table: ClassVar[Methods] = PRUNING_METHODS
 
     job: Literal["explain"] = "explain"
-    dense: str = DEFAULT_MODEL
+    dense: Text = DEFAULT_MODEL
     """The dense model."""
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
     """Weights dtype."""
-    pruned: str | None = None
+    pruned: Text | None = None
     """A pruned checkpoint directory (from the prune job)."""
     method: str | None = None
     """Prune a copy of dense with this method instead (structured methods in mask mode)."""
     sparsity: Fraction | None = None
     """Sparsity for method."""
-    data: str = DEFAULT_CORPUS
+    data: Text = DEFAULT_CORPUS
     """Corpus the windows come from."""
     text_field: str = "text"
     """JSONL/HF field holding the text."""
@@ -53,7 +53,9 @@ class ExplainSpec(ExplainOptions, JobSpec):
     """Train windows for methods that need calibration (WANDA, Taylor and FLAP scores)."""
     label: str | None = None
     """Name of the pruned model in tables (default: the method)."""
-    out: str
+    allow_nonfinite: bool = False
+    """Load models whose weights hold NaN or infinity (refused by default, naming the tensors)."""
+    out: Text
     """Directory for explanation.json/.md and the CSV tables."""
 
     @model_validator(mode="after")
@@ -75,11 +77,9 @@ def run_explain(spec: ExplainSpec, inputs: Inputs, *, overwrite: bool = False, s
                 ) -> JobResult:  # fmt: skip
     """Explain ``spec.pruned`` (or ``spec.method`` at ``spec.sparsity``) against ``spec.dense``; the
     :class:`Explanation` is the job's value."""
-    check_publish(Path(spec.out).expanduser().absolute(), overwrite)  # before anything loads
-    if spec.pruned is not None and not Path(spec.pruned).is_dir():
-        raise SpecError(f"{spec.pruned!r} is not a directory", "pruned")
+    check_publish(Path(spec.out).expanduser().absolute(), overwrite, "explanation.json")  # before anything loads
     corpus = inputs.corpus(spec.data, spec.text_field)
-    dense = inputs.model(spec.dense, spec.dtype)
+    dense = inputs.model(spec.dense, spec.dtype, allow_nonfinite=spec.allow_nonfinite, field="dense")
     split = spec.split or ("validation" if "validation" in corpus.splits else corpus.heldout_split)
     windows = calibration_windows(corpus, dense.tokenizer, spec.windows, spec.seqlen, seed=spec.seed, split=split)
     options = {k: getattr(spec, k) for k in ExplainOptions.model_fields}
@@ -88,7 +88,13 @@ def run_explain(spec: ExplainSpec, inputs: Inputs, *, overwrite: bool = False, s
         e = explain_method(dense, spec.method, spec.sparsity, windows, calibration=calib, label=spec.label,
                            show_progress=show_progress, **options)  # fmt: skip
     else:
-        pruned = inputs.model(spec.pruned, spec.dtype, tokenizer=False)
+        pruned = inputs.model(spec.pruned, spec.dtype, tokenizer=False, allow_nonfinite=spec.allow_nonfinite,
+                              field="pruned")  # fmt: skip
+        if (pruned.arch, pruned.registry.n_layers, pruned.model.config.vocab_size) != (
+                dense.arch, dense.registry.n_layers, dense.model.config.vocab_size):  # fmt: skip
+            raise SpecError(f"{spec.pruned!r} is a {pruned.registry.n_layers}-layer {pruned.arch} model and the dense "
+                            f"{spec.dense!r} a {dense.registry.n_layers}-layer {dense.arch} model; allowed: a pruned "
+                            "copy of the dense model", "pruned")  # fmt: skip
         record = Path(spec.pruned) / PRUNING_MANIFEST
         info = json.loads(record.read_text()) if record.is_file() else {}
         label = spec.label or info.get("method") or Path(spec.pruned).name

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
 from ..core.methods import Methods
 from ..core.output import OutputDir
+from ..core.spec import Text
 from .ablations import KINDS
 from .sweep import ProbeOptions, probe
 
@@ -19,14 +20,14 @@ class ProbeSpec(ProbeOptions, ModelData):
     name_tables: ClassVar[dict[str, Methods]] = {"kinds": KINDS}
 
     job: Literal["probe"] = "probe"
-    out: str
+    out: Text
     """Output directory (rerunning into it resumes)."""
 
 
 @JOBS.register("probe", options=ProbeSpec, description="ablate each component of each layer; write probes.csv")
 def run_probe(spec: ProbeSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
     """Run the sweep ``spec`` asks for; the probes frame is the job's value."""
-    with OutputDir(spec.out, "probe", spec.to_dict(), overwrite=overwrite) as out:
-        corpus, lm = inputs.load(spec)
-        df = probe(lm, corpus, options=spec, out=out, show_progress=show_progress)
+    out = OutputDir(spec.out, "probe", spec.to_dict(), overwrite=overwrite).check()
+    corpus, lm = inputs.load(spec)
+    df = probe(lm, corpus, options=spec, out=out, show_progress=show_progress)  # opens out once all is checked
     return JobResult(spec, {"probes": out.file("probes.csv"), "manifest": out.file("manifest.json")}, df)

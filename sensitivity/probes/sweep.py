@@ -26,6 +26,7 @@ import torch
 from pydantic import AfterValidator, field_validator
 from tqdm.auto import tqdm
 
+from ..core.finite import NonFiniteError, check_loss, first_nonfinite
 from ..core.hooks import capture, hook_name
 from ..core.loading import LoadedModel, as_loaded
 from ..core.output import OutputDir
@@ -160,6 +161,7 @@ class _Sweep:
         stream = self.runner.stream()
         logp = self.runner.logprobs(stream[-1])  # (n, L-1, V)
         nll = -logp.gather(-1, self.runner.targets[..., None]).mean().item()
+        check_loss(self.model, nll, self.runner.ids, "the dense loss of the held-out windows")
         return _Dense(stream[:-1], logp, nll)
 
     @torch.no_grad()
@@ -177,6 +179,13 @@ class _Sweep:
                     out, logits = self.model(input_ids=run.ids[b], use_cache=False).logits, torch.Tensor.float
             for nll, kl, n in run.terms(out, b, dense.logp, logits):
                 nll_sum, kl_sum, count = nll_sum + nll, kl_sum + kl, count + n
+            if not math.isfinite(nll_sum):
+                with ablate(self.model, self.registry, probe, ctx):
+                    where = first_nonfinite(self.model, run.ids[b])
+                raise NonFiniteError(f"probe {probe.kind} of layer {probe.layer} {probe.component}"
+                                     f"{'' if probe.index is None else f' {probe.index}'} gives a non-finite loss "
+                                     f"({nll_sum / count}): the first non-finite activation is at "
+                                     f"{where or 'the loss terms'}")  # fmt: skip
         delta = nll_sum / count - dense.nll
         return {"delta_nll": delta, "ppl_ratio": math.exp(delta), "kl": kl_sum / count}
 
@@ -215,7 +224,7 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 def _to_csv(df: pd.DataFrame) -> str:
     buf = io.StringIO()
-    df.to_csv(buf, index=False, float_format="%.10g")
+    df.to_csv(buf, index=False)  # shortest round-trip floats: a resumed sweep reads back the values it computed
     return buf.getvalue()
 
 
@@ -237,9 +246,10 @@ def probe(
         data: A :class:`~sensitivity.data.Corpus` or corpus name (None = the built-in default corpus).
         options: What to probe (:class:`ProbeOptions`); keyword ``overrides`` change its fields (e.g.
             ``components=["dt", "B"]``, ``kinds=["zero", "wanda"]``, ``layers=[0, 7]``, ``windows=16``, ``seed=1``).
-        out: Directory for ``probes.csv`` and ``manifest.json`` (or an open :class:`~sensitivity.core.output.OutputDir`
-            of a job). The CSV is rewritten atomically after each probe; rerunning into the same directory with the
-            same options skips the finished probes; another process writing it meanwhile is refused.
+        out: Directory for ``probes.csv`` and ``manifest.json`` (or a job's
+            :class:`~sensitivity.core.output.OutputDir`, opened here once everything else is checked, or already
+            open). The CSV is rewritten atomically after each probe; rerunning into the same directory with the same
+            options skips the finished probes; another process writing it meanwhile is refused.
         heldout: Held-out windows to use instead of drawing ``options.windows`` from ``data``.
         calibration: Calibration windows to use instead of drawing them from ``data``.
         show_progress: Show tqdm bars.
@@ -278,11 +288,15 @@ def probe(
     inputs = {"windows_sha256": windows.sha256()[:16], "calibration_sha256": calibration.sha256()[:16]}
     if out is None:
         return _sweep(lm, probes, options, windows, calibration, None, inputs, show_progress)
-    if isinstance(out, OutputDir):
+    if isinstance(out, OutputDir) and out.is_open:
         return _sweep(lm, probes, options, windows, calibration, out, inputs, show_progress)
-    data_name = getattr(corpus, "name", None) or windows.source
-    spec = {"job": "probe", "model": lm.name, "data": data_name, **options.to_dict(), "out": str(out)}
-    with OutputDir(out, "probe", spec, inputs=inputs) as directory:
+    if isinstance(out, OutputDir):  # a job's, checked before its inputs loaded: opened once they are all good
+        directory = out
+    else:
+        data_name = getattr(corpus, "name", None) or windows.source
+        spec = {"job": "probe", "model": lm.name, "data": data_name, **options.to_dict(), "out": str(out)}
+        directory = OutputDir(out, "probe", spec, inputs=inputs)
+    with directory:
         return _sweep(lm, probes, options, windows, calibration, directory, inputs, show_progress)
 
 

@@ -78,9 +78,10 @@ class PruneResult:
         """:func:`sparsity_report` of the pruned model."""
         return sparsity_report(self.model)
 
-    def save(self, out, *, overwrite: bool = False) -> Path:
-        """``save_pretrained`` of model and tokenizer plus ``pruning_manifest.json`` (see :func:`save_pruned`)."""
-        return save_pruned(self.model, out, self.manifest, overwrite=overwrite)
+    def save(self, out, *, overwrite: bool = False, dtype=None) -> Path:
+        """``save_pretrained`` of model and tokenizer plus ``pruning_manifest.json``, weights stored in ``dtype``
+        (default: as in memory; see :func:`save_pruned`)."""
+        return save_pruned(self.model, out, self.manifest, overwrite=overwrite, dtype=dtype)
 
 
 def prune(

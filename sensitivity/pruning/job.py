@@ -9,8 +9,9 @@ from pydantic import SerializeAsAny, field_validator, model_validator
 
 from ..allocation import Schedule
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
+from ..core.loading import DTYPES, checkpoint_dtype
 from ..core.methods import Methods
-from ..core.spec import Count, Seqlen, Spec, SpecError
+from ..core.spec import Count, Seqlen, Spec, SpecError, Text
 from ..data import calibration_windows
 from .api import prune
 from .methods import METHODS, PruneRequest, check_target
@@ -31,13 +32,15 @@ class PruneSpec(PruneRequest, ModelData):
     options: SerializeAsAny[Spec] = {}
     """The method's own options (structure, compare, components, exclude, sequential; score, mode,
     bias_compensation)."""
-    schedule: str | None = None
+    schedule: Text | None = None
     """Schedule YAML (from the schedule job) instead of a sparsity."""
     calib_windows: Count = 64
     """Calibration windows (random offsets of the train split)."""
     seqlen: Seqlen = 256
     """Tokens per calibration window."""
-    out: str
+    save_dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"
+    """Dtype of the saved weights: the source checkpoint's (default), or the one named."""
+    out: Text
     """Directory for the pruned checkpoint."""
 
     _method = field_validator("method")(METHODS.spec_validators()[0])
@@ -60,13 +63,15 @@ def run_prune(spec: PruneSpec, inputs: Inputs, *, overwrite: bool = False, show_
         except SpecError as e:
             raise e.within("schedule") if not e.field.startswith("schedule") else e from None
     corpus, _ = inputs.load(spec)
-    lm = inputs.fresh(spec.model, spec.dtype)
+    lm = inputs.fresh(spec.model, spec.dtype, allow_nonfinite=spec.allow_nonfinite)
     entry = METHODS.check(spec.method, lm.arch)
     windows = None
     if entry.needs_calibration(spec.options):
         windows = calibration_windows(corpus, lm.tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)
     result = prune(lm, spec.method, sparsity=spec.sparsity, schedule=schedule, windows=windows, seed=spec.seed,
                    batch_size=spec.batch_size, show_progress=show_progress, **spec.options.to_dict())  # fmt: skip
-    result.manifest.update(job="prune", spec=spec.to_dict(), data=spec.data)
-    saved = result.save(out, overwrite=overwrite)
+    stored = checkpoint_dtype(spec.model) if spec.save_dtype == "source" else DTYPES[spec.save_dtype]
+    result.manifest.update(job="prune", spec=spec.to_dict(), data=spec.data,
+                           saved_dtype=str(stored or lm.dtype).removeprefix("torch."))  # fmt: skip
+    saved = result.save(out, overwrite=overwrite, dtype=stored)
     return JobResult(spec, {"checkpoint": saved, "manifest": saved / MANIFEST}, result)

@@ -90,8 +90,13 @@ def prune_run(lm: LoadedModel, run: GridRun, calib: Windows, schedule: Callable[
 
 
 def grid_row(inputs: Inputs, model: str, run: GridRun, test: Windows, calib: Windows,
-             schedule: Callable[[str, float], Schedule], *, seed: int = 0, dtype: str = "float32") -> dict:  # fmt: skip
-    """Prune a fresh copy of ``model`` as ``run`` says and measure its test perplexity: one grid row."""
+             schedule: Callable[[str, float], Schedule], *, seed: int = 0, dtype: str = "float32",
+             timings: dict[str, float] | None = None) -> dict:  # fmt: skip
+    """Prune a fresh copy of ``model`` as ``run`` says and measure its test perplexity: one grid row.
+
+    The row holds only what the run computed (equal on every run with the same seed); its wall times, ``prune_s``
+    and ``eval_s`` (seconds), go into ``timings`` when given (jobs keep them in their manifest).
+    """
     start = time.perf_counter()
     if run.method == DENSE:
         lm = inputs.model(model, dtype)
@@ -101,9 +106,11 @@ def grid_row(inputs: Inputs, model: str, run: GridRun, test: Windows, calib: Win
         counts = prune_run(lm, run, calib, schedule, seed=seed).manifest["params_after"]
     prune_s = time.perf_counter() - start
     ppl = perplexity(lm, test, show_progress=False)
+    if timings is not None:
+        timings.update(prune_s=round(prune_s, 3), eval_s=round(time.perf_counter() - start - prune_s, 3))
     logger.info("grid %s %.2f: ppl %.3f", run.label, run.sparsity, ppl.perplexity)
     return {**run.record(), "perplexity": ppl.perplexity, "nll": ppl.nll, "tokens": ppl.tokens,
-            "params": counts["params"], "nonzero": counts["nonzero"], "prune_s": round(prune_s, 2)}  # fmt: skip
+            "params": counts["params"], "nonzero": counts["nonzero"]}  # fmt: skip
 
 
 def ratio(nll: float, dense_nll: float) -> float:

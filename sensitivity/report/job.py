@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Annotated, ClassVar, Literal
@@ -13,10 +14,11 @@ from tqdm.auto import tqdm
 from ..allocation import METHODS as ALLOCATORS
 from ..allocation import allocate
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
+from ..core.loading import check_source
 from ..core.masks import Structure
 from ..core.methods import Methods
 from ..core.output import OutputDir, versions
-from ..core.spec import Count, Int, Names, Seqlen, Sparsities
+from ..core.spec import Count, Int, Names, Seqlen, Sparsities, SpecError, Text
 from ..core.zoo import ZOO_MODELS
 from ..data import calibration_windows, eval_windows
 from ..data.corpus import DEFAULT_CORPUS
@@ -24,7 +26,7 @@ from ..eval import definition
 from ..probes import probe
 from ..pruning import METHODS
 from .grid import DENSE, grid_row, plan_grid
-from .pipeline import EvalWindows, ReportSpec, build_report
+from .pipeline import EvalWindows, ReportSpec, _read_csv, build_report
 
 __all__ = ["GridSpec", "ReportSpec", "run_grid", "run_report"]
 
@@ -52,7 +54,7 @@ class GridSpec(JobSpec):
     job: Literal["grid"] = "grid"
     models: Names = tuple(dict.fromkeys(ZOO_MODELS.values()))
     """Models to prune (zoo names, checkpoint directories...; default: every shipped model)."""
-    data: str = DEFAULT_CORPUS
+    data: Text = DEFAULT_CORPUS
     """Corpus of the calibration, probe and test windows."""
     sparsities: Sparsities = (0.25, 0.5, 0.75)
     """Sparsities of magnitude, WANDA and WANDA on each allocator's schedule."""
@@ -76,7 +78,7 @@ class GridSpec(JobSpec):
     """Tokens per evaluation window."""
     seed: Int = 0
     """Seed of every window draw."""
-    out: str
+    out: Text
     """Output directory (grid.csv, grid.json, probes/, manifest.json; rerunning resumes)."""
 
 
@@ -87,9 +89,21 @@ def _score(method: str) -> str:
 @JOBS.register("grid", options=GridSpec, description="the pruning grid on one or more models (test perplexity)")
 def run_grid(spec: GridSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
     """Prune every model with every method and evaluate each; the grid table is the job's value."""
-    with OutputDir(spec.out, "grid", spec.to_dict(), overwrite=overwrite) as out:
+    out = OutputDir(spec.out, "grid", spec.to_dict(), overwrite=overwrite).check()
+    for name in spec.models:
+        try:
+            check_source(name)
+        except ValueError as e:
+            raise SpecError(str(e), "models") from None
+    inputs.corpus(spec.data)
+    for name in spec.models:  # every model loads (and is checked) before anything is written; Inputs keeps them
+        inputs.model(name, field="models")
+    with out:
         csv = out.file("grid.csv")
-        rows = pd.read_csv(csv).to_dict(orient="records") if csv.is_file() else []
+        done = _read_csv(csv) if csv.is_file() else pd.DataFrame()  # the runs a killed run finished
+        rows = done.drop(columns=["ppl_ratio", "prune_s"], errors="ignore").to_dict(orient="records")
+        timings: dict = (out.previous or {}).get("timings") or {}  # wall times: model -> label -> sparsity
+        out.manifest(status="running", timings=timings)
         corpus = inputs.corpus(spec.data)
         meaning = ""
         for name in spec.models:
@@ -115,16 +129,20 @@ def run_grid(spec: GridSpec, inputs: Inputs, *, overwrite: bool = False, show_pr
             done = {(r["model"], r["label"], float(r["sparsity"])) for r in rows}
             todo = [r for r in runs if (name, r.label, float(r.sparsity)) not in done]
             for run in tqdm(todo, desc=f"grid {name}", disable=not show_progress):
-                row = grid_row(inputs, name, run, test, calib, schedule, seed=spec.seed)
+                seconds: dict[str, float] = {}
+                row = grid_row(inputs, name, run, test, calib, schedule, seed=spec.seed, timings=seconds)
                 rows.append({"model": name, "arch": lm.arch, **row, "score": _score(run.method)})
-                out.write_text("grid.csv", pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
-        df = pd.DataFrame(rows)
+                out.write_text("grid.csv", pd.DataFrame(rows).to_csv(index=False))
+                timings.setdefault(name, {}).setdefault(run.label, {})[f"{run.sparsity:g}"] = seconds
+                out.manifest(status="running", timings=timings)
+        # the rows as grid.csv holds them (floats in their shortest round-trip form), read back or computed now
+        df = _read_csv(io.StringIO(pd.DataFrame(rows).to_csv(index=False)))
         dense = df[df.method == DENSE].set_index("model").perplexity
         df["ppl_ratio"] = df.perplexity / df.model.map(dense)
-        out.write_text("grid.csv", df.to_csv(index=False, float_format="%.6g"))
+        out.write_text("grid.csv", df.to_csv(index=False))
         summary = {"benchmark": "pruning grid: test perplexity per method and sparsity", "definition": meaning,
                    "calibration": f"{spec.calib_windows} x {spec.seqlen} tokens of train, seed {spec.seed}",
                    "dense": dense.to_dict(), "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
         out.write_text("grid.json", json.dumps(summary, indent=2) + "\n")
-        out.manifest(status="complete", definition=meaning)
+        out.manifest(status="complete", definition=meaning, timings=timings)
     return JobResult(spec, {"grid": csv, "summary": out.file("grid.json")}, df)

@@ -16,8 +16,10 @@ Stages (each resumes from what an earlier run in the same directory finished):
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -32,7 +34,7 @@ from ..core.jobs import Inputs, JobSpec
 from ..core.loading import DEFAULT_MODEL
 from ..core.methods import Methods
 from ..core.output import OutputDir, versions
-from ..core.spec import Count, Int, Names, OpenFraction, Seqlen, Sparsities
+from ..core.spec import Count, Int, Names, OpenFraction, Seqlen, Sparsities, Text
 from ..data import calibration_windows, eval_windows
 from ..data.corpus import DEFAULT_CORPUS
 from ..explain import ExplainOptions, Explanation, Thresholds, explain
@@ -52,6 +54,23 @@ def _all_or_count(value):
     return None if value == "all" else value
 
 
+def _read_csv(source) -> pd.DataFrame:
+    """A CSV table as the report reads it back: every float exactly as written (they are written in the shortest
+    form that round-trips), an empty file as a frame without columns."""
+    try:
+        return pd.read_csv(source, float_precision="round_trip")
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def _reread(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """``df`` as CSV text (pandas' default float format: shortest round-trip repr) and that text read back. Stages
+    hand on the read-back frame, so a run that computed a table and one that resumed from its file see the same
+    values and dtypes."""
+    text = df.to_csv(index=False)
+    return text, _read_csv(io.StringIO(text))
+
+
 def _known_kinds(kinds):
     for kind in kinds:
         KINDS[kind]
@@ -65,10 +84,12 @@ EvalWindows = Annotated[Count | None, BeforeValidator(_all_or_count)]
 class ReportOptions(Thresholds):
     """Everything a report depends on; stored in ``manifest.json`` and checked when a run resumes."""
 
-    model: str = DEFAULT_MODEL
+    model: Text = DEFAULT_MODEL
     """Zoo model, checkpoint directory or hub id."""
-    data: str = DEFAULT_CORPUS
+    data: Text = DEFAULT_CORPUS
     """Corpus (see sensitivity.load_corpus)."""
+    allow_nonfinite: bool = False
+    """Load a model whose weights hold NaN or infinity (refused by default, naming the tensors)."""
     seed: Int = 0
     """Seed of every window draw and subsample."""
     seqlen: Seqlen = 256
@@ -108,7 +129,7 @@ class ReportSpec(ReportOptions, JobSpec):
     name_tables: ClassVar[dict[str, Methods]] = {"probe_kinds": KINDS}
 
     job: Literal["report"] = "report"
-    out: str
+    out: Text
     """Report directory (rerunning into it resumes)."""
 
 
@@ -127,7 +148,7 @@ class _Report:
     def __init__(self, options: ReportOptions, out: OutputDir, show: bool, inputs: Inputs) -> None:
         self.o, self.out, self.dir, self.show, self.inputs = options, out, out.path, show, inputs
         self.corpus = inputs.corpus(options.data)
-        self.lm = inputs.model(options.model)
+        self.lm = inputs.model(options.model, allow_nonfinite=options.allow_nonfinite)
         o, tok = options, self.lm.tokenizer
         heldout = "validation" if "validation" in self.corpus.splits else self.corpus.heldout_split
         test = "test" if "test" in self.corpus.splits else self.corpus.heldout_split
@@ -136,17 +157,22 @@ class _Report:
                                              split=heldout)  # fmt: skip
         self.test = eval_windows(self.corpus, tok, o.eval_seqlen, split=test, max_windows=o.eval_windows)
         self.data = self.dir / "data"
-        self.data.mkdir(parents=True, exist_ok=True)
         self.schedules: dict[float, Schedule] = {}
+        self.timings: dict = {}
+        """Wall times by stage (``grid``: label -> sparsity -> prune_s, eval_s), kept in the manifest."""
+        self.progress: Callable[[], None] = lambda: None
+        """Called after each grid run (writes the manifest with the timings so far)."""
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _csv(self, name: str, df: pd.DataFrame) -> pd.DataFrame:
-        self.out.write_text(f"data/{name}.csv", df.to_csv(index=False, float_format="%.8g"))
-        return df
+        """Write ``data/NAME.csv``; returns the table as read back from it (what a resumed run would see)."""
+        text, back = _reread(df)
+        self.out.write_text(f"data/{name}.csv", text)
+        return back
 
     def _cached(self, name: str) -> pd.DataFrame | None:
         path = self.data / f"{name}.csv"
-        return pd.read_csv(path) if path.is_file() else None
+        return _read_csv(path) if path.is_file() else None
 
     def _schedule(self, allocator: str, budget: float) -> Schedule:
         if allocator == "sensitivity":
@@ -183,31 +209,35 @@ class _Report:
         o = self.o
         for b in sorted({o.budget, *o.sparsities}):
             file = self.dir / "schedule.yaml" if b == o.budget else self.dir / "schedules" / f"sensitivity-{b:g}.yaml"
-            if file.is_file():
-                self.schedules[b] = Schedule.from_yaml(file)
-                continue
-            schedule = allocate(self.lm, "sensitivity", b, probes=probes, max_sparsity=max(o.probe_sparsities),
-                                seed=o.seed, show_progress=False)  # fmt: skip
-            file.parent.mkdir(parents=True, exist_ok=True)
-            schedule.to_yaml(file)
-            if b == o.budget:
-                self.out.write_text("recipe.yaml", schedule.to_recipe())
-            self.schedules[b] = schedule
+            if not file.is_file():
+                schedule = allocate(self.lm, "sensitivity", b, probes=probes, max_sparsity=max(o.probe_sparsities),
+                                    seed=o.seed, show_progress=False)  # fmt: skip
+                file.parent.mkdir(parents=True, exist_ok=True)
+                schedule.to_yaml(file)
+            self.schedules[b] = Schedule.from_yaml(file)  # as written, whether computed now or by a killed run
+            if b == o.budget:  # (re)written from the file: a run killed before it was written still gets it
+                self.out.write_text("recipe.yaml", self.schedules[b].to_recipe())
         return self._csv("schedule", self.schedules[o.budget].frame())
 
     def grid(self) -> pd.DataFrame:
         from ..explain import verdict
 
         o = self.o
-        done = self._cached("grid")
-        rows = [] if done is None else done.to_dict(orient="records")
+        done = self._cached("grid")  # the rows of the runs finished (plus ppl_ratio and verdict once all are)
+        rows = [] if done is None else done.drop(columns=["ppl_ratio", "verdict", "prune_s"],
+                                                 errors="ignore").to_dict(orient="records")  # fmt: skip
         have = {(r["label"], float(r["sparsity"])) for r in rows}
         plan = plan_grid(self.lm.registry, o.sparsities, o.structured_sparsities, allocators=_allocators(o))
         runs = [r for r in plan if (r.label, float(r.sparsity)) not in have]
+        timings = self.timings.setdefault("grid", {})
         for run in tqdm(runs, desc="pruning grid", disable=not self.show):
-            rows.append(grid_row(self.inputs, o.model, run, self.test, self.calib, self._schedule, seed=o.seed))
+            seconds: dict[str, float] = {}
+            rows.append(grid_row(self.inputs, o.model, run, self.test, self.calib, self._schedule, seed=o.seed,
+                                 timings=seconds))  # fmt: skip
             self._csv("grid", pd.DataFrame(rows))
-        df = pd.DataFrame(rows)
+            timings.setdefault(run.label, {})[f"{run.sparsity:g}"] = seconds  # wall times: manifest, never a CSV
+            self.progress()
+        df = _reread(pd.DataFrame(rows))[1]  # the rows as grid.csv holds them, however many were read back
         dense_nll = float(df[df.method == DENSE].nll.iloc[0])
         df["ppl_ratio"] = [ratio(nll, dense_nll) for nll in df.nll]
         df["verdict"] = ["dense" if m == DENSE else verdict(r, healthy=o.healthy, collapsed=o.collapsed)
@@ -222,13 +252,13 @@ class _Report:
             if (path / "explanation.json").is_file():
                 results.append(Explanation.load(path))
                 continue
-            pruned = self.inputs.fresh(o.model)
+            pruned = self.inputs.fresh(o.model, allow_nonfinite=o.allow_nonfinite)
             prune_run(pruned, run, self.calib, self._schedule, seed=o.seed, mask=True)
             e = explain(self.lm, pruned, self.explain_w, label=run.label, sparsity=s, healthy=o.healthy,
                         collapsed=o.collapsed, seed=o.seed, show_progress=self.show)  # fmt: skip
             path.parent.mkdir(parents=True, exist_ok=True)
             e.save(path, overwrite=True)
-            results.append(e)
+            results.append(Explanation.load(path))  # as saved: what a resumed run reads back
         return results
 
 
@@ -271,20 +301,24 @@ def build_report(
     options = options or ReportOptions()
     fields = {k: v for k, v in options.to_dict().items() if k in ReportOptions.model_fields}
     spec = ReportSpec(**{**fields, **overrides, "out": str(out)})
-    with OutputDir(out, "report", spec.to_dict(), overwrite=overwrite) as directory:
-        return _build(spec, directory, show_progress, inputs or Inputs())
+    directory = OutputDir(out, "report", spec.to_dict(), overwrite=overwrite).check()
+    run = _Report(spec, directory, show_progress, inputs or Inputs())  # loads and checks the inputs; writes nothing
+    with directory:
+        return _build(spec, directory, run)
 
 
-def _build(o: ReportSpec, out: OutputDir, show_progress: bool, inputs: Inputs) -> dict[str, Path]:
+def _build(o: ReportSpec, out: OutputDir, run: _Report) -> dict[str, Path]:
     from ..eval import definition
     from .render import write_report
 
     previous = out.previous or {}
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record = {"seed": o.seed, "created": previous.get("created", started), "resumed": bool(previous), "steps": {}}
+    run.timings.update(previous.get("timings") or {})  # those of the grid runs a killed run finished
+    record["timings"] = run.timings
+    run.progress = lambda: out.manifest(**record, status="running")
     out.manifest(**record, status="running")
-
-    run = _Report(o, out, show_progress, inputs)
+    run.data.mkdir(parents=True, exist_ok=True)
     tables: dict[str, pd.DataFrame] = {}
 
     def step(name: str, fn, *args):

@@ -71,7 +71,6 @@ GRID_COLUMNS = (
     "params",
     "nonzero",
     "tokens",
-    "prune_s",
 )
 TOP_PROBES = 10
 TOP_PATCHING = 5

@@ -258,7 +258,7 @@ def _check_budget(schedule, budget, lo=0.0, hi=0.95):
     assert all(lo - 1e-12 <= s <= hi + 1e-12 for s in schedule.sparsity.values())
 
 
-def test_uniform_and_depth(lm):
+def test_uniform_and_depth(lm, caplog):
     s = allocate(lm, "uniform", 0.4, show_progress=False)
     _check_budget(s, 0.4)
     assert set(s.sparsity.values()) == {0.4} and "conv1d" not in s.components and s.method == "uniform"
@@ -267,10 +267,16 @@ def test_uniform_and_depth(lm):
     _check_budget(s, 0.5)
     assert s.per_layer() == pytest.approx([0.3, 0.7]) and "conv1d" in s.components
     assert s.meta == {"min_sparsity": 0.0, "max_sparsity": 0.95, "seed": 0, "depth_spread": 0.2}
-    # the ramp is clipped at max_sparsity and the rest shifted to keep the budget
-    s = allocate(lm, "depth", 0.5, depth_spread=0.2, max_sparsity=0.6, show_progress=False)
+    # the ramp is clipped at max_sparsity and the rest shifted to keep the budget, with a warning
+    with caplog.at_level("WARNING", logger="sensitivity.allocation.allocate"):
+        s = allocate(lm, "depth", 0.5, depth_spread=0.2, max_sparsity=0.6, show_progress=False)
     _check_budget(s, 0.5, hi=0.6)
     assert s.per_layer() == pytest.approx([0.4, 0.6])
+    assert "depth_spread 0.2 ramps layers from 0.3 to 0.7: clipped to [min_sparsity, max_sparsity] = [0, 0.6]" in (
+        caplog.text)  # fmt: skip
+    with pytest.raises(ValueError, match=r"depth_spread: 0.6 ramps layers from -0.1 to 1.1, outside \[0, 1\); "
+                                         r"allowed: \|depth_spread\| < 0.5 at budget 0.5"):  # fmt: skip
+        allocate(lm, "depth", 0.5, depth_spread=0.6, show_progress=False)
 
 
 def _independent_outlier_ratios(lm, windows, comps, m):

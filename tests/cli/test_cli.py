@@ -76,7 +76,7 @@ def test_evaluate_text_output_with_reference(tmp_path):
         (["evaluate", "--data", "/no/such/file.txt"], "'/no/such/file.txt' is neither an existing path"),
         (["evaluate", "--seqlen", "1000000"], "fewer than one window of 1000000"),
         (["components", "--format", "xml"], "argument --format: 'xml' is invalid; allowed: table, csv, json"),
-        (["components", "--model", "/no/such/dir/"], "model path '/no/such/dir/' is not a directory"),
+        (["components", "--model", "/no/such/dir/"], "model path '/no/such/dir/' does not exist"),
         ([], "the following arguments are required: command"),
     ],
 )

@@ -49,7 +49,7 @@ def test_explain_a_pruned_checkpoint_reads_its_manifest(tmp_path):
     [
         (["--method", "wanda"], "argument --sparsity: method wanda needs a sparsity"),
         (["--method", "wanda", "--sparsity", "1.5"], "argument --sparsity: 1.5 is out of range"),
-        (["--pruned", "nowhere"], "argument --pruned: 'nowhere' is not a directory"),
+        (["--pruned", "no/where/at/all"], "argument --pruned: model path 'no/where/at/all' does not exist"),
         (["--pruned", ".", "--sparsity", "0.5"], "argument --sparsity: goes with method"),
         (["--method", "wanda", "--sparsity", "0.5", "--healthy", "3"], "argument --collapsed: 2.0 is not above "
                                                                        "healthy=3.0; need 1 <= healthy < collapsed"),

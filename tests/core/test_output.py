@@ -63,9 +63,9 @@ def test_a_directory_holding_something_else_is_never_touched(tmp_path):
             OutputDir(tmp_path, "probe", SPEC, overwrite=overwrite).__enter__()
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match="is a file; give a directory"):
+    with pytest.raises(OutputError, match="is a file; allowed: a directory"):
         OutputDir(tmp_path / "file", "probe", SPEC).__enter__()
-    with pytest.raises(OutputError, match="cannot create directory /dev/null/x"):
+    with pytest.raises(OutputError, match="cannot create /dev/null/x: /dev/null is not a directory"):
         OutputDir("/dev/null/x", "probe", SPEC).__enter__()
 
 

@@ -120,7 +120,7 @@ def test_files_that_are_not_yaml_text_are_named(tmp_path):
     with pytest.raises(SpecError, match="does not exist"):
         load_yaml(tmp_path / "none.yaml")
     for directory in (tmp_path, str(tmp_path)):
-        with pytest.raises(SpecError, match="is not a file"):
+        with pytest.raises(SpecError, match="is a directory; allowed: a YAML or JSON file"):
             load_yaml(directory)
 
 

@@ -60,9 +60,13 @@ def test_never_writes_into_the_source_checkpoint(tmp_path):
     (tmp_path / "full" / "x.txt").write_text("keep")
     with pytest.raises(ValueError, match="is not empty; choose another directory"):
         result.save(tmp_path / "full")
+    with pytest.raises(ValueError, match="holds no pruning_manifest.json; it is never replaced, even with overwrite"):
+        result.save(tmp_path / "full", overwrite=True)
     assert (tmp_path / "full" / "x.txt").read_text() == "keep"
-    result.save(tmp_path / "full", overwrite=True)
-    assert not (tmp_path / "full" / "x.txt").exists() and (tmp_path / "full" / "config.json").is_file()
+    result.save(tmp_path / "earlier")
+    (tmp_path / "earlier" / "x.txt").write_text("stale")
+    result.save(tmp_path / "earlier", overwrite=True)  # an earlier pruned checkpoint is replaced whole
+    assert not (tmp_path / "earlier" / "x.txt").exists() and (tmp_path / "earlier" / "config.json").is_file()
     assert _digests(source) == before
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 

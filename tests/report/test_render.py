@@ -122,15 +122,15 @@ def _tables() -> dict[str, pd.DataFrame]:
     )
     grid = pd.DataFrame(
         [
-            ("dense", "dense", 0.0, 20.0, 1.0, 3.0, 1000, 100_000, 100_000, "dense", 0.0),
-            ("magnitude", "magnitude", 0.25, 22.0, 1.1, 3.09, 1000, 100_000, 75_000, "healthy", 0.1),
-            ("magnitude", "magnitude", 0.5, 60.0, 3.0, 4.09, 1000, 100_000, 50_000, "collapsed", 0.1),
-            ("magnitude", "magnitude", 0.75, np.inf, np.inf, np.inf, 1000, 100_000, 25_000, "collapsed", 0.1),
-            ("wanda", "wanda", 0.25, 20.5, 1.025, 3.02, 1000, 100_000, 75_000, "healthy", 0.4),
-            ("wanda", "wanda", 0.5, 22.469, 1.12345, 3.11, 1000, 100_000, 50_000, "healthy", 0.4),
-            ("wanda", "wanda", 0.75, 31.0, 1.55, 3.43, 1000, 100_000, 25_000, "degraded", 0.4),
-            ("wanda 2:4", "wanda", 0.5, 25.0, 1.25, 3.22, 1000, 100_000, 50_000, "degraded", 0.5),
-            ("head", "head", 0.5, 44.0, 2.2, 3.78, 1000, 50_000, 50_000, "collapsed", 0.2),
+            ("dense", "dense", 0.0, 20.0, 1.0, 3.0, 1000, 100_000, 100_000, "dense"),
+            ("magnitude", "magnitude", 0.25, 22.0, 1.1, 3.09, 1000, 100_000, 75_000, "healthy"),
+            ("magnitude", "magnitude", 0.5, 60.0, 3.0, 4.09, 1000, 100_000, 50_000, "collapsed"),
+            ("magnitude", "magnitude", 0.75, np.inf, np.inf, np.inf, 1000, 100_000, 25_000, "collapsed"),
+            ("wanda", "wanda", 0.25, 20.5, 1.025, 3.02, 1000, 100_000, 75_000, "healthy"),
+            ("wanda", "wanda", 0.5, 22.469, 1.12345, 3.11, 1000, 100_000, 50_000, "healthy"),
+            ("wanda", "wanda", 0.75, 31.0, 1.55, 3.43, 1000, 100_000, 25_000, "degraded"),
+            ("wanda 2:4", "wanda", 0.5, 25.0, 1.25, 3.22, 1000, 100_000, 50_000, "degraded"),
+            ("head", "head", 0.5, 44.0, 2.2, 3.78, 1000, 50_000, 50_000, "collapsed"),
         ],
         columns=[
             "label",
@@ -143,7 +143,6 @@ def _tables() -> dict[str, pd.DataFrame]:
             "params",
             "nonzero",
             "verdict",
-            "prune_s",
         ],
     )
     drift = pd.DataFrame(
