@@ -218,8 +218,9 @@ class OutputDir:
 
     def __exit__(self, kind, value, traceback) -> None:
         if self._fd is not None:
-            if kind is not None and self._created and not any(self.path.iterdir()):
-                self.path.rmdir()  # a run that failed before writing anything leaves no trace
+            if kind is not None and self._created and all(p.name == MANIFEST for p in self.path.iterdir()):
+                (self.path / MANIFEST).unlink(missing_ok=True)  # a run that failed before writing any output
+                self.path.rmdir()  # leaves no trace (its "running" manifest had nothing to resume)
             os.close(self._fd)  # releases the lock
             self._fd = None
 

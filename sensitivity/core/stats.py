@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Windows
+from .finite import check_loss
 from .hooks import hooks
 from .loading import unwrap
 
@@ -201,7 +202,9 @@ def window_gradients(
         for k in tqdm(range(len(windows)), desc="gradients", disable=not show_progress, unit="window"):
             ids = windows.ids[k : k + 1].to(device)  # (1, L)
             logits = module(input_ids=ids, use_cache=False).logits  # (1, L, V)
-            window_objective(logits, ids, objective).sum().backward()
+            loss = window_objective(logits, ids, objective).sum()
+            check_loss(module, loss.item(), ids, f"the {objective} objective of window {k}")
+            loss.backward()
             for key, p in params.items():
                 stats[key].add(p.grad if p.grad is not None else torch.zeros_like(p))
             for p in params.values():

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
+from ..core.finite import check_loss
 from ..core.loading import LoadedModel, as_loaded
 from ..core.output import MANIFEST, publish_dir, versions, write_manifest
 from ..core.runner import LayerRunner
@@ -459,6 +460,8 @@ def explain(
     d_stream, p_stream = d_run.stream(), p_run.stream()
     n_layers = rd.n_layers
     nll_d, nll_p = d_run.loss(d_stream[-1], n_layers)[0], p_run.loss(p_stream[-1], n_layers)[0]
+    check_loss(dense_lm.model, nll_d, d_run.ids, "the dense model's loss")
+    check_loss(pruned_lm.model, nll_p, p_run.ids, "the pruned model's loss")
     drift = _drift(d_stream, p_stream)
     over = drift[drift.rel_error > drift_threshold]
     first_layer = int(over.layer.iloc[0]) if len(over) else None

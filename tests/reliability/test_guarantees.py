@@ -149,12 +149,20 @@ def test_the_first_nonfinite_activation_is_named(tensor, value, where):
 
 def test_a_nonfinite_loss_during_a_job_is_named_by_layer_and_hook_point(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
-    for argv in (["evaluate"], ["probe", "--windows", "2", "--calib-windows", "2", "--components", "dt", "--kinds",
-                                "zero", "--out", "nan-probe"]):  # fmt: skip
+    jobs = {
+        "the loss": ["evaluate", "--model", "nan"],
+        "the dense loss of the held-out windows": ["probe", "--model", "nan", "--windows", "2", "--calib-windows", "2",
+                                                   "--components", "dt", "--kinds", "zero", "--out", "nan-probe"],
+        "the loss objective of window 0": ["attribute", "--model", "nan", "--windows", "2", "--methods", "taylor",
+                                           "--out", "nan-attribute"],
+        "the dense model's loss": ["explain", "--dense", "nan", "--method", "magnitude", "--sparsity", "0.5",
+                                   "--windows", "2", "--out", "nan-explain"],
+    }  # fmt: skip
+    for what, argv in jobs.items():
         before = listing(workspace)
-        code, _, err = cli(*argv, "--model", "nan", "--allow-nonfinite", "--data", "text.txt", "--seqlen", "16")
+        code, _, err = cli(*argv, "--allow-nonfinite", "--data", "text.txt", "--seqlen", "16")
         assert code == 2 and len(err.strip().splitlines()) == 1, err
-        assert "is nan: the first non-finite activation is at layer 0, hook point out" in err
+        assert f"{what} is nan: the first non-finite activation is at layer 0, hook point out" in err
         assert listing(workspace) == before
 
 
