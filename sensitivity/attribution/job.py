@@ -37,7 +37,7 @@ class AttributeSpec(AttributeOptions, ModelData):
 def run_attribute(spec: AttributeSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
                   ) -> JobResult:  # fmt: skip
     """Score every (layer, component); the table is the job's value."""
-    out = OutputDir(spec.out, "attribute", spec.to_dict(), overwrite=overwrite).check()
+    out = OutputDir(spec.out, "attribute", spec, overwrite=overwrite).check()
     corpus, lm = inputs.load(spec)
     windows = calibration_windows(corpus, lm.tokenizer, spec.windows, spec.seqlen, seed=spec.seed)
     with out:

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from .spec import Spec
+
 __all__ = ["MANIFEST", "OutputDir", "OutputError", "atomic_write_text", "atomic_write_texts", "check_dir", "check_file",
            "check_publish", "publish_dir", "versions", "write_manifest"]
 
@@ -140,7 +142,9 @@ class OutputDir:
     Args:
         path: The directory.
         job: The job's name (``probe``, ``report``...).
-        spec: The job's full spec as plain data (``Spec.to_dict()``); stored in the manifest.
+        spec: The job's full spec (a :class:`~sensitivity.core.spec.Spec`, or plain data from ``Spec.to_dict()``);
+            stored in the manifest. Given as a spec, an output made before a field was added resumes when the new
+            field has its default.
         inputs: Fingerprints of inputs the spec does not name (e.g. the SHA-256 of windows passed in by a caller);
             stored, and a resume must match them too.
         overwrite: Empty a directory holding a sensitivity output of another job or spec.
@@ -151,8 +155,10 @@ class OutputDir:
         ...     out.manifest(status="complete")
     """
 
-    def __init__(self, path: str | os.PathLike, job: str, spec: dict, *, inputs: dict | None = None,
+    def __init__(self, path: str | os.PathLike, job: str, spec: dict | Spec, *, inputs: dict | None = None,
                  overwrite: bool = False) -> None:  # fmt: skip
+        self.defaults = spec.defaults() if isinstance(spec, Spec) else {}
+        spec = spec.to_dict() if isinstance(spec, Spec) else spec
         self.path = Path(path).expanduser().absolute()
         self.job, self.spec, self.inputs, self.overwrite = job, spec, dict(inputs or {}), overwrite
         self.previous: dict | None = None
@@ -193,7 +199,8 @@ class OutputDir:
                 raise OutputError(f"{shown(self.path)} is not empty and holds no sensitivity output; give a new or "
                                   "empty directory")  # fmt: skip
             return
-        same = old.get("job") == self.job and _identity(old.get("spec") or {}) == _identity(self.spec)
+        old_spec = {**self.defaults, **(old.get("spec") or {})}  # fields added since it ran: their defaults
+        same = old.get("job") == self.job and _identity(old_spec) == _identity(self.spec)
         if same and (old.get("inputs") or {}) != self.inputs:
             if not self.overwrite:
                 raise OutputError(f"{shown(self.path)} holds a {self.job} run on other inputs "
@@ -207,8 +214,8 @@ class OutputDir:
             if old.get("job") != self.job:
                 raise OutputError(f"{shown(self.path)} holds the output of a {old.get('job')!r} job, not "
                                   f"{self.job!r}; use another directory")  # fmt: skip
-            diff = sorted(k for k in set(_identity(old.get("spec") or {})) | set(_identity(self.spec))
-                          if (old.get("spec") or {}).get(k) != self.spec.get(k))  # fmt: skip
+            diff = sorted(k for k in set(_identity(old_spec)) | set(_identity(self.spec))
+                          if old_spec.get(k) != self.spec.get(k))  # fmt: skip
             raise OutputError(f"{shown(self.path)} holds a {self.job} run with other settings ({', '.join(diff)}); use "
                               "another directory, or overwrite to start it again")  # fmt: skip
         if dry:

@@ -24,6 +24,7 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import to_jsonable_python
 
 __all__ = [
     "Count",
@@ -174,6 +175,12 @@ class Spec(BaseModel):
     def to_dict(self) -> dict:
         """Plain data (JSON types only) that :meth:`from_dict` turns back into an equal spec."""
         return self.model_dump(mode="json")
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Each field's default as plain data (as :meth:`to_dict` writes it); fields without one are left out."""
+        return {name: to_jsonable_python(f.default) for name, f in cls.model_fields.items()
+                if not f.is_required() and f.default_factory is None}  # fmt: skip
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"

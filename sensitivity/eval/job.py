@@ -47,7 +47,7 @@ def _split_note(corpus, split: str) -> dict:
 def run_evaluate(spec: EvaluateSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
                  ) -> JobResult:  # fmt: skip
     """Evaluate ``spec.model`` on ``spec.data``; the result dict is the job's value (and ``evaluation.json``)."""
-    out = OutputDir(spec.out, "evaluate", spec.to_dict(), overwrite=overwrite).check() if spec.out else None
+    out = OutputDir(spec.out, "evaluate", spec, overwrite=overwrite).check() if spec.out else None
     corpus, lm = inputs.load(spec)
     reference = (inputs.model(spec.reference, spec.dtype, tokenizer=False, allow_nonfinite=spec.allow_nonfinite,
                               field="reference") if spec.reference else None)  # fmt: skip

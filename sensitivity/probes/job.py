@@ -27,7 +27,7 @@ class ProbeSpec(ProbeOptions, ModelData):
 @JOBS.register("probe", options=ProbeSpec, description="ablate each component of each layer; write probes.csv")
 def run_probe(spec: ProbeSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
     """Run the sweep ``spec`` asks for; the probes frame is the job's value."""
-    out = OutputDir(spec.out, "probe", spec.to_dict(), overwrite=overwrite).check()
+    out = OutputDir(spec.out, "probe", spec, overwrite=overwrite).check()
     corpus, lm = inputs.load(spec)
     df = probe(lm, corpus, options=spec, out=out, show_progress=show_progress)  # opens out once all is checked
     return JobResult(spec, {"probes": out.file("probes.csv"), "manifest": out.file("manifest.json")}, df)

@@ -89,7 +89,7 @@ def _score(method: str) -> str:
 @JOBS.register("grid", options=GridSpec, description="the pruning grid on one or more models (test perplexity)")
 def run_grid(spec: GridSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
     """Prune every model with every method and evaluate each; the grid table is the job's value."""
-    out = OutputDir(spec.out, "grid", spec.to_dict(), overwrite=overwrite).check()
+    out = OutputDir(spec.out, "grid", spec, overwrite=overwrite).check()
     for name in spec.models:
         try:
             check_source(name)

@@ -301,7 +301,7 @@ def build_report(
     options = options or ReportOptions()
     fields = {k: v for k, v in options.to_dict().items() if k in ReportOptions.model_fields}
     spec = ReportSpec(**{**fields, **overrides, "out": str(out)})
-    directory = OutputDir(out, "report", spec.to_dict(), overwrite=overwrite).check()
+    directory = OutputDir(out, "report", spec, overwrite=overwrite).check()
     run = _Report(spec, directory, show_progress, inputs or Inputs())  # loads and checks the inputs; writes nothing
     with directory:
         return _build(spec, directory, run)

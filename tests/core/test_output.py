@@ -130,3 +130,23 @@ def test_two_processes_on_one_output_directory_give_one_clear_error_and_an_intac
                                     "for it to finish or choose another directory"
     assert (out / "probes.csv").read_bytes() == (tmp_path / "reference" / "probes.csv").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "probes.csv"]
+
+
+def test_an_output_made_before_a_field_was_added_resumes_when_it_has_its_default(tmp_path):
+    from sensitivity.core.spec import Spec
+
+    class Old(Spec):
+        model: str = "m"
+        out: str = "x"
+
+    class New(Old):
+        careful: bool = False
+
+    with OutputDir(tmp_path / "o", "probe", Old()) as out:
+        out.manifest(status="complete")
+    with OutputDir(tmp_path / "o", "probe", New()) as out:  # the new field at its default: the same run
+        assert out.previous is not None and out.previous["spec"] == {"model": "m", "out": "x"}
+    with pytest.raises(OutputError, match=r"holds a probe run with other settings \(careful\)"):
+        OutputDir(tmp_path / "o", "probe", New(careful=True)).check()
+    with pytest.raises(OutputError, match=r"other settings \(model\)"):
+        OutputDir(tmp_path / "o", "probe", New(model="other")).check()
