@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -187,8 +188,12 @@ def test_two_probe_processes_on_one_output_give_one_clear_error(workspace, tmp_p
     deadline = time.monotonic() + 120
     while not manifest.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert first.poll() is None, "the first run finished before the second could start; give it more work"
-    second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert first.poll() is None, "the first run finished before it could be paused; give it more work"
+    first.send_signal(signal.SIGSTOP)  # paused mid-run, holding its lock, however fast this machine is
+    try:
+        second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert second.returncode == 2

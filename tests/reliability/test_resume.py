@@ -240,26 +240,34 @@ def test_report_killed_and_rerun_writes_what_an_uninterrupted_run_writes(point, 
 
 # -- the same seed twice -------------------------------------------------------------------------------------------
 def _chain(root: Path, corpus: str, monkeypatch) -> None:
-    """Probe, attribute, a sensitivity schedule from the probes, magnitude and WANDA checkpoints, in ``root``, with
-    relative output paths (a schedule records its spec, outputs included)."""
+    """Probe, attribute, their agreement, a sensitivity schedule and recipe from the probes, magnitude and WANDA
+    checkpoints, an evaluation and an explanation of the WANDA one, in ``root``, with relative output paths (a
+    schedule records its spec, outputs included)."""
     root.mkdir()
     monkeypatch.chdir(root)
     common = ["--model", "tiny:mamba2", "--data", corpus, "--seqlen", "16"]
     _in_process("probe", *common, "--windows", "2", "--calib-windows", "2", "--kinds", "wanda", "--sparsities",
                 "0.25,0.5", "--out", "p")  # fmt: skip
     _in_process("attribute", *common, "--windows", "2", "--out", "a")
+    _in_process("agreement", "--probes", "p", "--attribution", "a")
     _in_process("schedule", *common, "--method", "sensitivity", "--probes", "p", "--budget", "0.4", "--out",
-                "s.yaml")  # fmt: skip
+                "s.yaml", "--recipe", "r.yaml")  # fmt: skip
     for method in ("magnitude", "wanda"):
         _in_process("prune", *common, "--calib-windows", "2", "--method", method, "--sparsity", "0.5", "--out",
                     method)  # fmt: skip
+    _in_process("evaluate", "--model", "wanda", "--data", corpus, "--seqlen", "16", "--max-windows", "4", "--out",
+                "e")  # fmt: skip
+    _in_process("explain", "--dense", "tiny:mamba2", "--pruned", "wanda", "--data", corpus, "--seqlen", "16",
+                "--windows", "2", "--out", "x")  # fmt: skip
 
 
 def test_the_same_seed_writes_the_same_bytes(tmp_path, corpus, monkeypatch):
     for name in ("first", "second"):
         _chain(tmp_path / name, corpus, monkeypatch)
-    files = ["p/probes.csv", "a/attribution.csv", "s.yaml"]
+    files = ["p/probes.csv", "a/attribution.csv", "p/agreement.csv", "s.yaml", "r.yaml", "e/evaluation.json"]
     files += [f"{m}/{f}" for m in ("magnitude", "wanda") for f in ("model.safetensors", "config.json")]
+    files += [f"x/{f}" for f in ("explanation.json", "explanation.md", "drift.csv", "patching.csv", "dynamics.csv",
+                                 "samples.csv", "states.csv")]  # fmt: skip
     for name in files:
         first, second = (tmp_path / "first" / name).read_bytes(), (tmp_path / "second" / name).read_bytes()
         assert first == second, name
