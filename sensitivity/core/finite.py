@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from .registry import build_registry
+
 __all__ = ["NonFiniteError", "check_loss", "check_weights", "first_nonfinite", "nonfinite_tensors"]
 
 
@@ -63,17 +65,12 @@ def first_nonfinite(model: nn.Module, ids: torch.Tensor) -> str | None:
 
         return hook
 
-    backbone = model.get_input_embeddings()
-    handles.append(backbone.register_forward_hook(watch("the embeddings")))
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if "layers" in parts and parts.index("layers") + 1 < len(parts):
-            i = parts.index("layers")
-            layer = parts[i + 1]
+    handles.append(model.get_input_embeddings().register_forward_hook(watch("the embeddings")))
+    for layer, block in enumerate(build_registry(model.config).blocks(model)):  # where the blocks live: the registry
+        for module in block.modules():
             if isinstance(module, HookPoint):
-                handles.append(module.register_forward_hook(watch(f"layer {layer}, hook point {parts[-1]}")))
-            elif len(parts) == i + 2:  # the block itself
-                handles.append(module.register_forward_hook(watch(f"the output of layer {layer}")))
+                handles.append(module.register_forward_hook(watch(f"layer {layer}, hook point {module.name}")))
+        handles.append(block.register_forward_hook(watch(f"the output of layer {layer}")))
     try:
         logits = model(input_ids=ids, use_cache=False).logits
     finally:
