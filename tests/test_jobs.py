@@ -148,7 +148,8 @@ def test_a_registered_method_runs_through_the_api_cli_and_help(random_method, tm
     assert (targeted.zeros / targeted.numel).between(0.49, 0.51).all()
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
-    assert "Choices: magnitude, wanda, state, head, headdim, random." in " ".join(capsys.readouterr().out.split())
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "Choices: magnitude, wanda, state, head, headdim, blocks, random." in shown
     code = main(["prune", "--model", "tiny:mamba2", "--method", "random", "--sparsity", "0.5", "--seed", "1",
                  "--out", str(tmp_path / "r")])  # fmt: skip
     assert code == 0 and "random pruned tiny:mamba2" in capsys.readouterr().out

@@ -22,7 +22,7 @@ from typing import Annotated, Literal, NamedTuple
 
 import pandas as pd
 import torch
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 from torch import nn
 
 from ..attribution import weight_scores
@@ -393,11 +393,11 @@ def _fisher_curves(lm: LoadedModel, windows: Windows, keys, names, *, batch_size
                            show_progress=show_progress)  # fmt: skip
     curves = {}
     for layer, comp in keys:
-        mixer = reg.mixer(lm.model, layer)
+        owner = reg.owner(lm.model, layer, comp)
         parts = []
         for t in reg.weights(comp):
             fisher = scores[(layer, comp, t.describe())].double() / len(windows)  # shaped like the slice
-            parts.append((0.5 * fisher * t.get(mixer).detach().double() ** 2).flatten())  # (numel,)
+            parts.append((0.5 * fisher * t.get(owner).detach().double() ** 2).flatten())  # (numel,)
         saliency = torch.cat(parts).sort().values  # (n,) ascending
         cumsum = torch.cat([saliency.new_zeros(1), saliency.cumsum(0)])  # (n + 1,) cost of pruning the k smallest
         n = saliency.numel()
@@ -452,6 +452,22 @@ class SensitivityOptions(Spec):
     """Which sparsify probes give the curves."""
     metric: Literal["delta_nll", "kl"] = "delta_nll"
     """Probe metric used as the loss increase (0 for the dense model)."""
+
+
+def _offsets(value):
+    """``"attention=-0.25,mlp=0.1"`` (the command line's form) -> ``{"attention": "-0.25", "mlp": "0.1"}``."""
+    if not isinstance(value, str):
+        return value
+    pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+    if any(not eq for _, eq, _ in pairs):
+        raise ValueError(f"{value!r} is invalid; allowed: KIND=OFFSET pairs, e.g. attention=-0.25,mlp=0.1")
+    return {k.strip(): v.strip() for k, _, v in pairs}
+
+
+class UnitOptions(Spec):
+    unit_offset: Annotated[dict[Literal["ssm", "attention", "mlp"], Number], BeforeValidator(_offsets)] = {}
+    """Sparsity offset of each unit kind's weights (ssm, attention, mlp) before the shift that meets the budget, e.g.
+    attention=-0.25,mlp=0.1 keeps attention 0.35 denser than the MLPs; kinds not named get 0."""
 
 
 @dataclass
@@ -538,6 +554,16 @@ def needs_probes(method: str, options: Spec) -> bool:
     return bool(rule(options) if callable(rule) else rule)
 
 
+@METHODS.register("unit", options=UnitOptions, description="the budget plus an offset per unit kind (SSM, attention, "
+                  "MLP), shifted to meet the budget: a type-aware schedule for hybrids")  # fmt: skip
+def _unit(ctx: AllocationContext, options: UnitOptions) -> tuple[torch.Tensor, dict]:
+    reg, offset = ctx.lm.registry, options.unit_offset
+    raw = torch.tensor([ctx.common.budget + offset.get(reg.component(c).unit, 0.0) for _, c in ctx.keys],
+                       dtype=torch.float64)  # (E,)
+    return ctx.fit(raw), {"unit_offset": {k: float(v) for k, v in sorted(offset.items())}}
+
+
+
 def allocate(
     model: LoadedModel | nn.Module,
     method: str,
@@ -614,7 +640,8 @@ def allocate(
         s, extra = entry.fn(ctx, opts)  # (E,)
     meta.update(extra)
     schedule = Schedule(arch=reg.arch, n_layers=reg.n_layers, sparsity=dict(zip(keys, s.tolist())), params=sizes,
-                        method=method, budget=common.budget, exclude=common.exclude, meta=meta)  # fmt: skip
+                        method=method, budget=common.budget, exclude=common.exclude, meta=meta,
+                        units=reg.units if reg.is_hybrid else ())  # fmt: skip
     logger.info("%s allocation of %s at %.4f: per layer %s", method, lm.name, common.budget,
                 ", ".join(f"{x:.3f}" for x in schedule.per_layer()))  # fmt: skip
     return schedule

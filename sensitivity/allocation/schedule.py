@@ -58,6 +58,7 @@ class _Document(Spec):
     budget: Fraction | None = None
     exclude: Exclude = ()
     meta: Meta = {}
+    units: list[dict[str, str]] | None = None
     entries: Annotated[list[_Entry], Field(min_length=1)]
 
 
@@ -86,6 +87,8 @@ class Schedule:
         exclude: Components deliberately kept dense (recorded; they may not appear in ``sparsity``).
         meta: Allocator parameters needed to reproduce it (``owl_m``, ``owl_lambda``, ``source``, ``seed``...), as
             plain data.
+        units: On hybrids, the model's layout (``Registry.units``: per layer, unit kind -> module path), so the
+            schedule can be checked against a model and exported as a recipe; empty for pure SSM models.
 
     Raises:
         ValueError: On construction, for a bad type or range, mismatched ``sparsity``/``params`` keys, an excluded
@@ -107,6 +110,7 @@ class Schedule:
     budget: float | None = None
     exclude: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict)
+    units: tuple[dict[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, dict) or not isinstance(self.params, dict):
@@ -120,6 +124,7 @@ class Schedule:
             raise SpecError(f"entry {extra[0]!r} has a params count but no sparsity")
         doc = _Document(arch=self.arch, n_layers=self.n_layers, method=self.method, budget=self.budget,
                         exclude=self.exclude, meta=self.meta if isinstance(self.meta, dict) else None,
+                        units=list(self.units) or None,
                         entries=[{"layer": layer, "component": comp, "params": self.params[(layer, comp)],
                                   "sparsity": s} for (layer, comp), s in self.sparsity.items()])  # fmt: skip
         self._adopt(doc)
@@ -137,8 +142,11 @@ class Schedule:
         if listed := sorted({c for _, c in sparsity} & set(doc.exclude)):
             raise SpecError(f"component {listed[0]!r} is excluded (exclude={list(doc.exclude)}) but has entries",
                             "exclude")  # fmt: skip
+        if doc.units is not None and len(doc.units) != doc.n_layers:
+            raise SpecError(f"lists {len(doc.units)} layers' units but n_layers is {doc.n_layers}", "units")
         for name in ("arch", "n_layers", "method", "budget", "exclude", "meta"):
             object.__setattr__(self, name, getattr(doc, name))
+        object.__setattr__(self, "units", tuple(dict(u) for u in doc.units or ()))
         object.__setattr__(self, "sparsity", sparsity)
         object.__setattr__(self, "params", params)
         if self.budget is not None and abs(self.overall() - self.budget) > BUDGET_TOL:
@@ -189,12 +197,17 @@ class Schedule:
             raise ValueError(f"schedule is for arch {self.arch!r} but the model is {registry.arch!r}")
         if self.n_layers != registry.n_layers:
             raise ValueError(f"schedule is for {self.n_layers} layers but the model has {registry.n_layers}")
+        if self.units and tuple(self.units) != tuple(registry.units):
+            raise ValueError("schedule is for another layout of layers (units) than the model's")
         allowed = [c for c in registry.prunable_components if c not in self.exclude]
         for layer, comp in self.sparsity:
             registry.check_layer(layer)
             if comp not in allowed:
                 raise ValueError(f"schedule component {comp!r} (layer {layer}) is not prunable on {registry.arch} "
                                  f"with exclude={list(self.exclude)}; allowed: {', '.join(allowed)}")  # fmt: skip
+            if not registry.has(layer, comp):
+                raise ValueError(f"schedule component {comp!r} is not in layer {layer}, a {registry.layer_kind(layer)}"
+                                 f" layer; layers with it: {', '.join(map(str, registry.layers_with(comp)))}")
         if model is not None:
             sizes = registry.weight_sizes(as_loaded(model).model, self.components)
             for key, n in self.params.items():
@@ -209,8 +222,9 @@ class Schedule:
         """Plain data (the ``schedule:`` mapping of the YAML form), JSON- and YAML-serialisable."""
         entries = [{"layer": layer, "component": comp, "params": self.params[(layer, comp)], "sparsity": s}
                    for (layer, comp), s in self.sparsity.items()]  # fmt: skip
+        units = {"units": [dict(u) for u in self.units]} if self.units else {}
         return {"arch": self.arch, "n_layers": self.n_layers, "method": self.method, "budget": self.budget,
-                "exclude": list(self.exclude), "meta": self.meta, "entries": entries}  # fmt: skip
+                "exclude": list(self.exclude), "meta": self.meta, **units, "entries": entries}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> Schedule:
@@ -300,24 +314,32 @@ class Schedule:
                 raise ValueError(f"mask_structure {mask_structure!r} prunes {implied:g} of every weight but layer "
                                  f"{bad[0][0]} of the schedule has sparsity {bad[0][1]:.6g}")  # fmt: skip
         reg = _arch_registry(self.arch)
+        if reg.is_hybrid and not self.units:
+            raise ValueError(f"a {self.arch} schedule needs its layers' units to be exported as a recipe; make it "
+                             "from the model (uniform_schedule, allocate)")  # fmt: skip
         blocks = re.escape(reg.layers_path)
-        mixer = re.escape(reg.mixer_attr)
+        paths = self.units or reg.units  # per layer: unit kind -> module path inside the block
         module_of = lambda t: t.param.rsplit(".", 1)[0]
-        holds: dict[str, list[str]] = {}  # module -> prunable components inside it
+        holds: dict[tuple[str, str], list[str]] = {}  # (unit kind, module) -> prunable components inside it
         for comp in reg.prunable_components:
             for t in reg.weights(comp):
-                holds.setdefault(module_of(t), [])
-                if comp not in holds[module_of(t)]:
-                    holds[module_of(t)].append(comp)
+                key = (reg.component(comp).unit, module_of(t))
+                holds.setdefault(key, [])
+                if comp not in holds[key]:
+                    holds[key].append(comp)
         ignore = ["re:.*lm_head"]
         notes = []
-        for module, comps in holds.items():
-            targeted = [layer for layer in range(self.n_layers) if any((layer, c) in self.sparsity for c in comps)]
-            if not targeted:
-                ignore.append(f"re:.*{mixer}\\.{re.escape(module)}$")
+        for (kind, module), comps in holds.items():
+            held = [layer for layer in range(self.n_layers) if kind in paths[layer]]
+            if not held:
                 continue
-            ignore += [f"re:{blocks}\\.{layer}\\.{mixer}\\.{re.escape(module)}$"
-                       for layer in range(self.n_layers) if layer not in targeted]  # fmt: skip
+            targeted = [layer for layer in held if any((layer, c) in self.sparsity for c in comps)]
+            unit_paths = sorted({paths[layer][kind] for layer in held})
+            if not targeted:
+                ignore += [f"re:.*{re.escape(u)}\\.{re.escape(module)}$" for u in unit_paths]
+                continue
+            ignore += [f"re:{blocks}\\.{layer}\\.{re.escape(paths[layer][kind])}\\.{re.escape(module)}$"
+                       for layer in held if layer not in targeted]  # fmt: skip
             dense: dict[tuple[str, ...], list[int]] = {}
             for layer in targeted:
                 if missing := tuple(c for c in comps if (layer, c) not in self.sparsity):
@@ -325,6 +347,8 @@ class Schedule:
             notes += [f"# note: {module} of layer(s) {_ranges(ls)} also holds {', '.join(miss)}, dense in the "
                       "schedule; llm-compressor prunes the whole module at the layer's sparsity"
                       for miss, ls in dense.items()]  # fmt: skip
+        if reg.is_hybrid:  # modules no schedule entry can reach: routers, experts, MoE shared experts
+            ignore += ["re:.*router$", "re:.*gate$", "re:.*experts.*"]
         stage = {"sparsity_stage": {"sparsity_modifiers": {modifier: {
             "sparsity": [float(s) for s in layers],
             "mask_structure": mask_structure,
@@ -378,5 +402,6 @@ def uniform_schedule(
     lm = as_loaded(model)
     names = lm.registry.resolve(components, exclude)
     sizes = lm.registry.weight_sizes(lm.model, names)
+    units = lm.registry.units if lm.registry.is_hybrid else ()
     return Schedule(arch=lm.arch, n_layers=lm.registry.n_layers, sparsity={k: float(sparsity) for k in sizes},
-                    params=sizes, method="uniform", budget=sparsity, exclude=exclude)  # fmt: skip
+                    params=sizes, method="uniform", budget=sparsity, exclude=exclude, units=units)  # fmt: skip

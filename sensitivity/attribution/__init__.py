@@ -17,9 +17,14 @@ Components each method covers (a method gives no rows for the others):
 | D | no | yes | no | no: hook y is the whole scan output |
 | dt_norm (FalconMamba) | no: weightless | no: weightless | no | yes (dt_low) |
 | B_norm, C_norm (FalconMamba) | no: weightless | no: weightless | no | no: they share hooks B, C |
+| dt_norm, B_norm, C_norm (Jamba) | no: no weight input | yes | no | dt_norm (dt_low); B_norm, C_norm no |
+| q, k, v, o (attention) | yes (``attn_in``, ``o_in``) | yes | yes | yes (q, k, v, attn_out) |
+| gate, up, down (MLP) | yes (``mlp_in``, ``down_in``) | yes | yes | yes (gate/up: their projection rows; mlp_out) |
+| router, experts, shared_experts (MoE) | no: no input hook | yes | no | no: moe_out is the whole MoE's |
 
 ``act_norm`` and ``gblm`` use every weight of the component that has an input hook (``Registry.input_hooks``);
 ``taylor`` and ``fisher`` every parameter slice (biases, ``dt_bias``, ``A_log``, ``D``, norm weights included).
+On hybrids a component gets rows only in the layers holding its unit.
 """
 
 from ..core.scores import owl_outlier_ratio, wanda_score

@@ -97,12 +97,21 @@ def _with_params(registry: Registry) -> tuple[str, ...]:
 
 
 def _pairs(registry: Registry, components, layers) -> list[tuple[int, str]]:
-    """The (layer, component) pairs asked for, checked against the model's registry."""
+    """The (layer, component) pairs asked for that exist: on hybrids each layer holds only its units' components
+    (``Registry.components_at``).
+
+    Raises:
+        SpecError: For an unknown component or layer, or a component none of the chosen layers holds.
+    """
     names = registry.component_names if components is None else components
     for name in names:
         registry.component(name)
     layer_ids = range(registry.n_layers) if layers is None else [registry.check_layer(i, "layers") for i in layers]
-    return [(layer, name) for layer in layer_ids for name in names]
+    pairs = [(layer, name) for layer in layer_ids for name in names if registry.has(layer, name)]
+    if components is not None and (absent := [n for n in names if all(c != n for _, c in pairs)]):
+        held = ", ".join(map(str, registry.layers_with(absent[0])))
+        raise SpecError(f"no chosen layer holds {absent[0]!r}; layers with it: {held}", "components")
+    return pairs
 
 
 def _check_windows(windows) -> Windows:
@@ -121,7 +130,12 @@ def _slice_input_norm(t: TensorSlice, weight: torch.Tensor, norm: torch.Tensor) 
 
 class _Collected(NamedTuple):
     norms: dict[tuple[int, str], torch.Tensor]  # (layer, hook) -> ||X|| per channel
-    grads: dict[tuple[int, str], GradStats]  # (layer, param) -> per-window gradient sums
+    grads: dict[tuple[int, str, str], GradStats]  # (layer, unit, param) -> per-window gradient sums
+
+
+def _grad_key(registry: Registry, layer: int, name: str, t: TensorSlice) -> tuple[int, str, str]:
+    """Key of a slice's parameter in :class:`_Collected` ``grads``: its layer, unit kind and path in the unit."""
+    return layer, registry.component(name).unit, t.param
 
 
 def _collect(model, registry: Registry, module: nn.Module, windows: Windows, needs: set[str], pairs, *, batch_size,
@@ -138,12 +152,13 @@ def _collect(model, registry: Registry, module: nn.Module, windows: Windows, nee
                               show_progress=show_progress)  # fmt: skip
         norms = {p: input_norm(stats[hook_name(*p)].sumsq, len(windows)) for p in points}
         logger.info("activation norms at %d hook points in %.1f s", len(points), time.perf_counter() - t0)
-    grads: dict[tuple[int, str], GradStats] = {}
+    grads: dict[tuple[int, str, str], GradStats] = {}
     if needs & {"grads", "weight_grads"}:
         every = "grads" in needs  # all slices; gblm alone needs only weights with input hooks
         slices = lambda name: registry.component(name).tensors if every else registry.weights(name)
-        keys = {(layer, t.param) for layer, name in pairs for t in slices(name)}
-        params = {k: registry.mixer(module, k[0]).get_parameter(k[1]) for k in sorted(keys)}
+        keys = {_grad_key(registry, layer, name, t): name for layer, name in pairs for t in slices(name)}
+        # a tensor shared by several layers (Zamba2) is one parameter: its gradient sums over every layer using it
+        params = {k: registry.owner(module, k[0], name).get_parameter(k[2]) for k, name in sorted(keys.items())}
         t0 = time.perf_counter()
         grads = window_gradients(model, windows, params, objective=objective, show_progress=show_progress)
         logger.info("per-window gradients of %d parameters in %.1f s", len(params), time.perf_counter() - t0)
@@ -157,14 +172,14 @@ def _scores(method: str, registry: Registry, module: nn.Module, pairs, got: _Col
     for layer, name in pairs:
         if name not in covered:
             continue
-        mixer = registry.mixer(module, layer)
+        owner = registry.owner(module, layer, name)
         slices = registry.weights(name) if method in _INPUT_METHODS else registry.component(name).tensors
         for t in slices:
-            w = t.get(mixer).detach()
+            w = t.get(owner).detach()
             if method in _INPUT_METHODS:
                 norm = _slice_input_norm(t, w, got.norms[(layer, registry.input_hook(t.param))])
             if method in _GRADIENT_METHODS:
-                grad = got.grads[(layer, t.param)]
+                grad = got.grads[_grad_key(registry, layer, name, t)]
             if method == "magnitude":
                 score = w.float().abs()
             elif method == "wanda":
@@ -185,9 +200,9 @@ def _act_norm_rows(registry: Registry, module: nn.Module, pairs, got: _Collected
     for layer, name in pairs:
         if name not in covered:
             continue
-        mixer, l2s, wandas = registry.mixer(module, layer), [], []
+        owner, l2s, wandas = registry.owner(module, layer, name), [], []
         for t in registry.weights(name):
-            w = t.get(mixer).detach()
+            w = t.get(owner).detach()
             l2 = _slice_input_norm(t, w, got.norms[(layer, registry.input_hook(t.param))])  # (in,) or (C,)
             l2s.append(l2)
             wandas.append(wanda_score(w, l2).flatten())
@@ -287,11 +302,15 @@ def attribute(
       component's hook point; metrics ``abs_sum`` and ``sum`` (means over windows of the sums over positions and
       channels).
 
-    Which components each method covers is tabulated in :mod:`sensitivity.attribution`. Gradients run in eval mode
-    under ``torch.enable_grad``; every parameter's ``requires_grad`` and ``.grad`` are restored on return.
+    Which components each method covers is tabulated in :mod:`sensitivity.attribution`. On hybrids every layer
+    gets rows for the components its units hold (``Registry.components_at``): SSM, attention (``q, k, v, o``), MLP
+    (``gate, up, down``) and MoE (``router, experts, shared_experts``) components. A tensor several layers share
+    (Zamba2's shared transformer) is one parameter: its gradient, and so its ``taylor``, ``fisher`` and ``gblm``
+    gradient terms, sums over every layer using it, the same in each of them. Gradients run in eval mode under
+    ``torch.enable_grad``; every parameter's ``requires_grad`` and ``.grad`` are restored on return.
 
     Args:
-        model: A ``LoadedModel`` or instrumented HF Mamba / Mamba2 / FalconMamba causal LM.
+        model: A ``LoadedModel`` or instrumented HF causal LM of a registry architecture (hybrids included).
         windows: Calibration windows (n, L), e.g. from :func:`sensitivity.data.calibration_windows`.
         options: :class:`AttributeOptions`; keyword ``overrides`` change its fields (``methods``, ``components``,
             ``layers``, ``batch_size``, ``seed``, ``objective``, ``n_steps``, ``internal_batch_size``, ``owl_m``,
@@ -303,8 +322,8 @@ def attribute(
         (layer, component, kind, metric).
 
     Raises:
-        SpecError: For an unknown method, component, objective or baseline, a layer out of range, or a value out of
-            range (naming the field).
+        SpecError: For an unknown method, component, objective or baseline, a layer out of range, a component none
+            of the chosen layers holds, or a value out of range (naming the field).
 
     Example:
         >>> lm = load_model("tiny:mamba2")
@@ -403,7 +422,8 @@ def weight_scores(
         show_progress: Show tqdm bars.
 
     Returns:
-        :class:`ScoreKey` -> float32 scores shaped like the slice ``TensorSlice.get(mixer)`` (higher = keep).
+        :class:`ScoreKey` -> float32 scores shaped like the slice ``TensorSlice.get(Registry.owner(model, layer,
+        component))`` (higher = keep), for the (layer, component) pairs that exist.
 
     Example:
         >>> scores = weight_scores(lm, windows, "wanda", layers=[0], components=["x"])

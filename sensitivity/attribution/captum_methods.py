@@ -2,9 +2,12 @@
 
 The forward function maps input embeddings (B, L, D) (``model.get_input_embeddings()(ids)``) to one scalar per
 window, the objective of :func:`.gradients.window_objective` with the window's own next tokens as targets, through
-the instrumented forward (``use_cache=False``). Integrated gradients and conductance integrate from the baseline
-``"zeros"``: all-zero input embeddings (so the layer baseline of integrated gradients is the activation the model
-produces from zero embeddings, not a zero activation). Attributions go to the hook point's output.
+the instrumented forward (``use_cache=False``). Where the model's own forward scales the looked-up embeddings but
+not ``inputs_embeds`` (Falcon-H1's ``embedding_multiplier``), the forward function applies
+``Registry.embed_scale`` itself (:func:`forward_embed_scale`), so it computes the same logits as the model on the
+token ids. Integrated gradients and conductance integrate from the baseline ``"zeros"``: all-zero input embeddings
+(so the layer baseline of integrated gradients is the activation the model produces from zero embeddings, not a
+zero activation). Attributions go to the hook point's output.
 
 Components covered: those whose hook point carries a per-token activation of their own, with the batch axis first.
 
@@ -18,6 +21,15 @@ Components covered: those whose hook point carries a per-token activation of the
 | A_log | ``A`` (ED, N) / (H,) | no | no batch axis: the decay is shared by every window and position |
 | D | ``y`` | no | ``y`` is the whole scan output, not the D skip term's contribution |
 | B_norm, C_norm (FalconMamba) | ``B``, ``C`` | no | they share the hook point with B and C |
+| q, k, v (attention) | same name | yes | |
+| o (attention) | ``attn_out`` | yes | |
+| gate, up (MLP) | their rows of the projection's output | yes | |
+| down (MLP) | ``mlp_out`` | yes | |
+| router, experts, shared_experts (MoE) | ``moe_out`` | no | ``moe_out`` is the whole MoE's output, not theirs |
+
+The MLP's ``down_in`` (``act(gate)·up``) belongs to both ``gate`` and ``up``, so they are attributed at the output
+of their own rows of the up projection instead (``gate_proj`` / ``up_proj``, or their rows of the packed
+``input_linear`` / ``gate_up_proj``): the pre-activation, before any µP multiplier or adapter.
 
 Per (layer, component): ``abs_sum`` = mean over windows of the sum of ``|attribution|`` over positions and channels,
 ``sum`` = mean over windows of the signed sum.
@@ -38,7 +50,8 @@ from ..core.stats import grad_state, window_objective
 from ..data import Windows
 from ._common import resolve
 
-__all__ = ["CAPTUM_METHODS", "captum_components", "captum_scores", "make_forward"]
+__all__ = ["CAPTUM_METHODS", "captum_components", "captum_scores", "captum_target", "forward_embed_scale",
+           "make_forward"]  # fmt: skip
 
 CAPTUM_METHODS = {
     "grad_x_act": LayerGradientXActivation,
@@ -47,29 +60,62 @@ CAPTUM_METHODS = {
 }
 BASELINES = ("zeros",)
 _NOT_OWN_ACTIVATION = ("D",)  # its hook point y is the whole scan output
+_PROJECTION_ROWS = ("gate", "up")  # MLP: attributed at their rows of the up projection's output (down_in is shared)
+_SCALES_INPUTS_EMBEDS = ("granitemoehybrid",)
+"""Families whose model forward multiplies ``inputs_embeds`` by the embedding multiplier too (checked in
+transformers 5.24: Granite 4 scales after the lookup or on ``inputs_embeds``; Falcon-H1 scales only the lookup of
+``input_ids``; the others have no multiplier)."""
 
 
 def captum_components(registry: Registry) -> tuple[str, ...]:
-    """Components with a per-token hook point of their own (see the module table), in registry order."""
+    """Components with a per-token activation of their own (see the module table), in registry order."""
     shapes = {h.name: h.shape for h in registry.hooks}
     seen: set[str] = set()
     out = []
     for comp in registry.components:
-        if comp.name in _NOT_OWN_ACTIVATION or not shapes[comp.hook].startswith("(B, L") or comp.hook in seen:
+        if comp.unit == "mlp" and comp.name in _PROJECTION_ROWS:
+            out.append(comp.name)
+            continue
+        if comp.name in _NOT_OWN_ACTIVATION or comp.unit == "moe" or not shapes[comp.hook].startswith("(B, L"):
+            continue
+        if comp.hook in seen:
             continue
         seen.add(comp.hook)
         out.append(comp.name)
     return tuple(out)
 
 
-def make_forward(module: torch.nn.Module, objective: str = "loss"):
-    """``forward(embeds (B, L, D), ids (B, L)) -> (B,)``: the objective of each window from its input embeddings."""
+def forward_embed_scale(registry: Registry) -> float:
+    """The factor a forward from ``inputs_embeds`` must apply to the looked-up embeddings to compute what the
+    model computes from ``input_ids``: ``Registry.embed_scale`` unless the model's forward applies it itself."""
+    return 1.0 if registry.arch in _SCALES_INPUTS_EMBEDS else registry.embed_scale
+
+
+def make_forward(module: torch.nn.Module, objective: str = "loss", embed_scale: float = 1.0):
+    """``forward(embeds (B, L, D), ids (B, L)) -> (B,)``: the objective of each window from its input embeddings
+    (the embedding lookup of ``ids``, multiplied by ``embed_scale`` before the model's forward; see
+    :func:`forward_embed_scale`)."""
 
     def forward(embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if embed_scale != 1.0:
+            embeds = embeds * embed_scale  # (B, L, D)
         logits = module(inputs_embeds=embeds, use_cache=False).logits  # (B, L, V)
         return window_objective(logits, ids, objective)  # (B,)
 
     return forward
+
+
+def captum_target(module: torch.nn.Module, registry: Registry, layer: int, name: str
+                  ) -> tuple[torch.nn.Module, tuple[int, int] | None]:  # fmt: skip
+    """The module whose output captum attributes to for component ``name`` of ``layer``, and the channel range of
+    that output that is the component's (None: all): its hook point, or for the MLP's gate and up their projection
+    module and rows."""
+    comp = registry.component(name)
+    if comp.unit == "mlp" and name in _PROJECTION_ROWS:
+        (weight,) = registry.weights(name)
+        owner = registry.owner(module, layer, name)
+        return owner.get_submodule(weight.param.rsplit(".", 1)[0]), weight.rows
+    return registry.hook_point(module, layer, comp.hook), None
 
 
 def captum_scores(
@@ -115,10 +161,11 @@ def captum_scores(
     for _, name in targets:
         if name not in covered:
             raise ValueError(f"component {name!r} has no hook point to attribute to; allowed: {', '.join(covered)}")
-    points = {t: registry.hook_point(module, t[0], registry.component(t[1]).hook) for t in targets}
+    located = {t: captum_target(module, registry, *t) for t in targets}
+    points = {t: point for t, (point, _) in located.items()}
     totals = {t: torch.zeros(2, dtype=torch.float64) for t in targets}  # (abs_sum, sum) summed over windows
     device = next(module.parameters()).device
-    forward = make_forward(module, objective)
+    forward = make_forward(module, objective, forward_embed_scale(registry))
     starts = range(0, len(windows), batch_size)
     steps = len(starts) * (1 if method == "grad_x_act" else len(points))
     with grad_state(module), tqdm(total=steps, desc=method, disable=not show_progress, unit="call") as bar:
@@ -144,6 +191,9 @@ def captum_scores(
                     )
                     bar.update()
             for t, attr in results.items():
+                rows = located[t][1]
+                if rows is not None:  # the component's channels of a packed projection's output
+                    attr = attr[..., rows[0] : rows[1]]  # (b, L, F)
                 flat = attr.detach().double().flatten(1)  # (b, ·)
                 totals[t] += torch.stack([flat.abs().sum(), flat.sum()])
     return {t: (tot[0].item() / len(windows), tot[1].item() / len(windows)) for t, tot in totals.items()}

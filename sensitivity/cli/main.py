@@ -262,7 +262,12 @@ def _print_prune(result, args) -> None:
         pruned = report[report.prunable.to_numpy() & listed]
         print(f"targets     {pruned.zeros.sum() / pruned.numel.sum():.4f} zeros in the schedule's "
               f"{len(entries)} (layer, component) weight slices")  # fmt: skip
-    if m["structured"]:
+    if m["structured"] and m["structured"].get("method") == "blocks":
+        s = m["structured"]
+        gone = "; ".join(",".join(map(str, c)) for c in s["removed"]) or "none"
+        print(f"removed     {s['unit']} {gone} (in that order); calibration loss {s['dense_loss']:.4f} -> "
+              f"{s['loss']:.4f}; {s['saved_as']}")  # fmt: skip
+    elif m["structured"]:
         s = m["structured"]
         print(f"units       {s['unit']} scored by {s['score']}, mode {s['mode']}")
     print(f"manifest    {os.path.join(saved, 'pruning_manifest.json')}; evaluate with: sensitivity evaluate --model "
@@ -324,11 +329,14 @@ def _cmd_components(args) -> int:
     if args.format == "csv":
         sys.stdout.write(table.to_csv(index=False))
     elif args.format == "json":
-        print(json.dumps({"model": lm.name, "arch": lm.arch, "dims": lm.registry.dims,
+        kinds = [lm.registry.layer_kind(i) for i in range(lm.registry.n_layers)]
+        print(json.dumps({"model": lm.name, "arch": lm.arch, "dims": lm.registry.dims, "layers": kinds,
                           "components": table.to_dict(orient="records")}, indent=2))  # fmt: skip
     else:
         dims = ", ".join(f"{k}={v}" for k, v in lm.registry.dims.items())
         print(f"{lm.name}: {lm.arch}, {lm.registry.n_layers} layers, {lm.n_params:,} parameters ({dims})")
+        if lm.registry.is_hybrid:
+            print("layers: " + ", ".join(f"{i} {lm.registry.layer_kind(i)}" for i in range(lm.registry.n_layers)))
         print(table.drop(columns=["description"]).to_string(index=False))
     return 0
 

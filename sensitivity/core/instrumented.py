@@ -11,6 +11,17 @@ mixer's class for a subclass whose forward
 It matches the HF forward to 1e-5 in float32. Hook points hold no parameters, so ``state_dict`` keys do not change.
 With a generation cache the HF forward runs unchanged (hook points do not fire then).
 
+Hybrid families (Bamba, Granite 4, Nemotron-H, Jamba): their SSM mixers get the same instrumented forward (Jamba's
+is Mamba-1 with weighted Δ/B/C norms); their attention, MLP and MoE units and every block keep the HF forward and
+gain hook points through module hooks that route the unit's input and output (and the inputs of ``o_proj`` and the
+MLP's down projection, the outputs of ``q_proj``, ``k_proj``, ``v_proj``) through :class:`HookPoint` modules.
+
+Falcon-H1's mixer runs the Mamba-2 forward with its µP multipliers (``ssm_in_multiplier`` on the input of
+``in_proj``, the ``mup_vector`` on its output rows) and its optional gated norm (none without ``mamba_rms_norm``;
+``norm(y)·silu(z)`` with ``mamba_norm_before_gate``). Zamba2's mixers (``mamba`` and the hybrid layers'
+``mamba_decoder.mamba``) are plain Mamba-2; each hybrid layer's view of the shared transformer (its own
+``self_attn`` and ``feed_forward`` modules, holding the shared tensors) gets its own hook points.
+
 Shape legend: B batch, L sequence length, D model width, ED inner channels, N state size, R Δ rank, H heads,
 P head dim, G B/C groups.
 """
@@ -23,11 +34,17 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.bamba.modeling_bamba import BambaMixer
+from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Mixer
 from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
+from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
+from transformers.models.jamba.modeling_jamba import JambaMambaMixer
 from transformers.models.mamba.modeling_mamba import MambaMixer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, MambaRMSNormGated
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
 
-from .registry import _M1_HOOKS, _M2_HOOKS, build_registry
+from .registry import _M1_HOOKS, _M2_HOOKS, Registry, build_registry
 from .scan import selective_scan_chunked, selective_scan_ref, ssd_scan
 
 __all__ = ["GroupedRMSNormGated", "HookPoint", "SCANS", "hf_norm_is_grouped", "instrument", "is_instrumented",
@@ -115,7 +132,7 @@ def _mamba1_forward(self: MambaMixer, hidden_states: torch.Tensor, attention_mas
     u = hp["u"](conv)  # (B, L, ED)
     # 3. Input-dependent Δ, B, C.
     dt_low, B, C = _unpack(self.x_proj(u), rows["x_proj.weight"], ("dt", "B", "C"))  # (B, L, R), (B, L, N) x2
-    if isinstance(self, FalconMambaMixer):
+    if isinstance(self, (FalconMambaMixer, JambaMambaMixer)):  # RMS norms on Δ's input, B and C
         dt_low, B, C = self.dt_layernorm(dt_low), self.b_layernorm(B), self.c_layernorm(C)
     dt_low = hp["dt_low"](dt_low)  # (B, L, R)
     dt_raw = hp["dt_raw"](self.dt_proj(dt_low))  # (B, L, ED)
@@ -136,9 +153,15 @@ def _mamba2_forward(self: Mamba2Mixer, hidden_states: torch.Tensor, attention_ma
     hp, dtype, rows = self.hook_points, hidden_states.dtype, self._sensitivity_rows
     bsz, L, _ = hidden_states.shape
     ED, H, P, G, N = self.intermediate_size, self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
+    falcon = isinstance(self, FalconH1Mixer)  # µP multipliers around in_proj, optional gated norm
     # 1. Input projection into [z | x | B | C | dt] (row ranges from the registry).
-    hidden_states = hp["in"](_mask(hidden_states, attention_mask))  # (B, L, D)
+    hidden_states = _mask(hidden_states, attention_mask)  # (B, L, D)
+    if falcon:
+        hidden_states = hidden_states * self.ssm_in_multiplier
+    hidden_states = hp["in"](hidden_states)  # (B, L, D)
     projected = self.in_proj(hidden_states)  # (B, L, 2ED+2GN+H)
+    if falcon:
+        projected = projected * self.mup_vector  # one multiplier per row block of [z | x | B | C | dt]
     z, x, B_in, C_in, dt_in = _unpack(projected, rows["in_proj.weight"], ("z", "x", "B", "C", "dt"))
     x, z = hp["x"](x), hp["z"](z)  # (B, L, ED)
     # 2. Causal convolution over [x | B | C].
@@ -159,9 +182,27 @@ def _mamba2_forward(self: Mamba2Mixer, hidden_states: torch.Tensor, attention_ma
         y = ssd_scan(u_heads, dt, A, B, C, chunk_size=self.chunk_size)  # (B, L, H, P)
     y = hp["y"]((y + self.D.float()[:, None] * u_heads).reshape(bsz, L, ED))  # (B, L, ED)
     # 5. Gate, grouped RMS norm, output projection.
-    gated = hp["gated"](y * F.silu(z.float()))  # (B, L, ED)
-    normed = hp["out_proj_in"](self.norm(gated))  # (B, L, ED)
+    if falcon:
+        normed = _falcon_h1_gate(self, y, z)  # (B, L, ED)
+    else:
+        gated = hp["gated"](y * F.silu(z.float()))  # (B, L, ED)
+        normed = hp["out_proj_in"](self.norm(gated))  # (B, L, ED)
     return hp["out"](self.out_proj(normed.to(dtype)))  # (B, L, D)
+
+
+def _falcon_h1_gate(self: FalconH1Mixer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Falcon-H1's gate and optional grouped RMS norm, as its HF forward orders them. (B, L, ED) x2 -> (B, L, ED).
+
+    Without ``mamba_rms_norm``: ``y·silu(z)``; with it: ``norm(y·silu(z))``, or ``norm(y)·silu(z)`` when the norm
+    comes before the gate (``norm_before_gate``). The norm module is called without its gate, so the product
+    with the gate always passes through the ``gated`` hook point.
+    """
+    hp = self.hook_points
+    if not self.mamba_rms_norm:
+        return hp["out_proj_in"](hp["gated"](y * F.silu(z)))  # (B, L, ED)
+    if self.norm.norm_before_gate:
+        return hp["out_proj_in"](hp["gated"](self.norm(y) * F.silu(z.float())))  # (B, L, ED)
+    return hp["out_proj_in"](self.norm(hp["gated"](y * F.silu(z.float()))))  # (B, L, ED)
 
 
 def _mamba2_sequential(x, dt, A, B, C) -> torch.Tensor:
@@ -187,35 +228,110 @@ class _InstrumentedMixin:
         return type(self)._sensitivity_forward(self, hidden_states, attention_mask)
 
 
-class InstrumentedMambaMixer(_InstrumentedMixin, MambaMixer):
-    _sensitivity_forward = _mamba1_forward
+def _instrumented_class(base: type, forward) -> type:
+    return type(f"Instrumented{base.__name__}", (_InstrumentedMixin, base), {"_sensitivity_forward": forward})
 
 
-class InstrumentedFalconMambaMixer(_InstrumentedMixin, FalconMambaMixer):
-    _sensitivity_forward = _mamba1_forward
-
-
-class InstrumentedMamba2Mixer(_InstrumentedMixin, Mamba2Mixer):
-    _sensitivity_forward = _mamba2_forward
-
-
-_SWAP = {
-    MambaMixer: (InstrumentedMambaMixer, _M1_HOOKS),
-    FalconMambaMixer: (InstrumentedFalconMambaMixer, _M1_HOOKS),
-    Mamba2Mixer: (InstrumentedMamba2Mixer, _M2_HOOKS),
-}
+_SWAP = {base: (_instrumented_class(base, fwd), hooks) for base, fwd, hooks in (
+    (MambaMixer, _mamba1_forward, _M1_HOOKS),
+    (FalconMambaMixer, _mamba1_forward, _M1_HOOKS),
+    (JambaMambaMixer, _mamba1_forward, _M1_HOOKS),
+    (Mamba2Mixer, _mamba2_forward, _M2_HOOKS),
+    (BambaMixer, _mamba2_forward, _M2_HOOKS),
+    (GraniteMoeHybridMambaLayer, _mamba2_forward, _M2_HOOKS),
+    (NemotronHMamba2Mixer, _mamba2_forward, _M2_HOOKS),
+    (FalconH1Mixer, _mamba2_forward, _M2_HOOKS),
+    (Zamba2MambaMixer, _mamba2_forward, _M2_HOOKS),
+)}  # fmt: skip
 _UNSWAP = {new: base for base, (new, _) in _SWAP.items()}
+InstrumentedMambaMixer = _SWAP[MambaMixer][0]
+InstrumentedFalconMambaMixer = _SWAP[FalconMambaMixer][0]
+InstrumentedMamba2Mixer = _SWAP[Mamba2Mixer][0]
 
 
 def _mixers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m) in _SWAP or type(m) in _UNSWAP]
 
 
+# Where the hook points of the other units sit: point -> (submodule or "" for the unit itself, "in" or "out").
+_UNIT_WIRING = {
+    "attention": {"attn_in": ("", "in"), "q": ("q_proj", "out"), "k": ("k_proj", "out"), "v": ("v_proj", "out"),
+                  "o_in": ("o_proj", "in"), "attn_out": ("o_proj", "out")},
+    "mlp": {"mlp_in": ("", "in"), "down_in": (("down_proj", "output_linear"), "in"), "mlp_out": ("", "out")},
+    "moe": {"moe_in": ("", "in"), "moe_out": ("", "out")},
+    "block": {"block_in": ("", "in"), "block_out": ("", "out")},
+}  # fmt: skip
+
+
+def _route_input(module: nn.Module, args, kwargs):
+    """Forward pre-hook passing a module's first input (positional or ``hidden_states=``) through its input point.
+
+    The point is looked up on the module (not held by a closure), so a deep copy of the model routes through the
+    copy's own hook points."""
+    point = module.__dict__["_sensitivity_in"]
+    if args:
+        return (point(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": point(kwargs["hidden_states"])}
+
+
+def _route_output(module: nn.Module, args, output):
+    """Forward hook passing a module's output (or the first element of a tuple output) through its output point."""
+    point = module.__dict__["_sensitivity_out"]
+    if isinstance(output, tuple):
+        return (point(output[0]), *output[1:])
+    return point(output)
+
+
+def _attach_unit_points(owner: nn.Module, kind: str) -> None:
+    """Give ``owner`` (an attention, MLP or MoE unit, or a block) its hook points and the module hooks routing
+    activations through them."""
+    if "hook_points" in owner._modules:
+        return
+    wiring = _UNIT_WIRING[kind]
+    owner.hook_points = nn.ModuleDict({name: HookPoint(name) for name in wiring})
+    for name, (where, side) in wiring.items():
+        names = where if isinstance(where, tuple) else (where,)
+        target = next((owner.get_submodule(n) for n in names if n == "" or hasattr(owner, n)), None)
+        if target is None:
+            raise ValueError(f"{type(owner).__name__} has none of {', '.join(names)} for hook point {name!r}")
+        # a plain attribute, not a registered submodule: the point stays listed once, under owner.hook_points
+        target.__dict__[f"_sensitivity_{side}"] = owner.hook_points[name]
+        if side == "in":
+            target.register_forward_pre_hook(_route_input, with_kwargs=True)
+        else:
+            target.register_forward_hook(_route_output)
+
+
+def _detach_unit_points(module: nn.Module) -> None:
+    """Remove the routing hooks and hook points :func:`_attach_unit_points` gave ``module`` (or its targets)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, fn in hooks.items() if fn in (_route_input, _route_output)]:
+            del hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+    module.__dict__.pop("_sensitivity_in", None)
+    module.__dict__.pop("_sensitivity_out", None)
+    if isinstance(module._modules.get("hook_points"), nn.ModuleDict) and not isinstance(
+            module, tuple(_UNSWAP)):  # fmt: skip
+        del module.hook_points
+
+
+def _unit_owners(model: nn.Module, registry: Registry) -> list[tuple[nn.Module, str]]:
+    """(module, kind) of every non-SSM unit and, on hybrids, every block."""
+    owners = []
+    for layer in range(registry.n_layers):
+        for kind in registry.units[layer]:
+            if kind != "ssm":
+                owners.append((registry.unit(model, layer, kind), kind))
+        if registry.is_hybrid:
+            owners.append((registry.blocks(model)[layer], "block"))
+    return owners
+
+
 def instrument(model: nn.Module, scan: str = "auto") -> nn.Module:
     """Give every Mamba mixer of ``model`` the instrumented forward and its hook points (in place).
 
     Args:
-        model: A HF Mamba, Mamba2 or FalconMamba model (any wrapper holding their mixers).
+        model: A HF causal LM of one of the registry's ``ARCHITECTURES`` (any wrapper holding their mixers).
         scan: ``"auto"`` (Mamba-1: the step-by-step scan below ``AUTO_CHUNKED_MIN_LEN`` tokens, the chunked
             scan from there on; Mamba-2: the SSD chunked scan), ``"chunked"`` (always chunked / SSD) or
             ``"sequential"`` (always step by step; on Mamba-2 a slow cross-check). All are exact.
@@ -231,9 +347,11 @@ def instrument(model: nn.Module, scan: str = "auto") -> nn.Module:
         raise ValueError(f"unknown scan {scan!r}; allowed: {', '.join(SCANS)}")
     mixers = _mixers(model)
     if not mixers:
-        raise ValueError(f"{type(model).__name__} has no Mamba, Mamba2 or FalconMamba mixer to instrument")
+        raise ValueError(f"{type(model).__name__} has no Mamba mixer to instrument")
     registry = build_registry(model.config)
     rows = {p: registry.packed_rows(p) for p in ("in_proj.weight", "x_proj.weight")}
+    for owner, kind in _unit_owners(model, registry):
+        _attach_unit_points(owner, kind)
     for mixer in mixers:
         base = _UNSWAP.get(type(mixer), type(mixer))
         new_cls, specs = _SWAP[base]
@@ -250,6 +368,8 @@ def instrument(model: nn.Module, scan: str = "auto") -> nn.Module:
 
 def uninstrument(model: nn.Module) -> nn.Module:
     """Undo :func:`instrument` in place: restore the HF mixer classes and drop the hook points."""
+    for module in list(model.modules()):
+        _detach_unit_points(module)
     for mixer in _mixers(model):
         if type(mixer) in _UNSWAP:
             mixer.__class__ = _UNSWAP[type(mixer)]

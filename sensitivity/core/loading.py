@@ -1,4 +1,5 @@
-"""Load a Mamba, Mamba2 or FalconMamba causal LM (local directory, hub id, or a built-in tiny model)."""
+"""Load a Mamba, Mamba2, FalconMamba or hybrid (Bamba, Granite 4, Nemotron-H, Jamba, Falcon-H1, Zamba2) causal LM
+(local directory, hub id, or a built-in tiny model)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BambaConfig,
+    FalconH1Config,
     FalconMambaConfig,
+    GraniteMoeHybridConfig,
+    JambaConfig,
     Mamba2Config,
     MambaConfig,
+    NemotronHConfig,
     PretrainedConfig,
     PreTrainedModel,
+    Zamba2Config,
 )
 
 from .finite import check_weights
@@ -44,10 +51,22 @@ _TINY_COMMON = dict(vocab_size=_TINY_VOCAB, num_hidden_layers=2, hidden_size=64,
                     bos_token_id=256, eos_token_id=256, pad_token_id=256, tie_word_embeddings=True, use_cache=False)
 
 
-def tiny_config(arch: str, **overrides) -> PretrainedConfig:
-    """Config of a tiny random model of ``arch`` (``mamba``, ``mamba2`` or ``falcon_mamba``) for tests and demos.
+_TINY_HYBRID = dict(vocab_size=_TINY_VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    bos_token_id=256, eos_token_id=256, pad_token_id=256, tie_word_embeddings=True, use_cache=False,
+                    initializer_range=0.1)
+_TINY_M2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2, mamba_expand=2, mamba_d_conv=4,
+                mamba_chunk_size=32)
 
-    Mamba-2 defaults to 8 heads of 16 channels with 2 B/C groups, so group and head slicing are exercised.
+
+def tiny_config(arch: str, **overrides) -> PretrainedConfig:
+    """Config of a tiny random model of ``arch`` (a ``model_type`` of :data:`ARCHITECTURES`) for tests and demos.
+
+    Mamba-2 mixers (also those of the hybrids) default to 8 heads of 16 channels with 2 B/C groups, so group and
+    head slicing are exercised. The hybrids have 4 or 5 layers mixing every unit kind the family has: Bamba
+    ``SASS`` (attention at layer 1), Granite 4 ``SASS`` with a 4-expert MoE next to each MLP, Nemotron-H ``M*-EM``
+    (Mamba-2, attention, MLP, MoE, Mamba-2), Jamba ``SASA`` (Mamba-1) with a 4-expert MoE at odd layers, Falcon-H1
+    with 4 parallel Mamba-2 + attention layers (gated norm after the gate, every µP multiplier away from 1), Zamba2
+    ``MHMH`` (Mamba-2, hybrid) whose two hybrid layers share one transformer block (with LoRA adapters and RoPE).
     """
     if arch == "mamba":
         return MambaConfig(**{**_TINY_COMMON, "expand": 2, "time_step_rank": 8, **overrides})
@@ -57,10 +76,49 @@ def tiny_config(arch: str, **overrides) -> PretrainedConfig:
         base = {**_TINY_COMMON, "state_size": 16, "expand": 2, "num_heads": 8, "head_dim": 16, "n_groups": 2,
                 "chunk_size": 32}
         return Mamba2Config(**{**base, **overrides})
+    if arch == "bamba":
+        base = {**_TINY_HYBRID, **_TINY_M2, "num_hidden_layers": 4, "attn_layer_indices": [1], "intermediate_size": 96}
+        return BambaConfig(**{**base, **overrides})
+    if arch == "granitemoehybrid":
+        base = {**_TINY_HYBRID, **_TINY_M2, "layer_types": ["mamba", "attention", "mamba", "mamba"],
+                "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32,
+                "shared_intermediate_size": 96, "embedding_multiplier": 2.0, "logits_scaling": 4.0,
+                "residual_multiplier": 0.5, "attention_multiplier": 0.25}  # fmt: skip
+        base["num_hidden_layers"] = len(overrides.get("layer_types", base["layer_types"]))
+        return GraniteMoeHybridConfig(**{**base, **overrides})
+    if arch == "nemotron_h":
+        base = {**_TINY_HYBRID, "hybrid_override_pattern": "M*-EM", "mamba_num_heads": 8, "mamba_head_dim": 16,
+                "ssm_state_size": 16, "n_groups": 2, "expand": 2, "chunk_size": 32, "head_dim": 16,
+                "intermediate_size": 96, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                "moe_shared_expert_intermediate_size": 32, "n_group": 1, "topk_group": 1}  # fmt: skip
+        return NemotronHConfig(**{**base, **overrides})
+    if arch == "jamba":
+        base = {**_TINY_HYBRID, "num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 1,
+                "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 4, "num_experts_per_tok": 2,
+                "mamba_d_state": 8, "mamba_expand": 2, "mamba_dt_rank": 8, "mamba_d_conv": 4, "intermediate_size": 96,
+                "use_mamba_kernels": False}  # fmt: skip
+        return JambaConfig(**{**base, **overrides})
+    if arch == "falcon_h1":
+        base = {**_TINY_HYBRID, **_TINY_M2, "num_hidden_layers": 4, "intermediate_size": 96, "mamba_d_ssm": None,
+                "mamba_rms_norm": True, "mamba_norm_before_gate": False, "embedding_multiplier": 2.0,
+                "lm_head_multiplier": 0.5, "key_multiplier": 0.5, "attention_in_multiplier": 0.75,
+                "attention_out_multiplier": 1.25, "ssm_in_multiplier": 0.5, "ssm_out_multiplier": 1.5,
+                "mlp_multipliers": [0.8, 1.2], "ssm_multipliers": [0.5, 1.5, 0.8, 1.2, 2.0]}  # fmt: skip
+        return FalconH1Config(**{**base, **overrides})
+    if arch == "zamba2":  # its q/k/v LoRA adapters output 2·D channels: as many key/value heads as heads
+        base = {**_TINY_HYBRID, "layers_block_type": ["linear_attention", "hybrid", "linear_attention", "hybrid"],
+                "n_mamba_heads": 8, "mamba_d_state": 16, "mamba_ngroups": 2, "mamba_expand": 2, "mamba_d_conv": 4,
+                "chunk_size": 32, "intermediate_size": 96, "num_mem_blocks": 1, "use_shared_attention_adapter": True,
+                "adapter_rank": 8, "use_mem_rope": True, "num_key_value_heads": 4}  # fmt: skip
+        base["num_hidden_layers"] = len(overrides.get("layers_block_type", base["layers_block_type"]))
+        return Zamba2Config(**{**base, **overrides})
     raise ValueError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
 
 
-TINY_MODELS = {"tiny:mamba": "mamba", "tiny:mamba2": "mamba2", "tiny:falcon-mamba": "falcon_mamba"}
+TINY_MODELS = {"tiny:mamba": "mamba", "tiny:mamba2": "mamba2", "tiny:falcon-mamba": "falcon_mamba",
+               "tiny:bamba": "bamba", "tiny:granitemoehybrid": "granitemoehybrid", "tiny:nemotron-h": "nemotron_h",
+               "tiny:jamba": "jamba", "tiny:falcon-h1": "falcon_h1", "tiny:zamba2": "zamba2"}  # fmt: skip
+"""Built-in tiny random models (fixed seed, built in about a second) by name -> ``model_type``."""
 
 
 @dataclass
@@ -299,7 +357,9 @@ def load_model(
         name_or_path: A zoo model shipped with the package (``default`` = the trained Mamba-2, ``default-mamba1``;
             see ``sensitivity.zoo``), a local checkpoint directory, a HF hub id (used when the hub is reachable or
             the files are cached; set ``HF_HUB_OFFLINE=1`` to use the cache only), or a built-in tiny random model
-            (``tiny:mamba``, ``tiny:mamba2``, ``tiny:falcon-mamba``). None loads ``DEFAULT_MODEL``.
+            (``tiny:mamba``, ``tiny:mamba2``, ``tiny:falcon-mamba``, and the hybrids ``tiny:bamba``,
+            ``tiny:granitemoehybrid``, ``tiny:nemotron-h``, ``tiny:jamba``, ``tiny:falcon-h1``, ``tiny:zamba2``).
+            None loads ``DEFAULT_MODEL``.
         dtype: ``float32``, ``bfloat16`` or ``float16`` (or the torch dtype).
         device: Where to put the model.
         instrument: Replace the mixer forwards with the instrumented, hookable ones (needed by probes).

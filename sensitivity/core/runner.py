@@ -18,14 +18,73 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers.masking_utils import create_causal_mask
 
 from ..data import Windows
 from .hooks import capture, hook_name
 from .loading import LoadedModel
 
-__all__ = ["LayerRunner"]
+__all__ = ["BlockCaller", "LayerRunner"]
 
 PIECE_BYTES = 16 << 20
+
+
+class BlockCaller:
+    """Calls one block of a model on the residual stream entering it, as the model's own forward would (no cache,
+    no padding): pure SSM blocks take only the hidden states; hybrid blocks also get the positions, the causal mask
+    of their attention (None under SDPA, which masks causally itself) and the rotary ``(cos, sin)``, under the
+    keyword names of ``registry.block_args``; the blocks of ``registry.embeds_layers`` (Zamba2's hybrid layers) also
+    read the model's input embeddings, which the caller passes as ``embeds``.
+
+    Example:
+        >>> call = BlockCaller(lm.model, lm.registry)
+        >>> embeds = lm.model.get_input_embeddings()(ids) * lm.registry.embed_scale  # (B, L, D)
+        >>> hidden = call(0, embeds, embeds)  # (B, L, D)
+    """
+
+    def __init__(self, model: nn.Module, registry) -> None:
+        self.model, self.registry = model, registry
+        self.blocks = registry.blocks(model)
+        self.rotary = registry.rotary(model)
+        self._extras: tuple | None = None
+
+    def extras(self, hidden: torch.Tensor) -> dict:
+        """The keyword arguments of the attention blocks for hidden states shaped like ``hidden`` (cached)."""
+        key = (hidden.shape[0], hidden.shape[1], hidden.dtype, hidden.device)
+        if self._extras is None or self._extras[0] != key:
+            pos = torch.arange(hidden.shape[1], device=hidden.device)[None]  # (1, L)
+            mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None, cache=None,
+                                      position_ids=pos)  # fmt: skip
+            kwargs = {"position_ids": pos, "attention_mask": mask}
+            if self.rotary is not None:
+                kwargs["position_embeddings"] = self.rotary(hidden, pos)
+            self._extras = (key, kwargs)
+        return self._extras[1]
+
+    def __call__(self, layer: int, hidden: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``layer`` on ``hidden`` (B, L, D) -> (B, L, D). ``embeds`` (B, L, D): the input embeddings of the
+        same windows (what enters the first block), needed by the layers of ``registry.embeds_layers`` only.
+
+        Raises:
+            ValueError: If ``layer`` reads the input embeddings and ``embeds`` is None.
+        """
+        block = self.blocks[layer]
+        if not self.registry.is_hybrid:
+            return block(hidden, cache=None, attention_mask=None)
+        kwargs, names = dict(self.extras(hidden)), self.registry.block_args
+        mask = kwargs.pop("attention_mask")
+        kwargs[names.get("mask", "attention_mask")] = mask if "attention" in self.registry.units[layer] else None
+        if "layer" in names:
+            kwargs[names["layer"]] = layer
+        if layer in self.registry.embeds_layers:
+            if embeds is None:
+                raise ValueError(f"layer {layer} of this {self.registry.arch} model reads the input embeddings as "
+                                 "well as the residual stream: pass them (embeds=, or rows= to LayerRunner.run and "
+                                 "LayerRunner.capture)")  # fmt: skip
+            kwargs[names["embeds"]] = embeds
+        out = block(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
 
 class LayerRunner:
@@ -46,6 +105,7 @@ class LayerRunner:
     def __init__(self, lm: LoadedModel, windows: Windows, batch_size: int = 8, piece_windows: int | None = None):
         self.lm, self.model, self.registry = lm, lm.model, lm.registry
         self.blocks = self.registry.blocks(self.model)
+        self.call = BlockCaller(self.model, self.registry)
         self.batch_size = batch_size
         self.ids = windows.ids.to(lm.device)  # (n, L)
         self.targets = self.ids[:, 1:]  # (n, L-1)
@@ -53,22 +113,35 @@ class LayerRunner:
         per_window = self.ids.shape[1] * self.model.config.vocab_size * 4
         self.piece_windows = piece_windows or max(1, PIECE_BYTES // per_window)
 
-    def embed(self, b: slice) -> torch.Tensor:
-        """Input embeddings of the windows of batch ``b``. (B, L, D)."""
-        return self.model.get_input_embeddings()(self.ids[b])
+    def embed(self, b: slice | torch.Tensor) -> torch.Tensor:
+        """Input embeddings of the windows of batch ``b`` (a slice or window indices). (B, L, D)."""
+        embeds = self.model.get_input_embeddings()(self.ids[b])  # (B, L, D)
+        return embeds * self.registry.embed_scale if self.registry.embed_scale != 1.0 else embeds
 
-    def run(self, hidden: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+    def run(
+        self, hidden: torch.Tensor, start: int, stop: int | None = None, rows: slice | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Blocks ``start..stop-1`` (default: to the last) on the residual stream entering ``start``.
-        (B, L, D) -> (B, L, D)."""
-        for block in self.blocks[start:stop]:
-            hidden = block(hidden, cache=None, attention_mask=None)  # (B, L, D)
+        (B, L, D) -> (B, L, D). ``rows``: the windows ``hidden`` holds (a batch slice or window indices), needed
+        only when one of those blocks reads the input embeddings (Zamba2's hybrid layers)."""
+        layers = range(start, len(self.blocks) if stop is None else stop)
+        embeds = self._embeds(rows, layers)
+        for layer in layers:
+            hidden = self.call(layer, hidden, embeds)  # (B, L, D)
         return hidden
+
+    def _embeds(self, rows: slice | torch.Tensor | None, layers: Iterable[int]) -> torch.Tensor | None:
+        """The input embeddings of windows ``rows`` if one of ``layers`` reads them, else None. (B, L, D)."""
+        if rows is None or not set(layers) & set(self.registry.embeds_layers):
+            return None
+        return self.embed(rows)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on the last hidden state, in float32. (B, L, D) -> (B, L, V)."""
         head = self.model.get_output_embeddings()
         hidden = self.registry.final_norm(self.model)(hidden)  # (B, L, D)
-        return head(hidden.to(head.weight.dtype)).float()
+        logits = head(hidden.to(head.weight.dtype)).float()  # (B, L, V)
+        return logits * self.registry.logit_scale if self.registry.logit_scale != 1.0 else logits
 
     def pieces(self, hidden: torch.Tensor, b: slice) -> Iterator[tuple[torch.Tensor, slice]]:
         """Split batch ``b``'s hidden states into pieces of ``piece_windows`` windows: (piece, window rows)."""
@@ -82,10 +155,10 @@ class LayerRunner:
         """The residual stream entering each layer, then the last hidden state: ``n_layers + 1`` of (n, L, D)."""
         resid = [[] for _ in range(len(self.blocks) + 1)]
         for b in self.batches:
-            hidden = self.embed(b)  # (B, L, D)
-            for layer, block in enumerate(self.blocks):
+            hidden = embeds = self.embed(b)  # (B, L, D)
+            for layer in range(len(self.blocks)):
                 resid[layer].append(hidden)
-                hidden = block(hidden, cache=None, attention_mask=None)
+                hidden = self.call(layer, hidden, embeds)
             resid[-1].append(hidden)
         return [torch.cat(r) for r in resid]
 
@@ -102,7 +175,7 @@ class LayerRunner:
         ``reference`` log-probabilities (n, L-1, V) (NaN without one)."""
         nll_sum, kl_sum, count = 0.0, 0.0, 0
         for b in self.batches:
-            for nll, kl, n in self.terms(self.run(hidden[b], start), b, reference):
+            for nll, kl, n in self.terms(self.run(hidden[b], start, rows=b), b, reference):
                 nll_sum, kl_sum, count = nll_sum + nll, kl_sum + kl, count + n
         return nll_sum / count, (kl_sum / count if reference is not None else float("nan"))
 
@@ -119,11 +192,16 @@ class LayerRunner:
             yield nll, kl, self.targets[rows].numel()
 
     @torch.no_grad()
-    def capture(self, layer: int, points: Iterable[str], hidden: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    def capture(
+        self, layer: int, points: Iterable[str], hidden: torch.Tensor, rows: slice | torch.Tensor | None = None
+    ) -> dict[str, list[torch.Tensor]]:
         """Run block ``layer`` on the residual stream ``hidden`` (m, L, D) entering it, ``batch_size`` windows at a
-        time, and record the activations at its hook ``points``: point -> one tensor per batch."""
+        time, and record the activations at its hook ``points``: point -> one tensor per batch. ``rows``: the
+        windows ``hidden`` holds, as for :meth:`run`."""
         names = {p: hook_name(layer, p) for p in points}
+        index = None if rows is None else torch.arange(len(self.ids), device=self.ids.device)[rows]  # (m,)
         with capture(self.lm, names.values()) as acts:
             for i in range(0, hidden.shape[0], self.batch_size):
-                self.blocks[layer](hidden[i : i + self.batch_size], cache=None, attention_mask=None)
+                part = slice(i, i + self.batch_size)
+                self.call(layer, hidden[part], self._embeds(None if index is None else index[part], (layer,)))
         return {p: acts[n] for p, n in names.items()}

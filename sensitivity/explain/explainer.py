@@ -6,8 +6,13 @@ Given a dense model and a pruned copy (same architecture and depth) on the same 
   stream after that layer, and the first layer whose relative error exceeds a threshold;
 * **restoration patching**: for every (layer, component) that owns weights, put that component's tensors back to
   their dense values inside the pruned model and measure the share of the loss gap that comes back,
-  ``recovered = (nll_pruned - nll_patched) / (nll_pruned - nll_dense)``; the top entries name where the damage sits;
-* **SSM dynamics** per layer, dense vs pruned: Δ after softplus, the per-step decay ``exp(Δ·A)`` and the implied
+  ``recovered = (nll_pruned - nll_patched) / (nll_pruned - nll_dense)``; the top entries name where the damage sits.
+  Whole units are patched too (rows ``mixer``, ``attention``, ``mlp``, ``moe``: every tensor of the layer's SSM
+  mixer, attention, MLP or MoE restored at once, so the unit's output is what the dense unit computes from its
+  input). A restoration acts only while its layer runs, so a tensor several layers share (Zamba2's shared
+  transformer) is restored in the patched layer alone;
+* **SSM dynamics** per layer holding an SSM mixer (hybrids: attention, MLP and MoE layers have none), dense vs
+  pruned: Δ after softplus, the per-step decay ``exp(Δ·A)`` and the implied
   memory length ``-1/log(decay)`` (tokens), state norms over time (rebuilt by the scan recurrence), the share of
   closed gates (``σ(z) < 0.05``), and the outlier shares of x, z and y (``|a| > 5·mean|a|``), all over the units
   the pruned model keeps live (so a shift is how kept heads changed, not which heads were kept), plus the share of
@@ -39,7 +44,7 @@ from ..core.finite import check_loss
 from ..core.loading import LoadedModel, as_loaded
 from ..core.output import MANIFEST, publish_dir, versions, write_manifest
 from ..core.runner import LayerRunner
-from ..core.spec import Count, Int, Names, Number, Spec, SpecError
+from ..core.spec import Count, Int, Ints, Names, Number, Spec, SpecError
 from ..data import Windows
 from .dynamics import (
     decay,
@@ -50,14 +55,18 @@ from .dynamics import (
     summary_stats,
 )
 
-__all__ = ["ExplainOptions", "Explanation", "Thresholds", "VERDICTS", "explain", "explain_method", "verdict"]
+__all__ = ["UNIT_ROWS", "ExplainOptions", "Explanation", "Thresholds", "VERDICTS", "explain", "explain_method",
+           "verdict"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 VERDICTS = ("healthy", "degraded", "collapsed")
 HEALTHY, COLLAPSED, DRIFT = 1.2, 2.0, 0.1
 MIN_GAP = 1e-3  # nats/token: below this loss gap, recovered shares are noise and left undefined (NaN)
-MIXER = "mixer"  # patching row that restores every component of a layer at once
+MIXER = "mixer"  # patching row that restores every component of a layer's SSM mixer at once
+UNIT_ROWS = {"ssm": MIXER, "attention": "attention", "mlp": "mlp", "moe": "moe"}
+"""Unit kind -> name of the patching row that restores the whole unit of a layer."""
+_UNIT_TEXT = {"ssm": "mixer", "attention": "attention", "mlp": "MLP", "moe": "MoE"}
 _POINTS = ("u", "dt", "A", "B", "C", "x", "z", "y")
 _FILES = ("drift", "patching", "dynamics", "samples", "states")
 _NAMES = {"delta": "Δ", "decay": "decay exp(ΔA)", "memory": "memory length", "state_norm": "state norm",
@@ -87,10 +96,12 @@ class ExplainOptions(Thresholds):
     patch: bool = True
     """Run restoration patching (one partial forward per (layer, component) that differs from dense)."""
     top_layers: Count | None = None
-    """Coarse to fine: restore whole mixers first, then single components of the top_layers layers whose mixer
-    restoration recovers most (default: every layer's components)."""
+    """Coarse to fine: restore whole units (mixers, attention, MLPs) first, then single components of the
+    top_layers layers whose best unit restoration recovers most (default: every layer's components)."""
     components: Names | None = None
     """Components to patch (default: every component that owns weights)."""
+    dynamics_layers: Ints | None = None
+    """Layers whose SSM dynamics are measured (default: every layer with an SSM mixer; others are skipped)."""
     drift_threshold: Annotated[Number, Field(gt=0)] = DRIFT
     """Relative error of the residual stream that marks a layer as diverged."""
     batch_size: Count = 8
@@ -130,9 +141,10 @@ class Explanation:
         first_layer: First layer whose drift exceeds ``drift_threshold`` (None if none does).
         drift_threshold: The relative-error threshold.
         drift: ``layer, rel_error, cosine``.
-        patching: ``layer, component, nll, recovered`` sorted by ``recovered`` (empty when not possible);
-            component ``mixer`` restores the whole layer at once.
-        dynamics: ``layer, quantity, stat, dense, pruned``.
+        patching: ``layer, component, unit, nll, recovered`` sorted by ``recovered`` (empty when not possible);
+            ``unit`` is the component's unit kind; components ``mixer``, ``attention``, ``mlp``, ``moe`` restore
+            that whole unit of the layer at once (:data:`UNIT_ROWS`).
+        dynamics: ``layer, quantity, stat, dense, pruned`` (layers with an SSM mixer only).
         samples: ``layer, quantity, model, value``: subsampled per-token Δ and decay values.
         states: ``layer, position, dense, pruned``: mean state norm at each position.
         text: The generated explanation.
@@ -171,7 +183,7 @@ class Explanation:
     def top(self) -> tuple[int, str, float] | None:
         """``(layer, component, recovered)`` of the single-component restoration that recovers most (only if it
         recovers something), or None."""
-        single = self.patching[(self.patching.component != MIXER) & (self.patching.recovered > 0).to_numpy()]
+        single = self.patching[~_unit_rows(self.patching) & (self.patching.recovered > 0).to_numpy()]
         if single.empty:
             return None
         row = single.loc[single.recovered.idxmax()]
@@ -225,9 +237,15 @@ class Explanation:
                    **tables)  # fmt: skip
 
 
+def _unit_rows(patching: pd.DataFrame) -> pd.Series:
+    """Which patching rows restore a whole unit (:data:`UNIT_ROWS`) rather than one component."""
+    return patching.component.isin(list(UNIT_ROWS.values()))
+
+
 def _points(run: LayerRunner, hidden: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
-    """The activations at the dynamics hook points of ``layer``, from its input stream. name -> (n, ...)."""
-    acts = run.capture(layer, _POINTS, hidden)
+    """The activations at the dynamics hook points of ``layer``, from its input stream (every window: Zamba2's
+    hybrid layers also read their embeddings). name -> (n, ...)."""
+    acts = run.capture(layer, _POINTS, hidden, rows=slice(None))
     return {p: acts[p][0] if p == "A" else torch.cat(acts[p]) for p in _POINTS}
 
 
@@ -287,9 +305,9 @@ def _restore_plan(dense_lm: LoadedModel, pruned_lm: LoadedModel, layer: int, com
     what the dense model computes without it.
     """
     reg_d, reg_p = dense_lm.registry, pruned_lm.registry
-    mix_d, mix_p = reg_d.mixer(dense_lm.model, layer), reg_p.mixer(pruned_lm.model, layer)
-    src = {t.describe(): t.get(mix_d) for t in reg_d.component(component).tensors}
-    dst = {t.describe(): t.get(mix_p) for t in reg_p.component(component).tensors}
+    own_d, own_p = reg_d.owner(dense_lm.model, layer, component), reg_p.owner(pruned_lm.model, layer, component)
+    src = {t.describe(): t.get(own_d) for t in reg_d.component(component).tensors}
+    dst = {t.describe(): t.get(own_p) for t in reg_p.component(component).tensors}
     if missing := [k for k in src if k not in dst]:
         return f"{missing[0]} of layer {layer} has no counterpart in the pruned model (structurally shrunk)"
     for key, tensor in dst.items():
@@ -319,7 +337,8 @@ def _restored(plan):
 
 
 def _patch_plans(dense_lm: LoadedModel, pruned_lm: LoadedModel, components) -> tuple[list, str | None]:
-    """Restore plans for every (layer, weight-owning component), or ``([], why)`` when shapes differ."""
+    """Restore plans for every (layer, weight-owning component) the layer holds, then one per unit of the layer
+    with more than one of them (:data:`UNIT_ROWS`), or ``([], why)`` when shapes differ."""
     reg = dense_lm.registry
     names = [c.name for c in reg.components if c.tensors]
     if components is not None:
@@ -330,23 +349,41 @@ def _patch_plans(dense_lm: LoadedModel, pruned_lm: LoadedModel, components) -> t
         names = [c for c in names if c in components]
     plans = []
     for layer in range(reg.n_layers):
-        for c in names:
+        held = [c for c in names if reg.has(layer, c)]
+        for c in held:
             plan = _restore_plan(dense_lm, pruned_lm, layer, c)
             if isinstance(plan, str):
                 return [], (f"restoration patching skipped: {plan}; explain a masked model instead (structured "
                              "pruning with mode='mask')")  # fmt: skip
             plans.append((layer, c, plan))
-        if len(names) > 1:  # the whole mixer at once: what no single component explains
-            plans.append((layer, MIXER, [pair for lyr, _, plan in plans if lyr == layer for pair in plan]))
+        for kind, row in UNIT_ROWS.items():  # each whole unit at once: what no single component explains
+            parts = {c for c in held if reg.component(c).unit == kind}
+            if len(parts) > 1:
+                plans.append((layer, row, [pair for lyr, c, plan in plans if lyr == layer and c in parts
+                                           for pair in plan]))  # fmt: skip
     return plans, None
 
 
+def _row_unit(registry, component: str) -> str:
+    """The unit kind of a patching row: its component's, or the unit a whole-unit row restores."""
+    units = {row: kind for kind, row in UNIT_ROWS.items()}
+    return units[component] if component in units else registry.component(component).unit
+
+
+@torch.no_grad()
 def _patched_nll(run: LayerRunner, stream: list[torch.Tensor], layer: int, plan, nll_unpatched: float) -> float:
-    """Loss of the pruned model with ``plan`` restored (no forward when it restores nothing)."""
+    """Loss of the pruned model with ``plan`` restored while block ``layer`` runs (no forward when it restores
+    nothing). A tensor shared with later layers keeps its pruned values there."""
     if _unchanged(plan):
         return nll_unpatched
-    with _restored(plan):
-        return run.loss(stream[layer], layer)[0]
+    nll_sum, count = 0.0, 0
+    for b in run.batches:
+        with _restored(plan):
+            hidden = run.run(stream[layer][b], layer, layer + 1, rows=b)  # (B, L, D)
+        out = run.run(hidden, layer + 1, rows=b)  # (B, L, D)
+        for nll, _, n in run.terms(out, b):
+            nll_sum, count = nll_sum + nll, count + n
+    return nll_sum / count
 
 
 def _ratio_text(q: str, d: float, p: float) -> str:
@@ -378,29 +415,35 @@ def _text(e: Explanation, n_top: int = 3) -> str:
         parts.append(f"Hidden states first drift past {e.drift_threshold:g} at layer {e.first_layer} (relative error "
                      f"{first.rel_error:.3f}, cosine {first.cosine:.3f}); after the last layer the error is "
                      f"{last.rel_error:.3f} (cosine {last.cosine:.3f}).")  # fmt: skip
-    top = e.top
+    top, units = e.top, _unit_rows(e.patching)
+    unit_text = {row: _UNIT_TEXT[kind] for kind, row in UNIT_ROWS.items()}
     if top is None:
         gap = e.nll_pruned - e.nll_dense
-        mixers = e.patching[(e.patching.component == MIXER) & (e.patching.recovered > 0).to_numpy()]
+        wholes = e.patching[units & (e.patching.recovered > 0).to_numpy()]
         if e.meta.get("patching_note"):
             parts.append(e.meta["patching_note"])
         elif abs(gap) <= MIN_GAP:
             parts.append(f"The loss gap ({gap:+.4f} nats/token) is too small to attribute (under {MIN_GAP:g}).")
-        elif len(mixers):
-            best = mixers.iloc[0]
-            parts.append(f"No single component's restoration recovers any of the loss gap; restoring the whole mixer "
-                         f"of layer {best.layer} recovers {best.recovered:.0%}.")  # fmt: skip
+        elif len(wholes):
+            best = wholes.iloc[0]
+            parts.append(
+                f"No single component's restoration recovers any of the loss gap; restoring the whole "
+                f"{unit_text[best.component]} of layer {best.layer} recovers {best.recovered:.0%}."
+            )
         else:
             parts.append("No single restoration recovers any of the loss gap: the damage is spread over layers.")
         shift_layer = e.first_layer
     else:
-        best = e.patching[(e.patching.component != MIXER) & (e.patching.recovered > 0).to_numpy()].head(n_top)
+        best = e.patching[~units & (e.patching.recovered > 0).to_numpy()].head(n_top)
         named = [f"{r.component} of layer {r.layer} ({r.recovered:.0%})" for r in best.itertuples()]
         parts.append(f"Restoring {named[0].replace(' (', ' alone recovers ', 1).rstrip(')')} of the loss gap"
                      + (f"; next: {', '.join(named[1:])}." if len(named) > 1 else "."))
-        whole = e.patching[(e.patching.component == MIXER) & (e.patching.layer == top[0])]
+        first = e.patching[~units & (e.patching.layer == top[0]) & (e.patching.component == top[1])]
+        kind = first.unit.iloc[0] if "unit" in e.patching.columns else "ssm"  # tables saved before hybrids: SSM
+        whole = e.patching[(e.patching.component == UNIT_ROWS[kind]) & (e.patching.layer == top[0])]
         if len(whole):
-            parts.append(f"Restoring the whole mixer of layer {top[0]} recovers {whole.recovered.iloc[0]:.0%}.")
+            parts.append(f"Restoring the whole {_UNIT_TEXT[kind]} of layer {top[0]} recovers "
+                         f"{whole.recovered.iloc[0]:.0%}.")  # fmt: skip
         shift_layer = top[0]
     if shift_layer is not None and (shifts := _shifts(e.dynamics, shift_layer)):
         parts.append(f"Dynamics of layer {shift_layer}, dense → pruned (median): {'; '.join(shifts)}.")
@@ -429,14 +472,16 @@ def explain(
         label: Name of the pruned model in tables and text.
         sparsity: Its sparsity, for tables and text.
         options: :class:`ExplainOptions`; keyword ``overrides`` change its fields (``patch``, ``top_layers``,
-            ``components``, ``drift_threshold``, ``healthy``, ``collapsed``, ``batch_size``, ``n_samples``, ``seed``).
+            ``components``, ``dynamics_layers``, ``drift_threshold``, ``healthy``, ``collapsed``, ``batch_size``,
+            ``n_samples``, ``seed``).
         show_progress: Show a tqdm bar over the patching runs.
 
     Returns:
         An :class:`Explanation`; ``str(e.text)`` is the generated explanation.
 
     Raises:
-        SpecError: If the models differ in architecture or depth, or an option is out of range.
+        SpecError: If the models differ in architecture or depth, an option is out of range, or
+            ``dynamics_layers`` names a layer without an SSM mixer.
 
     Example:
         >>> dense = load_model(); pruned = load_model()
@@ -455,6 +500,7 @@ def explain(
     batch_size, seed, n_samples, drift_threshold = o.batch_size, o.seed, o.n_samples, o.drift_threshold
     healthy, collapsed, top_layers, components = o.healthy, o.collapsed, o.top_layers, o.components
     patch = o.patch
+    dyn_layers = _dynamics_layers(rd, o.dynamics_layers)
 
     d_run, p_run = (LayerRunner(lm, windows, batch_size, piece_windows=1) for lm in (dense_lm, pruned_lm))
     d_stream, p_stream = d_run.stream(), p_run.stream()
@@ -467,7 +513,7 @@ def explain(
     first_layer = int(over.layer.iloc[0]) if len(over) else None
 
     dyn_rows, sample_rows, state_rows = [], [], []
-    for layer in range(n_layers):
+    for layer in dyn_layers:
         per_model = {}
         acts = {"pruned": _points(p_run, p_stream[layer], layer), "dense": _points(d_run, d_stream[layer], layer)}
         live = _live(acts["pruned"])  # compare the units the pruned model keeps, in both models
@@ -488,7 +534,8 @@ def explain(
 
     meta = {"windows": windows.describe(), "windows_sha256": windows.sha256(), "seed": seed,
             "thresholds": {"healthy": healthy, "collapsed": collapsed, "drift": drift_threshold},
-            "dense": dense_lm.name, "pruned": pruned_lm.name, "versions": versions()}  # fmt: skip
+            "dense": dense_lm.name, "pruned": pruned_lm.name, "dynamics_layers": dyn_layers,
+            "versions": versions()}  # fmt: skip
     patch_rows = []
     gap = nll_p - nll_d
     if patch:
@@ -496,12 +543,15 @@ def explain(
         if note:
             meta["patching_note"] = note
             logger.warning("%s", note)
-        if top_layers is not None:
-            mixers = [(layer, comp, plan) for layer, comp, plan in plans if comp == MIXER]
-            scored = [(_patched_nll(p_run, p_stream, layer, plan, nll_p), layer) for layer, _, plan in mixers]
-            keep = {layer for _, layer in sorted(scored)[:top_layers]}
-            done = {layer: nll for nll, layer in scored}
-            plans = [(lyr, c, pl) for lyr, c, pl in plans if c == MIXER or lyr in keep]
+        wholes = set(UNIT_ROWS.values())
+        if top_layers is not None:  # coarse to fine: whole units first, then the components of the best layers
+            done = {(layer, comp): _patched_nll(p_run, p_stream, layer, plan, nll_p)
+                    for layer, comp, plan in plans if comp in wholes}  # fmt: skip
+            best: dict[int, float] = {}
+            for (layer, _), nll in done.items():
+                best[layer] = min(best.get(layer, math.inf), nll)
+            keep = set(sorted(best, key=lambda layer: (best[layer], layer))[:top_layers])
+            plans = [(lyr, c, pl) for lyr, c, pl in plans if c in wholes or lyr in keep]
         else:
             done = {}
         changed = [(layer, comp) for layer, comp, plan in plans if not _unchanged(plan)]
@@ -509,17 +559,17 @@ def explain(
                            f"were run" + (f" (components of the top {top_layers} layers only)" if done else ""))
         bar = tqdm(total=len(changed), desc=f"patching {label}", disable=not show_progress, leave=False)
         for layer, comp, plan in plans:
-            if comp == MIXER and layer in done:
-                nll = done[layer]
+            if (layer, comp) in done:
+                nll = done[(layer, comp)]
             else:
                 nll = _patched_nll(p_run, p_stream, layer, plan, nll_p)
             bar.update(int((layer, comp) in changed))
             recovered = (nll_p - nll) / gap if abs(gap) > MIN_GAP else float("nan")
-            patch_rows.append((layer, comp, nll, recovered))
+            patch_rows.append((layer, comp, _row_unit(rd, comp), nll, recovered))
         bar.close()
     else:
         meta["patching_note"] = "restoration patching not run (patch=False)"
-    patching = pd.DataFrame(patch_rows, columns=["layer", "component", "nll", "recovered"])
+    patching = pd.DataFrame(patch_rows, columns=["layer", "component", "unit", "nll", "recovered"])
     patching = patching.sort_values("recovered", ascending=False, kind="stable", na_position="last")
     patching = patching.reset_index(drop=True)
     e = Explanation(label=label, sparsity=sparsity, verdict=verdict(math.exp(gap), healthy=healthy,
@@ -529,6 +579,30 @@ def explain(
     e.text = _text(e)
     logger.info("%s", e.text)
     return e
+
+
+def _dynamics_layers(registry, asked) -> list[int]:
+    """The layers whose SSM dynamics are measured: ``asked``, or every layer with an SSM mixer (the others are
+    skipped, and logged).
+
+    Raises:
+        SpecError: For a layer out of range or one without an SSM mixer (naming the layers with one).
+    """
+    with_ssm = [i for i in range(registry.n_layers) if "ssm" in registry.units[i]]
+    if asked is None:
+        if skipped := [i for i in range(registry.n_layers) if i not in with_ssm]:
+            logger.info("SSM dynamics skip layer(s) %s: no SSM mixer (%s)", ", ".join(map(str, skipped)),
+                        ", ".join(registry.layer_kind(i) for i in skipped))  # fmt: skip
+        return with_ssm
+    for layer in asked:
+        registry.check_layer(layer, "dynamics_layers")
+        if layer not in with_ssm:
+            raise SpecError(
+                f"layer {layer} holds {registry.layer_kind(layer)} and no SSM mixer, so it has no SSM "
+                f"dynamics; layers with one: {', '.join(map(str, with_ssm))}",
+                "dynamics_layers",
+            )
+    return sorted(set(asked))
 
 
 def _definition(windows: Windows) -> str:

@@ -31,6 +31,27 @@ residual), ``head`` ``h`` of a Mamba-2 layer (its ``P`` channels of the out_proj
 masking its out_proj columns does; the gated norm still sees the head) and ``state`` ``n`` (index ``n`` of B and
 C set to 0 in every group, so that state never fills or is read).
 
+Hybrids add the attention, MLP and MoE components and units:
+
+=============  ==========================  ==================================  ================================
+component      zero                        mean / resample                     remove (units)
+=============  ==========================  ==================================  ================================
+q, k           weights -> 0 (uniform       q / k activation                    ``attention``: its output -> 0
+               attention over the past)
+v, o           weights -> 0 (the           v activation / attention output     ``attn_head`` ``h``: its channels
+               attention outputs 0)                                            of the o_proj input -> 0
+gate, up,      weights -> 0 (the MLP       down: MLP output                    ``mlp``: its output -> 0
+down           outputs 0)
+router,        weights -> 0 (uniform       -                                   ``moe``: its output -> 0
+experts        routing / experts output 0)
+(block)        -                           -                                   ``block``: the block is skipped
+                                                                               (output = input), Mamba-Shedder
+=============  ==========================  ==================================  ================================
+
+``magnitude`` and ``wanda`` also apply to ``q, k, v, o, gate, up, down``. A probe only runs in the layers holding
+its component or unit (``mixer``, ``head`` and ``state`` in SSM layers, ``attention`` and ``attn_head`` in attention
+layers...); ``block`` runs in every layer of a hybrid.
+
 Shape legend: B batch, L sequence length, D model width, ED inner channels, N state size, H heads, P head dim,
 G B/C groups, K conv kernel.
 """
@@ -52,15 +73,36 @@ from ..core.registry import Registry
 from ..core.scores import wanda_score
 from ..core.spec import SpecError
 
-__all__ = ["KINDS", "UNITS", "Probe", "ablation_table", "applicable"]
+__all__ = ["KINDS", "UNITS", "UNIT_OF", "Probe", "ablation_table", "applicable", "present"]
 
 KINDS = Methods("ablation kind")
 """Every ablation kind: ``zero``, ``mean``, ``resample``, ``bypass``, ``magnitude``, ``wanda``, ``remove``, plus any
 registered from user code. A kind is a context manager ``fn(model, registry, probe, ctx)`` applying the ablation;
 its ``info`` says where it ``applies(registry, component)``, which calibration hook ``points(registry, probe)`` it
 reads, whether it is a ``sparsify`` kind (one probe per sparsity) and whether it ``resample``s another window."""
-UNITS = ("mixer", "head", "state")
-"""Whole-unit probes (kind ``remove``); ``head`` exists on Mamba-2 only."""
+UNITS = ("mixer", "head", "state", "attention", "attn_head", "mlp", "moe", "block")
+"""Whole-unit probes (kind ``remove``); ``head`` exists on Mamba-2 mixers only, the others on the layers holding
+their unit (:data:`UNIT_OF`)."""
+UNIT_OF = {"mixer": "ssm", "head": "ssm", "state": "ssm", "attention": "attention", "attn_head": "attention",
+           "mlp": "mlp", "moe": "moe", "block": None}  # fmt: skip
+"""Whole-unit probe -> the unit kind a layer must hold for it (None: every layer)."""
+
+
+def present(registry: Registry, layer: int, component: str) -> bool:
+    """Whether ``layer`` holds ``component`` (a registry component or a whole unit of :data:`UNITS`)."""
+    if component in UNIT_OF:
+        unit = UNIT_OF[component]
+        if component == "head" and "H" not in registry.dims:
+            return False
+        if component == "block":
+            return registry.is_hybrid
+        return unit in registry.units[layer]
+    return component in registry.component_names and registry.has(layer, component)
+
+
+def exists(registry: Registry, component: str) -> bool:
+    """Whether some layer of ``registry``'s model holds ``component``."""
+    return any(present(registry, layer, component) for layer in range(registry.n_layers))
 
 # (component, kind) -> what it does. Components absent from an architecture's registry are skipped.
 _DOC = {
@@ -86,14 +128,29 @@ _DOC = {
     ("mixer", "remove"): "mixer output -> 0 (block = residual)",
     ("head", "remove"): "head h's channels of the out_proj input -> 0",
     ("state", "remove"): "state index n of B and C -> 0",
+    ("q", "zero"): "q_proj weights -> 0 (uniform attention over the past)",
+    ("k", "zero"): "k_proj weights -> 0 (uniform attention over the past)",
+    ("v", "zero"): "v_proj weights -> 0 (the attention outputs 0)",
+    ("o", "zero"): "o_proj weights -> 0 (the attention outputs 0)",
+    ("gate", "zero"): "gate weights -> 0 (the MLP outputs 0)",
+    ("up", "zero"): "up weights -> 0 (the MLP outputs 0)",
+    ("down", "zero"): "down weights -> 0 (the MLP outputs 0)",
+    ("router", "zero"): "router weights -> 0 (uniform router logits)",
+    ("experts", "zero"): "every expert's weights -> 0 (the routed experts output 0)",
+    ("shared_experts", "zero"): "the shared experts' weights -> 0",
+    ("attention", "remove"): "attention output -> 0",
+    ("attn_head", "remove"): "attention head h's channels of the o_proj input -> 0",
+    ("mlp", "remove"): "MLP output -> 0",
+    ("moe", "remove"): "MoE output -> 0",
+    ("block", "remove"): "the whole block skipped: its output = its input",
 }
 # mean / resample act on the component's own hook point (the registry's ``Component.hook``); dt's mean acts on
 # dt_raw, before the softplus
-_ACTIVATIONS = ("x", "z", "B", "C", "dt", "conv1d", "norm", "out_proj")
+_ACTIVATIONS = ("x", "z", "B", "C", "dt", "conv1d", "norm", "out_proj", "q", "k", "v", "o", "down")
 for _c in _ACTIVATIONS:  # {hook}: filled in from the registry by ablation_table
     _DOC[(_c, "mean")] = ("dt_raw" if _c == "dt" else "{hook}") + " activation -> its calibration mean per channel"
     _DOC[(_c, "resample")] = "{hook} activation -> the same activation on another window"
-_SPARSIFIABLE = ("x", "z", "B", "C", "dt", "conv1d", "out_proj")
+_SPARSIFIABLE = ("x", "z", "B", "C", "dt", "conv1d", "out_proj", "q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -123,6 +180,8 @@ def ablation_table(registry: Registry) -> pd.DataFrame:
     """One row per (component, kind) that applies to ``registry``'s architecture, with what it does."""
     rows = []
     for comp in (*registry.component_names, *UNITS):
+        if not exists(registry, comp):
+            continue
         for kind in KINDS:
             if not applicable(registry, comp, kind):
                 continue
@@ -199,7 +258,7 @@ def _name(probe: Probe, point: str) -> str:
 @contextmanager
 def _zero(model, registry, probe, ctx):
     comp = probe.component
-    if comp in ("x", "z", "B", "C", "dt"):  # activations; the rest: weights -> 0
+    if comp in ("x", "z", "B", "C", "dt"):  # activations; the rest (attention, MLP, MoE too): weights -> 0
         with hooks(model, {_name(probe, registry.component(comp).hook): torch.zeros_like}):
             yield
     else:
@@ -247,25 +306,31 @@ _sparsify_kind("magnitude", "the component's weights pruned to sparsity s by |W|
 _sparsify_kind("wanda", "the component's weights pruned to sparsity s by |W_ij| * ||X_j||_2")
 
 
-@KINDS.register("remove", description="a whole unit removed (mixer, head h, state n)",
-                applies=lambda registry, comp: comp in UNITS and (comp != "head" or registry.arch == "mamba2"))
+@KINDS.register("remove", description="a whole unit removed (mixer, head h, state n, attention, attention head "
+                "h, MLP, MoE, block)", applies=lambda registry, comp: comp in UNITS and exists(registry, comp))
 def _remove(model, registry, probe, ctx):
     return hooks(model, _remove_hooks(registry, probe))
 
 
 def _remove_hooks(registry: Registry, probe: Probe) -> dict[str, Callable]:
     layer, i = probe.layer, probe.index
-    if probe.component == "mixer":
-        return {hook_name(layer, "out"): torch.zeros_like}
-    if probe.component == "head":
-        H, P = registry.dims["H"], registry.dims["P"]
+    outputs = {"mixer": "out", "attention": "attn_out", "mlp": "mlp_out", "moe": "moe_out"}
+    if probe.component in outputs:
+        return {hook_name(layer, outputs[probe.component]): torch.zeros_like}
+    if probe.component == "block":
+        seen: dict[str, torch.Tensor] = {}
+        return {hook_name(layer, "block_in"): lambda t: seen.__setitem__("in", t),
+                hook_name(layer, "block_out"): lambda t: seen["in"]}  # fmt: skip
+    if probe.component in ("head", "attn_head"):
+        H, P = (registry.dims["H"], registry.dims["P"]) if probe.component == "head" else (
+            registry.dims["AH"], registry.dims["AP"])  # fmt: skip
 
-        def drop_head(t: torch.Tensor) -> torch.Tensor:  # (B, L, ED)
+        def drop_head(t: torch.Tensor) -> torch.Tensor:  # (B, L, ED) or (B, L, AH·AP)
             t = t.clone().view(*t.shape[:2], H, P)  # (B, L, H, P)
             t[:, :, i] = 0
             return t.view(*t.shape[:2], H * P)
 
-        return {hook_name(layer, "out_proj_in"): drop_head}
+        return {hook_name(layer, "out_proj_in" if probe.component == "head" else "o_in"): drop_head}
 
     def drop_state(t: torch.Tensor) -> torch.Tensor:  # (B, L, N) or (B, L, G, N)
         t = t.clone()
@@ -277,18 +342,37 @@ def _remove_hooks(registry: Registry, probe: Probe) -> dict[str, Callable]:
 
 @contextmanager
 def _edit(registry: Registry, model: nn.Module, layer: int, component: str, fn, tensors=None) -> Iterator[None]:
-    """Replace each of the component's tensors ``t`` by ``fn(t)`` in place; restore the originals on exit."""
+    """Replace each of the component's tensors ``t`` by ``fn(t)`` in place; restore the originals on exit.
+
+    Tensors shared with other layers (``Registry.sharing``: Zamba2's shared transformer) hold the edit only while
+    ``layer``'s unit runs (a pre-hook writes it, a hook undoes it), so the probe ablates that layer alone, whether
+    the sweep starts at ``layer`` or at an earlier layer using the same tensors."""
     views = registry.tensors(model, layer, component) if tensors is None else tensors
     saved = [v.detach().clone() for v in views]
-    try:
+    with torch.no_grad():
+        edited = [fn(v).to(v.dtype) for v in views]
+
+    def put(values) -> None:
         with torch.no_grad():
-            for v in views:
-                v.copy_(fn(v))
+            for v, value in zip(views, values):
+                v.copy_(value)
+
+    if len(registry.sharing(layer, component)) == 1:
+        put(edited)
+        try:
+            yield
+        finally:
+            put(saved)
+        return
+    owner = registry.owner(model, layer, component)
+    handles = [owner.register_forward_pre_hook(lambda module, args: put(edited)),
+               owner.register_forward_hook(lambda module, args, output: put(saved))]  # fmt: skip
+    try:
         yield
     finally:
-        with torch.no_grad():
-            for v, s in zip(views, saved):
-                v.copy_(s)
+        for handle in handles:
+            handle.remove()
+        put(saved)
 
 
 @contextmanager
@@ -302,7 +386,12 @@ def _swap(mixer: nn.Module, attr: str, replacement: nn.Module) -> Iterator[None]
 
 
 class _Ungated(nn.Module):
-    """Stands in for Mamba-2's gated norm: returns its input unchanged (and ignores a gate)."""
+    """Stands in for Mamba-2's gated norm: returns its input unchanged (and ignores a gate). It keeps the
+    ``norm_before_gate`` flag of the norm it replaces, which Falcon-H1's mixer reads to order norm and gate."""
+
+    def __init__(self, replaced: nn.Module | None = None) -> None:
+        super().__init__()
+        self.norm_before_gate = getattr(replaced, "norm_before_gate", False)
 
     def forward(self, hidden_states, gate=None):  # noqa: D102
         return hidden_states
@@ -343,7 +432,8 @@ def _bypass(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) ->
         with _edit(registry, model, layer, comp, torch.zeros_like):
             yield
     elif comp in ("norm", "dt_norm", "B_norm", "C_norm"):
-        with _swap(mixer, registry.component(comp).module, _Ungated()):
+        attr = registry.component(comp).module
+        with _swap(mixer, attr, _Ungated(getattr(mixer, attr))):
             yield
     else:
         raise ValueError(f"kind 'bypass' does not apply to {comp!r}; see ablation_table()")
@@ -351,9 +441,9 @@ def _bypass(model: nn.Module, registry: Registry, probe: Probe, ctx: Context) ->
 
 @contextmanager
 def _sparsify(model: nn.Module, registry: Registry, probe: Probe, ctx: Context, method: str) -> Iterator[None]:
-    mixer = registry.mixer(model, probe.layer)
+    owner = registry.owner(model, probe.layer, probe.component)
     slices = registry.weights(probe.component)
-    views = [t.get(mixer) for t in slices]
+    views = [t.get(owner) for t in slices]
     masks = []
     for t, w in zip(slices, views):
         scores = w.detach().abs().float()  # (rows, cols) or conv (C, 1, K)

@@ -38,12 +38,15 @@ from ..core.stats import channel_stats
 from ..data import Corpus, Windows, calibration_windows, load_corpus
 from .ablations import (
     KINDS,
+    UNIT_OF,
     UNITS,
     Context,
     Probe,
     ablate,
     applicable,
+    exists,
     needed_points,
+    present,
     resample_point,
 )
 
@@ -107,16 +110,21 @@ def plan(registry: Registry, options: ProbeOptions) -> list[Probe]:
     Raises:
         SpecError: For an unknown component or a layer out of range.
     """
-    allowed = (*registry.component_names, *UNITS)
+    allowed = [c for c in (*registry.component_names, *UNITS) if exists(registry, c)]
     if options.components is None:
-        comps = [*registry.component_names, "mixer", *(["head"] if registry.arch == "mamba2" else [])]
+        comps = [*registry.component_names, "mixer", *(["head"] if "H" in registry.dims else [])]
+        if registry.is_hybrid:
+            comps += [u for u in ("attention", "mlp", "moe", "block") if exists(registry, u)]
     else:
         comps = list(options.components)
-        if bad := [c for c in comps if c not in allowed]:
-            raise SpecError(f"unknown component {bad[0]!r} for {registry.arch}; allowed: {', '.join(allowed)}",
-                            "components")  # fmt: skip
-        if "head" in comps and registry.arch != "mamba2":
-            raise SpecError(f"'head' needs a Mamba-2 model; {registry.arch} has no heads", "components")
+        for c in comps:
+            if c in UNITS and c not in allowed:
+                where = "Mamba-2 mixers" if c == "head" else f"{UNIT_OF[c] or 'hybrid'} layers"
+                raise SpecError(f"{c!r} needs {where}; {registry.arch} has none; allowed: {', '.join(allowed)}",
+                                "components")  # fmt: skip
+            if c not in allowed:
+                raise SpecError(f"unknown component {c!r} for {registry.arch}; allowed: {', '.join(allowed)}",
+                                "components")  # fmt: skip
     if options.layers is None:
         layers = range(registry.n_layers)
     else:
@@ -125,6 +133,8 @@ def plan(registry: Registry, options: ProbeOptions) -> list[Probe]:
     probes = []
     for layer in layers:
         for comp in comps:
+            if not present(registry, layer, comp):
+                continue
             for kind in kinds:
                 if not applicable(registry, comp, kind):
                     continue
@@ -132,6 +142,8 @@ def plan(registry: Registry, options: ProbeOptions) -> list[Probe]:
                     probes += [Probe(layer, comp, kind, sparsity=s) for s in options.sparsities]
                 elif comp == "head":
                     probes += [Probe(layer, comp, kind, h) for h in range(registry.dims["H"])]
+                elif comp == "attn_head":
+                    probes += [Probe(layer, comp, kind, h) for h in range(registry.dims["AH"])]
                 elif comp == "state":
                     probes += [Probe(layer, comp, kind, n) for n in range(registry.dims["N"])]
                 else:
@@ -174,7 +186,7 @@ class _Sweep:
                 ctx.source = self._source(probe.layer, point, b, dense)
             with ablate(self.model, self.registry, probe, ctx):
                 if self.config.sweep == "cached":
-                    out, logits = run.run(dense.resid[probe.layer][b], probe.layer), None  # (B, L, D)
+                    out, logits = run.run(dense.resid[probe.layer][b], probe.layer, rows=b), None  # (B, L, D)
                 else:
                     out, logits = self.model(input_ids=run.ids[b], use_cache=False).logits, torch.Tensor.float
             for nll, kl, n in run.terms(out, b, dense.logp, logits):
@@ -193,7 +205,8 @@ class _Sweep:
         """The dense activation at ``point`` of ``layer`` on the windows that batch ``b`` resamples from."""
         src = self.source[b].to(self.runner.ids.device)
         if self.config.sweep == "cached":
-            return {hook_name(layer, point): self.runner.capture(layer, [point], dense.resid[layer][src])[point][0]}
+            acts = self.runner.capture(layer, [point], dense.resid[layer][src], rows=src)[point]
+            return {hook_name(layer, point): acts[0]}
         name = hook_name(layer, point)
         with capture(self.model, [name]) as acts:
             self.model(input_ids=self.runner.ids[src], use_cache=False)

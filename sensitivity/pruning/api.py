@@ -17,7 +17,7 @@ from ..core.output import versions
 from ..data import Windows
 
 # isort: off
-from . import unstructured, structured  # noqa: F401 (they register their methods: magnitude, wanda, then units)
+from . import unstructured, structured, blocks  # noqa: F401 (they register magnitude, wanda; units; blocks)
 # isort: on
 from .methods import METHODS, resolve
 from .save import save_pruned
@@ -27,7 +27,7 @@ __all__ = ["METHODS", "PruneResult", "prune", "sparsity_report"]
 logger = logging.getLogger(__name__)
 
 def sparsity_report(model: LoadedModel | nn.Module) -> pd.DataFrame:
-    """Measured zeros of every mixer parameter slice.
+    """Measured zeros of every component's parameter slice (SSM mixers; attention, MLP and MoE units on hybrids).
 
     Returns:
         One row per (layer, component, tensor) with ``numel``, ``zeros``, ``sparsity`` and ``prunable`` (a weight
@@ -37,11 +37,11 @@ def sparsity_report(model: LoadedModel | nn.Module) -> pd.DataFrame:
     reg = lm.registry
     rows = []
     for layer in range(reg.n_layers):
-        mixer = reg.mixer(lm.model, layer)
-        for comp in reg.components:
+        for comp in reg.components_at(layer):
             prunable = {t.describe() for t in reg.weights(comp.name)}
+            owner = reg.owner(lm.model, layer, comp.name)
             for t in comp.tensors:
-                w = t.get(mixer).detach()
+                w = t.get(owner).detach()
                 zeros = int((w == 0).sum())
                 rows.append({"layer": layer, "component": comp.name, "tensor": t.describe(), "numel": w.numel(),
                              "zeros": zeros, "sparsity": zeros / w.numel(),
@@ -100,7 +100,9 @@ def prune(
 
     ``magnitude`` and ``wanda`` zero weights of the mixers' weight matrices (:func:`prune_unstructured`);
     ``state``, ``head`` and ``headdim`` remove SSM units (:func:`prune_structured`): uniform ratios shrink the
-    tensors and rewrite the config, per-layer ratios zero the units and say so (``manifest["structured"]["mode"]``).
+    tensors and rewrite the config, per-layer ratios zero the units and say so (``manifest["structured"]["mode"]``);
+    on hybrids they prune the SSM layers only. ``blocks`` removes whole blocks, or one unit kind from blocks, greedily
+    by measured loss increase (:func:`prune_blocks`; the order and damages in ``manifest["structured"]["steps"]``).
     Methods registered from user code (``METHODS.register``) run the same way.
 
     Args:
@@ -108,7 +110,7 @@ def prune(
             dense one.
         method: A name in :data:`METHODS`.
         sparsity: Fraction to remove (weights for magnitude/WANDA; units per layer for structured methods, or a
-            list with one value per layer).
+            list with one value per layer; the candidate blocks for ``blocks``, instead of its ``n_blocks``).
         schedule: A :class:`~sensitivity.allocation.Schedule` instead of ``sparsity``; structured methods use its
             parameter-weighted per-layer sparsity (``Schedule.per_layer()``).
         windows: Calibration windows (WANDA, Taylor and FLAP scores; ``METHODS[method].needs_calibration``).
@@ -117,8 +119,8 @@ def prune(
         show_progress: Show tqdm bars.
         **options: The method's options, validated by ``METHODS[method].options``: :class:`WandaOptions`
             (``structure``, ``compare``, ``components``, ``exclude``, ``sequential``), :class:`UnstructuredOptions`
-            (magnitude), :class:`StateOptions` and :class:`HeadOptions` (``score``, ``mode``,
-            ``bias_compensation``).
+            (magnitude), :class:`StateOptions` and :class:`HeadOptions` (``score``, ``mode``, ``layers``,
+            ``bias_compensation``), :class:`BlockOptions` (``n_blocks``, ``unit``, ``layers``).
 
     Returns:
         A :class:`PruneResult`; ``result.save(out)`` writes a checkpoint that ``load_model(out)`` reads.

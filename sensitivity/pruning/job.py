@@ -14,7 +14,7 @@ from ..core.methods import Methods
 from ..core.spec import Count, Seqlen, Spec, SpecError, Text
 from ..data import calibration_windows
 from .api import prune
-from .methods import METHODS, PruneRequest, check_target
+from .methods import METHODS, PruneRequest, check_method, check_target
 from .save import MANIFEST, check_out
 
 __all__ = ["PruneSpec", "run_prune"]
@@ -27,11 +27,11 @@ class PruneSpec(PruneRequest, ModelData):
 
     job: Literal["prune"] = "prune"
     method: str
-    """Pruning method: magnitude, wanda (weights), state, head, headdim (SSM units), or one registered from user
-    code."""
+    """Pruning method: magnitude, wanda (weights), state, head, headdim (SSM units), blocks (whole blocks or units,
+    greedily), or one registered from user code."""
     options: SerializeAsAny[Spec] = {}
-    """The method's own options (structure, compare, components, exclude, sequential; score, mode,
-    bias_compensation)."""
+    """The method's own options (structure, compare, components, exclude, sequential; score, mode, layers,
+    bias_compensation; n_blocks, unit, layers)."""
     schedule: Text | None = None
     """Schedule YAML (from the schedule job) instead of a sparsity."""
     calib_windows: Count = 64
@@ -64,7 +64,7 @@ def run_prune(spec: PruneSpec, inputs: Inputs, *, overwrite: bool = False, show_
             raise e.within("schedule") if not e.field.startswith("schedule") else e from None
     corpus, _ = inputs.load(spec)
     lm = inputs.fresh(spec.model, spec.dtype, allow_nonfinite=spec.allow_nonfinite)
-    entry = METHODS.check(spec.method, lm.arch)
+    entry = check_method(spec.method, lm.arch)
     windows = None
     if entry.needs_calibration(spec.options):
         windows = calibration_windows(corpus, lm.tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)

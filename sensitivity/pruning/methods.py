@@ -1,9 +1,10 @@
 """The pruning methods' table and their options.
 
 :data:`METHODS` maps each method name to its implementation, its options (:class:`UnstructuredOptions`,
-:class:`WandaOptions`, :class:`StateOptions`, :class:`HeadOptions`), whether it needs calibration windows and which
-architectures it applies to. ``magnitude`` and ``wanda`` register in :mod:`.unstructured`; ``state``, ``head`` and
-``headdim`` in :mod:`.structured`. An implementation is called as
+:class:`WandaOptions`, :class:`StateOptions`, :class:`HeadOptions`, :class:`BlockOptions`), whether it needs
+calibration windows and which architectures it applies to. ``magnitude`` and ``wanda`` register in
+:mod:`.unstructured`; ``state``, ``head`` and ``headdim`` in :mod:`.structured`; ``blocks`` in
+:mod:`.blocks`. An implementation is called as
 ``fn(lm, options, *, sparsity, schedule, windows, seed, batch_size, show_progress)`` and returns
 ``(schedule applied or None, structured record or None)``.
 """
@@ -15,22 +16,24 @@ from typing import Literal
 from ..core.masks import Structure
 from ..core.methods import Method, Methods
 from ..core.registry import DEFAULT_EXCLUDE
-from ..core.spec import Count, Exclude, Fraction, Int, Names, Spec, SpecError
+from ..core.spec import Count, Exclude, Fraction, Int, Ints, Names, Spec, SpecError
 
 __all__ = [
     "METHODS",
+    "BlockOptions",
     "HeadOptions",
     "PruneRequest",
     "StateOptions",
     "StructuredOptions",
     "UnstructuredOptions",
     "WandaOptions",
+    "check_method",
     "check_target",
 ]
 
 METHODS = Methods("pruning method")
-"""Every pruning method: ``magnitude``, ``wanda`` (weights, unstructured or N:M) and ``state``, ``head``,
-``headdim`` (SSM units), plus any registered from user code."""
+"""Every pruning method: ``magnitude``, ``wanda`` (weights, unstructured or N:M), ``state``, ``head``,
+``headdim`` (SSM units) and ``blocks`` (whole blocks or units, greedily), plus any registered from user code."""
 
 class UnstructuredOptions(Spec):
     """Options of the weight pruners (``magnitude``)."""
@@ -58,6 +61,9 @@ class StructuredOptions(Spec):
 
     mode: Literal["auto", "shrink", "mask"] = "auto"
     """Shrink the tensors (one count in every layer) or zero the units; auto: shrink when possible."""
+    layers: Ints | None = None
+    """Layers to prune: state/head/headdim the SSM layers (default every one; the others keep all their units, so
+    the model is masked), blocks the candidate layers (default every one that can lose the unit)."""
 
 
 class StateOptions(StructuredOptions):
@@ -69,13 +75,25 @@ class StateOptions(StructuredOptions):
 
 
 class HeadOptions(StructuredOptions):
-    """Options of ``head`` and ``headdim`` pruning (Mamba-2)."""
+    """Options of ``head`` and ``headdim`` pruning (Mamba-2 mixers)."""
 
     score: Literal["flap", "taylor", "magnitude", "random"] = "flap"
     """How units are scored, the lowest removed first: taylor (W^2 E[g^2] over the unit's entries), flap
     (Var(X_j) ||W_out[:, j]||^2 over its out_proj inputs), magnitude (W^2) or random."""
     bias_compensation: bool = True
     """FLAP's bias compensation: add the removed channels' mean contribution to out_proj's bias."""
+
+
+class BlockOptions(Spec):
+    """Options of ``blocks``: greedy removal of whole blocks (Mamba-Shedder) or of one unit kind from blocks."""
+
+    n_blocks: Count | None = None
+    """How many blocks (or units) to remove; instead, a sparsity gives the fraction of the candidates."""
+    unit: Literal["block", "ssm", "attention", "mlp"] = "block"
+    """What goes: whole blocks, or only that unit from the blocks holding it."""
+    layers: Ints | None = None
+    """Layers to prune: state/head/headdim the SSM layers (default every one; the others keep all their units, so
+    the model is masked), blocks the candidate layers (default every one that can lose the unit)."""
 
 
 class PruneRequest(Spec):
@@ -97,6 +115,20 @@ def check_target(method: Method, options: Spec, sparsity, has_schedule: bool) ->
         SpecError: Naming the conflicting fields.
     """
     structure = getattr(options, "structure", None)
+    if "n_blocks" in method.options.model_fields:  # blocks: a count or a fraction of the candidates
+        count = getattr(options, "n_blocks", None)
+        if has_schedule:
+            raise SpecError(f"{method.name} takes no schedule; give n_blocks or a sparsity (the fraction of the "
+                            "candidate blocks to remove)", "schedule")  # fmt: skip
+        if count is not None and sparsity is not None:
+            raise SpecError("give either a sparsity or n_blocks, not both", "options.n_blocks")
+        if count is None and sparsity is None:
+            raise SpecError(f"{method.name} needs n_blocks or a sparsity (the fraction of the candidate blocks to "
+                            "remove)", "sparsity")  # fmt: skip
+        if isinstance(sparsity, tuple):
+            raise SpecError(f"{method.name} takes one sparsity (the fraction of the candidate blocks to remove)",
+                            "sparsity")  # fmt: skip
+        return
     if sparsity is not None and has_schedule:
         raise SpecError("give either a sparsity or a schedule, not both", "schedule")
     if structure is not None:
@@ -116,6 +148,22 @@ def check_target(method: Method, options: Spec, sparsity, has_schedule: bool) ->
                         "sparsity")  # fmt: skip
 
 
+def check_method(method: str, arch: str) -> Method:
+    """The entry of ``method``, which must apply to ``arch``; for a structured unit the model's mixers lack (heads on
+    Mamba-1), the error also names what it needs and the structured units this architecture has.
+
+    Raises:
+        SpecError: Unknown method, or one that does not apply.
+    """
+    entry = METHODS.check(method)
+    if not entry.applies_to(arch) and entry.info.get("needs"):
+        units = [n for n in METHODS.names(arch) if METHODS[n].info.get("unit") == n]
+        raise SpecError(f"pruning method {method!r} does not apply to {arch} models; it needs "
+                        f"{' or '.join(entry.archs)} ({entry.info['needs']}); structured units for {arch}: "
+                        f"{', '.join(units) or 'none'}")  # fmt: skip
+    return METHODS.check(method, arch)
+
+
 def resolve(lm, method: str, options: dict, *, sparsity, schedule, windows, seed, batch_size):
     """Validate one pruning request against the method table: ``(method entry, options, request)``.
 
@@ -126,7 +174,7 @@ def resolve(lm, method: str, options: dict, *, sparsity, schedule, windows, seed
     """
     from ..allocation import Schedule  # the schedule type is allocation's, a stage below pruning
 
-    entry = METHODS.check(method, lm.arch)
+    entry = check_method(method, lm.arch)
     opts = entry.validate(options)
     request = PruneRequest(sparsity=sparsity, seed=seed, batch_size=batch_size)
     if schedule is not None and not isinstance(schedule, Schedule):

@@ -1,15 +1,16 @@
-"""SSM-structured pruning: remove whole states, heads or head channels from every mixer layer.
+"""SSM-structured pruning: remove whole states, heads or head channels from every SSM mixer layer.
 
 Ghattas et al. (2025), "On Pruning State-Space LLMs", carry structured pruning over to Mamba's own units:
 
 * ``state``: state dimension ``n`` of the SSM. Mamba-2: the B and C rows of ``in_proj`` that produce it in every
   B/C group (one index set shared by the groups, its score summed over them) and their ``conv1d`` channels.
-  Mamba-1 / FalconMamba: the B and C rows of ``x_proj`` and column ``n`` of ``A_log``.
-* ``head`` (Mamba-2): head ``h``: its z, x and dt rows of ``in_proj``, its x channels of ``conv1d``, ``A_log[h]``,
-  ``D[h]``, ``dt_bias[h]``, its gated-norm weights and ``out_proj`` columns. Head ``h`` reads B/C group
+  Mamba-1 / FalconMamba / Jamba: the B and C rows of ``x_proj``, column ``n`` of ``A_log`` and, on Jamba, entry
+  ``n`` of the B and C RMS norm weights.
+* ``head`` (Mamba-2 mixers): head ``h``: its z, x and dt rows of ``in_proj``, its x channels of ``conv1d``,
+  ``A_log[h]``, ``D[h]``, ``dt_bias[h]``, its gated-norm weights and ``out_proj`` columns. Head ``h`` reads B/C group
   ``h // (H/G)`` and the gated RMS norm normalises over groups of ``ED/G`` channels, so the same number of heads
   goes from every group.
-* ``headdim`` (Mamba-2): ``k`` of the ``P`` channels of every head (each head its own index set) in x and z rows,
+* ``headdim`` (Mamba-2 mixers): ``k`` of the ``P`` channels of every head (each head its own index set) in x and z rows,
   x conv channels, norm weights and ``out_proj`` columns.
 
 Scores (the lowest go): ``taylor``, the second-order Taylor term with the empirical Fisher as Hessian diagonal,
@@ -19,8 +20,19 @@ channels of ``out_proj`` (An et al., 2024, eq. 5); ``magnitude``, ``W**2``; ``ra
 A pruned model is either shrunk (smaller tensors, rewritten config; ``from_pretrained`` rebuilds it) or masked
 (the units' parameters zeroed, shapes kept, for per-layer sparsities). Masked heads and channels compute what the
 shrunk model computes because the gated norm weights are rescaled (up to the norm's epsilon, see
-:func:`norm_factors`). FalconMamba's weightless RMS norms on B and C average over all N states, so masked states
-there only approximate removed ones.
+:func:`norm_factors`); so are Jamba's B and C RMS norm weights for masked states. FalconMamba's weightless RMS norms
+on B and C average over all N states, so masked states there only approximate removed ones.
+
+Hybrids (Bamba, Granite 4, Nemotron-H, Jamba, Falcon-H1, Zamba2) are pruned in their SSM layers only (the
+``layers`` option narrows that further); attention, MLP and MoE units are untouched. ``head`` and ``headdim`` need
+Mamba-2 mixers (every family but Mamba, FalconMamba and Jamba). Shrinking rewrites the family's own config fields
+(:data:`~sensitivity.core.registry.CONFIG_FIELDS`): the state size, head count and head dim, and the inner width
+where the config holds it: Mamba-2, Bamba, Granite and Zamba2 build it as ``expand * hidden_size`` with an integer
+``expand``, so heads and head channels shrink only to a width that is a multiple of ``hidden_size`` (else they are
+masked, or ``mode="shrink"`` says why not); Falcon-H1 holds it in ``mamba_d_ssm`` and Nemotron-H derives it from
+``mamba_num_heads * mamba_head_dim`` (its ``expand`` is not read and is kept in step only when the ratio is an
+integer), so those two always shrink. Heads and channels go in the same number from every SSM layer when the model
+is shrunk, since each config holds one global head count and head dim.
 
 Shape legend: D model width, ED inner channels, N state size, H heads, P head dim, G B/C groups, K conv kernel,
 U units of one layer (N, H or ED).
@@ -32,22 +44,23 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import reduce
 from inspect import signature
 
 import torch
 from torch import nn
-from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
-from transformers.models.mamba.modeling_mamba import MambaMixer
-from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+from transformers import AutoModelForCausalLM
 
 from ..attribution import weight_scores
 from ..core.hooks import hook_name
 from ..core.instrumented import instrument, is_instrumented
-from ..core.loading import LoadedModel, as_loaded
-from ..core.registry import Registry, TensorSlice, build_registry
+from ..core.loading import LoadedModel, as_loaded, tiny_config
+from ..core.registry import ARCHITECTURES, Registry, TensorSlice, build_registry
+from ..core.removal import missing_unit
 from ..core.spec import SpecError
 from ..core.stats import channel_stats
 from ..data import Windows
+from ._config import derived_fields, rewrite_config
 from .methods import METHODS, HeadOptions, StateOptions, resolve
 
 __all__ = [
@@ -62,6 +75,7 @@ __all__ = [
     "prune_structured",
     "removal_counts",
     "select_lowest",
+    "ssm_layers",
     "state_scores",
     "taylor_entries",
     "unit_index",
@@ -77,7 +91,6 @@ _TAYLOR_COMPONENTS = {
     "head": ("z", "x", "dt", "conv1d", "A_log", "D", "norm", "out_proj"),
     "headdim": ("z", "x", "conv1d", "norm", "out_proj"),
 }
-_MIXER_CLASSES = (FalconMambaMixer, Mamba2Mixer, MambaMixer)
 _PER_BLOCK = {"state": "states", "head": "heads per B/C group", "headdim": "channels per head"}
 
 UnitIndex = dict[str, tuple[int, torch.Tensor]]
@@ -92,7 +105,7 @@ class StructuredResult:
         unit: ``state``, ``head`` or ``headdim``.
         score: The unit score used.
         mode: ``"shrink"`` (tensors physically smaller, config rewritten) or ``"mask"`` (units zeroed).
-        removed: Layer -> removed unit indices (states n, heads h, or for headdim flat channels ``h*P + p``).
+        removed: SSM layer -> removed unit indices (states n, heads h, or for headdim flat channels ``h*P + p``).
         n_units: Units per layer before pruning (N, H or P).
         params_before: Unique parameters before.
         params_after: Unique parameters after (fewer only when shrunk; masking keeps them, adding biases adds some).
@@ -124,8 +137,10 @@ class StructuredResult:
 # --- pure functions -------------------------------------------------------------------------------------------
 
 
-def removal_counts(n: int, sparsity: Sequence[float], what: str = "units") -> list[int]:
-    """Units to remove from each block of ``n``: ``int(n * s + 1e-9)`` per layer sparsity ``s``.
+def removal_counts(n: int, sparsity: Sequence[float], what: str = "units", layers: Sequence[int] | None = None
+                   ) -> list[int]:  # fmt: skip
+    """Units to remove from each block of ``n``: ``int(n * s + 1e-9)`` per layer sparsity ``s`` (``layers``: the
+    layer index of each value, for messages; default ``0, 1, ...``).
 
     Raises:
         ValueError: If a sparsity would remove all ``n``.
@@ -135,7 +150,7 @@ def removal_counts(n: int, sparsity: Sequence[float], what: str = "units") -> li
         [4, 8]
     """
     counts = [int(n * s + 1e-9) for s in sparsity]
-    for layer, (s, k) in enumerate(zip(sparsity, counts)):
+    for layer, s, k in zip(layers if layers is not None else range(len(counts)), sparsity, counts):
         if k >= n:
             raise SpecError(f"{s!r} removes all {n} {what} in layer {layer}; at most {n - 1} of {n} can go",
                             "sparsity")  # fmt: skip
@@ -274,13 +289,27 @@ def _params(reg: Registry) -> set[str]:
     return {t.param for c in reg.components for t in c.tensors}
 
 
+def _mamba2_style(reg: Registry) -> bool:
+    """Whether the model's SSM mixers are Mamba-2 (heads ``H`` of ``P`` channels, B/C groups)."""
+    return "H" in reg.dims
+
+
+def ssm_layers(reg: Registry) -> tuple[int, ...]:
+    """The layers holding an SSM mixer (every layer of a pure Mamba model)."""
+    return tuple(i for i in range(reg.n_layers) if "ssm" in reg.units[i])
+
+
 def unit_index(reg: Registry, unit: str) -> UnitIndex:
     """Which entries of which parameters each unit owns, from the registry's row ranges and dims.
 
-    Mamba-2 conv channels are ``[x | B | C]`` (``ED``, ``G*N``, ``G*N``), as the mixer splits them.
+    Mamba-2 conv channels are ``[x | B | C]`` (``ED``, ``G*N``, ``G*N``), as the mixer splits them. Parameters are
+    relative to the SSM mixer.
 
     Returns:
         Parameter name -> (dim, (U, m) indices): U = N (state), H (head) or ED (headdim, channel ``h*P + p``).
+
+    Raises:
+        SpecError: ``head`` or ``headdim`` on Mamba-1 mixers, naming the units they have.
 
     Example:
         >>> dim, idx = unit_index(build_registry(tiny_config("mamba2")), "head")["out_proj.weight"]
@@ -295,10 +324,13 @@ def unit_index(reg: Registry, unit: str) -> UnitIndex:
 
     if unit == "state":
         n = torch.arange(d["N"])[:, None]  # (N, 1)
-        if reg.arch != "mamba2":
+        if not _mamba2_style(reg):
             b0, c0 = _row_start(reg, "B", "x_proj.weight"), _row_start(reg, "C", "x_proj.weight")
             put("x_proj.weight", 0, torch.cat([b0 + n, c0 + n], 1))  # (N, 2)
             put("A_log", 1, n)  # (N, 1)
+            for norm in ("B_norm", "C_norm"):  # Jamba's weighted RMS norms over the N states of B and C
+                for t in reg.component(norm).tensors if norm in reg.component_names else ():
+                    put(t.param, 0, n)
             return out
         gn = torch.arange(d["G"])[None, :] * d["N"] + n  # (N, G): row g*N + n of a (G, N) block
         b0, c0 = _row_start(reg, "B", "in_proj.weight"), _row_start(reg, "C", "in_proj.weight")
@@ -308,8 +340,11 @@ def unit_index(reg: Registry, unit: str) -> UnitIndex:
             put(f"{name}.weight", 0, idx)
             put(f"{name}.bias", 0, idx)
         return out
-    if reg.arch != "mamba2":
-        raise ValueError(f"{unit} pruning needs a mamba2 model (mixer heads); this model is {reg.arch!r}")
+    if unit not in UNITS:
+        raise ValueError(f"unknown unit {unit!r}; allowed: {', '.join(UNITS)}")
+    if not _mamba2_style(reg):
+        raise SpecError(f"{unit} pruning needs Mamba-2 mixers (heads); {reg.arch} mixers are Mamba-1; units "
+                        f"{reg.arch} has: state", "method")  # fmt: skip
     z0, x0 = _row_start(reg, "z", "in_proj.weight"), _row_start(reg, "x", "in_proj.weight")
     if unit == "head":
         h = torch.arange(d["H"])[:, None]  # (H, 1)
@@ -317,11 +352,9 @@ def unit_index(reg: Registry, unit: str) -> UnitIndex:
         rows = torch.cat([z0 + ch, x0 + ch, _row_start(reg, "dt", "in_proj.weight") + h], 1)  # (H, 2P+1)
         for name in ("dt_bias", "A_log", "D"):
             put(name, 0, h)
-    elif unit == "headdim":
+    else:
         ch = torch.arange(d["ED"])[:, None]  # (ED, 1)
         rows = torch.cat([z0 + ch, x0 + ch], 1)  # (ED, 2)
-    else:
-        raise ValueError(f"unknown unit {unit!r}; allowed: {', '.join(UNITS)}")
     put("in_proj.weight", 0, rows)
     put("in_proj.bias", 0, rows)
     put("conv1d.weight", 0, ch)  # the x channels come first in the conv
@@ -334,14 +367,35 @@ def unit_index(reg: Registry, unit: str) -> UnitIndex:
 # --- argument checks -----------------------------------------------------------------------------------------
 
 
-def _per_layer(sparsity, n_layers: int) -> list[float]:
-    """One validated sparsity for every layer, or one per layer."""
+def _targets(reg: Registry, layers) -> tuple[int, ...]:
+    """The SSM layers to prune: ``layers`` (checked to hold an SSM mixer), or every SSM layer."""
+    if layers is None:
+        return ssm_layers(reg)
+    for layer in layers:
+        if "ssm" not in reg.units[reg.check_layer(layer, "options.layers")]:
+            raise missing_unit(reg, layer, "ssm", "options.layers")
+    return tuple(sorted(set(layers)))
+
+
+def _per_layer(reg: Registry, sparsity, targets: tuple[int, ...], from_schedule: bool = False) -> dict[int, float]:
+    """One validated sparsity for every target layer: from one value, one per layer of the model (non-target
+    layers must hold 0, unless the values come from a schedule, whose attention and MLP layers are ignored), or one
+    per target layer."""
     if isinstance(sparsity, float):
-        return [sparsity] * n_layers
-    if len(sparsity) != n_layers:
-        raise SpecError(f"{len(sparsity)} values for a model of {n_layers} layers; give one or one per layer",
-                        "sparsity")  # fmt: skip
-    return list(sparsity)
+        return dict.fromkeys(targets, sparsity)
+    values = list(sparsity)
+    if len(values) == reg.n_layers:
+        for layer, s in enumerate(values):
+            if s and layer not in targets and not from_schedule:
+                what = "holds no ssm unit" if layer not in ssm_layers(reg) else "is not in options.layers"
+                raise SpecError(f"{s!r} for layer {layer}, which {what}; give 0 there or one value per pruned layer "
+                                f"({', '.join(map(str, targets))})", f"sparsity.{layer}")  # fmt: skip
+        return {layer: values[layer] for layer in targets}
+    if len(values) == len(targets):
+        return dict(zip(targets, values))
+    also = f" or one per pruned SSM layer ({len(targets)})" if len(targets) != reg.n_layers else ""
+    raise SpecError(f"{len(values)} values for a model of {reg.n_layers} layers; give one or one per layer{also}",
+                    "sparsity")  # fmt: skip
 
 
 def _blocks(reg: Registry, unit: str) -> tuple[int, int, str]:
@@ -358,35 +412,50 @@ def _blocks(reg: Registry, unit: str) -> tuple[int, int, str]:
 # --- config ---------------------------------------------------------------------------------------------------
 
 
-def _config_changes(reg: Registry, unit: str, k: int) -> dict:
-    """Config fields of the shrunk model when ``k`` units go from every block."""
+def _shrunk_dims(reg: Registry, unit: str, k: int) -> dict[str, int]:
+    """The SSM sizes (``N``, and ``H``, ``P``, ``ED`` on Mamba-2) after ``k`` units go from every block."""
     d = reg.dims
     if unit == "state":
-        return {"state_size": d["N"] - k}
-    if unit == "head":
-        heads = d["H"] - k * d["G"]
-        return {"num_heads": heads, "expand": expand_value(heads * d["P"], d["D"])}
-    return {"head_dim": d["P"] - k, "expand": expand_value(d["H"] * (d["P"] - k), d["D"])}
+        return {"N": d["N"] - k}
+    H, P = (d["H"] - k * d["G"], d["P"]) if unit == "head" else (d["H"], d["P"] - k)
+    return {"N": d["N"], "H": H, "P": P, "ED": H * P}
 
 
-def _shrink_problem(config, changes: dict) -> str | None:
-    """Why a config with ``changes`` would not rebuild the shrunk model through ``from_pretrained`` (None if it
-    would)."""
+def _config_changes(reg: Registry, dims: dict[str, int]) -> dict:
+    """Config fields of the shrunk model with SSM sizes ``dims`` (the family's fields, ``Registry.config_fields``)."""
+    fields, d, changes = reg.config_fields, reg.dims, {}
+    for letter in ("N", "H", "P", "ED"):
+        if letter in fields and letter in dims and dims[letter] != d[letter]:
+            changes[fields[letter]] = dims[letter]
+    if dims.get("ED", d.get("ED")) != d.get("ED"):
+        if "expand" in fields:  # the mixer builds its width as int(expand * hidden_size)
+            changes[fields["expand"]] = expand_value(dims["ED"], d["D"])
+        if "expand_hint" in fields and dims["ED"] % d["D"] == 0:  # not read by the model: kept in step when it can
+            changes[fields["expand_hint"]] = dims["ED"] // d["D"]
+    return changes
+
+
+def _shrink_problem(reg: Registry, config, dims: dict[str, int]) -> str | None:
+    """Why a config with the SSM sizes ``dims`` would not rebuild the shrunk model through ``from_pretrained``
+    (None if it would)."""
+    changes = _config_changes(reg, dims)
     try:
-        build_registry(type(config).from_dict({**config.to_dict(), **changes}))
+        got = build_registry(rewrite_config(config, changes)).dims
     except Exception as e:  # strict HF configs raise huggingface_hub errors that are not ValueErrors
         reason = str(e).strip().splitlines()[-1].strip()
-        hint = ""
-        if isinstance(changes.get("expand"), float):
-            hint = (f"; num_heads*head_dim = {int(changes['expand'] * config.hidden_size)} is not a multiple of "
-                    f"hidden_size {config.hidden_size}, so expand is not an integer")  # fmt: skip
+        hint, fields = "", reg.config_fields
+        if isinstance(changes.get(fields.get("expand")), float):
+            hint = (f"; {fields['H']}*{fields['P']} = {dims['ED']} is not a multiple of hidden_size "
+                    f"{reg.dims['D']}, so {fields['expand']} is not an integer")  # fmt: skip
         return f"the shrunk config {changes} is rejected ({reason}){hint}"
+    if wrong := [f"{k} {got.get(k)} instead of {v}" for k, v in dims.items() if got.get(k) != v]:
+        return f"the shrunk config {changes} rebuilds mixers with {', '.join(wrong)}"
     return None
 
 
 def _shrinkable(reg: Registry, config, unit: str, n: int) -> list[str]:
     """Sparsities (per block ``k / n``) whose uniform removal shrinks."""
-    ok = [k for k in range(1, n) if _shrink_problem(config, _config_changes(reg, unit, k)) is None]
+    ok = [k for k in range(1, n) if _shrink_problem(reg, config, _shrunk_dims(reg, unit, k)) is None]
     return [f"{k / n:g}" for k in ok]
 
 
@@ -409,33 +478,34 @@ def _full_fisher(reg: Registry, fisher: Mapping, layer: int, mixer: nn.Module) -
     return out
 
 
-def _scores(lm: LoadedModel, unit: str, score: str, windows, seed: int, batch_size: int, show_progress: bool):
-    """Per-layer unit scores shaped (blocks, units per block), and per-layer out_proj input means (flap only)."""
+def _scores(lm: LoadedModel, unit: str, score: str, windows, seed: int, batch_size: int, show_progress: bool,
+            targets: tuple[int, ...]):  # fmt: skip
+    """Per target layer: unit scores shaped (blocks, units per block), and out_proj input means (flap only)."""
     reg, module = lm.registry, lm.model
     blocks, n, _ = _blocks(reg, unit)
     kw = dict(batch_size=batch_size, show_progress=show_progress)
     if score == "random":
         gen = torch.Generator().manual_seed(seed)
-        return [torch.rand(blocks, n, generator=gen) for _ in range(reg.n_layers)], None
+        return {layer: torch.rand(blocks, n, generator=gen) for layer in targets}, None
     if score == "flap":
-        names = [hook_name(layer, "out_proj_in") for layer in range(reg.n_layers)]
-        stats = channel_stats(lm, windows, names, **kw)
-        scores, means = [], []
-        for layer, name in enumerate(names):
+        names = {layer: hook_name(layer, "out_proj_in") for layer in targets}
+        stats = channel_stats(lm, windows, names.values(), **kw)
+        scores, means = {}, {}
+        for layer, name in names.items():
             s = stats[name]
             mean, meansq = s.sum / s.count, s.sumsq / s.count  # (ED,)
             out_w = _weight_slice(reg, "out_proj").get(reg.mixer(module, layer))  # (D, ED)
             channel = flap_scores(mean, meansq, out_w).cpu()  # (ED,)
             per_head = channel.view(reg.dims["H"], reg.dims["P"])  # (H, P)
-            scores.append(per_head.sum(1).view(blocks, n) if unit == "head" else per_head)  # (G, H/G) or (H, P)
-            means.append(mean)
+            scores[layer] = per_head.sum(1).view(blocks, n) if unit == "head" else per_head  # (G, H/G) or (H, P)
+            means[layer] = mean
         return scores, means
     taylor = score == "taylor"
     components = ("B", "C") if unit == "state" else _TAYLOR_COMPONENTS[unit]
-    fisher = weight_scores(lm, windows, "fisher", components=components, **kw) if taylor else {}
+    fisher = weight_scores(lm, windows, "fisher", components=components, layers=targets, **kw) if taylor else {}
     index = unit_index(reg, unit)
-    scores = []
-    for layer in range(reg.n_layers):
+    scores = {}
+    for layer in targets:
         mixer = reg.mixer(module, layer)
         if unit == "state":
             parts = []
@@ -444,14 +514,14 @@ def _scores(lm: LoadedModel, unit: str, score: str, windows, seed: int, batch_si
                 w = t.get(mixer).detach()  # (G*N, D) or (N, ED)
                 parts.append(taylor_entries(w, fisher[(layer, comp, t.describe())], len(windows)) if taylor
                              else w.float().square())  # fmt: skip
-            scores.append(state_scores(*parts, reg.dims.get("G", 1)).cpu().view(1, n))
+            scores[layer] = state_scores(*parts, reg.dims.get("G", 1)).cpu().view(1, n)
             continue
         full = _full_fisher(reg, fisher, layer, mixer) if taylor else {}
         values = {}
         for name in index:
             w = mixer.get_parameter(name).detach()
             values[name] = taylor_entries(w, full[name].to(w.device), len(windows)) if taylor else w.float().square()
-        scores.append(unit_totals(values, index).view(blocks, n))  # (blocks, n)
+        scores[layer] = unit_totals(values, index).view(blocks, n)  # (blocks, n)
     return scores, None
 
 
@@ -463,19 +533,31 @@ def _channels(unit: str, removed: list[int], P: int) -> list[int]:
     return [h * P + p for h in removed for p in range(P)] if unit == "head" else list(removed)
 
 
-def _add_zero_biases(lm: LoadedModel) -> None:
-    """Switch on ``config.use_bias``: zero ``in_proj`` and ``out_proj`` biases in every mixer (Mamba-2's flag
-    creates both, so a checkpoint holding an ``out_proj`` bias must hold ``in_proj`` ones too)."""
-    for layer in range(lm.registry.n_layers):
-        mixer = lm.registry.mixer(lm.model, layer)
-        for lin in (mixer.in_proj, mixer.out_proj):
-            if lin.bias is None:
-                w = lin.weight
-                lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
-                                        requires_grad=w.requires_grad)  # fmt: skip
-        mixer.use_bias = True
-    lm.model.config.use_bias = True
-    lm.registry = build_registry(lm.model.config)
+def _add_zero_biases(lm: LoadedModel) -> str:
+    """Switch on the config flag creating the mixers' ``out_proj`` bias (``Registry.config_fields["out_bias"]``) and
+    give every linear layer that flag creates a zero bias, so the model is what ``from_pretrained`` builds from the
+    new config: Mamba-2's ``use_bias`` and Bamba's ``mamba_proj_bias`` create ``in_proj`` and ``out_proj`` biases,
+    Zamba2's ``add_bias_linear`` also the MLP's (one shared bias where the weight is shared). Returns the flag."""
+    module, config = lm.model, lm.model.config
+    flag = lm.registry.config_fields["out_bias"]
+    with torch.device("meta"):  # which parameters the new config adds
+        ref = AutoModelForCausalLM.from_config(type(config).from_dict({**config.to_dict(), flag: True}))
+    have = dict(module.named_parameters(remove_duplicate=False))
+    made: dict[int, nn.Parameter] = {}
+    for name, _ in ref.named_parameters(remove_duplicate=False):
+        if name in have:
+            continue
+        owner = module.get_submodule(name.rpartition(".")[0])
+        if not (name.endswith(".bias") and isinstance(owner, nn.Linear)):
+            raise RuntimeError(f"{flag}=True adds {name}, which is not a linear layer's bias")
+        w = owner.weight
+        if id(w) not in made:
+            made[id(w)] = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                       requires_grad=w.requires_grad)  # fmt: skip
+        owner.bias = made[id(w)]
+    setattr(config, flag, True)
+    lm.registry = build_registry(config)
+    return flag
 
 
 def _mask(lm: LoadedModel, unit: str, index: UnitIndex, removed: dict[int, list[int]]) -> None:
@@ -488,34 +570,48 @@ def _mask(lm: LoadedModel, unit: str, index: UnitIndex, removed: dict[int, list[
         for name, (dim, idx) in index.items():
             p = mixer.get_parameter(name)
             p.index_fill_(dim, idx[rm].flatten().to(p.device), 0)
-        if unit != "state":
-            d = reg.dims
+        d = reg.dims
+        if unit != "state" and "norm" in reg.component_names:  # the gated norm's groups lose channels
             factors = norm_factors(_channels(unit, units, d["P"]), d["ED"], d["G"])  # (G,)
             w = _weight_slice(reg, "norm").get(mixer)  # (ED,)
             w.mul_(factors.repeat_interleave(d["ED"] // d["G"]).to(w.device, w.dtype))
+        if unit == "state":  # Jamba's weighted RMS norms over the N states of B and C
+            factor = float(norm_factors(units, d["N"], 1)[0])
+            for norm in ("B_norm", "C_norm"):
+                for t in reg.component(norm).tensors if norm in reg.component_names else ():
+                    t.get(mixer).mul_(factor)
+
+
+def _set_mixer(reg: Registry, module: nn.Module, layer: int, mixer: nn.Module) -> None:
+    """Put ``mixer`` where layer ``layer`` holds its SSM mixer (``Registry.units``; nested on Zamba2)."""
+    owner, _, attr = reg.units[layer]["ssm"].rpartition(".")
+    block = reg.blocks(module)[layer]
+    setattr(reduce(getattr, owner.split("."), block) if owner else block, attr, mixer)
 
 
 def _shrink(lm: LoadedModel, index: UnitIndex, removed: dict[int, list[int]], changes: dict) -> None:
-    """Rebuild every mixer with the shrunk config from its kept parameter entries."""
+    """Rebuild every SSM mixer with the shrunk config from its kept parameter entries."""
     reg, module, config = lm.registry, lm.model, lm.model.config
     instrumented = is_instrumented(module)
-    scan = getattr(reg.mixer(module, 0), "_sensitivity_scan", "auto")
-    for key, value in changes.items():
-        setattr(config, key, value)
+    scan = getattr(reg.mixer(module, next(iter(removed))), "_sensitivity_scan", "auto")
+    derived, fresh = derived_fields(config), rewrite_config(config, changes)
+    for key in (*changes, *derived):  # the fields and what __post_init__ derives from them (Zamba2's head dim)
+        setattr(config, key, getattr(fresh, key))
     for layer, units in removed.items():
         old = reg.mixer(module, layer)
         rm = torch.as_tensor(units, dtype=torch.long)
-        state = {}
+        keeps, state = {}, {}
         for name, tensor in old.state_dict().items():
             if name in index:
                 dim, idx = index[name]
                 keep = torch.ones(tensor.shape[dim], dtype=torch.bool)
                 keep[idx[rm].flatten()] = False
-                tensor = tensor.index_select(dim, keep.nonzero().flatten().to(tensor.device))
+                keeps[name] = keep.nonzero().flatten()
+                tensor = tensor.index_select(dim, keeps[name].to(tensor.device))
             state[name] = tensor
-        base = next(c for c in type(old).__mro__ if c in _MIXER_CLASSES)  # the HF class under an instrumented one
-        # FalconMambaMixer (transformers 5.24) fails when asked to initialise its weights itself; they are
-        # overwritten anyway, and the nn.Linear init runs under a forked RNG so the caller's stream is untouched.
+        base = next(c for c in type(old).__mro__ if c.__module__.startswith("transformers."))  # under instrumented
+        # Some HF mixers (FalconMamba, transformers 5.24) fail when asked to initialise their weights themselves;
+        # they are overwritten anyway, and the nn.Linear init runs under a forked RNG so the caller's stream is kept.
         skip = {"initialize_mixer_weights": False} if "initialize_mixer_weights" in signature(base).parameters else {}
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             new = base(config, layer_idx=layer, **skip)
@@ -523,13 +619,22 @@ def _shrink(lm: LoadedModel, index: UnitIndex, removed: dict[int, list[int]], ch
         old_params, old_buffers = dict(old.named_parameters()), dict(old.named_buffers())
         for name, p in new.named_parameters():
             p.requires_grad_(old_params[name].requires_grad)
-        for name, buf in list(new.named_buffers()):  # FalconMamba's dummy norm weights: device and dtype as before
+        new_buffers = dict(new.named_buffers())
+        for name, buf in list(new_buffers.items()):  # FalconMamba's dummy norm weights: device and dtype as before
             ref = old_buffers.get(name, buf)
             owner, _, attr = name.rpartition(".")
             dtype = ref.dtype if buf.is_floating_point() else buf.dtype
             new.get_submodule(owner)._buffers[attr] = buf.to(device=ref.device, dtype=dtype)
+        for name, buf in old_buffers.items():  # buffers the model gives its mixers (Falcon-H1's mup_vector)
+            if name in new_buffers:
+                continue
+            if "." in name or buf.shape[-1] != old.in_proj.out_features:
+                raise RuntimeError(f"cannot carry buffer {name} {tuple(buf.shape)} of layer {layer}'s mixer over")
+            rows = keeps.get("in_proj.weight")  # the buffer scales in_proj's rows
+            kept = buf if rows is None else buf.index_select(-1, rows.to(buf.device))
+            new.register_buffer(name, kept, persistent=False)
         new.train(old.training)
-        setattr(reg.blocks(module)[layer], reg.mixer_attr, new)
+        _set_mixer(reg, module, layer, new)
     if instrumented:
         instrument(module, scan=scan)
 
@@ -545,23 +650,26 @@ def prune_structured(
     show_progress: bool = True,
     **options,
 ) -> StructuredResult:
-    """Remove SSM states, heads or head channels from every mixer layer, in place (Ghattas et al., 2025).
+    """Remove SSM states, heads or head channels from every SSM mixer layer, in place (Ghattas et al., 2025).
 
     Per layer, ``k = int(units * s + 1e-9)`` units with the lowest scores go: states out of N; heads out of the
     ``H/G`` of each B/C group (``k`` per group, ``G*k`` per layer); head channels out of the P of each head (``k``
-    per head). With the same count in every layer the model is shrunk: tensors are sliced, ``config`` (shared by
-    the model) gets the new ``state_size`` / ``num_heads`` / ``head_dim`` and ``expand``, every mixer is rebuilt as
-    its HF class and re-instrumented, and ``save_pretrained`` / ``from_pretrained`` round-trips. Otherwise units are
-    masked: their parameters are zeroed (conv weight and bias included, so their outputs are exactly zero) and the
-    gated-norm weights rescaled (:func:`norm_factors`). FLAP's bias compensation adds ``W[:, R] @ mean(X_R)`` to
-    ``out_proj.bias``; a Mamba-2 without biases gets ``config.use_bias = True`` and zero ``in_proj`` biases, since
-    that flag creates both.
+    per head). With the same count in every SSM layer the model is shrunk: tensors are sliced, ``config`` (shared by
+    the model) gets the family's new state size / head count / head dim and width fields
+    (:data:`~sensitivity.core.registry.CONFIG_FIELDS`), every mixer is rebuilt as its HF class and re-instrumented,
+    and ``save_pretrained`` / ``from_pretrained`` round-trips. Otherwise units are masked: their parameters are
+    zeroed (conv weight and bias included, so their outputs are exactly zero) and the gated-norm weights rescaled
+    (:func:`norm_factors`). FLAP's bias compensation adds ``W[:, R] @ mean(X_R)`` to ``out_proj.bias``; a model
+    without that bias gets the family's bias flag switched on (``use_bias``, ``mamba_proj_bias``,
+    ``projectors_bias``, ``add_bias_linear``) with zero biases wherever the flag creates them. On hybrids only the
+    SSM layers are pruned.
 
     Args:
-        model: A ``LoadedModel`` or HF Mamba / Mamba2 / FalconMamba causal LM (instrumented for ``taylor`` and
-            ``flap``). Modified in place; forward hooks on its mixers are dropped when shrinking.
-        unit: ``"state"``, ``"head"`` or ``"headdim"`` (the last two on Mamba-2 only).
-        sparsity: Fraction of units to remove, in [0, 1): one float for every layer or one per layer.
+        model: A ``LoadedModel`` or HF causal LM of one of the registry's architectures (instrumented for
+            ``taylor`` and ``flap``). Modified in place; forward hooks on its mixers are dropped when shrinking.
+        unit: ``"state"``, ``"head"`` or ``"headdim"`` (the last two on Mamba-2 mixers only).
+        sparsity: Fraction of units to remove, in [0, 1): one float for every SSM layer, one per layer of the model
+            (0 in layers without an SSM mixer) or one per pruned SSM layer.
         windows: Calibration windows (n, L); needed by ``taylor`` and ``flap``.
         seed: Seed of the random scores.
         batch_size: Windows per forward for FLAP's statistics.
@@ -570,19 +678,21 @@ def prune_structured(
             ``taylor`` for states, ``flap`` else; ``taylor``: ``sum W**2 E[g**2]`` over the unit's entries (states:
             mean over each B and C row); ``magnitude``: the same with ``W**2``; ``flap``: ``Var(X_j)
             ||W_out[:, j]||**2`` summed over the unit's out_proj input channels; ``random``: uniform, from
-            ``torch.Generator().manual_seed(seed)``), ``mode`` (``"auto"``: shrink when every layer removes the
-            same count and the config can express it, else mask; ``"shrink"``; ``"mask"``. transformers 5's
-            ``Mamba2Config.expand`` is an int, so heads and head channels shrink only when the new
-            ``num_heads * head_dim`` is a multiple of ``hidden_size``) and, for heads and head channels,
-            ``bias_compensation`` (FLAP's, with ``score="flap"`` only).
+            ``torch.Generator().manual_seed(seed)``), ``mode`` (``"auto"``: shrink when every SSM layer removes the
+            same count and the config can express it, else mask; ``"shrink"``; ``"mask"``. Mamba-2, Bamba, Granite
+            and Zamba2 build the mixer width as an integer ``expand`` times ``hidden_size``, so heads and head
+            channels shrink only when the new ``heads * head_dim`` is a multiple of ``hidden_size``), ``layers``
+            (the SSM layers to prune; default all) and, for heads and head channels, ``bias_compensation``
+            (FLAP's, with ``score="flap"`` only).
 
     Returns:
         A :class:`StructuredResult`.
 
     Raises:
-        SpecError: Unknown unit or option; head units on a non-Mamba-2 model; a sparsity outside [0, 1), of the
-            wrong length, or removing every unit of a layer / group / head; missing windows for ``taylor`` or
-            ``flap``; ``mode="shrink"`` with differing per-layer counts or a shape the config cannot hold.
+        SpecError: Unknown unit or option; head units on Mamba-1 mixers; a layer in ``layers`` without an SSM
+            mixer (naming the layers with one); a sparsity outside [0, 1), of the wrong length, or removing every
+            unit of a layer / group / head; missing windows for ``taylor`` or ``flap``; ``mode="shrink"`` with
+            differing per-layer counts or a shape the config cannot hold.
 
     Example:
         >>> lm = load_model("tiny:mamba2")
@@ -599,70 +709,79 @@ def prune_structured(
 
 
 def _structured(lm: LoadedModel, unit: str, opts, sparsity, windows, seed: int, batch_size: int,
-                show_progress: bool) -> StructuredResult:  # fmt: skip
+                show_progress: bool, from_schedule: bool = False) -> StructuredResult:  # fmt: skip
     reg = lm.registry
     score, mode, bias_compensation = opts.score, opts.mode, getattr(opts, "bias_compensation", False)
+    unit_index(reg, unit)  # SpecError for heads on Mamba-1 mixers
+    targets = _targets(reg, opts.layers)
     if score in _CALIBRATED:
         as_loaded(lm, instrumented=True)  # ValueError naming the fix
-    per_layer = _per_layer(sparsity, reg.n_layers)
+    per_layer = _per_layer(reg, sparsity, targets, from_schedule)
     blocks, n, what = _blocks(reg, unit)
-    counts = removal_counts(n, per_layer, what)  # per block
+    counts = dict.fromkeys(ssm_layers(reg), 0)  # per block, in every SSM layer
+    counts.update(zip(per_layer, removal_counts(n, list(per_layer.values()), what, list(per_layer))))
     params_before = lm.n_params
     n_units = {"state": reg.dims["N"], "head": reg.dims.get("H"), "headdim": reg.dims.get("P")}[unit]
-    uniform = len(set(counts)) == 1
+    uniform = len(set(counts.values())) == 1
+    k0 = next(iter(counts.values()))
 
-    changes = None
+    dims = None
     if mode == "mask":
         reason = "mode='mask' was asked for"
     elif not uniform:
         if mode == "shrink":
-            raise SpecError(f"'shrink' needs the same number of units removed in every layer, got per-layer counts "
-                            f"{counts}; use 'mask' or 'auto'", "options.mode")  # fmt: skip
-        mode, reason = "mask", f"per-layer counts {counts} differ, so the layers cannot share one config"
-    elif counts[0] == 0:
+            raise SpecError(f"'shrink' needs the same number of units removed in every SSM layer, got per-layer "
+                            f"counts {list(counts.values())}; use 'mask' or 'auto'", "options.mode")  # fmt: skip
+        mode, reason = "mask", f"per-layer counts {list(counts.values())} differ, so the layers cannot share one config"
+    elif k0 == 0:
         mode, reason = "shrink", "nothing to remove"
     else:
-        changes = _config_changes(reg, unit, counts[0])
-        problem = _shrink_problem(lm.model.config, changes)
+        dims = _shrunk_dims(reg, unit, k0)
+        problem = _shrink_problem(reg, lm.model.config, dims)
         if problem is None:
-            mode, reason = "shrink", f"{counts[0]} {_PER_BLOCK[unit]} removed in every layer"
+            mode, reason = "shrink", f"{k0} {_PER_BLOCK[unit]} removed in every SSM layer"
+            hint = reg.config_fields.get("expand_hint")
+            if hint and "ED" in dims and dims["ED"] % reg.dims["D"]:  # Nemotron-H's expand cannot follow
+                reason += (f"; {hint} (not read by the model) stays {getattr(lm.model.config, hint)}: "
+                           f"{dims['ED']} channels are not a multiple of hidden_size {reg.dims['D']}")  # fmt: skip
         elif mode == "shrink":
             allowed = _shrinkable(reg, lm.model.config, unit, n)
             raise SpecError(f"cannot shrink: {problem}; sparsities that shrink this model: "
                             f"{', '.join(allowed) or 'none'}; use 'mask' for others", "options.mode")  # fmt: skip
         else:
-            mode, reason, changes = "mask", problem, None
+            mode, reason, dims = "mask", problem, None
     logger.info("%s pruning by %s: mode %s (%s)", unit, score, mode, reason)
 
     bias = score == "flap" and bias_compensation
-    removed = {layer: [] for layer in range(reg.n_layers)}
-    if not any(counts):
+    removed: dict[int, list[int]] = {layer: [] for layer in ssm_layers(reg)}
+    if not any(counts.values()):
         return StructuredResult(unit, score, mode, removed, n_units, params_before, params_before, False,
                                 mode_reason=reason)  # fmt: skip
-    if mode == "mask" and unit == "state" and reg.arch == "falcon_mamba":
-        logger.warning("masked states on FalconMamba only approximate removed ones: its weightless B/C RMS norms "
-                       "still average over all %d states", reg.dims["N"])  # fmt: skip
+    weightless = "B_norm" in reg.component_names and not reg.component("B_norm").tensors
+    if mode == "mask" and unit == "state" and weightless:
+        logger.warning("masked states on %s only approximate removed ones: its weightless B/C RMS norms still "
+                       "average over all %d states", reg.arch, reg.dims["N"])  # fmt: skip
 
-    scores, means = _scores(lm, unit, score, windows, seed, batch_size, show_progress)
-    for layer, (sc, k) in enumerate(zip(scores, counts)):
-        idx = select_lowest(sc, k) + n * torch.arange(blocks)[:, None]  # (blocks, k) unit indices in the layer
+    targets = tuple(layer for layer in targets if counts[layer])
+    scores, means = _scores(lm, unit, score, windows, seed, batch_size, show_progress, targets)
+    for layer in targets:
+        idx = select_lowest(scores[layer], counts[layer]) + n * torch.arange(blocks)[:, None]  # (blocks, k)
         removed[layer] = idx.flatten().tolist()
 
-    use_bias_added = False
-    before = {key: getattr(lm.model.config, key) for key in (changes or {})}
+    changes = _config_changes(reg, dims) if dims is not None else {}
+    before = {key: getattr(lm.model.config, key) for key in changes}
+    bias_flag = None
     with torch.no_grad():
         if bias:
             P = reg.dims["P"]
             out_w = _weight_slice(reg, "out_proj")
-            comps = [flap_bias(out_w.get(reg.mixer(lm.model, layer)), means[layer], _channels(unit, units, P))
-                     if units else None for layer, units in removed.items()]  # fmt: skip
-            if reg.mixer(lm.model, 0).out_proj.bias is None:
-                _add_zero_biases(lm)
-                use_bias_added = True
-            for layer, comp in enumerate(comps):
-                if comp is not None:
-                    b = reg.mixer(lm.model, layer).out_proj.bias
-                    b.add_(comp.to(b.device, b.dtype))
+            comps = {layer: flap_bias(out_w.get(reg.mixer(lm.model, layer)), means[layer], _channels(unit, units, P))
+                     for layer, units in removed.items() if units}  # fmt: skip
+            if reg.mixer(lm.model, targets[0]).out_proj.bias is None:
+                bias_flag = _add_zero_biases(lm)
+            for layer, comp in comps.items():
+                b = lm.registry.mixer(lm.model, layer).out_proj.bias
+                b.add_(comp.to(b.device, b.dtype))
         index = unit_index(lm.registry, unit)
         if mode == "mask":
             _mask(lm, unit, index, removed)
@@ -670,10 +789,14 @@ def _structured(lm: LoadedModel, unit: str, opts, sparsity, windows, seed: int, 
             _shrink(lm, index, removed, changes)
     lm.registry = build_registry(lm.model.config)
     config_changes = {key: [value, getattr(lm.model.config, key)] for key, value in before.items()}
-    if use_bias_added:
-        config_changes["use_bias"] = [False, True]
-    return StructuredResult(unit, score, mode, removed, n_units, params_before, lm.n_params, bias, use_bias_added,
-                            config_changes, reason)  # fmt: skip
+    if bias_flag is not None:
+        config_changes[bias_flag] = [False, True]
+    return StructuredResult(unit, score, mode, removed, n_units, params_before, lm.n_params, bias,
+                            bias_flag is not None, config_changes, reason)  # fmt: skip
+
+
+_MAMBA2_ARCHS = tuple(a for a in ARCHITECTURES if "H" in build_registry(tiny_config(a)).dims)
+"""The architectures whose SSM mixers are Mamba-2 (heads), where ``head`` and ``headdim`` apply."""
 
 
 def _register(unit: str, options, description: str) -> None:
@@ -681,12 +804,14 @@ def _register(unit: str, options, description: str) -> None:
         if schedule is not None:
             schedule.validate(lm.registry)
             sparsity = tuple(schedule.per_layer())
-        result = _structured(lm, unit, opts, sparsity, windows, seed, batch_size, show_progress)
+        result = _structured(lm, unit, opts, sparsity, windows, seed, batch_size, show_progress,
+                             from_schedule=schedule is not None)  # fmt: skip
         return schedule, result.to_dict()
 
     METHODS.register(unit, options=options, description=description, unit=unit, per_layer=True,
                      calibration=lambda o: o.score in _CALIBRATED,
-                     archs=None if unit == "state" else ("mamba2",))(apply)  # fmt: skip
+                     archs=None if unit == "state" else _MAMBA2_ARCHS,
+                     needs=None if unit == "state" else "Mamba-2 mixers with heads")(apply)  # fmt: skip
 
 
 _register("state", StateOptions, "remove SSM states: B and C rows (and their conv channels), Ghattas et al. 2025")

@@ -1,11 +1,13 @@
-"""Magnitude and WANDA pruning of the mixers' weight matrices: unstructured or N:M, from a sparsity or a schedule.
+"""Magnitude and WANDA pruning of the weight matrices: unstructured or N:M, from a sparsity or a schedule.
 
 WANDA (Sun et al., 2023) scores ``W_ij`` by ``|W_ij| * ||X_j||_2`` where ``X_j`` is input channel ``j`` of the
 weight over the calibration tokens, and removes the lowest scores of each output row. The input of every weight is
 read at its registry hook point (``Registry.input_hook``: ``in`` for ``in_proj``, ``u`` for ``x_proj``, ``dt_low``
 for ``dt_proj``, ``out_proj_in`` for ``out_proj``, ``x``/``conv_in`` for ``conv1d``) through the instrumented
 forward. Packed weights are pruned slice by slice (Mamba-2's ``in_proj`` rows ``[z | x | B | C | dt]``, Mamba-1's
-``x_proj`` rows ``[dt | B | C]``), each at its own sparsity.
+``x_proj`` rows ``[dt | B | C]``), each at its own sparsity. On hybrids the attention (``q, k, v, o``: inputs at
+``attn_in`` and ``o_in``) and MLP weights (``gate, up, down``: ``mlp_in``, ``down_in``) are pruned the same way; the
+fused MoE expert weights are not (each expert sees only its routed tokens).
 
 Calibration runs one-shot (statistics of every layer from one forward of the dense model) or sequentially (as in
 WANDA's ``prune_wanda``: layer ``l`` is calibrated on the outputs of the already-pruned layers ``0..l-1``, then its
@@ -69,11 +71,11 @@ def _mask(weight: torch.Tensor, scores: torch.Tensor, sparsity: float, nm, compa
 
 
 @torch.no_grad()
-def _prune_layer(mixer: nn.Module, registry: Registry, targets: list[_Target], method: str, nm, compare: str,
-                 stats: dict[str, ChannelStats] | None, n_windows: int) -> None:  # fmt: skip
-    """Score, mask and zero the target slices of one mixer (``stats``: input hook point -> statistics)."""
+def _prune_layer(model: nn.Module, registry: Registry, layer: int, targets: list[_Target], method: str, nm,
+                 compare: str, stats: dict[str, ChannelStats] | None, n_windows: int) -> None:  # fmt: skip
+    """Score, mask and zero the target slices of one layer (``stats``: input hook point -> statistics)."""
     for target in targets:
-        weight = target.slice.get(mixer)  # a view: writes go to the model
+        weight = target.slice.get(registry.owner(model, layer, target.component))  # a view: writes go to the model
         if method == "magnitude":
             scores = weight.detach().float().abs()
         else:
@@ -94,7 +96,7 @@ def prune_unstructured(
     show_progress: bool = True,
     **options,
 ) -> Schedule:
-    """Prune the mixers' weight matrices in place by magnitude or WANDA.
+    """Prune the weight matrices in place by magnitude or WANDA (SSM mixers, and attention and MLPs on hybrids).
 
     Args:
         model: A ``LoadedModel`` or instrumented HF causal LM; its weights are overwritten with zeros in place.
@@ -139,7 +141,7 @@ def _weights(lm: LoadedModel, method: str, options: UnstructuredOptions, sparsit
     targets = _targets(registry, schedule)
     if method == "magnitude":
         for layer, layer_targets in enumerate(targets):
-            _prune_layer(registry.mixer(lm.model, layer), registry, layer_targets, method, nm, compare, None, 0)
+            _prune_layer(lm.model, registry, layer, layer_targets, method, nm, compare, None, 0)
     elif options.sequential:
         as_loaded(lm, instrumented=True)
         _sequential_wanda(lm, targets, windows, nm, compare, batch_size, show_progress)
@@ -148,8 +150,7 @@ def _weights(lm: LoadedModel, method: str, options: UnstructuredOptions, sparsit
         stats = channel_stats(lm, windows, points, batch_size=batch_size, show_progress=show_progress)
         for layer, layer_targets in enumerate(targets):
             layer_stats = {p: stats[hook_name(layer, p)] for p in _input_points(registry, layer_targets)}
-            _prune_layer(registry.mixer(lm.model, layer), registry, layer_targets, method, nm, compare, layer_stats,
-                         len(windows))  # fmt: skip
+            _prune_layer(lm.model, registry, layer, layer_targets, method, nm, compare, layer_stats, len(windows))
     logger.info("%s pruned %s to %.4f overall (%s)", method, lm.name, schedule.overall(),
                 options.structure or "unstructured")  # fmt: skip
     return schedule
@@ -179,8 +180,7 @@ def _sequential_wanda(lm: LoadedModel, targets, windows: Windows, nm, compare: s
         if points:
             stats = {p: ChannelStats() for p in points}
             with hooks(lm, {hook_name(layer, p): stats[p].add_batch for p in points}):
-                for h in hidden:
-                    run.run(h, layer, layer + 1)
-            _prune_layer(registry.mixer(lm.model, layer), registry, targets[layer], "wanda", nm, compare, stats,
-                         len(windows))  # fmt: skip
-        hidden = [run.run(h, layer, layer + 1) for h in hidden]
+                for h, b in zip(hidden, run.batches):
+                    run.run(h, layer, layer + 1, rows=b)
+            _prune_layer(lm.model, registry, layer, targets[layer], "wanda", nm, compare, stats, len(windows))
+        hidden = [run.run(h, layer, layer + 1, rows=b) for h, b in zip(hidden, run.batches)]

@@ -20,6 +20,11 @@ dynamics.png                ``dynamics_samples``  :func:`dynamics_plot`
 patching.png                ``patching``          :func:`patching_heatmap` (``verdicts`` / ``grid`` pick the label)
 ==========================  ====================  ==============================================================
 
+On hybrids (a ``units`` mapping naming more than one unit kind) the layer x component heatmaps turn around: one row
+per component present, grouped by unit kind (SSM, attention, MLP, MoE, whole blocks) and labelled with it, one
+column per layer labelled with its kind (``layer_kinds``, e.g. ``1 attention+mlp``); a cell of a component its
+layer does not hold stays blank.
+
 Example:
     >>> fig = sensitivity_heatmap(tables["probes"], kind="zero")
     >>> fig.savefig("heatmap.png", dpi=110)
@@ -50,7 +55,9 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "FIGURES",
     "METRIC_LABELS",
+    "WHOLE_UNITS",
     "component_probes",
+    "component_units",
     "default_ablation_kind",
     "drift_plot",
     "dynamics_plot",
@@ -87,8 +94,13 @@ METRIC_LABELS = {
 """Axis labels, with units, of the probe metrics."""
 QUANTITY_LABELS = {"delta": "Δ = softplus(dt) (step size)", "decay": "decay exp(Δ·A) per step"}
 SPARSIFY_KINDS = ("wanda", "magnitude")
-UNIT_COMPONENTS = ("head",)
+UNIT_COMPONENTS = ("head", "attn_head", "state")
 """Probe components that are per-unit (they carry an ``index``) and never appear in layer x component heatmaps."""
+WHOLE_UNITS = {"mixer": "ssm", "head": "ssm", "state": "ssm", "attention": "attention", "attn_head": "attention",
+               "mlp": "mlp", "moe": "moe", "block": "block"}  # fmt: skip
+"""Whole-unit probe and patching rows -> the unit kind they belong to (``block``: the whole block)."""
+UNIT_ORDER = ("ssm", "attention", "mlp", "moe", "block")
+"""The order unit kinds are grouped in."""
 _ZONE_COLOURS = {"healthy": "#2ca02c", "degraded": "#ff7f0e", "collapsed": "#d62728"}
 _SINGLE_MARKERS = ("D", "s", "^", "P", "X", "v", "<", ">", "h")
 
@@ -128,10 +140,41 @@ def _column(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.to_numeric(df[name], errors="coerce")
 
 
-def _component_order(components: Iterable) -> list:
-    """Components in order of first appearance (the registry's order in pipeline tables), whole-mixer rows last."""
+def _component_order(components: Iterable, units: Mapping[str, str] | None = None) -> list:
+    """Components in order of first appearance (the registry's order in pipeline tables), whole-mixer rows last;
+    with ``units`` (component -> unit kind) grouped by unit kind, each group's whole-unit row last."""
     order = list(dict.fromkeys(components))
+    if units:
+        rank = {kind: i for i, kind in enumerate(UNIT_ORDER)}
+        group = lambda c: rank.get(units.get(c, "block"), len(rank))  # noqa: E731
+        return sorted(order, key=lambda c: (group(c), c in WHOLE_UNITS, order.index(c)))
     return [c for c in order if c != "mixer"] + [c for c in order if c == "mixer"]
+
+
+def component_units(components: pd.DataFrame | None) -> dict[str, str]:
+    """Component -> unit kind, from the report's ``components`` table (its ``unit`` column), plus the whole-unit
+    rows (:data:`WHOLE_UNITS`); empty when the table has no ``unit`` column.
+
+    Example:
+        >>> component_units(tables["components"])["q"]
+        'attention'
+    """
+    if components is None or not {"component", "unit"} <= set(components.columns):
+        return {}
+    return {**WHOLE_UNITS, **dict(zip(components["component"], components["unit"]))}
+
+
+def _hybrid(units: Mapping[str, str] | None, components: Iterable) -> bool:
+    """Whether the components shown span more than one unit kind (a hybrid's table)."""
+    return bool(units) and len({units.get(c, "block") for c in components} - {"block"}) > 1
+
+
+def _layer_label(layer, layer_kinds) -> str:
+    """'3' or, with the layer kinds, the layer above its kind ('3', newline, 'attention+mlp')."""
+    try:
+        return f"{layer}\n{layer_kinds[int(layer)]}" if layer_kinds else str(layer)
+    except (IndexError, TypeError, ValueError):
+        return str(layer)
 
 
 def _integral_index(index: pd.Index) -> pd.Index:
@@ -168,9 +211,10 @@ def _runs(df: pd.DataFrame) -> list[tuple]:
     return [(label, float(sparsity)) for label, sparsity in pairs.itertuples(index=False, name=None)]
 
 
-def _matrix(df: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Layer x component mean of ``value`` (over seeds and repeated rows), components in table order."""
-    order = _component_order(df["component"])
+def _matrix(df: pd.DataFrame, value: str, units: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Layer x component mean of ``value`` (over seeds and repeated rows), components in table order (grouped by
+    unit kind with ``units``)."""
+    order = _component_order(df["component"], units if _hybrid(units, df["component"]) else None)
     data = df.assign(**{value: pd.to_numeric(df[value], errors="coerce")})
     matrix = data.pivot_table(index="layer", columns="component", values=value, aggfunc="mean")
     matrix = matrix.reindex(columns=[c for c in order if c in matrix.columns]).sort_index()
@@ -191,8 +235,14 @@ def _heatmap(
     center: float | None = None,
     vmin: float | None = None,
     vmax: float | None = None,
+    units: Mapping[str, str] | None = None,
+    layer_kinds: list[str] | None = None,
 ) -> Figure:
-    """Layer x component heatmap; sequential colours for one-signed data, diverging around 0 otherwise."""
+    """Layer x component heatmap; sequential colours for one-signed data, diverging around 0 otherwise. On a
+    hybrid (``units`` spanning several unit kinds) component x layer instead, rows grouped and labelled by unit."""
+    if _hybrid(units, matrix.columns):
+        return _unit_heatmap(matrix, title=title, cbar_label=cbar_label, annotate=annotate, fmt=fmt, cmap=cmap,
+                             center=center, vmin=vmin, vmax=vmax, units=units, layer_kinds=layer_kinds)  # fmt: skip
     n_layers, n_components = matrix.shape
     annotate = n_layers <= ANNOTATE_MAX_LAYERS if annotate is None else annotate
     values = matrix.to_numpy(dtype=float)
@@ -228,6 +278,43 @@ def _heatmap(
     return fig
 
 
+def _unit_heatmap(matrix: pd.DataFrame, *, title: str, cbar_label: str, annotate: bool | None, fmt: str,
+                  cmap: str | None, center: float | None, vmin: float | None, vmax: float | None,
+                  units: Mapping[str, str], layer_kinds: list[str] | None) -> Figure:  # fmt: skip
+    """Component x layer heatmap of a hybrid: one row per component present, grouped by unit kind (a rule between
+    groups, the kind in each row label), one column per layer labelled with its kind; absent pairs blank."""
+    data = matrix.T  # (components, layers)
+    n_components, n_layers = data.shape
+    annotate = n_layers <= ANNOTATE_MAX_LAYERS if annotate is None else annotate
+    values = data.to_numpy(dtype=float)
+    if cmap is None:
+        signed = np.nanmin(values) < 0 < np.nanmax(values)
+        cmap, center = ("vlag", 0.0) if signed else ("rocket_r", center)
+    kinds = [units.get(c, "block") for c in data.index]
+    width = min(4.0 + (0.9 if layer_kinds else 0.6) * n_layers, 18.0)
+    height = min(1.6 + 0.32 * n_components, 18.0)
+    with _style():
+        fig = Figure(figsize=(width, height), layout="constrained")
+        ax = fig.subplots()
+        with warnings.catch_warnings():  # seaborn 0.13 calls Colormap.set_bad, pending deprecation in matplotlib 3.11
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            sns.heatmap(data.astype(float), ax=ax, annot=annotate, fmt=fmt, cmap=cmap, center=center, vmin=vmin,
+                        vmax=vmax, linewidths=0.5, linecolor="white", annot_kws={"fontsize": 7},
+                        cbar_kws={"label": cbar_label})  # fmt: skip
+        ax.grid(False)  # blank cells (components a layer does not hold) stay blank
+        for i in range(1, n_components):
+            if kinds[i] != kinds[i - 1]:
+                ax.axhline(i, color="0.2", lw=1.2)
+        ax.set_yticks(np.arange(n_components) + 0.5, [_literal(f"{c} ({k})") for c, k in zip(data.index, kinds)])
+        ax.set_xticks(np.arange(n_layers) + 0.5, [_layer_label(layer, layer_kinds) for layer in data.columns])
+        ax.set_title(_literal(title))
+        ax.set_xlabel("layer (kind)" if layer_kinds else "layer")
+        ax.set_ylabel("component (unit)")
+        ax.tick_params(axis="y", rotation=0)
+        ax.tick_params(axis="x", rotation=0, labelsize=7)
+    return fig
+
+
 def component_probes(probes: pd.DataFrame, metric: str = "delta_nll") -> pd.DataFrame:
     """Component-level probe rows of one metric: ``index`` NaN (no per-head/per-channel probes) and no ``head``
     unit rows; ``mixer`` rows stay (a whole-mixer column).
@@ -254,7 +341,13 @@ def default_ablation_kind(probes: pd.DataFrame, metric: str = "delta_nll") -> st
 
 
 def sensitivity_heatmap(
-    probes: pd.DataFrame, kind: str | None = None, *, metric: str = "delta_nll", annotate: bool | None = None
+    probes: pd.DataFrame,
+    kind: str | None = None,
+    *,
+    metric: str = "delta_nll",
+    annotate: bool | None = None,
+    units: Mapping[str, str] | None = None,
+    layer_kinds: list[str] | None = None,
 ) -> Figure:
     """Layer x component heatmap of one probe metric for one ablation kind (mean over seeds).
 
@@ -263,6 +356,9 @@ def sensitivity_heatmap(
         kind: Ablation to show; default :func:`default_ablation_kind` (``zero`` when present).
         metric: Probe metric (``delta_nll``, ``ppl_ratio``, ``kl``).
         annotate: Write each cell's value; default when there are at most :data:`ANNOTATE_MAX_LAYERS` layers.
+        units: Component -> unit kind (:func:`component_units`); on a hybrid the heatmap has one row per
+            component present, grouped by unit.
+        layer_kinds: Each layer's kind (``Registry.layer_kind``), for the layer labels of a hybrid.
 
     Raises:
         ValueError: No component-level rows of that kind and metric (or the table is empty).
@@ -278,19 +374,26 @@ def sensitivity_heatmap(
         raise ValueError(f"no component-level {metric!r} probes of kind {kind!r}")
     label = METRIC_LABELS.get(metric, metric)
     return _heatmap(
-        _matrix(rows, "value"),
+        _matrix(rows, "value", units),
         title=f"{label} per component, {kind} ablation",
         cbar_label=label,
         annotate=annotate,
         fmt=".3g",
+        units=units,
+        layer_kinds=layer_kinds,
     )
 
 
 def sparsity_curves(
-    probes: pd.DataFrame, *, metric: str = "delta_nll", methods: Iterable[str] = SPARSIFY_KINDS
+    probes: pd.DataFrame,
+    *,
+    metric: str = "delta_nll",
+    methods: Iterable[str] = SPARSIFY_KINDS,
+    units: Mapping[str, str] | None = None,
 ) -> Figure:
     """Per component, the probe metric (mean over layers and seeds) against the sparsity of pruning only that
-    component, one line per component and one panel per pruning method.
+    component, one line per component and one panel per pruning method; on a hybrid (``units``) the components
+    are grouped and labelled by unit kind (``q (attention)``).
 
     Raises:
         ValueError: No component-level rows with a sparsity for any of ``methods``.
@@ -307,7 +410,9 @@ def sparsity_curves(
     if rows.empty:
         raise ValueError(f"no component-level {metric!r} probes with a sparsity for {', '.join(methods)}")
     kinds = [k for k in methods if k in set(rows["kind"])]
-    order = _component_order(rows["component"])
+    hybrid = _hybrid(units, rows["component"])
+    order = _component_order(rows["component"], units if hybrid else None)
+    names = {c: f"{c} ({units.get(c, 'block')})" if hybrid else c for c in order}
     curves = rows.groupby(["kind", "component", "sparsity"], as_index=False, sort=False)["value"].mean()
     palette = dict(zip(order, sns.color_palette("colorblind" if len(order) <= 10 else "husl", len(order))))
     label = METRIC_LABELS.get(metric, metric)
@@ -319,9 +424,8 @@ def sparsity_curves(
             for component in order:
                 line = sub.loc[(sub["component"] == component).to_numpy()]
                 if not line.empty:
-                    ax.plot(
-                        line["sparsity"], line["value"], marker="o", ms=4, color=palette[component], label=component
-                    )
+                    name = _literal(names[component])
+                    ax.plot(line["sparsity"], line["value"], marker="o", ms=4, color=palette[component], label=name)
             ax.axhline(0.0, color="0.4", lw=0.8)
             ax.set_title(_literal(f"{kind} pruning"))
             ax.set_xlabel("sparsity of the pruned component")
@@ -331,10 +435,9 @@ def sparsity_curves(
         for ax in axes:
             for handle, text in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(text, handle)
-        labels = [c for c in order if c in handles]
-        axes[-1].legend(
-            [handles[c] for c in labels], labels, title="component", loc="upper left", bbox_to_anchor=(1.02, 1.0)
-        )
+        labels = [_literal(names[c]) for c in order if _literal(names[c]) in handles]
+        title = "component (unit)" if hybrid else "component"
+        axes[-1].legend([handles[c] for c in labels], labels, title=title, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(f"{label} when one component is pruned, by sparsity")
     return fig
 
@@ -453,16 +556,25 @@ def _ratio_ticks(low: float, high: float, extra: Iterable[float]) -> list[float]
     return sorted(t for t in ticks if low <= t <= high)
 
 
-def schedule_heatmap(schedule: pd.DataFrame, *, budget: float | None = None, annotate: bool | None = None) -> Figure:
+def schedule_heatmap(
+    schedule: pd.DataFrame,
+    *,
+    budget: float | None = None,
+    annotate: bool | None = None,
+    units: Mapping[str, str] | None = None,
+    layer_kinds: list[str] | None = None,
+) -> Figure:
     """Layer x component heatmap of the schedule's sparsity.
 
     Args:
         schedule: ``layer, component, sparsity`` (``params`` unused here).
         budget: The schedule's global sparsity, shown in the title when given.
         annotate: Write each cell's value; default when there are at most :data:`ANNOTATE_MAX_LAYERS` layers.
+        units: Component -> unit kind; on a hybrid, rows per component grouped by unit (see the module doc).
+        layer_kinds: Each layer's kind, for the layer labels of a hybrid.
     """
     schedule = _require(schedule, ("layer", "component", "sparsity"), "schedule")
-    matrix = _matrix(schedule, "sparsity")
+    matrix = _matrix(schedule, "sparsity", units)
     title = "Sensitivity schedule: sparsity per layer and component"
     if budget is not None and not (isinstance(budget, float) and math.isnan(budget)):
         title += f" (budget {float(budget):.0%})"
@@ -476,15 +588,18 @@ def schedule_heatmap(schedule: pd.DataFrame, *, budget: float | None = None, ann
         cmap="mako_r",
         vmin=0.0,
         vmax=max(top, 1e-9),
+        units=units,
+        layer_kinds=layer_kinds,
     )
 
 
-def drift_plot(drift: pd.DataFrame) -> Figure:
+def drift_plot(drift: pd.DataFrame, *, layer_kinds: list[str] | None = None) -> Figure:
     """Relative error of the residual stream after each layer (pruned vs dense), one line per (label, sparsity);
     the y axis is logarithmic when the positive values span more than 100x.
 
     Args:
         drift: ``label, sparsity, layer, rel_error`` (``cosine`` unused here).
+        layer_kinds: Each layer's kind (hybrids): the layer ticks name it.
     """
     drift = _require(drift, ("label", "layer", "rel_error"), "drift")
     df = drift.assign(
@@ -511,8 +626,12 @@ def drift_plot(drift: pd.DataFrame) -> Figure:
             )
         if log:
             ax.set_yscale("log")
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-        ax.set_xlabel("layer")
+        layers = sorted({int(v) for v in df["layer"].dropna()})
+        if layer_kinds and len(layers) <= 2 * ANNOTATE_MAX_LAYERS:
+            ax.set_xticks(layers, [_layer_label(layer, layer_kinds) for layer in layers], fontsize=7)
+        else:
+            ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("layer (kind)" if layer_kinds else "layer")
         ax.set_ylabel("relative error ‖h_pruned − h_dense‖ / ‖h_dense‖")
         ax.set_title("Residual-stream drift after each layer, pruned vs dense")
         ax.legend(title="model", loc="upper left", bbox_to_anchor=(1.02, 1.0))
@@ -620,9 +739,13 @@ def patching_heatmap(
     verdicts: pd.DataFrame | None = None,
     grid: pd.DataFrame | None = None,
     annotate: bool | None = None,
+    units: Mapping[str, str] | None = None,
+    layer_kinds: list[str] | None = None,
 ) -> Figure:
     """Layer x component heatmap of the fraction of the pruned-vs-dense loss gap closed by restoring that one
-    component to dense, for one pruned model (default :func:`worst_patching_target`); diverging around 0.
+    component to dense, for one pruned model (default :func:`worst_patching_target`); diverging around 0. Whole
+    units (``mixer``, and on hybrids ``attention``, ``mlp``, ``moe``) come last in their group; on a hybrid
+    (``units``) the rows are the components, grouped by unit (see the module doc).
 
     Raises:
         ValueError: No patching rows (for ``label`` / ``sparsity`` when given).
@@ -636,7 +759,7 @@ def patching_heatmap(
         rows = rows.loc[np.isclose(_column(rows, "sparsity").to_numpy(), sparsity)]
     if rows.empty:
         raise ValueError(f"no patching rows for {_run_label(label, sparsity)}")
-    matrix = _matrix(rows, "recovered")
+    matrix = _matrix(rows, "recovered", units)
     return _heatmap(
         matrix,
         title=f"Loss gap recovered by restoring one component to dense, {_run_label(label, sparsity)}",
@@ -645,6 +768,8 @@ def patching_heatmap(
         fmt=".2f",
         cmap="vlag",
         center=0.0,
+        units=units,
+        layer_kinds=layer_kinds,
     )
 
 
@@ -666,8 +791,10 @@ def make_figures(
     folder always matches the report.
 
     Args:
-        tables: The report tables by name.
-        meta: Run metadata; ``thresholds`` (perplexity-ratio bands) and ``budget`` are used when present.
+        tables: The report tables by name (on hybrids the ``components`` table's ``unit`` column groups the
+            heatmaps' components by unit kind).
+        meta: Run metadata; ``thresholds`` (perplexity-ratio bands), ``budget`` and ``layer_kinds`` (each layer's
+            kind, on hybrids) are used when present.
         out_dir: Folder for the PNGs (created).
         dpi: Resolution of the PNGs.
 
@@ -680,15 +807,22 @@ def make_figures(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    units, kinds = component_units(tables.get("components")), meta.get("layer_kinds")
     builders = {
-        "sensitivity_heatmap": lambda: sensitivity_heatmap(tables["probes"]),
-        "sparsity_curves": lambda: sparsity_curves(tables["probes"]),
+        "sensitivity_heatmap": lambda: sensitivity_heatmap(tables["probes"], units=units, layer_kinds=kinds),
+        "sparsity_curves": lambda: sparsity_curves(tables["probes"], units=units),
         "perplexity_vs_sparsity": lambda: perplexity_vs_sparsity(tables["grid"], thresholds=meta.get("thresholds")),
-        "schedule": lambda: schedule_heatmap(tables["schedule"], budget=meta.get("budget")),
-        "drift": lambda: drift_plot(tables["drift"]),
+        "schedule": lambda: schedule_heatmap(
+            tables["schedule"], budget=meta.get("budget"), units=units, layer_kinds=kinds
+        ),
+        "drift": lambda: drift_plot(tables["drift"], layer_kinds=kinds),
         "dynamics": lambda: dynamics_plot(tables["dynamics_samples"]),
         "patching": lambda: patching_heatmap(
-            tables["patching"], verdicts=tables.get("verdicts"), grid=tables.get("grid")
+            tables["patching"],
+            verdicts=tables.get("verdicts"),
+            grid=tables.get("grid"),
+            units=units,
+            layer_kinds=kinds,
         ),
     }
     written: dict[str, Path] = {}

@@ -2,7 +2,7 @@
 
 Stages (each resumes from what an earlier run in the same directory finished):
 
-1. **components**: the registry table.
+1. **components**: the registry table, and the layers table (each layer's kind and units: hybrids).
 2. **probes**: ablation damage per (layer, component, kind) on held-out validation windows
    (:func:`sensitivity.probe`, resumable probe by probe).
 3. **attribution** and **agreement**: activation/gradient scores and their rank correlation with the probes.
@@ -37,7 +37,7 @@ from ..core.output import OutputDir, versions
 from ..core.spec import Count, Int, Names, OpenFraction, Seqlen, Sparsities, Text
 from ..data import calibration_windows, eval_windows
 from ..data.corpus import DEFAULT_CORPUS
-from ..explain import ExplainOptions, Explanation, Thresholds, explain
+from ..explain import UNIT_ROWS, ExplainOptions, Explanation, Thresholds, explain
 from ..probes import KINDS, probe
 from ..pruning import applicable_units
 from .grid import DENSE, GridRun, grid_row, plan_grid, prune_run, ratio
@@ -186,7 +186,23 @@ class _Report:
     def components(self) -> pd.DataFrame:
         table = self.lm.registry.table(self.lm.model)
         table["params"] = [int(pd.Series(s.split("x"), dtype="int64").prod()) if s else 0 for s in table["shape"]]
+        self.layers(table)
         return self._csv("components", table)
+
+    def layers(self, components: pd.DataFrame) -> pd.DataFrame:
+        """One row per layer: its kind (``Registry.layer_kind``), its units' module paths in the block, the
+        parameters of its components and the layers sharing its tensors (Zamba2's shared transformer)."""
+        reg = self.lm.registry
+        params = components.groupby("layer")["params"].sum()
+        rows = []
+        for layer in range(reg.n_layers):
+            shared = sorted({other for comp in reg.components_at(layer) for other in reg.sharing(layer, comp.name)}
+                            - {layer})  # fmt: skip
+            rows.append({"layer": layer, "kind": reg.layer_kind(layer),
+                         "units": ", ".join(f"{kind}: {path}" for kind, path in reg.units[layer].items()),
+                         "params": int(params.get(layer, 0)),
+                         "shares_tensors_with": ", ".join(map(str, shared))})  # fmt: skip
+        return self._csv("layers", pd.DataFrame(rows))
 
     def probes(self) -> pd.DataFrame:
         o = self.o
@@ -330,6 +346,7 @@ def _build(o: ReportSpec, out: OutputDir, run: _Report) -> dict[str, Path]:
         return result
 
     tables["components"] = step("components", run.components)
+    tables["layers"] = run._cached("layers")
     tables["probes"] = step("probes", run.probes)
     tables["attribution"] = step("attribution", run.attribution)
     tables["agreement"] = step("agreement", run.agreement, tables["probes"], tables["attribution"])
@@ -341,7 +358,7 @@ def _build(o: ReportSpec, out: OutputDir, run: _Report) -> dict[str, Path]:
                       ("dynamics_samples", "samples"), ("states", "states")):  # fmt: skip
         df = pd.concat([e.frames()[key] for e in explanations], ignore_index=True)
         if name == "patching":  # per model, layer by layer in registry order (the heatmap's column order)
-            rank = {c: i for i, c in enumerate([*run.lm.registry.component_names, "mixer"])}
+            rank = {c: i for i, c in enumerate([*run.lm.registry.component_names, *UNIT_ROWS.values()])}
             df = df.assign(_m=df.label.map({lab: i for i, lab in enumerate(dict.fromkeys(df.label))}),
                            _c=df.component.map(rank)).sort_values(["_m", "layer", "_c"], kind="stable")
             df = df.drop(columns=["_m", "_c"]).reset_index(drop=True)
@@ -366,6 +383,8 @@ def _build(o: ReportSpec, out: OutputDir, run: _Report) -> dict[str, Path]:
             "seed": o.seed, "budget": o.budget, "explain_sparsity": o.explain_sparsity,
             "thresholds": {"healthy": o.healthy, "collapsed": o.collapsed, "drift": ExplainOptions().drift_threshold},
             "calibration": run.calib.describe(),
+            **({"layer_kinds": [run.lm.registry.layer_kind(i) for i in range(run.lm.registry.n_layers)]}
+               if run.lm.registry.is_hybrid else {}),
             "created": record["created"], "versions": versions(),
             "timings": {k: v["seconds"] for k, v in record["steps"].items()}}  # fmt: skip
     t = time.perf_counter()

@@ -6,6 +6,10 @@ Sections, in order (each omitted when its tables are absent, except Summary and 
 Components, Sensitivity, Attribution agreement, Schedule, Pruning grid, Why methods collapse, SSM dynamics,
 Reproducibility. A :class:`Section` of ``level`` 3 is a subsection of the level-2 section before it.
 
+On hybrids (``meta["layer_kinds"]``: each layer's kind, e.g. ``ssm+mlp``, ``attention+mlp``) the Components
+section groups components by unit kind and gains a Layers table (each layer with its kind and units), and every
+table listing layers gets a ``layer kind`` column next to its ``layer`` column.
+
 The pages' layout lives in jinja2 templates shipped with the package (``templates/report.md.j2``,
 ``templates/report.html.j2`` with ``templates/report.css``); this module chooses the sections and turns them into
 plain data for the templates: text cells (floats to 4 significant digits), heading anchors, base64 figures.
@@ -37,6 +41,8 @@ from markupsafe import Markup
 from ..core.output import atomic_write_text
 from .figures import (
     DEFAULT_THRESHOLDS,
+    UNIT_ORDER,
+    WHOLE_UNITS,
     component_probes,
     default_ablation_kind,
     make_figures,
@@ -148,6 +154,29 @@ def _run_title(label, sparsity) -> str:
     return f"{label} at {text}" if text else str(label)
 
 
+def _layer_kinds(meta: Mapping) -> list[str] | None:
+    """Each layer's kind when the model is a hybrid (some layer holds more than an SSM mixer), else None."""
+    kinds = meta.get("layer_kinds")
+    if not isinstance(kinds, (list, tuple)) or all(k == "ssm" for k in kinds):
+        return None
+    return [str(k) for k in kinds]
+
+
+def _with_kind(df: pd.DataFrame, meta: Mapping, column: str = "layer", name: str = "layer kind") -> pd.DataFrame:
+    """``df`` with a ``name`` column (the layer's kind) right after ``column`` on hybrids; as it is otherwise."""
+    kinds = _layer_kinds(meta)
+    if kinds is None or column not in df.columns or name in df.columns:
+        return df
+
+    def kind(layer) -> str:
+        number = _number(layer)
+        return kinds[int(number)] if number is not None and 0 <= int(number) < len(kinds) else ""
+
+    out = df.copy()
+    out.insert(out.columns.get_loc(column) + 1, name, [kind(v) for v in out[column]])
+    return out
+
+
 def _summary(tables, meta: Mapping) -> list[Section]:
     model = meta.get("model", "unknown model")
     facts = [str(meta[k]) for k in ("arch",) if meta.get(k)]
@@ -175,7 +204,8 @@ def _summary(tables, meta: Mapping) -> list[Section]:
             f"({(meta.get('thresholds') or {}).get('drift', 0.1):g}); top_layer / top_component: the component whose "
             "restoration to dense recovers most of the loss gap (see Why methods collapse)."
         )
-        out.append(Section("Summary", text, table=_pick(verdicts, VERDICT_COLUMNS)))
+        table = _with_kind(_pick(verdicts, VERDICT_COLUMNS), meta, "top_layer", "top_layer_kind")
+        out.append(Section("Summary", text, table=table))
         if "explanation" in verdicts.columns:
             for row in verdicts.itertuples(index=False):
                 explanation = getattr(row, "explanation", "")
@@ -199,13 +229,21 @@ def _element_count(shape) -> float:
         return math.nan
 
 
-def _components(components: pd.DataFrame) -> list[Section]:
+def _components(components: pd.DataFrame, layers: pd.DataFrame | None, meta: Mapping) -> list[Section]:
     df = components
     order = list(dict.fromkeys(df["component"]))
+    hybrid = "unit" in df.columns and df["unit"].nunique() > 1
+    if hybrid:  # grouped by unit kind, registry order inside each group
+        unit_of = dict(zip(df["component"], df["unit"]))
+        rank = {kind: i for i, kind in enumerate(UNIT_ORDER)}
+        order = sorted(order, key=lambda c: (rank.get(unit_of[c], len(rank)), order.index(c)))
     grouped = df.groupby("component", sort=False)
     columns: dict[str, pd.Series] = {}
+    if hybrid:
+        columns["unit"] = grouped["unit"].first()
     if "layer" in df.columns:
-        columns["layers"] = grouped["layer"].nunique()
+        columns["layers"] = (grouped["layer"].agg(lambda s: ", ".join(map(str, sorted(set(s))))) if hybrid
+                             else grouped["layer"].nunique())  # fmt: skip
     if "tensor" in df.columns:
         columns["tensors"] = grouped["tensor"].agg(
             lambda s: ", ".join(dict.fromkeys(t for t in s if isinstance(t, str) and t))
@@ -227,7 +265,17 @@ def _components(components: pd.DataFrame) -> list[Section]:
         "Canonical components of each mixer layer (the model's registry): how many layers have each, the parameter "
         "tensors (or packed rows) they own, parameters per layer and the hook point carrying their activation."
     )
-    return [Section("Components", text, table=table)]
+    if hybrid:
+        text = (
+            "Canonical components of each unit (the model's registry), grouped by unit kind (ssm: the state-space "
+            "mixer; attention; mlp; moe): the layers holding each, the parameter tensors (or packed rows) they own, "
+            "parameters per layer and the hook point carrying their activation."
+        )
+    out = [Section("Components", text, table=table)]
+    if _layer_kinds(meta) is not None and layers is not None and "layer" in layers.columns:
+        text = "Each layer's kind (the units its block holds) and where they sit in the block."
+        out.append(Section("Layers", text, table=_pick(layers, layers.columns), level=3))
+    return out
 
 
 def _top_probes(probes: pd.DataFrame, metric: str = "delta_nll") -> pd.DataFrame:
@@ -257,7 +305,7 @@ def _sensitivity(probes: pd.DataFrame, meta: Mapping, figures: Mapping[str, Path
     if "sparsity_curves" in figures:
         text = "Δ NLL, mean over layers, when only that component is pruned to each sparsity (WANDA and magnitude)."
         out.append(Section("Sparsity curves", text, figure=_figure(figures, "sparsity_curves"), level=3))
-    top = _top_probes(probes)
+    top = _with_kind(_top_probes(probes), meta)
     if len(top):
         text = f"The {len(top)} probes with the largest Δ NLL (nats/token; mean over seeds), of any kind and unit."
         out.append(Section("Most damaging probes", text, table=top, level=3))
@@ -281,6 +329,8 @@ def _schedule(schedule: pd.DataFrame, meta: Mapping, figures: Mapping[str, Path]
     order = list(dict.fromkeys(df["component"]))
     pivot = df.pivot_table(index="layer", columns="component", values="sparsity", aggfunc="mean")
     pivot = pivot.reindex(columns=[c for c in order if c in pivot.columns]).sort_index()
+    if (kinds := _layer_kinds(meta)) is not None:  # hybrids: every layer, those with nothing to prune too (MoE)
+        pivot = pivot.reindex(pd.Index(range(len(kinds)), name=pivot.index.name))
     text = "Sparsity the sensitivity allocator gives each (layer, component) weight matrix; components not listed stay "
     text += "dense."
     if _number(meta.get("budget")) is not None:
@@ -294,7 +344,7 @@ def _schedule(schedule: pd.DataFrame, meta: Mapping, figures: Mapping[str, Path]
             text += f" Achieved overall (parameter-weighted): {overall:.1%}."
     table = pivot.reset_index()
     table.columns.name = None
-    return [Section("Schedule", text, figure=_figure(figures, "schedule"), table=table)]
+    return [Section("Schedule", text, figure=_figure(figures, "schedule"), table=_with_kind(table, meta))]
 
 
 def _grid(grid: pd.DataFrame, meta: Mapping, figures: Mapping[str, Path]) -> list[Section]:
@@ -313,7 +363,7 @@ def _grid(grid: pd.DataFrame, meta: Mapping, figures: Mapping[str, Path]) -> lis
     ]
 
 
-def _collapse(tables, figures: Mapping[str, Path]) -> list[Section]:
+def _collapse(tables, meta: Mapping, figures: Mapping[str, Path]) -> list[Section]:
     drift, patching = _table(tables, "drift"), _table(tables, "patching")
     text = "Where a pruned model leaves the dense one, and which single component would bring it back."
     if drift is not None:
@@ -335,7 +385,8 @@ def _collapse(tables, figures: Mapping[str, Path]) -> list[Section]:
         pass
     out.append(Section("Component patching", text, figure=_figure(figures, "patching"), level=3))
     rows = patching.assign(recovered=pd.to_numeric(patching["recovered"], errors="coerce"))
-    rows = rows.loc[(rows["recovered"].notna() & (rows["component"] != "mixer")).to_numpy()]  # whole-mixer rows
+    whole = ~rows["component"].isin([c for c, kind in WHOLE_UNITS.items() if kind != "block"])
+    rows = rows.loc[(rows["recovered"].notna() & whole).to_numpy()]  # whole-unit rows: in the heatmap only
     if len(rows):
         keys = [c for c in ("label", "sparsity") if c in rows.columns]
         groups = rows.groupby(keys, sort=False, dropna=False)
@@ -344,18 +395,23 @@ def _collapse(tables, figures: Mapping[str, Path]) -> list[Section]:
             f"The {TOP_PATCHING} components whose restoration recovers most of the loss gap, per pruned model "
             "(restoring a whole mixer is shown in the heatmap's mixer column, not here)."
         )
+        if _layer_kinds(meta) is not None:
+            text = (
+                f"The {TOP_PATCHING} components whose restoration recovers most of the loss gap, per pruned model "
+                "(restoring a whole unit, mixer, attention, mlp or moe, is shown in the heatmap, not here)."
+            )
         out.append(
             Section(
                 "Most-recovering components",
                 text,
                 level=3,
-                table=_pick(top, (*keys, "layer", "component", "recovered")),
+                table=_with_kind(_pick(top, (*keys, "layer", "component", "recovered")), meta),
             )
         )
     return out
 
 
-def _dynamics(tables, figures: Mapping[str, Path]) -> list[Section]:
+def _dynamics(tables, meta: Mapping, figures: Mapping[str, Path]) -> list[Section]:
     text = (
         "Per-token SSM quantities of dense vs pruned models: Δ (the step size), the per-step decay exp(Δ·A), the "
         "memory horizon, the state norm, how often the gate is closed and outlier rates of x, z and y."
@@ -372,7 +428,8 @@ def _dynamics(tables, figures: Mapping[str, Path]) -> list[Section]:
         rows = rows.assign(dense=dense, pruned=pruned, ratio=ratio, _score=score)
         rows = rows.sort_values("_score", ascending=False, na_position="last", kind="stable").head(TOP_DYNAMICS)
         if len(rows):
-            table = _pick(rows, ("label", "sparsity", "layer", "quantity", "dense", "pruned", "ratio"))
+            table = _with_kind(_pick(rows, ("label", "sparsity", "layer", "quantity", "dense", "pruned", "ratio")),
+                               meta)  # fmt: skip
             text += (
                 f"\n\nThe table lists the {len(table)} per-layer medians that moved most "
                 "(largest |log(pruned / dense)|)."
@@ -428,7 +485,7 @@ def sections(tables: Mapping[str, pd.DataFrame | None], meta: Mapping, figures: 
     """
     out = _summary(tables, meta)
     if (components := _table(tables, "components")) is not None and "component" in components.columns:
-        out += _components(components)
+        out += _components(components, _table(tables, "layers"), meta)
     probes = _table(tables, "probes")
     if probes is not None and {"component", "kind", "metric", "value"} <= set(probes.columns):
         if len(component_probes(probes)) or "sensitivity_heatmap" in figures or len(_top_probes(probes)):
@@ -441,9 +498,9 @@ def sections(tables: Mapping[str, pd.DataFrame | None], meta: Mapping, figures: 
     if (grid := _table(tables, "grid")) is not None:
         out += _grid(grid, meta, figures)
     if _table(tables, "drift") is not None or _table(tables, "patching") is not None:
-        out += _collapse(tables, figures)
+        out += _collapse(tables, meta, figures)
     if _table(tables, "dynamics") is not None or _table(tables, "dynamics_samples") is not None:
-        out += _dynamics(tables, figures)
+        out += _dynamics(tables, meta, figures)
     out += _reproducibility(meta)
     return out
 

@@ -44,6 +44,11 @@ _COMMON = dict(hidden_size=256, num_hidden_layers=8, expand=2, conv_kernel=4, us
 ARCH_CONFIGS: dict[str, dict] = {
     "mamba2": dict(_COMMON, model_type="mamba2", num_heads=8, head_dim=64, n_groups=2, state_size=64, chunk_size=64),
     "mamba": dict(_COMMON, model_type="mamba", state_size=16),
+    # Bamba: 8 decoder layers, each a mixer (Mamba-2, or attention at layers 2 and 5) then a SwiGLU MLP.
+    "hybrid": dict(model_type="bamba", hidden_size=256, num_hidden_layers=8, attn_layer_indices=[2, 5],
+                   mamba_n_heads=8, mamba_d_head=64, mamba_n_groups=2, mamba_d_state=64, mamba_chunk_size=64,
+                   mamba_expand=2, mamba_d_conv=4, mamba_proj_bias=False, mamba_conv_bias=True,
+                   num_attention_heads=4, num_key_value_heads=4, intermediate_size=192, tie_word_embeddings=True),
 }
 """Architecture of each shipped model (plus the tokenizer's vocabulary and special tokens)."""
 
@@ -158,7 +163,8 @@ def train_model(args, **config_overrides) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = build_config(args.arch, tokenizer, **config_overrides)
     model = AutoModelForCausalLM.from_config(config)
-    instrument(model, scan="auto")
+    if config.model_type in ("mamba", "mamba2"):  # the fast Mamba-1 scan; hybrids train through their HF forward
+        instrument(model, scan="auto")
     model.train()
     opt = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     tokens_per_step = args.batch * args.seqlen
@@ -342,6 +348,9 @@ useful text generator. The training text is public domain; see the corpus data c
 """
 
 
+_TITLES = {"mamba2": "Mamba-2", "mamba": "Mamba-1", "bamba": "hybrid Mamba-2 + attention (Bamba)"}
+
+
 def _effective_command(meta: dict) -> str:
     """The command lines that reproduce a run: the time budget replaced by the token budget it fixed."""
     words, base, skip = meta["command"].split(), [], False
@@ -388,11 +397,16 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
     test = perplexity(lm, eval_windows(corpus, lm.tokenizer, 512, split="test"), show_progress=False)
     val = perplexity(lm, eval_windows(corpus, lm.tokenizer, 512, split="validation"), show_progress=False)
     cfg = lm.model.config
-    mixer = (
-        f"{cfg.num_heads} heads x {cfg.head_dim}, {cfg.n_groups} groups, state {cfg.state_size}"
-        if cfg.model_type == "mamba2"
-        else f"inner {cfg.intermediate_size}, state {cfg.state_size}, dt rank {cfg.time_step_rank}"
-    )
+    if cfg.model_type == "mamba2":
+        mixer = f"{cfg.num_heads} heads x {cfg.head_dim}, {cfg.n_groups} groups, state {cfg.state_size}"
+    elif cfg.model_type == "bamba":
+        attn = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"]
+        heads = f"{cfg.num_attention_heads} heads x {cfg.hidden_size // cfg.num_attention_heads}"
+        mixer = (f"Mamba-2 mixers ({cfg.mamba_n_heads} heads x {cfg.mamba_d_head}, {cfg.mamba_n_groups} groups, state "
+                 f"{cfg.mamba_d_state}) except attention at layers {', '.join(map(str, attn))} ({heads}, RoPE), "
+                 f"each followed by a SwiGLU MLP of width {cfg.intermediate_size}")  # fmt: skip
+    else:
+        mixer = f"inner {cfg.intermediate_size}, state {cfg.state_size}, dt rank {cfg.time_step_rank}"
     command = _effective_command(meta)
     card = {
         "name": name,
@@ -417,8 +431,8 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
     size_mb = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()) / 1e6
     readme = CARD_TEMPLATE.format(
         name=name,
-        arch_title="Mamba-2" if cfg.model_type == "mamba2" else "Mamba-1",
-        arch="Mamba-2" if cfg.model_type == "mamba2" else "Mamba-1",
+        arch_title=_TITLES[cfg.model_type],
+        arch=_TITLES[cfg.model_type],
         model_type=cfg.model_type,
         layers=cfg.num_hidden_layers,
         hidden=cfg.hidden_size,
@@ -485,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend-lr", type=float, default=6e-4, help="peak lr of the continuation's cosine segment")
     p = sub.add_parser("export")
     p.add_argument("--run", required=True)
-    p.add_argument("--name", required=True, choices=["default", "default-mamba1"])
+    p.add_argument("--name", required=True, choices=["default", "default-mamba1", "default-hybrid"])
     return parser
 
 

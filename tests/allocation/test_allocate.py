@@ -419,7 +419,7 @@ def test_fisher_source_matches_independent_gradients(lm):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(method="random"), "unknown allocation method 'random'; allowed: uniform, depth, owl, sensitivity"),
+        (dict(method="random"), "unknown allocation method 'random'; allowed: uniform, depth, owl, sensitivity, unit"),
         (dict(budget=1.0), "^budget: 1.0 is out of range; allowed: 0 <= value < 1"),
         (dict(budget=-0.1), "^budget: -0.1 is out of range"),
         (dict(min_sparsity=0.6, max_sparsity=0.5), "^min_sparsity: 0.6 is above max_sparsity 0.5"),

@@ -66,7 +66,8 @@ def test_budget_mismatch_names_both_numbers():
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        ({"arch": "llama"}, "^arch: 'llama' is invalid; allowed: one of 'mamba', 'mamba2' or 'falcon_mamba'"),
+        ({"arch": "llama"}, "^arch: 'llama' is invalid; allowed: one of 'mamba', 'mamba2', 'falcon_mamba', 'bamba', "
+         "'granitemoehybrid', 'nemotron_h', 'jamba', 'falcon_h1' or 'zamba2'"),
         ({"n_layers": 0}, "^n_layers: 0 is out of range; allowed: value >= 1"),
         ({"sparsity": {(3, "z"): 0.1}, "params": {(3, "z"): 1}}, r"^entries.0.layer: 3 is out of range; .* 0\.\.2"),
         ({"sparsity": {(0, "z"): 1.0}, "params": {(0, "z"): 1}}, r"^entries.0.sparsity: 1\.0 .* 0 <= value < 1"),
@@ -167,7 +168,7 @@ GOOD_ENTRY = "  - {layer: 0, component: z, params: 10, sparsity: 0.5}\n"
         ("schedule:\n  arch: mamba2\n  n_layers: 2\n  exclude: 3\n  entries: []\n",
          "^schedule.exclude: 3 is invalid; allowed: a list"),
         ("schedule:\n  arch: mamba2\n  n_layers: 2\n  colour: red\n  entries:\n" + GOOD_ENTRY,
-         "^schedule.colour: unknown field; allowed: arch, n_layers, method, budget, exclude, meta, entries"),
+         "^schedule.colour: unknown field; allowed: arch, n_layers, method, budget, exclude, meta, units, entries"),
         ("schedule:\n  arch: mamba2\n  n_layers: 2\n  entries:\n  - {layer: 0, component: z, params: 10}\n",
          r"^schedule.entries.0.sparsity: required"),
         ("schedule:\n  arch: mamba2\n  n_layers: 2\n  entries:\n" + GOOD_ENTRY

@@ -94,7 +94,7 @@ def test_console_script_is_installed():
         pytest.skip("package not installed into this interpreter's environment (make test installs it)")
     proc = subprocess.run([str(script), "components", "--model", "tiny:mamba", "--format", "csv"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.startswith("layer,component,tensor")
+    assert proc.returncode == 0 and proc.stdout.startswith("layer,unit,component,tensor")
 
 
 def test_zoo_list_shows_both_models_with_their_cards():

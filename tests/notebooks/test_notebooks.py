@@ -94,8 +94,15 @@ def _check_04(text: str) -> None:
     assert found == [("conv1d_zeroed", "100", "True"), ("dt_bias_shifted", "100", "True")], found
 
 
+def _check_05(text: str) -> None:
+    assert "default-hybrid: bamba, 8 layers" in text and "2 attention+mlp" in text
+    assert "most damaging removal: ('0 ssm+mlp', 'mixer')" in text
+    assert "most WANDA-sensitive unit: ssm" in text
+    assert re.search(r"^ranking at 50%: wanda .* < SSM heads$", text, re.M)
+
+
 # Concrete outputs to check, by notebook prefix; a notebook without an entry is only checked to run without error.
-CHECKS = {"01": _check_01, "02": _check_02, "03": _check_03, "04": _check_04}
+CHECKS = {"01": _check_01, "02": _check_02, "03": _check_03, "04": _check_04, "05": _check_05}
 
 
 def test_at_least_three_notebooks():

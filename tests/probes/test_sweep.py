@@ -145,7 +145,7 @@ def test_out_dir_of_another_sweep_is_refused(tmp_path):
     [
         ({"kinds": ["zap"]}, "kinds: unknown ablation kind 'zap'; allowed: zero, mean"),
         ({"components": ["q_proj"]}, "components: unknown component 'q_proj' for mamba; allowed: x, z"),
-        ({"components": ["head"]}, "components: 'head' needs a Mamba-2 model"),
+        ({"components": ["head"]}, "components: 'head' needs Mamba-2 mixers; mamba has none; allowed: x, z"),
         ({"layers": [9]}, r"layers: 9 is out of range; allowed: 0..1"),
         ({"sparsities": [1.5]}, r"sparsities.0: 1.5 is out of range; allowed: 0 < value < 1"),
         ({"windows": 0}, "windows: 0 is out of range; allowed: value >= 1"),

@@ -13,14 +13,15 @@ from sensitivity.data import eval_windows, load_corpus, tokenize_split
 from sensitivity.eval import perplexity
 from sensitivity.zoo import ZOO_MODELS, list_models, zoo_path
 
-SHIPPED = ("default", "default-mamba1")
+SHIPPED = ("default", "default-mamba1", "default-hybrid")
 
 
-def test_zoo_lists_both_models_within_the_size_budget():
+def test_zoo_lists_the_models_within_the_size_budget():
     models = list_models()
     assert [m.name for m in models] == list(SHIPPED)
-    assert [m.card["arch"] for m in models] == ["mamba2", "mamba"]
+    assert [m.card["arch"] for m in models] == ["mamba2", "mamba", "bamba"]
     assert sum(m.size_mb for m in models) <= 40.0
+    assert next(m for m in models if m.name == "default-hybrid").size_mb <= 15.0
     for m in models:
         assert 5e6 <= m.card["parameters"] <= 10e6
         assert m.card["tokens_seen"] > m.card["train_tokens_in_split"]  # more than one epoch
@@ -36,6 +37,7 @@ def test_quality_bar_recorded_in_the_cards():
     cards = {m.name: m.card for m in list_models()}
     assert cards["default"]["test_perplexity"] <= 65.0
     assert cards["default-mamba1"]["test_perplexity"] <= 85.0
+    assert cards["default-hybrid"]["test_perplexity"] <= 62.0  # within 5% of the Mamba-2 default's 59.01
     assert "windows of 512 tokens (stride 512) from split 'test' of austen-kjv" in cards["default"]["test_definition"]
 
 
