@@ -318,7 +318,7 @@ class Schedule:
             raise ValueError(f"a {self.arch} schedule needs its layers' units to be exported as a recipe; make it "
                              "from the model (uniform_schedule, allocate)")  # fmt: skip
         blocks = re.escape(reg.layers_path)
-        paths = self.units or reg.units  # per layer: unit kind -> module path inside the block
+        paths = self.units or (reg.units[0],) * self.n_layers  # per layer: unit kind -> module path in the block
         module_of = lambda t: t.param.rsplit(".", 1)[0]
         holds: dict[tuple[str, str], list[str]] = {}  # (unit kind, module) -> prunable components inside it
         for comp in reg.prunable_components:

@@ -42,8 +42,8 @@ v, o           weights -> 0 (the           v activation / attention output     `
                attention outputs 0)                                            of the o_proj input -> 0
 gate, up,      weights -> 0 (the MLP       down: MLP output                    ``mlp``: its output -> 0
 down           outputs 0)
-router,        weights -> 0 (uniform       -                                   ``moe``: its output -> 0
-experts        routing / experts output 0)
+router,        weights -> 0 (uniform       -                                   ``moe``: its output -> 0;
+experts        routing / experts output 0)                                     ``expert`` ``e``: its weights -> 0
 (block)        -                           -                                   ``block``: the block is skipped
                                                                                (output = input), Mamba-Shedder
 =============  ==========================  ==================================  ================================
@@ -80,11 +80,11 @@ KINDS = Methods("ablation kind")
 registered from user code. A kind is a context manager ``fn(model, registry, probe, ctx)`` applying the ablation;
 its ``info`` says where it ``applies(registry, component)``, which calibration hook ``points(registry, probe)`` it
 reads, whether it is a ``sparsify`` kind (one probe per sparsity) and whether it ``resample``s another window."""
-UNITS = ("mixer", "head", "state", "attention", "attn_head", "mlp", "moe", "block")
+UNITS = ("mixer", "head", "state", "attention", "attn_head", "mlp", "moe", "expert", "block")
 """Whole-unit probes (kind ``remove``); ``head`` exists on Mamba-2 mixers only, the others on the layers holding
 their unit (:data:`UNIT_OF`)."""
 UNIT_OF = {"mixer": "ssm", "head": "ssm", "state": "ssm", "attention": "attention", "attn_head": "attention",
-           "mlp": "mlp", "moe": "moe", "block": None}  # fmt: skip
+           "mlp": "mlp", "moe": "moe", "expert": "moe", "block": None}  # fmt: skip
 """Whole-unit probe -> the unit kind a layer must hold for it (None: every layer)."""
 
 
@@ -142,6 +142,7 @@ _DOC = {
     ("attn_head", "remove"): "attention head h's channels of the o_proj input -> 0",
     ("mlp", "remove"): "MLP output -> 0",
     ("moe", "remove"): "MoE output -> 0",
+    ("expert", "remove"): "expert e's weights -> 0 (the tokens routed to it get nothing from it)",
     ("block", "remove"): "the whole block skipped: its output = its input",
 }
 # mean / resample act on the component's own hook point (the registry's ``Component.hook``); dt's mean acts on
@@ -307,8 +308,13 @@ _sparsify_kind("wanda", "the component's weights pruned to sparsity s by |W_ij| 
 
 
 @KINDS.register("remove", description="a whole unit removed (mixer, head h, state n, attention, attention head "
-                "h, MLP, MoE, block)", applies=lambda registry, comp: comp in UNITS and exists(registry, comp))
+                "h, MLP, MoE, expert e, block)",
+                applies=lambda registry, comp: comp in UNITS and exists(registry, comp))  # fmt: skip
 def _remove(model, registry, probe, ctx):
+    if probe.component == "expert":  # expert e of the fused expert weights (E, ·, ·): its slice along dim 0 -> 0
+        owner = registry.owner(model, probe.layer, "experts")
+        views = [t.get(owner)[probe.index] for t in registry.component("experts").tensors]
+        return _edit(registry, model, probe.layer, "experts", torch.zeros_like, tensors=views)
     return hooks(model, _remove_hooks(registry, probe))
 
 

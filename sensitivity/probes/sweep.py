@@ -144,6 +144,8 @@ def plan(registry: Registry, options: ProbeOptions) -> list[Probe]:
                     probes += [Probe(layer, comp, kind, h) for h in range(registry.dims["H"])]
                 elif comp == "attn_head":
                     probes += [Probe(layer, comp, kind, h) for h in range(registry.dims["AH"])]
+                elif comp == "expert":
+                    probes += [Probe(layer, comp, kind, e) for e in range(registry.dims["E"])]
                 elif comp == "state":
                     probes += [Probe(layer, comp, kind, n) for n in range(registry.dims["N"])]
                 else:

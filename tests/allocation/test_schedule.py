@@ -11,9 +11,11 @@ import re
 import pytest
 import yaml
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from sensitivity.allocation import Schedule, uniform_schedule
-from sensitivity.core import load_model
+from sensitivity.core import load_model, tiny_config
+from sensitivity.core.loading import as_loaded
 
 M1_COMPONENTS = ("x", "z", "conv1d", "dt", "B", "C", "out_proj")
 
@@ -259,3 +261,16 @@ def test_recipe_errors_and_nm(m2):
         s.to_recipe("MagnitudePruningModifier")
     with pytest.raises(ValueError, match="^mask_structure: '4:2' is invalid"):
         s.to_recipe(mask_structure="4:2")
+
+
+@pytest.mark.parametrize("name", ["tiny:mamba2", "tiny:bamba"])
+def test_recipe_of_a_deeper_model_selects_every_layer(name):
+    """The recipe's module paths come from the schedule's layout, not from a tiny registry of another depth."""
+    lm = load_model(name) if name == "tiny:bamba" else as_loaded(
+        AutoModelForCausalLM.from_config(tiny_config("mamba2", num_hidden_layers=5)))  # fmt: skip
+    s = uniform_schedule(lm, 0.5)
+    mod = yaml.safe_load(s.to_recipe())["sparsity_stage"]["sparsity_modifiers"]["WandaPruningModifier"]
+    assert mod["sparsity"] == [0.5] * lm.registry.n_layers
+    picked = _llmc_selection(lm.model, mod)
+    assert {name.split(".")[2] for name in picked} == {str(i) for i in range(lm.registry.n_layers)}
+    assert all(v == 0.5 for v in picked.values())
