@@ -24,13 +24,7 @@ from sensitivity.probes import probe
 HYBRIDS = ["tiny:bamba", "tiny:granitemoehybrid", "tiny:nemotron-h", "tiny:jamba", "tiny:falcon-h1", "tiny:zamba2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on busy shared cores they lose 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=HYBRIDS)

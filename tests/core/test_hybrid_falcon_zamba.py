@@ -38,13 +38,7 @@ CONFIGS = [
 SSM = ("z", "x", "B", "C", "dt", "conv1d", "A_log", "D", "norm", "out_proj")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on busy shared cores they lose 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _ids(n=3, L=37):

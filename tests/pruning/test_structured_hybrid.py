@@ -24,12 +24,7 @@ from sensitivity.pruning.blocks import layout_changes, periodic
 HYBRIDS = ["bamba", "granitemoehybrid", "nemotron_h", "jamba", "falcon_h1", "zamba2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _build(arch: str, **overrides):
