@@ -12,12 +12,14 @@ Shape legend: E entries (layer, component), L layers.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import math
 import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
 
 import pandas as pd
@@ -357,6 +359,16 @@ def _read_probes(probes) -> tuple[pd.DataFrame, str | None]:
     return df, str(path)
 
 
+def _probes_task(path: str | None) -> str | None:
+    """The objective the probes at ``path`` measured (from the manifest next to them; ``text`` when the manifest
+    predates objectives), or None for a frame or a CSV without a manifest."""
+    manifest = Path(path).with_name("manifest.json") if path else None
+    if manifest is None or not manifest.is_file():
+        return None
+    spec = json.loads(manifest.read_text()).get("spec", {})
+    return spec.get("task", "text") if isinstance(spec, dict) else None
+
+
 def _probe_curves(df: pd.DataFrame, keys: list[tuple[int, str]], probe_method: str, metric: str, where: str
                   ) -> dict[tuple[int, str], list[tuple[float, float]]]:  # fmt: skip
     """Per (layer, component), ``[(0, 0)] + [(s, mean value over seeds)]`` of the ``probe_method`` probes."""
@@ -536,7 +548,8 @@ def _sensitivity(ctx: AllocationContext, options: SensitivityOptions) -> tuple[t
     if options.source == "probes":
         df, path = _read_probes(ctx.probes)
         curves = _probe_curves(df, ctx.keys, options.probe_method, options.metric, path or "the probes frame")
-        meta.update(probe_method=options.probe_method, metric=options.metric, probes=path)
+        meta.update(probe_method=options.probe_method, metric=options.metric, probes=path,
+                    probes_task=_probes_task(path))  # fmt: skip
     else:
         names = list(dict.fromkeys(c for _, c in ctx.keys))
         curves = _fisher_curves(ctx.lm, ctx.windows, ctx.keys, names, batch_size=ctx.common.batch_size,

@@ -92,15 +92,16 @@ def forward_embed_scale(registry: Registry) -> float:
 
 
 def make_forward(module: torch.nn.Module, objective: str = "loss", embed_scale: float = 1.0):
-    """``forward(embeds (B, L, D), ids (B, L)) -> (B,)``: the objective of each window from its input embeddings
+    """``forward(embeds (B, L, D), ids (B, L), labels (B, L)) -> (B,)``: the objective of each window from its input
+    embeddings
     (the embedding lookup of ``ids``, multiplied by ``embed_scale`` before the model's forward; see
     :func:`forward_embed_scale`)."""
 
-    def forward(embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(embeds: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if embed_scale != 1.0:
             embeds = embeds * embed_scale  # (B, L, D)
         logits = module(inputs_embeds=embeds, use_cache=False).logits  # (B, L, V)
-        return window_objective(logits, ids, objective)  # (B,)
+        return window_objective(logits, ids, objective, labels)  # (B,)
 
     return forward
 
@@ -171,11 +172,12 @@ def captum_scores(
     with grad_state(module), tqdm(total=steps, desc=method, disable=not show_progress, unit="call") as bar:
         for start in starts:
             ids = windows.ids[start : start + batch_size].to(device)  # (b, L)
+            labels = ids if windows.labels is None else windows.labels[start : start + batch_size].to(device)  # (b, L)
             with torch.no_grad():
                 embeds = module.get_input_embeddings()(ids)  # (b, L, D)
             if method == "grad_x_act":
                 attrs = LayerGradientXActivation(forward, list(points.values())).attribute(
-                    embeds, additional_forward_args=(ids,)
+                    embeds, additional_forward_args=(ids, labels)
                 )
                 results = dict(zip(points, attrs))
                 bar.update()
@@ -185,7 +187,7 @@ def captum_scores(
                     results[t] = CAPTUM_METHODS[method](forward, point).attribute(
                         embeds,
                         baselines=torch.zeros_like(embeds),
-                        additional_forward_args=(ids,),
+                        additional_forward_args=(ids, labels),
                         n_steps=n_steps,
                         internal_batch_size=internal_batch_size,
                     )

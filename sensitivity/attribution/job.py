@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec, ModelData
 from ..core.methods import Methods
+from ..core.objective import TaskOptions, objective_windows
 from ..core.output import OutputDir, OutputError, atomic_write_text, check_file, versions, write_manifest
 from ..core.spec import Count, Seqlen, SpecError, Text
 from ..core.tables import PROBE_COLUMNS, read_table
@@ -18,8 +19,8 @@ from .api import METHODS, AttributeOptions, attribute, default_methods
 __all__ = ["AgreementSpec", "AttributeSpec", "run_agreement", "run_attribute"]
 
 
-class AttributeSpec(AttributeOptions, ModelData):
-    """The ``attribute`` job."""
+class AttributeSpec(AttributeOptions, TaskOptions, ModelData):
+    """The ``attribute`` job (a task objective attributes the log-likelihood of its answers, on its items)."""
 
     name_tables: ClassVar[dict[str, Methods]] = {"methods": METHODS}
 
@@ -39,7 +40,8 @@ def run_attribute(spec: AttributeSpec, inputs: Inputs, *, overwrite: bool = Fals
     """Score every (layer, component); the table is the job's value."""
     out = OutputDir(spec.out, "attribute", spec, overwrite=overwrite).check()
     corpus, lm = inputs.load(spec)
-    windows = calibration_windows(corpus, lm.tokenizer, spec.windows, spec.seqlen, seed=spec.seed)
+    windows = objective_windows(spec, lm.tokenizer) or calibration_windows(corpus, lm.tokenizer, spec.windows,
+                                                                            spec.seqlen, seed=spec.seed)  # fmt: skip
     with out:
         started = time.perf_counter()
         out.manifest(status="running")  # a run killed from here on is this job's: rerunning it starts it again

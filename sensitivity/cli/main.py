@@ -213,8 +213,22 @@ def _print_evaluate(result, args) -> None:
     if "kl" in r:
         print(f"kl          {r['kl']:.5f} nats/token vs {r['reference']}")
     print(f"definition  {r['definition']}")
-    if "evaluation" in result.outputs:
-        print(f"wrote       {result.outputs['evaluation']}")
+    if r.get("tasks"):
+        _print_tasks(r["tasks"])
+    for name in ("evaluation", "tasks"):
+        if name in result.outputs:
+            print(f"wrote       {result.outputs[name]}")
+
+
+def _print_tasks(rows: list[dict]) -> None:
+    """The task rows as a table ("-" where a stderr or n is missing), then each metric's definition."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)[["task", "metric", "value", "stderr", "n"]].astype({"n": "Int64"})
+    number = lambda v: f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"  # noqa: E731
+    print("tasks\n" + table.to_string(index=False, float_format=number, na_rep="-"))
+    for row in rows:
+        print(f"  {row['task']} {row['metric']}: {row['definition']}")
 
 
 def _print_probe(result, args) -> None:

@@ -5,9 +5,10 @@ layer, the rest of the model run from a cached residual, the next-token loss (an
 and the activations at hook points of one layer. :class:`LayerRunner` is that, once.
 
 Losses are over the positions :func:`sensitivity.eval.perplexity` scores (every position but the last of each
-window predicts the next token). Log-probabilities are computed in pieces of ``piece_windows`` windows so the
-(b, L, V) float32 buffers stay small (by default as many windows as fit in 16 MB, below glibc's mmap threshold, so
-the buffers are reused instead of page-faulted in afresh).
+window predicts the next token; windows with ``labels``, a task's, score only their labelled positions).
+Log-probabilities are computed in pieces of ``piece_windows`` windows so the (b, L, V) float32 buffers stay small
+(by default as many windows as fit in 16 MB, below glibc's mmap threshold, so the buffers are reused instead of
+page-faulted in afresh).
 
 Shape legend: B batch (windows), L sequence length, D model width, V vocabulary.
 """
@@ -108,7 +109,8 @@ class LayerRunner:
         self.call = BlockCaller(self.model, self.registry)
         self.batch_size = batch_size
         self.ids = windows.ids.to(lm.device)  # (n, L)
-        self.targets = self.ids[:, 1:]  # (n, L-1)
+        self.targets = windows.targets().to(lm.device)  # (n, L-1), -100 where not scored (a task's context)
+        self.scored = None if windows.labels is None else self.targets != -100  # (n, L-1)
         self.batches = [slice(i, i + batch_size) for i in range(0, len(windows), batch_size)]
         per_window = self.ids.shape[1] * self.model.config.vocab_size * 4
         self.piece_windows = piece_windows or max(1, PIECE_BYTES // per_window)
@@ -168,6 +170,11 @@ class LayerRunner:
         return torch.cat([F.log_softmax(self.logits(piece)[:, :-1], dim=-1)
                           for b in self.batches for piece, _ in self.pieces(last[b], b)])  # fmt: skip
 
+    def mean_nll(self, logp: torch.Tensor) -> float:
+        """Mean NLL (nats/token) over the scored positions of log-probabilities ``logp`` (n, L-1, V)."""
+        token = logp.gather(-1, self.targets.clamp(min=0)[..., None])[..., 0]  # (n, L-1)
+        return -(token.mean() if self.scored is None else token[self.scored].mean()).item()
+
     @torch.no_grad()
     def loss(self, hidden: torch.Tensor, start: int, reference: torch.Tensor | None = None) -> tuple[float, float]:
         """Mean next-token NLL (nats/token) from the residual stream (n, L, D) entering layer ``start``
@@ -187,9 +194,17 @@ class LayerRunner:
         to_logits = logits or self.logits
         for piece, rows in self.pieces(out, b):
             logp = F.log_softmax(to_logits(piece)[:, :-1], dim=-1)  # (b, L-1, V)
-            nll = -logp.gather(-1, self.targets[rows][..., None]).sum().item()
-            kl = 0.0 if reference is None else F.kl_div(logp, reference[rows], log_target=True, reduction="sum").item()
-            yield nll, kl, self.targets[rows].numel()
+            if self.scored is None:  # every next token
+                nll = -logp.gather(-1, self.targets[rows][..., None]).sum().item()
+                kl = 0.0 if reference is None else F.kl_div(logp, reference[rows], log_target=True,
+                                                            reduction="sum").item()  # fmt: skip
+                yield nll, kl, self.targets[rows].numel()
+                continue
+            mask = self.scored[rows]  # (b, L-1)
+            nll = -logp.gather(-1, self.targets[rows].clamp(min=0)[..., None])[..., 0][mask].sum().item()
+            kl = 0.0 if reference is None else F.kl_div(logp[mask], reference[rows][mask], log_target=True,
+                                                        reduction="sum").item()  # fmt: skip
+            yield nll, kl, int(mask.sum())
 
     @torch.no_grad()
     def capture(

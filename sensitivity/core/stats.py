@@ -103,14 +103,18 @@ def channel_stats(
 OBJECTIVES = ("loss", "logprob")
 
 
-def window_objective(logits: torch.Tensor, ids: torch.Tensor, objective: str = "loss") -> torch.Tensor:
-    """The objective of each window, predicting every token from the ones before it.
+def window_objective(logits: torch.Tensor, ids: torch.Tensor, objective: str = "loss",
+                     labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The objective of each window, predicting every scored token from the ones before it.
 
     Args:
         logits: (B, L, V) next-token logits.
         ids: (B, L) token ids; position ``t + 1`` is the target of ``logits[:, t]``.
-        objective: ``"loss"``: mean next-token cross-entropy over the ``L - 1`` scored positions (what the LM
-            minimises); ``"logprob"``: sum of the target tokens' log-probabilities (``-(L - 1)`` times the loss).
+        objective: ``"loss"``: mean next-token cross-entropy over the scored positions (what the LM minimises);
+            ``"logprob"``: sum of the scored tokens' log-probabilities (minus their count times the loss). A task's
+            log-likelihood is the ``"logprob"`` of its answer tokens.
+        labels: (B, L) targets in place of ``ids`` (HF convention), ``-100`` where not scored (a task's windows
+            score only its answers); None scores every next token.
 
     Returns:
         Float32 tensor (B,).
@@ -118,10 +122,12 @@ def window_objective(logits: torch.Tensor, ids: torch.Tensor, objective: str = "
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
     b, L, V = logits.shape
-    nll = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, V), ids[:, 1:].reshape(-1).to(logits.device), reduction="none"
-    ).view(b, L - 1)  # (B, L-1)
-    return nll.mean(1) if objective == "loss" else -nll.sum(1)  # (B,)
+    targets = (ids if labels is None else labels)[:, 1:].to(logits.device)  # (B, L-1)
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), targets.reshape(-1), reduction="none",
+                          ignore_index=-100).view(b, L - 1)  # (B, L-1), 0 where not scored  # fmt: skip
+    if objective == "logprob":
+        return -nll.sum(1)  # (B,)
+    return nll.sum(1) / (targets != -100).sum(1).clamp(min=1)  # (B,)
 
 
 @contextmanager
@@ -201,8 +207,9 @@ def window_gradients(
     with grad_state(module, params.values()):
         for k in tqdm(range(len(windows)), desc="gradients", disable=not show_progress, unit="window"):
             ids = windows.ids[k : k + 1].to(device)  # (1, L)
+            labels = None if windows.labels is None else windows.labels[k : k + 1]  # (1, L)
             logits = module(input_ids=ids, use_cache=False).logits  # (1, L, V)
-            loss = window_objective(logits, ids, objective).sum()
+            loss = window_objective(logits, ids, objective, labels).sum()
             check_loss(module, loss.item(), ids, f"the {objective} objective of window {k}")
             loss.backward()
             for key, p in params.items():

@@ -40,6 +40,10 @@ class Windows:
         seed: Random seed for calibration windows, ``None`` for eval windows.
         stride: Distance between window starts (``seqlen`` for eval windows,
             ``0`` for calibration windows, whose starts are random).
+        labels: Optional (n, seqlen) int64 targets in Hugging Face's convention: the logits at position ``t - 1``
+            are scored on ``labels[:, t]``, and positions labelled ``-100`` are not scored. ``None`` scores every
+            next token (``labels == ids``). Task and recall objectives score only their answer tokens.
+        note: What the windows hold when they are not plain text (a task's items); shown by :meth:`describe`.
     """
 
     ids: torch.Tensor
@@ -49,6 +53,8 @@ class Windows:
     kind: str
     seed: int | None
     stride: int
+    labels: torch.Tensor | None = None
+    note: str = ""
 
     def __post_init__(self) -> None:
         """Check that ``ids`` is an int64 (n, seqlen) tensor and ``kind`` is known."""
@@ -62,17 +68,32 @@ class Windows:
             raise ValueError("no windows: need at least 1")
         if self.seqlen < 2:
             raise ValueError(f"windows of {self.seqlen} token(s) have no next token to predict; need seqlen >= 2")
+        if self.labels is not None:
+            if self.labels.shape != self.ids.shape or self.labels.dtype != torch.long:
+                raise ValueError(f"labels must be an int64 tensor shaped like ids {tuple(self.ids.shape)}, got "
+                                 f"{self.labels.dtype} {tuple(self.labels.shape)}")  # fmt: skip
+            if not bool((self.labels[:, 1:] != -100).any()):
+                raise ValueError("labels score no position: every label after the first is -100")
+
+    def targets(self) -> torch.Tensor:
+        """The scored next tokens, (n, seqlen - 1): ``labels[:, 1:]`` (or ``ids[:, 1:]``), -100 where not scored."""
+        return (self.ids if self.labels is None else self.labels)[:, 1:]
 
     def __len__(self) -> int:
         """Number of windows ``n``."""
         return self.ids.shape[0]
 
     def sha256(self) -> str:
-        """Hex SHA-256 of the token ids (identifies the windows in manifests)."""
-        return hashlib.sha256(self.ids.numpy().tobytes()).hexdigest()
+        """Hex SHA-256 of the token ids, and of the labels when there are some (identifies the windows)."""
+        digest = hashlib.sha256(self.ids.numpy().tobytes())
+        if self.labels is not None:
+            digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()
 
     def describe(self) -> str:
         """One-line human description of the windows."""
+        if self.note:
+            return f"{self.note} ({self.seqlen} tokens each, from split {self.split!r} of {self.source})"
         n = len(self)
         plural = "s" if n != 1 else ""
         if self.kind == "eval":

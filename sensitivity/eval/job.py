@@ -1,15 +1,20 @@
-"""The ``evaluate`` job: token-level perplexity (and KL to a reference) of one model on held-out text."""
+"""The ``evaluate`` job: token-level perplexity (and KL to a reference) of one model on held-out text, and optionally
+its scores on zero-shot tasks (the built-in ``cloze`` and ``choice``, lm-eval tasks, task YAMLs)."""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Literal
+
+import pandas as pd
 
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
 from ..core.output import OutputDir, versions
-from ..core.spec import Count, Int, Seqlen, Text
+from ..core.spec import Count, Exclude, Int, Seqlen, SpecError, Text
 from ..data import eval_windows
 from .perplexity import kl_divergence, perplexity
+from .tasks import ENGINES, SCORERS, check_tasks, default_max_length, evaluate_tasks
 
 __all__ = ["EvaluateSpec", "run_evaluate"]
 
@@ -30,9 +35,20 @@ class EvaluateSpec(ModelData):
     reference: Text | None = None
     """Also report KL(reference || model) against this model."""
     seed: Int = 0
-    """Seed recorded with the result (evaluation draws nothing at random)."""
+    """Seed recorded with the result, and lm-eval's seeds (the toolkit's evaluation draws nothing at random)."""
+    tasks: Exclude = ()
+    """Also score these zero-shot tasks: built-in (cloze, choice), lm-eval task names (their data available), or
+    paths to lm-eval task YAMLs; comma-separated (default: none)."""
+    engine: Literal[ENGINES] = "auto"  # type: ignore[valid-type]
+    """Who scores the tasks: auto (the toolkit the built-in ones, lm-eval the rest), builtin (the toolkit only) or
+    lm-eval (every task, the built-in ones through their shipped YAMLs)."""
+    limit: Count | None = None
+    """Score only the first K items of each task (default: all)."""
+    max_length: Seqlen | None = None
+    """Longest input in tokens lm-eval's HFLM feeds the model (default: the longer of seqlen and the longest
+    built-in task item)."""
     out: Text | None = None
-    """Directory for evaluation.json and manifest.json (default: print only)."""
+    """Directory for evaluation.json (and tasks.csv with tasks) and manifest.json (default: print only)."""
 
 
 def _split_note(corpus, split: str) -> dict:
@@ -48,6 +64,8 @@ def run_evaluate(spec: EvaluateSpec, inputs: Inputs, *, overwrite: bool = False,
                  ) -> JobResult:  # fmt: skip
     """Evaluate ``spec.model`` on ``spec.data``; the result dict is the job's value (and ``evaluation.json``)."""
     out = OutputDir(spec.out, "evaluate", spec, overwrite=overwrite).check() if spec.out else None
+    if spec.tasks:
+        _check_tasks(spec)
     corpus, lm = inputs.load(spec)
     reference = (inputs.model(spec.reference, spec.dtype, tokenizer=False, allow_nonfinite=spec.allow_nonfinite,
                               field="reference") if spec.reference else None)  # fmt: skip
@@ -60,9 +78,36 @@ def run_evaluate(spec: EvaluateSpec, inputs: Inputs, *, overwrite: bool = False,
     if reference is not None:
         kl = kl_divergence(lm, reference, windows, batch_size=spec.batch_size, show_progress=show_progress)
         result.update(reference=reference.name, kl=kl.kl, kl_definition=kl.definition)
+    frame = None
+    if spec.tasks:
+        uses_lm_eval = spec.engine == "lm-eval" or any(name not in SCORERS for name in spec.tasks)
+        max_length = spec.max_length or (default_max_length(lm.tokenizer, spec.tasks, floor=spec.seqlen)
+                                         if uses_lm_eval else None)  # fmt: skip
+        frame = evaluate_tasks(lm, list(spec.tasks), engine=spec.engine, max_length=max_length, limit=spec.limit,
+                               batch_size=spec.batch_size, seed=spec.seed, show_progress=show_progress)  # fmt: skip
+        result["tasks"] = [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
     outputs = {}
     if out is not None:
         with out:
+            if frame is not None:
+                outputs["tasks"] = out.write_text("tasks.csv", frame.to_csv(index=False))
             outputs["evaluation"] = out.write_text("evaluation.json", json.dumps(result, indent=2) + "\n")
             out.manifest(status="complete", windows=windows.describe(), windows_sha256=windows.sha256())
     return JobResult(spec, outputs, result)
+
+
+def _check_tasks(spec: EvaluateSpec) -> None:
+    """The task names and YAMLs, checked before anything loads (errors name the ``tasks`` field)."""
+    try:
+        check_tasks(spec.tasks, spec.engine)
+    except (ValueError, ImportError) as e:
+        raise SpecError(str(e), "tasks") from None
+
+
+def _plain(value):
+    """A frame cell as JSON data: NaN and pandas' NA as None, numpy numbers as Python numbers."""
+    if value is None or value is pd.NA:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value

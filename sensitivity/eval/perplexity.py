@@ -76,6 +76,9 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def _scored(windows: Windows) -> str:
     L = windows.seqlen
+    if windows.labels is not None:
+        n = int((windows.targets() != -100).sum())
+        return f"{windows.describe()}; only the labelled answer tokens are scored ({n} in total)"
     return (
         f"{windows.describe()}; within each window the first token is context only, so {L - 1} next-token "
         f"predictions are scored per window ({len(windows) * (L - 1)} in total)"
@@ -110,13 +113,15 @@ def perplexity(model, windows: Windows, *, batch_size: int = 8, show_progress: b
     _check(windows, batch_size)
     module = unwrap(model)
     total, count = 0.0, 0
-    for ids in _batches(windows, batch_size, "perplexity", show_progress):
+    targets = windows.targets()  # (n, L-1), -100 where not scored
+    for start, ids in enumerate(_batches(windows, batch_size, "perplexity", show_progress)):
         logits = _logits(module, ids)[:, :-1]  # (b, L-1, V)
-        target = ids[:, 1:].to(logits.device)  # (b, L-1)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        target = targets[start * batch_size : start * batch_size + len(ids)].to(logits.device)  # (b, L-1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum",
+                               ignore_index=-100).item()  # fmt: skip
         check_loss(module, loss, ids.to(logits.device), "the loss")
         total += loss
-        count += target.numel()
+        count += int((target != -100).sum())
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, len(windows), windows.seqlen, definition(windows))
 
@@ -142,12 +147,14 @@ def kl_divergence(
     _check(windows, batch_size)
     mod, ref = unwrap(model), unwrap(reference)
     total, count = 0.0, 0
-    for ids in _batches(windows, batch_size, "kl", show_progress):
+    targets = windows.targets()  # (n, L-1)
+    for start, ids in enumerate(_batches(windows, batch_size, "kl", show_progress)):
         logp = F.log_softmax(_logits(mod, ids)[:, :-1], dim=-1)  # (b, L-1, V)
         logq = F.log_softmax(_logits(ref, ids)[:, :-1], dim=-1).to(logp.device)  # (b, L-1, V)
         if logp.shape != logq.shape:
             raise ValueError(f"vocabularies differ: model gives {logp.shape[-1]} logits, reference {logq.shape[-1]}")
-        total += F.kl_div(logp, logq, log_target=True, reduction="sum").item()
-        count += logp.shape[0] * logp.shape[1]
+        mask = targets[start * batch_size : start * batch_size + len(ids)].to(logp.device) != -100  # (b, L-1)
+        total += F.kl_div(logp[mask], logq[mask], log_target=True, reduction="sum").item()
+        count += int(mask.sum())
     definition = f"mean per-token KL(reference || model) of next-token distributions, nats, over {_scored(windows)}"
     return KLDivergence(total / count, count, len(windows), windows.seqlen, definition)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -396,7 +397,8 @@ def _shifts(dynamics: pd.DataFrame, layer: int, k: int = 2) -> list[str]:
     """The ``k`` largest dense-to-pruned shifts of ``layer``'s dynamics (median or share), as text."""
     df = dynamics[(dynamics.layer == layer) & dynamics.stat.isin(["median", "share"]).to_numpy()]
     df = df[~df.quantity.isin(["decay", "live_units"]).to_numpy()]  # memory length says the same in tokens
-    eps = df.stat.map({"share": 5e-3}).fillna(1e-3)  # shares under half a percent are not a shift worth naming
+    # shares under half a percent are not a shift worth naming
+    eps = pd.Series(np.where((df.stat == "share").to_numpy(), 5e-3, 1e-3), index=df.index)
     score = (df.pruned.abs() + eps).apply(math.log) - (df.dense.abs() + eps).apply(math.log)
     df = df.assign(score=score.abs()).sort_values("score", ascending=False, kind="stable")
     return [_ratio_text(r.quantity, r.dense, r.pruned) for r in df.head(k).itertuples() if r.score > 0.05]
@@ -404,7 +406,8 @@ def _shifts(dynamics: pd.DataFrame, layer: int, k: int = 2) -> list[str]:
 
 def _text(e: Explanation, n_top: int = 3) -> str:
     where = f"{e.label}" + (f" at {e.sparsity:.0%} sparsity" if e.sparsity is not None else "")
-    parts = [f"{where}: {e.verdict}. Perplexity {e.ppl_pruned:.2f} vs {e.ppl_dense:.2f} dense (×{e.ppl_ratio:.3f}; "
+    what = "Answer perplexity" if e.meta.get("scored") == "the answer tokens only" else "Perplexity"
+    parts = [f"{where}: {e.verdict}. {what} {e.ppl_pruned:.2f} vs {e.ppl_dense:.2f} dense (×{e.ppl_ratio:.3f}; "
              f"{e.meta.get('windows', '')})."]  # fmt: skip
     last = e.drift.iloc[-1]
     if e.first_layer is None:
@@ -533,6 +536,7 @@ def explain(
     states = pd.DataFrame(state_rows, columns=["layer", "position", "dense", "pruned"])
 
     meta = {"windows": windows.describe(), "windows_sha256": windows.sha256(), "seed": seed,
+            "scored": "every next token" if windows.labels is None else "the answer tokens only",
             "thresholds": {"healthy": healthy, "collapsed": collapsed, "drift": drift_threshold},
             "dense": dense_lm.name, "pruned": pruned_lm.name, "dynamics_layers": dyn_layers,
             "versions": versions()}  # fmt: skip

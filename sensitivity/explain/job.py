@@ -11,6 +11,7 @@ from pydantic import model_validator
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
 from ..core.loading import DEFAULT_MODEL, DTYPES
 from ..core.methods import Methods
+from ..core.objective import TaskOptions, objective_windows
 from ..core.output import check_publish, versions
 from ..core.spec import Count, Fraction, Seqlen, SpecError, Text
 from ..data import calibration_windows
@@ -23,8 +24,9 @@ __all__ = ["ExplainSpec", "run_explain"]
 PRUNING_MANIFEST = "pruning_manifest.json"
 
 
-class ExplainSpec(ExplainOptions, JobSpec):
-    """The ``explain`` job: a pruned checkpoint (``pruned``), or a method and sparsity to prune a copy with."""
+class ExplainSpec(ExplainOptions, TaskOptions, JobSpec):
+    """The ``explain`` job: a pruned checkpoint (``pruned``), or a method and sparsity to prune a copy with; a task
+    objective explains the loss on its answers, on its items."""
 
     method_table: ClassVar[Methods] = PRUNING_METHODS
 
@@ -81,7 +83,8 @@ def run_explain(spec: ExplainSpec, inputs: Inputs, *, overwrite: bool = False, s
     corpus = inputs.corpus(spec.data, spec.text_field)
     dense = inputs.model(spec.dense, spec.dtype, allow_nonfinite=spec.allow_nonfinite, field="dense")
     split = spec.split or ("validation" if "validation" in corpus.splits else corpus.heldout_split)
-    windows = calibration_windows(corpus, dense.tokenizer, spec.windows, spec.seqlen, seed=spec.seed, split=split)
+    windows = objective_windows(spec, dense.tokenizer) or calibration_windows(
+        corpus, dense.tokenizer, spec.windows, spec.seqlen, seed=spec.seed, split=split)  # fmt: skip
     options = {k: getattr(spec, k) for k in ExplainOptions.model_fields}
     if spec.method is not None:
         calib = calibration_windows(corpus, dense.tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)

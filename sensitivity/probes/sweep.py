@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 from ..core.finite import NonFiniteError, check_loss, first_nonfinite
 from ..core.hooks import capture, hook_name
 from ..core.loading import LoadedModel, as_loaded
+from ..core.objective import TaskOptions, objective_windows
 from ..core.output import OutputDir
 from ..core.registry import Registry
 from ..core.runner import LayerRunner
 from ..core.scores import input_norm
-from ..core.spec import Count, Int, Ints, Names, Seqlen, Sparsities, Spec, SpecError
+from ..core.spec import Count, Int, Ints, Names, Seqlen, Sparsities, SpecError
 from ..core.stats import channel_stats
 from ..data import Corpus, Windows, calibration_windows, load_corpus
 from .ablations import (
@@ -66,8 +67,8 @@ def _distinct(values):
     return values
 
 
-class ProbeOptions(Spec):
-    """What a probe sweep measures, and on which windows."""
+class ProbeOptions(TaskOptions):
+    """What a probe sweep measures, and on which windows (a task objective replaces the held-out text windows)."""
 
     components: Annotated[Names | None, AfterValidator(_distinct)] = None
     """Components and units (mixer, head, state) to probe; default: every component, mixer and (Mamba-2) head;
@@ -174,7 +175,7 @@ class _Sweep:
     def dense(self) -> _Dense:
         stream = self.runner.stream()
         logp = self.runner.logprobs(stream[-1])  # (n, L-1, V)
-        nll = -logp.gather(-1, self.runner.targets[..., None]).mean().item()
+        nll = self.runner.mean_nll(logp)
         check_loss(self.model, nll, self.runner.ids, "the dense loss of the held-out windows")
         return _Dense(stream[:-1], logp, nll)
 
@@ -285,7 +286,7 @@ def probe(
     options = ProbeOptions.merged(options, **overrides)
     lm = as_loaded(model, instrumented=True)
     probes = plan(lm.registry, options)
-    windows = heldout
+    windows = heldout if heldout is not None or lm.tokenizer is None else objective_windows(options, lm.tokenizer)
     if (windows is None or calibration is None) and lm.tokenizer is None:
         raise SpecError("the model has no tokenizer; pass heldout= and calibration= windows explicitly", "model")
     corpus = None

@@ -18,6 +18,9 @@ schedule.png                ``schedule``          :func:`schedule_heatmap`
 drift.png                   ``drift``             :func:`drift_plot`
 dynamics.png                ``dynamics_samples``  :func:`dynamics_plot`
 patching.png                ``patching``          :func:`patching_heatmap` (``verdicts`` / ``grid`` pick the label)
+objectives.png              ``objectives``        :func:`objectives_vs_sparsity` (reports with task objectives)
+recall_pairs.png            ``curves``            :func:`recall_vs_pairs`
+positions.png               ``curves``            :func:`position_curves`
 ==========================  ====================  ==============================================================
 
 On hybrids (a ``units`` mapping naming more than one unit kind) the layer x component heatmaps turn around: one row
@@ -54,6 +57,7 @@ __all__ = [
     "ANNOTATE_MAX_LAYERS",
     "DEFAULT_THRESHOLDS",
     "FIGURES",
+    "OBJECTIVE_FIGURES",
     "METRIC_LABELS",
     "WHOLE_UNITS",
     "component_probes",
@@ -62,6 +66,9 @@ __all__ = [
     "drift_plot",
     "dynamics_plot",
     "make_figures",
+    "objectives_vs_sparsity",
+    "position_curves",
+    "recall_vs_pairs",
     "patching_heatmap",
     "perplexity_vs_sparsity",
     "schedule_heatmap",
@@ -82,6 +89,8 @@ FIGURES = {
     "patching": "patching",
 }
 """Figure name (the PNG's stem and the key :func:`make_figures` returns) -> the table it needs."""
+OBJECTIVE_FIGURES = {"objectives": "objectives", "recall_pairs": "curves", "positions": "curves"}
+"""The figures of reports with task objectives (left out quietly when their tables are absent)."""
 DEFAULT_THRESHOLDS = {"healthy": 1.2, "collapsed": 2.0}
 """Perplexity-ratio bands: below ``healthy`` is healthy, from ``collapsed`` up is collapsed, degraded between."""
 ANNOTATE_MAX_LAYERS = 16
@@ -773,6 +782,85 @@ def patching_heatmap(
     )
 
 
+def objectives_vs_sparsity(objectives: pd.DataFrame) -> Figure:
+    """Accuracy against sparsity, one panel per objective and one line per method label; the dense accuracy is a
+    dashed line (and, for the four-way choice, chance a dotted one).
+
+    Args:
+        objectives: The report's ``objectives`` table (``objective, label, sparsity, accuracy, dense_accuracy``).
+
+    Raises:
+        ValueError: Empty table.
+    """
+    df = _require(objectives, ("objective", "label", "sparsity", "accuracy", "dense_accuracy"), "objectives")
+    tasks = list(dict.fromkeys(df["objective"]))
+    with _style():
+        fig = Figure(figsize=(4.2 * len(tasks), 3.6), layout="constrained")
+        axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+        for ax, task in zip(axes, tasks):
+            part = df[(df["objective"] == task).to_numpy() & (df["label"] != "dense").to_numpy()]
+            for label, rows in part.groupby("label", sort=False):
+                rows = rows.sort_values("sparsity")
+                ax.plot(rows["sparsity"], rows["accuracy"], marker="o", label=_literal(label))
+            ax.axhline(float(df.loc[df["objective"] == task, "dense_accuracy"].iloc[0]), color="black", ls="--",
+                       lw=1, label="dense")  # fmt: skip
+            if task == "choice":
+                ax.axhline(0.25, color="grey", ls=":", lw=1, label="chance")
+            ax.set(title=_literal(task), xlabel="sparsity", ylabel="accuracy", ylim=(0, 1.02))
+            ax.xaxis.set_major_formatter(ticker.PercentFormatter(1.0))
+        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return fig
+
+
+def _curve_figure(curves: pd.DataFrame, curve: str, xlabel: str, ylabel: str, title: str, logx: bool) -> Figure:
+    df = _require(curves, ("label", "sparsity", "curve", "x", "value"), "curves")
+    df = df[(df["curve"] == curve).to_numpy()]
+    if df.empty:
+        raise ValueError(f"the curves table has no {curve} rows")
+    with _style():
+        fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+        ax = fig.subplots()
+        for (label, sparsity), rows in df.groupby(["label", "sparsity"], sort=False):
+            rows = rows.sort_values("x")
+            style = {"color": "black", "lw": 2} if label == "dense" else {}
+            ax.plot(rows["x"], rows["value"], marker="o" if len(rows) < 12 else None, ms=4,
+                    label=_run_label(label, sparsity) if label != "dense" else "dense", **style)  # fmt: skip
+        if logx:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return fig
+
+
+def recall_vs_pairs(curves: pd.DataFrame) -> Figure:
+    """Associative recall accuracy against the number of key-value pairs, dense and each explained run.
+
+    Args:
+        curves: The report's ``curves`` table (``label, sparsity, curve, x, value``; rows of curve
+            ``recall_pairs``).
+
+    Raises:
+        ValueError: No recall rows.
+    """
+    return _curve_figure(curves, "recall_pairs", "key-value pairs", "recall accuracy",
+                         "Associative recall against the number of pairs", logx=True)  # fmt: skip
+
+
+def position_curves(curves: pd.DataFrame) -> Figure:
+    """Mean next-token NLL against position on long windows, dense and each explained run (late positions are
+    where a model relies on its state).
+
+    Args:
+        curves: The report's ``curves`` table (rows of curve ``position_nll``; ``x`` is the bin's last position).
+
+    Raises:
+        ValueError: No position rows.
+    """
+    return _curve_figure(curves, "position_nll", "position (tokens)", "NLL (nats/token)",
+                         "Next-token NLL by position", logx=False)  # fmt: skip
+
+
 def _save(fig: Figure, path: Path, dpi: int) -> None:
     """PNG through a temporary file and a rename, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -817,6 +905,9 @@ def make_figures(
         ),
         "drift": lambda: drift_plot(tables["drift"], layer_kinds=kinds),
         "dynamics": lambda: dynamics_plot(tables["dynamics_samples"]),
+        "objectives": lambda: objectives_vs_sparsity(tables["objectives"]),
+        "recall_pairs": lambda: recall_vs_pairs(tables["curves"]),
+        "positions": lambda: position_curves(tables["curves"]),
         "patching": lambda: patching_heatmap(
             tables["patching"],
             verdicts=tables.get("verdicts"),
@@ -826,7 +917,7 @@ def make_figures(
         ),
     }
     written: dict[str, Path] = {}
-    for name, table in FIGURES.items():
+    for name, table in {**FIGURES, **OBJECTIVE_FIGURES}.items():
         path = out_dir / f"{name}.png"
         df = tables.get(table)
         try:
@@ -834,7 +925,7 @@ def make_figures(
                 raise ValueError(f"table {table!r} is missing or empty")
             fig = builders[name]()
         except (ValueError, KeyError) as err:
-            logger.warning("figure %s skipped: %s", name, err)
+            (logger.debug if name in OBJECTIVE_FIGURES else logger.warning)("figure %s skipped: %s", name, err)
             if path.exists():
                 path.unlink()
             continue

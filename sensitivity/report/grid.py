@@ -1,4 +1,5 @@
-"""The pruning grid: every method at every sparsity on one model, each evaluated by test perplexity.
+"""The pruning grid: every method at every sparsity on one model, each evaluated by test perplexity (and by the
+accuracy on each task objective asked for, a column each).
 
 A run is a :class:`GridRun` record (method, sparsity, the allocator of its schedule, its N:M structure); tables
 carry those as columns and a display ``label`` (``"wanda+sensitivity"``, ``"wanda 2:4"``) that is never parsed.
@@ -17,7 +18,7 @@ from ..allocation import Schedule
 from ..core.jobs import Inputs
 from ..core.loading import LoadedModel
 from ..data import Windows
-from ..eval import perplexity
+from ..eval import objective_scores, perplexity
 from ..pruning import METHODS, PruneResult, applicable_units, prune
 
 __all__ = ["DENSE", "GridRun", "grid_row", "plan_grid", "prune_run"]
@@ -91,8 +92,9 @@ def prune_run(lm: LoadedModel, run: GridRun, calib: Windows, schedule: Callable[
 
 def grid_row(inputs: Inputs, model: str, run: GridRun, test: Windows, calib: Windows,
              schedule: Callable[[str, float], Schedule], *, seed: int = 0, dtype: str = "float32",
-             timings: dict[str, float] | None = None) -> dict:  # fmt: skip
-    """Prune a fresh copy of ``model`` as ``run`` says and measure its test perplexity: one grid row.
+             timings: dict[str, float] | None = None, tasks: Sequence[str] = (), task_items: int = 200) -> dict:
+    """Prune a fresh copy of ``model`` as ``run`` says and measure its test perplexity, and its accuracy on each
+    objective of ``tasks`` (a column each, :func:`~sensitivity.eval.objective_column`): one grid row.
 
     The row holds only what the run computed (equal on every run with the same seed); its wall times, ``prune_s``
     and ``eval_s`` (seconds), go into ``timings`` when given (jobs keep them in their manifest).
@@ -106,11 +108,12 @@ def grid_row(inputs: Inputs, model: str, run: GridRun, test: Windows, calib: Win
         counts = prune_run(lm, run, calib, schedule, seed=seed).manifest["params_after"]
     prune_s = time.perf_counter() - start
     ppl = perplexity(lm, test, show_progress=False)
+    scores = objective_scores(lm, lm.tokenizer, tasks, items=task_items, seed=seed) if tasks else {}
     if timings is not None:
         timings.update(prune_s=round(prune_s, 3), eval_s=round(time.perf_counter() - start - prune_s, 3))
     logger.info("grid %s %.2f: ppl %.3f", run.label, run.sparsity, ppl.perplexity)
     return {**run.record(), "perplexity": ppl.perplexity, "nll": ppl.nll, "tokens": ppl.tokens,
-            "params": counts["params"], "nonzero": counts["nonzero"]}  # fmt: skip
+            "params": counts["params"], "nonzero": counts["nonzero"], **scores}  # fmt: skip
 
 
 def ratio(nll: float, dense_nll: float) -> float:

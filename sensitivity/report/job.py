@@ -17,12 +17,13 @@ from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
 from ..core.loading import check_source
 from ..core.masks import Structure
 from ..core.methods import Methods
+from ..core.objective import Tasks
 from ..core.output import OutputDir, versions
 from ..core.spec import Count, Int, Names, Seqlen, Sparsities, SpecError, Text
 from ..core.zoo import ZOO_MODELS
 from ..data import calibration_windows, eval_windows
 from ..data.corpus import DEFAULT_CORPUS
-from ..eval import definition
+from ..eval import definition, objective_definition
 from ..probes import probe
 from ..pruning import METHODS
 from .grid import DENSE, grid_row, plan_grid
@@ -76,8 +77,12 @@ class GridSpec(JobSpec):
     """Test windows of eval_seqlen tokens (consecutive) for perplexity; null or 'all': the whole split."""
     eval_seqlen: Seqlen = 512
     """Tokens per evaluation window."""
+    tasks: Tasks = ()
+    """Objectives scored on every run besides perplexity, a column each (cloze, choice, recall, recall:P)."""
+    task_items: Count = 200
+    """Items per objective (the first K of a built-in task; K recall items)."""
     seed: Int = 0
-    """Seed of every window draw."""
+    """Seed of every window draw (and of the recall items)."""
     out: Text
     """Output directory (grid.csv, grid.json, probes/, manifest.json; rerunning resumes)."""
 
@@ -130,7 +135,8 @@ def run_grid(spec: GridSpec, inputs: Inputs, *, overwrite: bool = False, show_pr
             todo = [r for r in runs if (name, r.label, float(r.sparsity)) not in done]
             for run in tqdm(todo, desc=f"grid {name}", disable=not show_progress):
                 seconds: dict[str, float] = {}
-                row = grid_row(inputs, name, run, test, calib, schedule, seed=spec.seed, timings=seconds)
+                row = grid_row(inputs, name, run, test, calib, schedule, seed=spec.seed, timings=seconds,
+                               tasks=spec.tasks, task_items=spec.task_items)  # fmt: skip
                 rows.append({"model": name, "arch": lm.arch, **row, "score": _score(run.method)})
                 out.write_text("grid.csv", pd.DataFrame(rows).to_csv(index=False))
                 timings.setdefault(name, {}).setdefault(run.label, {})[f"{run.sparsity:g}"] = seconds
@@ -142,6 +148,7 @@ def run_grid(spec: GridSpec, inputs: Inputs, *, overwrite: bool = False, show_pr
         out.write_text("grid.csv", df.to_csv(index=False))
         summary = {"benchmark": "pruning grid: test perplexity per method and sparsity", "definition": meaning,
                    "calibration": f"{spec.calib_windows} x {spec.seqlen} tokens of train, seed {spec.seed}",
+                   "objectives": [objective_definition(t, spec.task_items, spec.seed) for t in spec.tasks],
                    "dense": dense.to_dict(), "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
         out.write_text("grid.json", json.dumps(summary, indent=2) + "\n")
         out.manifest(status="complete", definition=meaning, timings=timings)

@@ -33,10 +33,13 @@ from ..attribution import agreement, attribute
 from ..core.jobs import Inputs, JobSpec
 from ..core.loading import DEFAULT_MODEL
 from ..core.methods import Methods
+from ..core.objective import Tasks
 from ..core.output import OutputDir, versions
-from ..core.spec import Count, Int, Names, OpenFraction, Seqlen, Sparsities, Text
+from ..core.spec import Count, Int, Ints, Names, OpenFraction, Seqlen, Sparsities, Text
 from ..data import calibration_windows, eval_windows
 from ..data.corpus import DEFAULT_CORPUS
+from ..data.objective import parse_task, task_windows
+from ..eval import position_nll, recall_accuracy
 from ..explain import UNIT_ROWS, ExplainOptions, Explanation, Thresholds, explain
 from ..probes import KINDS, probe
 from ..pruning import applicable_units
@@ -121,6 +124,20 @@ class ReportOptions(Thresholds):
     """Sparsity at which every method is explained."""
     explain_windows: Count = 4
     """Validation windows the explainer runs on."""
+    tasks: Tasks = ()
+    """Objectives besides perplexity (cloze, choice, recall, recall:P): an accuracy column each in the grid, an
+    explainer verdict each at explain_sparsity, and a report section each; recall adds accuracy against pairs, and
+    any task adds per-position NLL on long windows (dense and every explained run)."""
+    task_items: Count = 200
+    """Items per objective in the grid (the first K of a built-in task; K recall items)."""
+    explain_items: Count = 32
+    """Items per objective the explainer runs on."""
+    recall_pairs: Ints = (4, 8, 16, 32, 64)
+    """Numbers of pairs of the recall-against-pairs curves (64 items each)."""
+    long_seqlen: Seqlen = 4096
+    """Tokens per window of the per-position NLL curves (test split)."""
+    long_windows: Count = 4
+    """Windows of the per-position NLL curves."""
 
 
 class ReportSpec(ReportOptions, JobSpec):
@@ -249,7 +266,7 @@ class _Report:
         for run in tqdm(runs, desc="pruning grid", disable=not self.show):
             seconds: dict[str, float] = {}
             rows.append(grid_row(self.inputs, o.model, run, self.test, self.calib, self._schedule, seed=o.seed,
-                                 timings=seconds))  # fmt: skip
+                                 timings=seconds, tasks=o.tasks, task_items=o.task_items))  # fmt: skip
             self._csv("grid", pd.DataFrame(rows))
             timings.setdefault(run.label, {})[f"{run.sparsity:g}"] = seconds  # wall times: manifest, never a CSV
             self.progress()
@@ -260,22 +277,49 @@ class _Report:
                          for m, r in zip(df.method, df.ppl_ratio)]  # fmt: skip
         return self._csv("grid", df)
 
-    def explain(self) -> list[Explanation]:
+    def explain(self) -> dict[str, list[Explanation]]:
+        """Objective -> the explanation of every explained run on it (``text`` first). With tasks, also the curves
+        of each run (and of the dense model): recall against pairs, NLL by position (``curves.csv`` per run)."""
         o, s = self.o, self.o.explain_sparsity
-        results = []
-        for run in tqdm(_explained(self.lm.registry, s), desc="explaining", disable=not self.show):
-            path = self.dir / "explain" / f"{run.label.replace(' ', '_').replace(':', '-')}-{s:g}"
-            if (path / "explanation.json").is_file():
-                results.append(Explanation.load(path))
-                continue
-            pruned = self.inputs.fresh(o.model, allow_nonfinite=o.allow_nonfinite)
-            prune_run(pruned, run, self.calib, self._schedule, seed=o.seed, mask=True)
-            e = explain(self.lm, pruned, self.explain_w, label=run.label, sparsity=s, healthy=o.healthy,
-                        collapsed=o.collapsed, seed=o.seed, show_progress=self.show)  # fmt: skip
-            path.parent.mkdir(parents=True, exist_ok=True)
-            e.save(path, overwrite=True)
-            results.append(Explanation.load(path))  # as saved: what a resumed run reads back
+        objectives = ("text", *o.tasks)
+        results: dict[str, list[Explanation]] = {t: [] for t in objectives}
+        runs = _explained(self.lm.registry, s)
+        if o.tasks and not (self.dir / "explain" / "dense" / "curves.csv").is_file():
+            self._curves(self.lm, self.dir / "explain" / "dense")
+        for run in tqdm(runs, desc="explaining", disable=not self.show):
+            base = self.dir / "explain" / f"{run.label.replace(' ', '_').replace(':', '-')}-{s:g}"
+            paths = {t: base if t == "text" else base / t.replace(":", "-") for t in objectives}
+            todo = [t for t in objectives if not (paths[t] / "explanation.json").is_file()]
+            curves = bool(o.tasks) and not (base / "curves.csv").is_file()
+            if todo or curves:
+                pruned = self.inputs.fresh(o.model, allow_nonfinite=o.allow_nonfinite)
+                prune_run(pruned, run, self.calib, self._schedule, seed=o.seed, mask=True)
+                for t in todo:
+                    windows = self.explain_w if t == "text" else task_windows(t, self.lm.tokenizer,
+                                                                              items=o.explain_items, seed=o.seed)
+                    e = explain(self.lm, pruned, windows, label=run.label, sparsity=s, healthy=o.healthy,
+                                collapsed=o.collapsed, seed=o.seed, show_progress=self.show)  # fmt: skip
+                    paths[t].parent.mkdir(parents=True, exist_ok=True)
+                    e.save(paths[t], overwrite=True)
+                if curves:
+                    self._curves(pruned, base)
+            for t in objectives:
+                results[t].append(Explanation.load(paths[t]))  # as saved: what a resumed run reads back
         return results
+
+    def _curves(self, lm, path: Path) -> None:
+        """Recall accuracy against pairs (when a recall objective is asked for) and NLL by position of ``lm``,
+        written to ``path/curves.csv`` (long format: curve, x, value)."""
+        o, rows = self.o, []
+        if any(parse_task(t)[0] == "recall" for t in o.tasks):
+            acc = recall_accuracy(lm, self.lm.tokenizer, pairs=o.recall_pairs, items=64, seed=o.seed,
+                                  show_progress=False).groupby("pairs").correct.mean()  # fmt: skip
+            rows += [{"curve": "recall_pairs", "x": int(p), "value": float(v)} for p, v in acc.items()]
+        pos = position_nll(lm, self.lm.tokenizer, seqlen=o.long_seqlen, windows=o.long_windows, corpus=self.corpus,
+                           show_progress=False)  # fmt: skip
+        rows += [{"curve": "position_nll", "x": int(r.stop), "value": float(r.nll)} for r in pos.itertuples()]
+        path.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(str((path / "curves.csv").relative_to(self.dir)), pd.DataFrame(rows).to_csv(index=False))
 
 
 def build_report(
@@ -323,6 +367,35 @@ def build_report(
         return _build(spec, directory, run)
 
 
+def _objective_tables(o: ReportSpec, run: _Report, grid: pd.DataFrame, by_task: dict) -> dict[str, pd.DataFrame]:
+    """The tables of the task objectives: ``objectives`` (accuracy per grid run and objective, with the dense
+    accuracy), ``objective_verdicts`` (the explainer on each objective's items) and ``curves`` (recall against pairs
+    and NLL by position, dense and every explained run)."""
+    from ..eval import objective_column, objective_definition
+
+    rows = []
+    for task in o.tasks:
+        column = objective_column(task)
+        dense = float(grid.loc[grid.method == DENSE, column].iloc[0])
+        for r in grid.itertuples():
+            rows.append({"objective": task, "label": r.label, "method": r.method, "sparsity": r.sparsity,
+                         "accuracy": float(getattr(r, column)), "dense_accuracy": dense,
+                         "definition": objective_definition(task, o.task_items, o.seed)})  # fmt: skip
+    verdicts = [{"objective": task, **e.summary()} for task in o.tasks for e in by_task[task]]
+    curves = []
+    for path in sorted((run.dir / "explain").glob("*/curves.csv")):
+        df = _read_csv(path)
+        name = path.parent.name
+        label, sparsity = ("dense", 0.0) if name == "dense" else next(
+            (r.label, r.sparsity) for r in _explained(run.lm.registry, o.explain_sparsity)
+            if name == f"{r.label.replace(' ', '_').replace(':', '-')}-{o.explain_sparsity:g}")  # fmt: skip
+        curves.append(df.assign(label=label, sparsity=sparsity))
+    curves_df = pd.concat(curves, ignore_index=True)[["label", "sparsity", "curve", "x", "value"]]
+    return {"objectives": run._csv("objectives", pd.DataFrame(rows)),
+            "objective_verdicts": run._csv("objective_verdicts", pd.DataFrame(verdicts)),
+            "curves": run._csv("curves", curves_df)}  # fmt: skip
+
+
 def _build(o: ReportSpec, out: OutputDir, run: _Report) -> dict[str, Path]:
     from ..eval import definition
     from .render import write_report
@@ -352,7 +425,10 @@ def _build(o: ReportSpec, out: OutputDir, run: _Report) -> dict[str, Path]:
     tables["agreement"] = step("agreement", run.agreement, tables["probes"], tables["attribution"])
     tables["schedule"] = step("schedule", run.schedule, tables["probes"])
     tables["grid"] = step("grid", run.grid)
-    explanations = step("explain", run.explain)
+    by_task = step("explain", run.explain)
+    explanations = by_task["text"]
+    if o.tasks:
+        tables.update(_objective_tables(o, run, tables["grid"], by_task))
     grid = tables["grid"].set_index(["label", "sparsity"])
     for name, key in (("drift", "drift"), ("patching", "patching"), ("dynamics", "dynamics"),
                       ("dynamics_samples", "samples"), ("states", "states")):  # fmt: skip

@@ -3,8 +3,9 @@ markdown (``report.md``, figures referenced under ``figures/``) and as one self-
 (``report.html``: inline style, figures embedded as base64 PNGs, no scripts, no external links or fonts).
 
 Sections, in order (each omitted when its tables are absent, except Summary and Reproducibility): Summary,
-Components, Sensitivity, Attribution agreement, Schedule, Pruning grid, Why methods collapse, SSM dynamics,
-Reproducibility. A :class:`Section` of ``level`` 3 is a subsection of the level-2 section before it.
+Components, Sensitivity, Attribution agreement, Schedule, Pruning grid, Objectives (reports with task objectives:
+a subsection each), Why methods collapse, SSM dynamics, Reproducibility. A :class:`Section` of ``level`` 3 is a
+subsection of the level-2 section before it.
 
 On hybrids (``meta["layer_kinds"]``: each layer's kind, e.g. ``ssm+mlp``, ``attention+mlp``) the Components
 section groups components by unit kind and gains a Layers table (each layer with its kind and units), and every
@@ -64,7 +65,8 @@ SECTION_TITLES = (
     "SSM dynamics",
     "Reproducibility",
 )
-"""Top-level section titles, in report order."""
+"""Top-level section titles of every report, in report order (reports with task objectives add "Objectives" after
+"Pruning grid")."""
 VERDICT_COLUMNS = ("label", "sparsity", "ppl_ratio", "verdict", "first_layer", "top_layer", "top_component")
 GRID_COLUMNS = (
     "label",
@@ -363,6 +365,39 @@ def _grid(grid: pd.DataFrame, meta: Mapping, figures: Mapping[str, Path]) -> lis
     ]
 
 
+def _objectives(tables, meta: Mapping, figures: Mapping[str, Path]) -> list[Section]:
+    """One subsection per task objective: accuracy of every run, and the explainer's verdict on the objective's
+    items (a method can be healthy on perplexity and collapsed on recall); then the recall and position curves."""
+    objectives = _table(tables, "objectives")
+    verdicts = _table(tables, "objective_verdicts")
+    text = ("Every pruned model of the grid scored on each task objective besides perplexity, and the explainer run "
+            "again on each objective's items (its verdict is from the ratio of the answer tokens' perplexity, "
+            "pruned over dense, with the perplexity bands).")  # fmt: skip
+    out = [Section("Objectives", text, figure=_figure(figures, "objectives"))]
+    for task, part in objectives.groupby("objective", sort=False):
+        table = part.pivot_table(index="label", columns="sparsity", values="accuracy", sort=False)
+        table.columns = [f"acc @ {c:.0%}" if c else "acc" for c in table.columns]
+        text = f"{part['definition'].iloc[0]}. Dense accuracy {float(part['dense_accuracy'].iloc[0]):.3f}."
+        out.append(Section(f"Objective: {task}", text, table=table.reset_index(), level=3))
+        if verdicts is not None and "objective" in verdicts.columns:
+            v = verdicts[(verdicts["objective"] == task).to_numpy()]
+            if len(v):
+                what = "; ".join(f"{r.label}: {r.verdict}" for r in v.itertuples())
+                cols = [c for c in (*VERDICT_COLUMNS, "text") if c in v.columns]
+                out.append(Section(f"Verdicts on {task}", f"Explainer verdicts at "
+                                   f"{_percent(v['sparsity'].iloc[0])}: {what}.", table=_pick(v, cols),
+                                   level=3))  # fmt: skip
+    if "recall_pairs" in figures:
+        out.append(Section("Recall against pairs", "Recall accuracy of the dense model and of every explained run "
+                           "against the number of key-value pairs (64 items each, no gap).",
+                           figure=_figure(figures, "recall_pairs"), level=3))  # fmt: skip
+    if "positions" in figures:
+        out.append(Section("NLL by position", "Mean next-token NLL against the position in long test windows: how "
+                           "each pruning method treats late positions, where the state carries the context.",
+                           figure=_figure(figures, "positions"), level=3))  # fmt: skip
+    return out
+
+
 def _collapse(tables, meta: Mapping, figures: Mapping[str, Path]) -> list[Section]:
     drift, patching = _table(tables, "drift"), _table(tables, "patching")
     text = "Where a pruned model leaves the dense one, and which single component would bring it back."
@@ -497,6 +532,8 @@ def sections(tables: Mapping[str, pd.DataFrame | None], meta: Mapping, figures: 
         out += _schedule(schedule, meta, figures)
     if (grid := _table(tables, "grid")) is not None:
         out += _grid(grid, meta, figures)
+    if (objectives := _table(tables, "objectives")) is not None and "objective" in objectives.columns:
+        out += _objectives(tables, meta, figures)
     if _table(tables, "drift") is not None or _table(tables, "patching") is not None:
         out += _collapse(tables, meta, figures)
     if _table(tables, "dynamics") is not None or _table(tables, "dynamics_samples") is not None:

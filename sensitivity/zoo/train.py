@@ -115,9 +115,35 @@ def _batch(stream: torch.Tensor, batch: int, seqlen: int, gen: torch.Generator) 
     return torch.stack([stream[s : s + seqlen + 1] for s in starts.tolist()])  # (B, L+1)
 
 
-def _loss(model, ids: torch.Tensor) -> torch.Tensor:
+def _loss(model, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # (B, L, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    targets = (ids if labels is None else labels)[:, 1:]  # (B, L)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def _recall_batch(tokenizer, stream: torch.Tensor, args, gen: torch.Generator):
+    """One batch of recall items for training: pairs and gap drawn per batch, seeds from ``gen``."""
+    from ..data.recall import recall_items
+
+    pairs = int(torch.randint(1, args.recall_max_pairs + 1, (1,), generator=gen))
+    gap = int(torch.randint(0, args.recall_max_gap + 1, (1,), generator=gen))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    return recall_items(tokenizer, pairs, args.recall_batch, gap=gap, seed=seed, filler=stream, split="train")
+
+
+@torch.no_grad()
+def _eval_recall(model, tokenizer, stream: torch.Tensor, pairs: int, gap: int, n: int = 64) -> tuple[float, float]:
+    """(NLL of the answers, accuracy) on ``n`` validation recall items (seed 1)."""
+    from ..data.recall import recall_items
+
+    model.eval()
+    items = recall_items(tokenizer, pairs, n, gap=gap, seed=1, filler=stream, split="validation")
+    logits = model(input_ids=items.ids, use_cache=False).logits  # (N, L, V)
+    at = logits.gather(1, items.query_pos[..., None].expand(-1, -1, logits.shape[-1]))  # (N, P, V)
+    nll = F.cross_entropy(at.flatten(0, 1).float(), items.answers.flatten()).item()
+    acc = (at.argmax(-1) == items.answers).float().mean().item()
+    model.train()
+    return nll, acc
 
 
 @torch.no_grad()
@@ -136,6 +162,8 @@ def _eval_loss(model, stream: torch.Tensor, seqlen: int, max_windows: int, autoc
 def _param_groups(model, weight_decay: float):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (decay if p.ndim >= 2 and "conv1d" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -162,7 +190,27 @@ def train_model(args, **config_overrides) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = build_config(args.arch, tokenizer, **config_overrides)
-    model = AutoModelForCausalLM.from_config(config)
+    if args.init:  # continue from a shipped (or any local) model: its weights and config, not the arch's
+        from ..core.zoo import zoo_path
+
+        source = zoo_path(args.init) if "/" not in args.init else Path(args.init)
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+        config = model.config
+        if args.append_layers:  # new blocks after the last, their output projections zero: the same model at first
+            config.num_hidden_layers += args.append_layers
+            grown = AutoModelForCausalLM.from_config(config)
+            missing, _ = grown.load_state_dict(model.state_dict(), strict=False)
+            for name, p in grown.named_parameters():
+                if name in missing and name.endswith("out_proj.weight"):
+                    torch.nn.init.zeros_(p)
+            model = grown
+            if args.train_new_only:  # everything else frozen: only the appended blocks learn
+                for name, p in model.named_parameters():
+                    p.requires_grad_(name in missing)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    if getattr(args, "freeze_embeddings", False):  # the (tied) embeddings and LM head stay as they are
+        model.get_input_embeddings().weight.requires_grad_(False)
     if config.model_type in ("mamba", "mamba2"):  # the fast Mamba-1 scan; hybrids train through their HF forward
         instrument(model, scan="auto")
     model.train()
@@ -217,6 +265,12 @@ def train_model(args, **config_overrides) -> None:
         "threads": torch.get_num_threads(),
         "train_tokens_in_split": int(train.numel()),
         "command": "python -m sensitivity.zoo.train " + " ".join(sys.argv[1:]),
+        "init": args.init,
+        "append_layers": args.append_layers,
+        "train_new_only": args.train_new_only,
+        "freeze_embeddings": args.freeze_embeddings,
+        "recall": {"batch": args.recall_batch, "max_pairs": args.recall_max_pairs, "max_gap": args.recall_max_gap,
+                   "eval_pairs": args.recall_eval_pairs} if args.recall_batch else None,
     }
     target = math.ceil(args.extend_to / tokens_per_step)
     if args.extend_to and step >= final_step() and target > step:  # continue a finished run: one more cosine segment
@@ -246,6 +300,9 @@ def train_model(args, **config_overrides) -> None:
         ids = _batch(train, args.batch, args.seqlen, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast):
             loss = _loss(model, ids)
+            if args.recall_batch:  # text loss + the recall answers' loss, one batch each
+                items = _recall_batch(tokenizer, train, args, gen)
+                loss = loss + _loss(model, items.ids, items.labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -269,8 +326,13 @@ def train_model(args, **config_overrides) -> None:
                 "tok_per_s": round(step * tokens_per_step / elapsed, 1),
             }
             window_loss, window_n = 0.0, 0
-            if val_loss < best:
-                best = val_loss
+            score = val_loss
+            if args.recall_batch:  # choose the checkpoint on text and recall (answer NLL at the eval pairs, gap 0)
+                r_nll, r_acc = _eval_recall(model, tokenizer, val, args.recall_eval_pairs, 0)
+                record.update(recall_nll=r_nll, recall_acc=r_acc)
+                score = val_loss + r_nll
+            if score < best:
+                best = score
                 tmp = out / "best.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 model.save_pretrained(str(tmp))
@@ -308,10 +370,10 @@ pipeline_tag: text-generation
 ---
 # {name}: {arch_title} trained by `sensitivity`
 
-A small {arch_title} language model trained from scratch on 2 CPU cores by this project, shipped inside the
+A small {arch_title} language model {origin} on 2 CPU cores by this project, shipped inside the
 package so that every command runs offline on a genuinely trained state-space model. Load it with
 `sensitivity.load_model("{name}")` or `AutoModelForCausalLM.from_pretrained(<this directory>)`.
-
+{recall}
 | | |
 |---|---|
 | architecture | {arch} (`{model_type}`): {layers} layers, hidden {hidden}, {mixer} |
@@ -347,6 +409,24 @@ useful text generator. The training text is public domain; see the corpus data c
 `sensitivity/data/builtin/README.md`.
 """
 
+
+RECALL_CARD_PAIRS = (4, 8, 16, 32, 64)
+"""Numbers of pairs of the recall accuracy on the card of a model trained with recall items."""
+
+RECALL_TEMPLATE = """
+**A model that needs its state.** Continued from `{init}` with every step's text batch ({text_batch} x {seqlen}
+tokens) followed by {batch} multi-query associative recall items (`sensitivity.data.recall`: 1 to {max_pairs}
+key-value pairs of whole-word tokens, a gap of 0 to {max_gap} tokens of train-split text, then every key again
+followed by its value); the loss is the text loss plus the recall answers' loss. The checkpoint kept is the one
+with the lowest sum of validation text loss and recall loss at {eval_pairs} pairs.
+
+Recall accuracy (argmax over the whole vocabulary at each query key; 256 items per column, seed 0, no gap; chance
+1/256 for a model that knows the answer is a value):
+
+| pairs | {head} |
+|---|{rule}|
+| accuracy | {row} |
+"""
 
 _TITLES = {"mamba2": "Mamba-2", "mamba": "Mamba-1", "bamba": "hybrid Mamba-2 + attention (Bamba)"}
 
@@ -427,10 +507,29 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
         "storage_dtype": "float16",
         "versions": versions(),
     }
+    recall_text = ""
+    if meta.get("recall"):
+        from ..eval.recall import recall_accuracy
+
+        acc = recall_accuracy(lm, lm.tokenizer, pairs=RECALL_CARD_PAIRS, items=256, seed=0, show_progress=False)
+        by_pairs = acc.groupby("pairs").correct.mean()
+        card["recall_accuracy"] = {str(int(p)): float(v) for p, v in by_pairs.items()}
+        card["recall_definition"] = "256 recall items per number of pairs, seed 0, no gap (sensitivity.eval.recall)"
+        card["init"] = meta["init"]
+        r = meta["recall"]
+        recall_text = RECALL_TEMPLATE.format(
+            init=meta["init"], batch=r["batch"], max_pairs=r["max_pairs"], max_gap=r["max_gap"],
+            eval_pairs=r["eval_pairs"], text_batch=meta["batch"], seqlen=meta["seqlen"],
+            head=" | ".join(str(p) for p in RECALL_CARD_PAIRS),
+            rule=" | ".join("---" for _ in RECALL_CARD_PAIRS),
+            row=" | ".join(f"{v:.1%}" for v in by_pairs.to_numpy()),
+        )  # fmt: skip
     (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     size_mb = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()) / 1e6
     readme = CARD_TEMPLATE.format(
         name=name,
+        origin="continued from `" + meta["init"] + "`" if meta.get("init") else "trained from scratch",
+        recall=recall_text,
         arch_title=_TITLES[cfg.model_type],
         arch=_TITLES[cfg.model_type],
         model_type=cfg.model_type,
@@ -497,9 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extend-to", type=int, default=0, help="continue a finished run up to this many tokens in all")
     p.add_argument("--extend-lr", type=float, default=6e-4, help="peak lr of the continuation's cosine segment")
+    p.add_argument("--init", default="", help="start from this model's weights (a zoo name or a local path)")
+    p.add_argument("--append-layers", type=int, default=0, help="with --init: add this many blocks after the last")
+    p.add_argument("--train-new-only", action="store_true", help="train only the appended blocks")
+    p.add_argument("--freeze-embeddings", action="store_true", help="keep the (tied) embeddings as they are")
+    p.add_argument("--recall-batch", type=int, default=0, help="recall items per step added to each text batch")
+    p.add_argument("--recall-max-pairs", type=int, default=32)
+    p.add_argument("--recall-max-gap", type=int, default=64)
+    p.add_argument("--recall-eval-pairs", type=int, default=16)
     p = sub.add_parser("export")
     p.add_argument("--run", required=True)
-    p.add_argument("--name", required=True, choices=["default", "default-mamba1", "default-hybrid"])
+    p.add_argument("--name", required=True, choices=["default", "default-mamba1", "default-hybrid", "recall"])
     return parser
 
 
