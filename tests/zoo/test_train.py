@@ -85,3 +85,50 @@ def test_export_stores_float16_with_a_card_that_matches_a_fresh_measurement(tmp_
     assert card["tokens_seen"] == 256 and card["best_step"] == 4 and card["seed"] == 3
     assert card["command"].endswith("--max-tokens 256")
     assert f"**{card['test_perplexity']:.2f}**" in (dest / "README.md").read_text()
+
+
+def test_continuing_a_model_on_recall_items_is_resumable_and_keeps_frozen_embeddings(tmp_path):
+    base = tmp_path / "base"
+    train_model(_args(base), **TINY)
+
+    def args(out):
+        a = _args(out)
+        a.init, a.freeze_embeddings = str(base / "best"), True
+        a.recall_batch, a.recall_max_pairs, a.recall_max_gap, a.recall_eval_pairs = 4, 3, 2, 2
+        return a
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_model(args(straight))
+    resumed.mkdir()
+    (resumed / "STOP").touch()
+    train_model(args(resumed))
+    (resumed / "STOP").unlink()
+    train_model(args(resumed))
+    log = _log(straight)
+    assert _log(resumed) == log and all(0 <= r["recall_acc"] <= 1 and r["recall_nll"] > 0 for r in log)
+    start = torch.load(base / "last.pt", weights_only=False)["model"]
+    end = torch.load(straight / "last.pt", weights_only=False)["model"]
+    key = "backbone.embeddings.weight"
+    assert torch.equal(start[key], end[key]) and not torch.equal(start["backbone.layers.0.mixer.A_log"],
+                                                                 end["backbone.layers.0.mixer.A_log"])
+    saved = json.loads((straight / "train_args.json").read_text())
+    assert saved["init"] == str(base / "best") and saved["recall"]["batch"] == 4
+
+
+def test_appended_blocks_start_as_the_identity(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    train_model(_args(base), **TINY)
+    out = tmp_path / "grown"
+    a = _args(out)
+    a.init, a.append_layers, a.train_new_only, a.lr = str(base / "best"), 1, True, 0.0
+    a.warmup = 1
+    train_model(a)
+    grown = AutoModelForCausalLM.from_pretrained(str(out / "best"))
+    plain = AutoModelForCausalLM.from_pretrained(str(base / "best"))
+    assert grown.config.num_hidden_layers == plain.config.num_hidden_layers + 1
+    ids = torch.randint(0, 8192, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(input_ids=ids, use_cache=False).logits,
+                                   plain(input_ids=ids, use_cache=False).logits)  # fmt: skip
