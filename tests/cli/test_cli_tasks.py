@@ -84,3 +84,20 @@ def test_task_fields_round_trip_and_default_to_none():
     spec = EvaluateSpec(tasks="cloze,choice", limit=50)
     assert spec.tasks == ("cloze", "choice") and EvaluateSpec.from_yaml(spec.to_yaml()) == spec
     assert EvaluateSpec().tasks == () and EvaluateSpec(tasks="none").tasks == ()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["probe", "--task", "recal", "--out"], "argument --task: unknown task 'recal'; allowed: text, cloze, choice"),
+    (["explain", "--method", "wanda", "--sparsity", "0.5", "--task", "recall:0", "--out"], "'recall:0' has 0 pairs"),
+    (["grid", "--tasks", "cloze,nope", "--out"], "argument --tasks: 1: unknown task 'nope'"),
+    (["probe", "--task-items", "0", "--out"], "argument --task-items: 0 is out of range"),
+])  # fmt: skip
+def test_bad_objective_flags_exit_2_with_one_line_and_write_nothing(tmp_path, argv, message):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "sensitivity", *argv, str(out)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not out.exists()
