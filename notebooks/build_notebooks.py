@@ -1073,6 +1073,163 @@ NOTEBOOKS["05_hybrid_question"] = [
 ]
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# 06 beyond perplexity
+# ---------------------------------------------------------------------------------------------------------------------
+
+NOTEBOOKS["06_beyond_perplexity"] = [
+    md("""
+    # 06 Beyond perplexity: what pruning does to memory
+
+    Perplexity on short windows barely asks a state-space model to remember: most next tokens follow from the last
+    few. This notebook measures pruning on three other objectives, on `recall`, the zoo's Mamba-2 that needs its
+    state (`default` with one more block in front, trained on text and multi-query associative recall):
+
+    * **tasks**: the built-in `cloze` (final word of a passage) and `choice` (true continuation among four);
+    * **recall**: P key-value pairs of single word tokens, then every key again; is its value the argmax?
+    * **long context**: next-token NLL by position on 4,096-token windows.
+
+    Then the same probes and explainer as notebooks 02-04, on recall items instead of text. Runs in about 2 minutes
+    on 2 CPU cores.
+    """),
+    code("""
+    import copy
+    import time
+
+    import pandas as pd
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from sensitivity import calibration_windows, eval_windows, load_corpus, load_model, perplexity, prune
+    from sensitivity.core import LoadedModel
+    from sensitivity.data.objective import task_windows
+    from sensitivity.eval import position_nll, recall_accuracy, score_builtin
+    from sensitivity.explain import explain
+    from sensitivity.probes import probe
+    """, QUIET),
+    md("""
+    ## The dense model on every objective
+
+    Perplexity on 16 consecutive test windows of 512 tokens; `cloze` and `choice` on their first 100 items (chance:
+    about 0 and 25%); recall at 1 to 16 pairs, 64 items each (chance 1/256).
+    """),
+    code("""
+    lm = load_model("recall")
+    tok = lm.tokenizer
+    corpus = load_corpus()
+    cal = calibration_windows(corpus, tok, 16, 256, seed=0)
+    test = eval_windows(corpus, tok, 512, split="test", max_windows=16)
+    PAIRS = (1, 2, 4, 8, 16)
+
+
+    def scores(model):
+        row = {"perplexity": perplexity(model, test, show_progress=False).perplexity}
+        for task in ("cloze", "choice"):
+            rows = score_builtin(model, task, max_items=100, batch_size=16, show_progress=False)
+            row[task] = next(r["value"] for r in rows if r["metric"] == "acc")
+        acc = recall_accuracy(model, tok, pairs=PAIRS, items=64, seed=0, show_progress=False)
+        row.update({f"recall@{p}": v for p, v in acc.groupby("pairs").correct.mean().items()})
+        return row
+
+
+    dense = scores(lm)
+    pd.Series(dense).round(3)
+    """),
+    md("""
+    ## Four pruners at 50%, on every objective
+
+    State pruning (half the SSM state channels), head pruning (half the heads, FLAP scores), head-dim pruning (half
+    of every head's channels) and unstructured WANDA, each of every SSM layer, calibrated on 16 train windows of 256
+    tokens. Structured methods in mask mode: masked units compute exactly what removed ones would.
+    """),
+    code("""
+    def pruned(method, sparsity=0.5):
+        copy_ = LoadedModel(copy.deepcopy(lm.model), tok, lm.registry, f"{method} {sparsity:.0%}")
+        prune(copy_, method, sparsity=sparsity, windows=cal, show_progress=False,
+              **({} if method == "wanda" else {"mode": "mask"}))
+        return copy_
+
+
+    models = {method: pruned(method) for method in ("state", "head", "headdim", "wanda")}
+    table = pd.DataFrame({"dense": dense, **{name: scores(m) for name, m in models.items()}}).T
+    table.round(3)
+    """),
+    md("""
+    Recall against the number of pairs, per method: the curve a perplexity cannot show.
+    """),
+    code("""
+    recall = table[[f"recall@{p}" for p in PAIRS]].T
+    recall.index = PAIRS
+    ax = recall.plot(marker="o", logx=True, ylim=(-0.03, 1.03), xlabel="key-value pairs", ylabel="recall accuracy",
+                     title="Recall against pairs at 50% sparsity")
+    ax.set_xticks(PAIRS, [str(p) for p in PAIRS]);
+    """),
+    md("""
+    ## Where recall lives: probes on recall items
+
+    The same `zero` probes of every component of every layer, scored twice: on 4 text windows of 256 tokens, and on
+    32 recall items of 8 pairs whose windows carry `labels` on the answers only (so the damage is the answers'
+    NLL). Layer 0 is the block added for recall.
+    """),
+    code("""
+    text = calibration_windows(corpus, tok, 4, 256, seed=0, split="validation")
+    items = task_windows("recall:8", tok, items=32, seed=0)
+    comps = ["x", "B", "C", "dt", "conv1d", "out_proj"]
+    damage = {}
+    for name, windows in (("text", text), ("recall", items)):
+        df = probe(lm, components=comps, kinds=["zero"], heldout=windows, calibration=cal, show_progress=False)
+        damage[name] = df[df.metric == "delta_nll"].pivot(index="layer", columns="component", values="value")[comps]
+    pd.concat(damage, axis=1).round(2)
+    """),
+    md("""
+    ## Why: the explainer, per objective
+
+    `explain` on the same head-pruned model twice: on text windows and on the recall items. The verdict is on each
+    objective's own perplexity (the answers' only, for recall).
+    """),
+    code("""
+    verdicts = {}
+    for method in ("head", "wanda"):
+        for name, windows in (("text", text), ("recall", items)):
+            e = explain(lm, models[method], windows, label=method, sparsity=0.5, top_layers=2, show_progress=False)
+            verdicts[(method, name)] = {"verdict": e.verdict, "ppl_ratio": e.ppl_ratio, "top": e.top}
+            if (method, name) == ("head", "recall"):
+                print(e.text)
+    pd.DataFrame(verdicts).T
+    """),
+    md("""
+    ## Late positions
+
+    Mean next-token NLL by position (32 bins) on 2 consecutive test windows of 4,096 tokens, dense and pruned.
+    """),
+    code("""
+    curves = pd.concat({name: position_nll(m, tok, seqlen=4096, windows=2, show_progress=False).set_index("stop").nll
+                        for name, m in {"dense": lm, "head": models["head"], "wanda": models["wanda"]}.items()},
+                       axis=1)
+    curves.plot(xlabel="position", ylabel="NLL (nats)", title="NLL by position, 4,096-token windows");
+    """),
+    md("""
+    What it shows, checked so the text stays true: the dense model recalls (>= 90% at 8 pairs); head pruning at
+    50% destroys recall; state pruning costs the least perplexity of the four but loses more recall at 16 pairs
+    than WANDA, so the perplexity ordering is not the recall ordering; and the recall probes' damage peaks in
+    layer 0, the block that holds the memory, while text damage does not.
+    """),
+    code("""
+    pruned_only = table.drop(index="dense")
+    by_ppl, by_recall = pruned_only.perplexity.idxmin(), pruned_only["recall@16"].idxmax()
+    recall_layer = int(damage["recall"].max(axis=1).idxmax())
+    text_layer = int(damage["text"].max(axis=1).idxmax())
+    print(f"dense recall@8: {dense['recall@8']:.2f}; head 50% recall@8: {table.loc['head', 'recall@8']:.2f}")
+    print(f"least damaged on perplexity: {by_ppl}; on recall@16: {by_recall}")
+    print(f"recall damage peaks in layer {recall_layer}; text damage in layer {text_layer}")
+    assert dense["recall@8"] >= 0.9 and table.loc["head", "recall@8"] < 0.3, table
+    assert by_ppl == "state" and by_recall == "wanda", table
+    assert recall_layer == 0 and text_layer != 0, damage
+    print(f"finished in {time.perf_counter() - start:.0f} s")
+    """),
+]
+
+
 def build(out_dir: str | Path = HERE, names: list[str] | None = None) -> list[Path]:
     """Write ``{name}.ipynb`` into ``out_dir`` for each notebook in :data:`NOTEBOOKS` (or just ``names``).
 

@@ -53,7 +53,7 @@ class ModelData(JobSpec):
     """A job on one model and one corpus."""
 
     model: Text = DEFAULT_MODEL
-    """Zoo model (default, default-mamba1, default-hybrid), checkpoint directory, HF hub id, or a built-in tiny
+    """Zoo model (default, default-mamba1, default-hybrid, recall), checkpoint directory, HF hub id, or a built-in tiny
     model: tiny:mamba|mamba2|falcon-mamba|bamba|granitemoehybrid|nemotron-h|jamba|falcon-h1|zamba2."""
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
     """Weights dtype."""

@@ -16,7 +16,7 @@ __all__ = ["ZOO_DIR", "ZOO_MODELS", "ZooModel", "list_models", "zoo_path"]
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo" / "models"
 ZOO_MODELS = {"default": "default", "default-mamba2": "default", "default-mamba1": "default-mamba1",
-              "default-hybrid": "default-hybrid"}
+              "default-hybrid": "default-hybrid", "recall": "recall"}
 """Zoo names (and aliases) mapped to their directory under :data:`ZOO_DIR`."""
 
 
@@ -25,7 +25,7 @@ class ZooModel:
     """One shipped model.
 
     Attributes:
-        name: Zoo name (``"default"``, ``"default-mamba1"``, ``"default-hybrid"``).
+        name: Zoo name (``"default"``, ``"default-mamba1"``, ``"default-hybrid"``, ``"recall"``).
         path: Checkpoint directory.
         card: The measurements of ``card.json`` (architecture, parameters, tokens seen, test perplexity, ...).
     """

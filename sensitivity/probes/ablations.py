@@ -70,6 +70,7 @@ from ..core.hooks import hook_name, hooks
 from ..core.masks import unstructured_mask
 from ..core.methods import Methods
 from ..core.registry import Registry
+from ..core.removal import removal_hooks
 from ..core.scores import wanda_score
 from ..core.spec import SpecError
 
@@ -318,15 +319,14 @@ def _remove(model, registry, probe, ctx):
     return hooks(model, _remove_hooks(registry, probe))
 
 
+_WHOLE = {"mixer": "ssm", "attention": "attention", "mlp": "mlp", "moe": "moe", "block": "block"}
+"""Probe component -> what :func:`~sensitivity.core.removal.removal_hooks` removes."""
+
+
 def _remove_hooks(registry: Registry, probe: Probe) -> dict[str, Callable]:
     layer, i = probe.layer, probe.index
-    outputs = {"mixer": "out", "attention": "attn_out", "mlp": "mlp_out", "moe": "moe_out"}
-    if probe.component in outputs:
-        return {hook_name(layer, outputs[probe.component]): torch.zeros_like}
-    if probe.component == "block":
-        seen: dict[str, torch.Tensor] = {}
-        return {hook_name(layer, "block_in"): lambda t: seen.__setitem__("in", t),
-                hook_name(layer, "block_out"): lambda t: seen["in"]}  # fmt: skip
+    if probe.component in _WHOLE:  # a whole unit or block: the hooks the pruning stage's block removal uses
+        return removal_hooks(registry, layer, _WHOLE[probe.component])
     if probe.component in ("head", "attn_head"):
         H, P = (registry.dims["H"], registry.dims["P"]) if probe.component == "head" else (
             registry.dims["AH"], registry.dims["AP"])  # fmt: skip

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -115,6 +116,57 @@ def _batch(stream: torch.Tensor, batch: int, seqlen: int, gen: torch.Generator) 
     return torch.stack([stream[s : s + seqlen + 1] for s in starts.tolist()])  # (B, L+1)
 
 
+def _shift_layers(state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """``state`` with block ``i``'s tensors renamed to block ``i + k`` (room for ``k`` new blocks in front)."""
+    if not k:
+        return state
+    pattern = re.compile(r"(^|\.)layers\.(\d+)\.")
+    return {pattern.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + k}.", name, count=1): t
+            for name, t in state.items()}  # fmt: skip
+
+
+@torch.no_grad()
+def _memory_init(model, layers, seed: int, tokens: torch.Tensor | None = None) -> None:
+    """Start the Mamba-2 mixers of ``layers`` as an associative memory (a known MQAR solution; training refines it).
+
+    Keys and queries share one random projection (``B`` and ``C`` rows of ``in_proj`` equal); the convolution
+    feeds ``B`` the previous token (the key before a value) and ``C`` and ``x`` the current one (the query key;
+    the value); ``dt`` is 1 with almost no decay (``A = -1e-3``) and ``D`` is 0, so the output at a query is
+    ``sum_s (C_t . B_s) x_s``: mostly the value stored under the matching key. In block 0, whose input is the
+    token embedding, the key features are centred on the mean over ``tokens`` (the recall pools) and shifted by
+    -1 before the SiLU, so they are sparse and unmatched keys barely interfere. ``out_proj`` stays zero, so the
+    model is unchanged until training reads the memory out.
+    """
+    from ..core.registry import build_registry
+
+    reg = build_registry(model.config)
+    ed, gn = reg.dims["ED"], reg.dims["G"] * reg.dims["N"]
+    gen = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        (b,), (c,) = reg.tensors(model, layer, "B"), reg.tensors(model, layer, "C")  # (GN, D) each
+        centred = layer == 0 and tokens is not None
+        w = torch.randn(b.shape, generator=gen) * (2.0 if centred else 1.0) / math.sqrt(b.shape[1])  # (GN, D)
+        b.copy_(w)
+        c.copy_(w)
+        conv_w, conv_b = reg.tensors(model, layer, "conv1d")  # (ED+2GN, 1, K), (ED+2GN,) over [x | B | C]
+        k = conv_w.shape[-1]
+        conv_w.zero_()
+        conv_b.zero_()
+        conv_w[:ed, 0, k - 1] = 1.0  # x: the current token
+        conv_w[ed : ed + gn, 0, k - 2] = 1.0  # B: the previous token
+        conv_w[ed + gn :, 0, k - 1] = 1.0  # C: the current token
+        if centred:
+            e = model.get_input_embeddings().weight[tokens].float()  # (T, D)
+            normed = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + model.config.layer_norm_epsilon)  # (T, D)
+            mu = normed.mean(0) @ w.T  # (GN,)
+            conv_b[ed:] = torch.cat([mu, mu]).neg() - 1.0
+        dt_w, dt_b = reg.tensors(model, layer, "dt")  # (H, D), (H,)
+        dt_w.zero_()
+        dt_b.fill_(math.log(math.expm1(1.0)))  # softplus(dt_bias) = 1
+        reg.tensors(model, layer, "A_log")[0].fill_(math.log(1e-3))  # (H,)
+        reg.tensors(model, layer, "D")[0].zero_()  # (H,)
+
+
 def _loss(model, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # (B, L, V)
     targets = (ids if labels is None else labels)[:, 1:]  # (B, L)
@@ -196,14 +248,20 @@ def train_model(args, **config_overrides) -> None:
         source = zoo_path(args.init) if "/" not in args.init else Path(args.init)
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
         config = model.config
-        if args.append_layers:  # new blocks after the last, their output projections zero: the same model at first
-            config.num_hidden_layers += args.append_layers
+        front = getattr(args, "prepend_layers", 0)
+        if args.append_layers or front:  # new blocks, their output projections zero: the same model at first
+            config.num_hidden_layers += args.append_layers + front
             grown = AutoModelForCausalLM.from_config(config)
-            missing, _ = grown.load_state_dict(model.state_dict(), strict=False)
+            missing, _ = grown.load_state_dict(_shift_layers(model.state_dict(), front), strict=False)
             for name, p in grown.named_parameters():
                 if name in missing and name.endswith("out_proj.weight"):
                     torch.nn.init.zeros_(p)
             model = grown
+            if getattr(args, "memory_init", False):
+                new = [*range(front), *range(config.num_hidden_layers - args.append_layers, config.num_hidden_layers)]
+                from ..data.recall import recall_pools
+
+                _memory_init(model, new, args.seed, torch.cat(recall_pools(tokenizer)))
             if args.train_new_only:  # everything else frozen: only the appended blocks learn
                 for name, p in model.named_parameters():
                     p.requires_grad_(name in missing)
@@ -267,7 +325,9 @@ def train_model(args, **config_overrides) -> None:
         "command": "python -m sensitivity.zoo.train " + " ".join(sys.argv[1:]),
         "init": args.init,
         "append_layers": args.append_layers,
+        "prepend_layers": getattr(args, "prepend_layers", 0),
         "train_new_only": args.train_new_only,
+        "memory_init": getattr(args, "memory_init", False),
         "freeze_embeddings": args.freeze_embeddings,
         "recall": {"batch": args.recall_batch, "max_pairs": args.recall_max_pairs, "max_gap": args.recall_max_gap,
                    "eval_pairs": args.recall_eval_pairs} if args.recall_batch else None,
@@ -354,6 +414,9 @@ def train_model(args, **config_overrides) -> None:
                 "elapsed": elapsed,
             }
             _atomic_save(state, last)
+            if getattr(args, "stop_at", 0) and step >= args.stop_at:
+                logger.info("stopping at step %d (--stop-at)", step)
+                break
             if (out / "STOP").exists():
                 logger.info("STOP file found; stopping at step %d", step)
                 break
@@ -414,11 +477,11 @@ RECALL_CARD_PAIRS = (4, 8, 16, 32, 64)
 """Numbers of pairs of the recall accuracy on the card of a model trained with recall items."""
 
 RECALL_TEMPLATE = """
-**A model that needs its state.** Continued from `{init}` with every step's text batch ({text_batch} x {seqlen}
-tokens) followed by {batch} multi-query associative recall items (`sensitivity.data.recall`: 1 to {max_pairs}
-key-value pairs of whole-word tokens, a gap of 0 to {max_gap} tokens of train-split text, then every key again
-followed by its value); the loss is the text loss plus the recall answers' loss. The checkpoint kept is the one
-with the lowest sum of validation text loss and recall loss at {eval_pairs} pairs.
+**A model that needs its state.** {origin} In every step the text batch is followed by {batch} multi-query
+associative recall items (`sensitivity.data.recall`: 1 to {max_pairs} key-value pairs of whole-word tokens, a gap
+of 0 to {max_gap} tokens of train-split text, then every key again followed by its value); the loss is the text
+loss plus the recall answers' loss. The checkpoint kept is the one with the lowest sum of validation text loss and
+recall loss at {eval_pairs} pairs.
 
 Recall accuracy (argmax over the whole vocabulary at each query key; 256 items per column, seed 0, no gap; chance
 1/256 for a model that knows the answer is a value):
@@ -448,6 +511,38 @@ def _effective_command(meta: dict) -> str:
         end = (seg["from_step"] + seg["steps"]) * tokens_per_step
         lines.append(f"{first} --extend-to {end} --extend-lr {seg['lr']}")
     return "\n".join(lines)
+
+
+def _run_story(meta: dict, best: dict) -> str:
+    """One sentence saying what a run trained (for the card)."""
+    init = meta.get("init") or ""
+    tokens = f"{best['step']} steps of {meta['batch']} x {meta['seqlen']} text tokens at peak lr {meta['lr']}"
+    if not init:
+        return f"Trained from scratch for {tokens}."
+    source = f"`{init}`" if "/" not in init else "the previous run's best checkpoint"
+    grown = []
+    if meta.get("prepend_layers"):
+        grown.append(f"{meta['prepend_layers']} new block(s) in front")
+    if meta.get("append_layers"):
+        grown.append(f"{meta['append_layers']} new block(s) after the last")
+    what = f"Continued {source}" + (f" with {' and '.join(grown)}" if grown else "")
+    if meta.get("memory_init"):
+        what += (", initialised as an associative memory (`--memory-init`: keys and queries share one projection, "
+                 "the convolution gives the keys the previous token, no decay; its output projection zero, so the "
+                 "model starts unchanged)")  # fmt: skip
+    trained = ("only the new blocks" if meta.get("train_new_only") else
+               "every weight but the (tied) embeddings" if meta.get("freeze_embeddings") else "every weight")
+    return f"{what}, training {trained} for {tokens}."
+
+
+def _earlier_runs(meta: dict) -> list[tuple[dict, dict]]:
+    """``(train_args, best)`` of the runs this one continued (``--init`` naming a run's ``best/``), oldest first."""
+    runs, init = [], meta.get("init")
+    while init and (Path(init).parent / "train_args.json").exists():
+        earlier = json.loads((Path(init).parent / "train_args.json").read_text())
+        runs.insert(0, (earlier, json.loads((Path(init) / "best.json").read_text())))
+        init = earlier.get("init")
+    return runs
 
 
 def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
@@ -487,7 +582,9 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
                  f"each followed by a SwiGLU MLP of width {cfg.intermediate_size}")  # fmt: skip
     else:
         mixer = f"inner {cfg.intermediate_size}, state {cfg.state_size}, dt rank {cfg.time_step_rank}"
-    command = _effective_command(meta)
+    earlier = _earlier_runs(meta)
+    command = "\n".join([*(f"{_effective_command(m)} --stop-at {b['step']}" for m, b in earlier),
+                          _effective_command(meta)])  # fmt: skip
     card = {
         "name": name,
         "arch": cfg.model_type,
@@ -497,8 +594,8 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
         "tokens_seen": best["tokens"],
         "tokens_total": log[-1]["tokens"],
         "best_step": best["step"],
-        "cpu_hours": best["elapsed_s"] * meta["threads"] / 3600,
-        "wall_hours": best["elapsed_s"] / 3600,
+        "cpu_hours": sum(b["elapsed_s"] * m["threads"] for m, b in [*earlier, (meta, best)]) / 3600,
+        "wall_hours": sum(b["elapsed_s"] for _, b in [*earlier, (meta, best)]) / 3600,
         "seed": meta["seed"],
         "command": command,
         "test_perplexity": test.perplexity,
@@ -507,6 +604,8 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
         "storage_dtype": "float16",
         "versions": versions(),
     }
+    if meta.get("init"):
+        card["init"] = earlier[0][0]["init"] if earlier else meta["init"]
     recall_text = ""
     if meta.get("recall"):
         from ..eval.recall import recall_accuracy
@@ -515,11 +614,10 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
         by_pairs = acc.groupby("pairs").correct.mean()
         card["recall_accuracy"] = {str(int(p)): float(v) for p, v in by_pairs.items()}
         card["recall_definition"] = "256 recall items per number of pairs, seed 0, no gap (sensitivity.eval.recall)"
-        card["init"] = meta["init"]
         r = meta["recall"]
         recall_text = RECALL_TEMPLATE.format(
-            init=meta["init"], batch=r["batch"], max_pairs=r["max_pairs"], max_gap=r["max_gap"],
-            eval_pairs=r["eval_pairs"], text_batch=meta["batch"], seqlen=meta["seqlen"],
+            origin=" ".join(_run_story(m, b) for m, b in [*earlier, (meta, best)]), batch=r["batch"],
+            max_pairs=r["max_pairs"], max_gap=r["max_gap"], eval_pairs=r["eval_pairs"],
             head=" | ".join(str(p) for p in RECALL_CARD_PAIRS),
             rule=" | ".join("---" for _ in RECALL_CARD_PAIRS),
             row=" | ".join(f"{v:.1%}" for v in by_pairs.to_numpy()),
@@ -528,7 +626,7 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
     size_mb = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()) / 1e6
     readme = CARD_TEMPLATE.format(
         name=name,
-        origin="continued from `" + meta["init"] + "`" if meta.get("init") else "trained from scratch",
+        origin="continued from `" + card["init"] + "`" if meta.get("init") else "trained from scratch",
         recall=recall_text,
         arch_title=_TITLES[cfg.model_type],
         arch=_TITLES[cfg.model_type],
@@ -598,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend-lr", type=float, default=6e-4, help="peak lr of the continuation's cosine segment")
     p.add_argument("--init", default="", help="start from this model's weights (a zoo name or a local path)")
     p.add_argument("--append-layers", type=int, default=0, help="with --init: add this many blocks after the last")
+    p.add_argument("--stop-at", type=int, default=0, help="stop after this step (the schedule stays the full one)")
+    p.add_argument("--prepend-layers", type=int, default=0, help="with --init: add this many blocks before the first")
+    p.add_argument("--memory-init", action="store_true", help="start the appended blocks as an associative memory")
     p.add_argument("--train-new-only", action="store_true", help="train only the appended blocks")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the (tied) embeddings as they are")
     p.add_argument("--recall-batch", type=int, default=0, help="recall items per step added to each text batch")

@@ -101,8 +101,14 @@ def _check_05(text: str) -> None:
     assert re.search(r"^ranking at 50%: wanda .* < SSM heads$", text, re.M)
 
 
+def _check_06(text: str) -> None:
+    assert re.search(r"^dense recall@8: (0\.9\d|1\.00); head 50% recall@8: 0\.[0-2]\d$", text, re.M)
+    assert "least damaged on perplexity: state; on recall@16: wanda" in text
+    assert re.search(r"^recall damage peaks in layer 0; text damage in layer [1-8]$", text, re.M)
+
+
 # Concrete outputs to check, by notebook prefix; a notebook without an entry is only checked to run without error.
-CHECKS = {"01": _check_01, "02": _check_02, "03": _check_03, "04": _check_04, "05": _check_05}
+CHECKS = {"01": _check_01, "02": _check_02, "03": _check_03, "04": _check_04, "05": _check_05, "06": _check_06}
 
 
 def test_at_least_three_notebooks():

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sensitivity.zoo import zoo_path
 from sensitivity.zoo.train import build_parser, train_model
@@ -132,3 +133,94 @@ def test_appended_blocks_start_as_the_identity(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(grown(input_ids=ids, use_cache=False).logits,
                                    plain(input_ids=ids, use_cache=False).logits)  # fmt: skip
+
+
+def test_prepended_memory_block_starts_as_the_identity_with_the_old_blocks_shifted(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    train_model(_args(base), **TINY)
+    out = tmp_path / "grown"
+    a = _args(out)
+    a.init, a.prepend_layers, a.memory_init, a.train_new_only, a.lr = str(base / "best"), 1, True, True, 0.0
+    train_model(a)
+    grown = AutoModelForCausalLM.from_pretrained(str(out / "best"))
+    plain = AutoModelForCausalLM.from_pretrained(str(base / "best"))
+    old, new = plain.backbone.layers[0].mixer, grown.backbone.layers[1].mixer
+    assert torch.equal(old.in_proj.weight, new.in_proj.weight) and torch.equal(old.A_log, new.A_log)
+    memory = grown.backbone.layers[0].mixer
+    gn = memory.n_groups * memory.ssm_state_size
+    b, c = memory.in_proj.weight[-2 * gn - memory.num_heads : -memory.num_heads].split(gn)  # [z | x | B | C | dt]
+    assert torch.equal(b, c) and not torch.equal(b, torch.zeros_like(b)) and float(memory.D.abs().max()) == 0.0
+    ids = torch.randint(0, 8192, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(input_ids=ids, use_cache=False).logits,
+                                   plain(input_ids=ids, use_cache=False).logits)  # fmt: skip
+    assert json.loads((out / "train_args.json").read_text())["prepend_layers"] == 1
+
+
+@pytest.mark.slow
+def test_memory_init_retrieves_the_value_stored_under_each_key():
+    """In front of ``default``, the initialised memory's output at a query is nearest (cosine) to the matching
+    value's ``x`` among the item's values, for nearly every query at 4 and 16 pairs (chance 1/P)."""
+    from transformers import AutoModelForCausalLM
+
+    from sensitivity.core import capture, instrument
+    from sensitivity.core.registry import build_registry
+    from sensitivity.data.recall import recall_items, recall_pools
+    from sensitivity.zoo.train import _memory_init, _shift_layers
+
+    plain = AutoModelForCausalLM.from_pretrained(str(zoo_path("default")))
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(str(zoo_path("default")))
+    config = plain.config
+    config.num_hidden_layers += 1
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(_shift_layers(plain.state_dict(), 1), strict=False)
+    _memory_init(model, [0], 0, torch.cat(recall_pools(tok)))
+    instrument(model)
+    ed = build_registry(config).dims["ED"]
+    for pairs, floor in ((4, 0.95), (16, 0.8)):
+        items = recall_items(tok, pairs, 16, seed=0, split="synthetic")
+        with torch.no_grad(), capture(model, ["layers.0.conv", "layers.0.y"]) as acts:
+            model(input_ids=items.ids, use_cache=False)
+        x, y = acts["layers.0.conv"][0][..., :ed], acts["layers.0.y"][0]  # (N, L, ED) each
+        value_pos = torch.arange(pairs) * 2 + 2  # eos k1 v1 k2 v2 ...
+        hits = []
+        for n in range(16):
+            sims = F.normalize(x[n, value_pos], dim=-1) @ F.normalize(y[n, items.query_pos[n]], dim=-1).T  # (P, P)
+            truth = torch.stack([(items.ids[n, value_pos] == a).nonzero()[0, 0] for a in items.answers[n]])
+            hits.append(sims.argmax(0) == truth)
+        assert float(torch.cat(hits).float().mean()) >= floor, pairs
+
+
+def test_a_model_continued_in_two_runs_has_a_card_naming_every_run(tmp_path, monkeypatch):
+    from sensitivity.zoo.train import export_model
+
+    base, first, second = tmp_path / "base", tmp_path / "first", tmp_path / "second"
+    train_model(_args(base), **TINY)
+    recall = ["--recall-batch", "2", "--recall-max-pairs", "2", "--recall-max-gap", "0", "--recall-eval-pairs", "2"]
+
+    def run(out, *extra):
+        argv = ["model", "--arch", "mamba2", "--tokenizer", str(zoo_path("default")), "--out", str(out),
+                "--max-tokens", "256", "--batch", "2", "--seqlen", "32", "--eval-every", "2", "--eval-windows", "2",
+                "--warmup", "1", "--seed", "3", *recall, *extra]  # fmt: skip
+        monkeypatch.setattr("sys.argv", ["train", *argv])
+        train_model(build_parser().parse_args(argv))
+
+    run(first, "--init", str(base / "best"), "--prepend-layers", "1", "--memory-init", "--train-new-only",
+        "--stop-at", "2")  # fmt: skip
+    assert [r["step"] for r in _log(first)] == [2]  # --stop-at: the schedule was 4 steps
+    run(second, "--init", str(first / "best"), "--freeze-embeddings")
+    card = export_model(second, "recall", dest_root=tmp_path / "zoo")
+    lines = card["command"].splitlines()
+    assert len(lines) == 3 and lines[0].endswith("--stop-at 4") and "--init" not in lines[0]
+    assert "--prepend-layers 1 --memory-init" in lines[1] and lines[1].endswith("--stop-at 2")
+    assert "--freeze-embeddings" in lines[2] and card["init"] == ""
+    elapsed = [json.loads((r / "best" / "best.json").read_text())["elapsed_s"] for r in (base, first, second)]
+    assert card["wall_hours"] == pytest.approx(sum(elapsed) / 3600)
+    readme = (tmp_path / "zoo" / "recall" / "README.md").read_text()
+    assert "Trained from scratch for 4 steps of 2 x 32 text tokens" in readme
+    assert "with 1 new block(s) in front, initialised as an associative memory" in readme
+    assert "only the new blocks for 2 steps" in readme
+    assert f"every weight but the (tied) embeddings for {card['best_step']} steps" in readme
+    assert set(card["recall_accuracy"]) == {"4", "8", "16", "32", "64"}
