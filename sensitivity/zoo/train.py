@@ -668,6 +668,17 @@ def export_model(run: Path, name: str, dest_root: Path = ZOO_DIR) -> dict:
     return card
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0 (a clear one-line error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: 0 or more") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; allowed: 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (sub-commands ``tokenizer``, ``model``, ``export``)."""
     parser = argparse.ArgumentParser(description="Train the embedded tokenizer and models.")
@@ -696,9 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend-lr", type=float, default=6e-4, help="peak lr of the continuation's cosine segment")
     p.add_argument("--init", default="", help="start from this model's weights (a zoo name or a local path)")
     p.add_argument("--append-layers", type=int, default=0, help="with --init: add this many blocks after the last")
-    p.add_argument("--stop-at", type=int, default=0, help="stop after this step (the schedule stays the full one)")
-    p.add_argument("--prepend-layers", type=int, default=0, help="with --init: add this many blocks before the first")
-    p.add_argument("--memory-init", action="store_true", help="start the appended blocks as an associative memory")
+    p.add_argument("--stop-at", type=_count, default=0, help="stop after this step (the schedule stays the full one)")
+    p.add_argument("--prepend-layers", type=_count, default=0, help="with --init: add N blocks before the first")
+    p.add_argument("--memory-init", action="store_true", help="start the new blocks as an associative memory")
     p.add_argument("--train-new-only", action="store_true", help="train only the appended blocks")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the (tied) embeddings as they are")
     p.add_argument("--recall-batch", type=int, default=0, help="recall items per step added to each text batch")

@@ -148,15 +148,24 @@ def test_prepended_memory_block_starts_as_the_identity_with_the_old_blocks_shift
     plain = AutoModelForCausalLM.from_pretrained(str(base / "best"))
     old, new = plain.backbone.layers[0].mixer, grown.backbone.layers[1].mixer
     assert torch.equal(old.in_proj.weight, new.in_proj.weight) and torch.equal(old.A_log, new.A_log)
-    memory = grown.backbone.layers[0].mixer
-    gn = memory.n_groups * memory.ssm_state_size
-    b, c = memory.in_proj.weight[-2 * gn - memory.num_heads : -memory.num_heads].split(gn)  # [z | x | B | C | dt]
-    assert torch.equal(b, c) and not torch.equal(b, torch.zeros_like(b)) and float(memory.D.abs().max()) == 0.0
+    from sensitivity.core.registry import build_registry
+
+    reg = build_registry(grown.config)
+    (b,), (c,), (d,) = (reg.tensors(grown, 0, name) for name in ("B", "C", "D"))
+    assert torch.equal(b, c) and not torch.equal(b, torch.zeros_like(b)) and float(d.abs().max()) == 0.0
     ids = torch.randint(0, 8192, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(grown(input_ids=ids, use_cache=False).logits,
                                    plain(input_ids=ids, use_cache=False).logits)  # fmt: skip
     assert json.loads((out / "train_args.json").read_text())["prepend_layers"] == 1
+
+
+@pytest.mark.parametrize("flag", ["--prepend-layers", "--stop-at"])
+def test_negative_or_non_integer_counts_are_refused_with_one_line(flag, capsys):
+    for bad, message in (("-1", "-1 is negative; allowed: 0 or more"), ("x", "'x' is not an integer")):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(["model", "--arch", "mamba2", "--tokenizer", "t", "--out", "o", flag, bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.slow
