@@ -233,14 +233,18 @@ def _print_tasks(rows: list[dict]) -> None:
 
 def _print_probe(result, args) -> None:
     df, top = result.value, int(getattr(args, "top", 10) or 0)
-    print(f"{len(df) // 3} probes of {result.spec.model} -> {os.path.join(result.spec.out, 'probes.csv')}")
+    n_est = int(df[df.metric == "delta_nll"].estimated.sum()) if "estimated" in df else 0
+    what = f" ({n_est} estimated to first order)" if n_est else ""
+    print(f"{len(df) // 3} probes of {result.spec.model}{what} -> {os.path.join(result.spec.out, 'probes.csv')}")
     if top:
         damage = df[df.metric == "delta_nll"].sort_values("value", ascending=False, kind="stable").head(top)
         damage = damage.assign(index=damage["index"].astype("string").fillna("-"),
                                sparsity=damage["sparsity"].map(lambda s: "-" if s != s else f"{s:g}"))  # fmt: skip
-        table = damage[["layer", "component", "index", "kind", "sparsity", "value"]].rename(
-            columns={"value": "delta_nll"}).to_string(index=False, float_format=lambda v: f"{v:.4f}")  # fmt: skip
-        print(f"most damaging (delta_nll = mean next-token NLL ablated - dense, nats/token):\n{table}")
+        columns = ["layer", "component", "index", "kind", "sparsity", "value"] + (["estimated"] if n_est else [])
+        table = damage[columns].rename(columns={"value": "delta_nll"}).to_string(
+            index=False, float_format=lambda v: f"{v:.4f}")  # fmt: skip
+        print(f"most damaging (delta_nll = mean next-token NLL ablated - dense, nats/token"
+              f"{'; estimated: first-order attribution patching' if n_est else ''}):\n{table}")  # fmt: skip
 
 
 def _print_attribute(result, args) -> None:

@@ -6,18 +6,22 @@ Hook names are ``"layers.{i}.{point}"`` with ``point`` one of ``Registry.hook_na
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from .loading import as_loaded
 from .registry import Registry
 
-__all__ = ["capture", "hook_name", "hooks", "parse_hook_name"]
+__all__ = ["ActiveHook", "active_hooks", "capture", "hook_name", "hooks", "parse_hook_name"]
 
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 _NAME = re.compile(r"^layers\.(\d+)\.(\w+)$")
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def hook_name(layer: int, point: str) -> str:
@@ -61,22 +65,47 @@ def hooks(model, fwd_hooks: Mapping[str, HookFn], *, check_fired: bool = True) -
     lm = as_loaded(model)
     module, registry = lm.model, lm.registry
     fired = {name: 0 for name in fwd_hooks}
-    handles = []
+    handles, active = [], _ACTIVE.setdefault(module, [])
+    mine: list[ActiveHook] = []
     try:
         for name, fn in fwd_hooks.items():
             layer, point = parse_hook_name(name, registry)
 
-            def _hook(mod, args, output, name=name, fn=fn):
+            def _call(t: torch.Tensor, name=name, fn=fn):
                 fired[name] += 1
-                return fn(output)
+                return fn(t)
 
-            handles.append(registry.hook_point(module, layer, point).register_forward_hook(_hook))
+            handles.append(registry.hook_point(module, layer, point).register_forward_hook(
+                lambda mod, args, output, call=_call: call(output)))  # fmt: skip
+            mine.append(ActiveHook(name, _call, lambda name=name: fired.__setitem__(name, fired[name] + 1)))
+        active.extend(mine)
         yield fired
     finally:
         for h in handles:
             h.remove()
+        for entry in mine:
+            if entry in active:
+                active.remove(entry)
     if check_fired and (silent := [n for n, k in fired.items() if k == 0]):
         raise RuntimeError(f"hook points did not fire: {', '.join(silent)} (was the forward run with use_cache=False?)")
+
+
+class ActiveHook(NamedTuple):
+    """A hook attached by an open :func:`hooks` block: calling ``apply(activation)`` counts as it firing and returns
+    None or the replacement; ``mark()`` counts it as fired without applying it."""
+
+    name: str
+    apply: HookFn
+    mark: Callable[[], None]
+
+
+def active_hooks(model) -> list[ActiveHook]:
+    """The hooks attached to ``model`` by open :func:`hooks` blocks, in the order they were attached.
+
+    Lets a caller apply an ablation's activation edits to activations it already holds (the first-order probe
+    estimates) instead of running a forward.
+    """
+    return list(_ACTIVE.get(as_loaded(model).model, ()))
 
 
 @contextmanager

@@ -2,7 +2,12 @@
 
 The cached sweep runs the dense model once, keeping the residual stream entering each layer and the dense
 next-token log-probabilities; a probe at layer ``l`` then runs only blocks ``l..L-1``, the final norm and the head.
-The naive sweep (``sweep="naive"``) runs the whole model for every probe; both give the same numbers.
+The batched sweep (``sweep="batched"``) also starts from the cached residual stream; it runs each probe's ablated
+layer alone and then the rest of the model once for up to ``stack`` probes of the same layer, their outputs stacked
+along the batch axis, and reuses the result of a probe whose ablated layer output is bitwise equal to an earlier
+one's (``z``, ``norm`` and ``out_proj`` zeroed and the mixer removed all make the mixer output 0). The naive sweep
+(``sweep="naive"``) runs the whole model for every probe. All three give the same numbers (to float32 round-off:
+a stacked batch may sum in another order).
 
 Metrics per probe, over the same positions as :func:`sensitivity.eval.perplexity` (all but the last token of each
 window): ``delta_nll`` = mean next-token NLL ablated minus dense (nats/token), ``ppl_ratio`` = ``exp(delta_nll)``,
@@ -13,10 +18,12 @@ Shape legend: B batch (windows), L sequence length, D model width, V vocabulary.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -50,14 +57,15 @@ from .ablations import (
     present,
     resample_point,
 )
+from .estimate import estimate
 
 __all__ = ["COLUMNS", "METRICS", "SWEEPS", "ProbeOptions", "plan", "probe"]
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("delta_nll", "ppl_ratio", "kl")
-SWEEPS = ("cached", "naive")
-COLUMNS = ("layer", "component", "index", "kind", "sparsity", "metric", "value", "seed")
+SWEEPS = ("cached", "batched", "naive")
+COLUMNS = ("layer", "component", "index", "kind", "sparsity", "metric", "value", "seed", "estimated")
 
 
 def _distinct(values):
@@ -94,8 +102,17 @@ class ProbeOptions(TaskOptions):
     """Seed of both window draws; recorded in every row."""
     batch_size: Count = 8
     """Windows per forward."""
-    sweep: Literal["cached", "naive"] = "cached"
-    """cached: reuse the residual stream entering the probed layer; naive: a full forward per probe."""
+    sweep: Literal["cached", "batched", "naive"] = "cached"
+    """cached: reuse the residual stream entering the probed layer; batched: that, plus the rest of the model run
+    once for several probes of a layer stacked along the batch axis; naive: a full forward per probe."""
+    stack: Count = 4
+    """With sweep=batched: probes of one layer per stacked forward."""
+    estimate: bool = False
+    """First-order estimates of every probe from one forward and backward per batch (attribution patching)
+    instead of exact damage; rows are marked ``estimated`` and have no ``kl``."""
+    estimator: Literal["linear", "local"] = "linear"
+    """With estimate: linear (AtP: every activation and weight change linearised) or local (the ablated layer run
+    exactly, the rest linearised; one block forward per probe)."""
 
     @field_validator("kinds")
     @classmethod
@@ -188,32 +205,90 @@ class _Sweep:
             if point is not None:
                 ctx.source = self._source(probe.layer, point, b, dense)
             with ablate(self.model, self.registry, probe, ctx):
-                if self.config.sweep == "cached":
+                if self.config.sweep != "naive":
                     out, logits = run.run(dense.resid[probe.layer][b], probe.layer, rows=b), None  # (B, L, D)
                 else:
                     out, logits = self.model(input_ids=run.ids[b], use_cache=False).logits, torch.Tensor.float
             for nll, kl, n in run.terms(out, b, dense.logp, logits):
                 nll_sum, kl_sum, count = nll_sum + nll, kl_sum + kl, count + n
             if not math.isfinite(nll_sum):
-                with ablate(self.model, self.registry, probe, ctx):
-                    where = first_nonfinite(self.model, run.ids[b])
-                raise NonFiniteError(f"probe {probe.kind} of layer {probe.layer} {probe.component}"
-                                     f"{'' if probe.index is None else f' {probe.index}'} gives a non-finite loss "
-                                     f"({nll_sum / count}): the first non-finite activation is at "
-                                     f"{where or 'the loss terms'}")  # fmt: skip
+                self._nonfinite(probe, ctx, b, nll_sum / count)
         delta = nll_sum / count - dense.nll
         return {"delta_nll": delta, "ppl_ratio": math.exp(delta), "kl": kl_sum / count}
+
+    @torch.no_grad()
+    def run_layer(self, probes: list[Probe], dense: _Dense, ctx: Context) -> list[dict[str, float]]:
+        """The batched sweep of ``probes`` (all of one layer): per batch, each probe's ablated layer on the cached
+        residual stream, then the rest of the model once per ``stack`` distinct outputs stacked along the batch."""
+        run, layer = self.runner, probes[0].layer
+        sums = [[0.0, 0.0, 0] for _ in probes]
+        for b in run.batches:
+            rows = torch.arange(len(run.ids), device=run.ids.device)[b]  # (B,)
+            results: dict[bytes, tuple[float, float, int]] = {}  # digest of an ablated output -> its loss terms
+            pending: dict[bytes, torch.Tensor] = {}  # distinct outputs waiting for the stacked forward
+
+            def flush() -> None:
+                stacked = run.run(torch.cat(list(pending.values())), layer + 1, rows=rows.repeat(len(pending)))
+                for key, last in zip(pending, stacked.split(len(rows))):  # (B, L, D) each
+                    results[key] = tuple(sum(t) for t in zip(*run.terms(last, b, dense.logp)))
+                pending.clear()
+
+            keys = []
+            for p in probes:
+                if (point := resample_point(self.registry, p)) is not None:
+                    ctx.source = self._source(layer, point, b, dense)
+                with ablate(self.model, self.registry, p, ctx):
+                    out = run.run(dense.resid[layer][b], layer, layer + 1, rows=b)  # (B, L, D)
+                keys.append(_digest(out))
+                if keys[-1] not in results and keys[-1] not in pending:
+                    pending[keys[-1]] = out
+                    if len(pending) == self.config.stack:
+                        flush()
+            if pending:
+                flush()
+            for i, p in enumerate(probes):
+                sums[i] = [total + term for total, term in zip(sums[i], results[keys[i]])]
+                if not math.isfinite(sums[i][0]):
+                    self._nonfinite(p, ctx, b, sums[i][0] / sums[i][2])
+        values = []
+        for nll, kl, count in sums:
+            delta = nll / count - dense.nll
+            values.append({"delta_nll": delta, "ppl_ratio": math.exp(delta), "kl": kl / count})
+        return values
+
+    def _nonfinite(self, probe: Probe, ctx: Context, b: slice, loss: float) -> None:
+        with ablate(self.model, self.registry, probe, ctx):
+            where = first_nonfinite(self.model, self.runner.ids[b])
+        raise NonFiniteError(f"probe {probe.kind} of layer {probe.layer} {probe.component}"
+                             f"{'' if probe.index is None else f' {probe.index}'} gives a non-finite loss "
+                             f"({loss}): the first non-finite activation is at "
+                             f"{where or 'the loss terms'}")  # fmt: skip
 
     def _source(self, layer: int, point: str, b: slice, dense: _Dense) -> dict[str, torch.Tensor]:
         """The dense activation at ``point`` of ``layer`` on the windows that batch ``b`` resamples from."""
         src = self.source[b].to(self.runner.ids.device)
-        if self.config.sweep == "cached":
+        if self.config.sweep != "naive":
             acts = self.runner.capture(layer, [point], dense.resid[layer][src], rows=src)[point]
             return {hook_name(layer, point): acts[0]}
         name = hook_name(layer, point)
         with capture(self.model, [name]) as acts:
             self.model(input_ids=self.runner.ids[src], use_cache=False)
         return {name: acts[name][0]}
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    """A 128-bit digest of a tensor's bytes: equal digests mean bitwise-equal tensors (collisions aside)."""
+    return hashlib.blake2b(t.detach().contiguous().cpu().numpy().tobytes(), digest_size=16).digest()
+
+
+def _groups(probes: list[Probe], batched: bool) -> list[list[Probe]]:
+    """Probes in sweep order, one per group, or (batched) each layer's probes as one group."""
+    if not batched:
+        return [[p] for p in probes]
+    groups: dict[int, list[Probe]] = {}
+    for p in probes:
+        groups.setdefault(p.layer, []).append(p)
+    return list(groups.values())
 
 
 def _calibrate(lm: LoadedModel, windows: Windows, probes: list[Probe], options: ProbeOptions, show: bool) -> Context:
@@ -225,17 +300,18 @@ def _calibrate(lm: LoadedModel, windows: Windows, probes: list[Probe], options: 
     return Context(means, {n: input_norm(s.sumsq, len(windows)) for n, s in stats.items()})
 
 
-def _rows(probe: Probe, values: dict[str, float], seed: int) -> list[dict]:
+def _rows(probe: Probe, values: dict[str, float], seed: int, estimated: bool = False) -> list[dict]:
     return [
         {"layer": probe.layer, "component": probe.component, "index": probe.index, "kind": probe.kind,
-         "sparsity": probe.sparsity, "metric": m, "value": values[m], "seed": seed}
+         "sparsity": probe.sparsity, "metric": m, "value": values[m], "seed": seed, "estimated": estimated}
         for m in METRICS
     ]  # fmt: skip
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    return df.astype({"layer": "int64", "index": "Int64", "sparsity": "float64", "value": "float64", "seed": "int64"})
+    return df.astype({"layer": "int64", "index": "Int64", "sparsity": "float64", "value": "float64", "seed": "int64",
+                      "estimated": "bool"})  # fmt: skip
 
 
 def _to_csv(df: pd.DataFrame) -> str:
@@ -252,6 +328,7 @@ def probe(
     out: str | Path | OutputDir | None = None,
     heldout: Windows | None = None,
     calibration: Windows | None = None,
+    only: Iterable[Probe] | None = None,
     show_progress: bool = True,
     **overrides,
 ) -> pd.DataFrame:
@@ -268,12 +345,15 @@ def probe(
             options skips the finished probes; another process writing it meanwhile is refused.
         heldout: Held-out windows to use instead of drawing ``options.windows`` from ``data``.
         calibration: Calibration windows to use instead of drawing them from ``data``.
+        only: Run only these of the probes ``options`` plans (e.g. the most damaging ones by a first-order
+            estimate), in plan order; recorded in the manifest's spec.
         show_progress: Show tqdm bars.
 
     Returns:
-        A tidy frame with columns ``layer, component, index, kind, sparsity, metric, value, seed``; ``index`` is
-        the head or state of unit probes (else missing), ``sparsity`` the level of sparsify kinds (else missing),
-        ``metric`` one of ``delta_nll``, ``ppl_ratio``, ``kl``.
+        A tidy frame with columns ``layer, component, index, kind, sparsity, metric, value, seed, estimated``;
+        ``index`` is the head or state of unit probes (else missing), ``sparsity`` the level of sparsify kinds
+        (else missing), ``metric`` one of ``delta_nll``, ``ppl_ratio``, ``kl``; ``estimated`` is True for
+        first-order estimates (``estimate=True``; their ``kl`` is missing).
 
     Raises:
         SpecError: For unknown options, components, kinds or layers.
@@ -286,6 +366,11 @@ def probe(
     options = ProbeOptions.merged(options, **overrides)
     lm = as_loaded(model, instrumented=True)
     probes = plan(lm.registry, options)
+    if only is not None:
+        wanted = {p.key for p in only}
+        if missing := wanted - {p.key for p in probes}:
+            raise SpecError(f"only= names probes the options do not plan: {sorted(missing)[:3]}", "only")
+        probes = [p for p in probes if p.key in wanted]
     windows = heldout if heldout is not None or lm.tokenizer is None else objective_windows(options, lm.tokenizer)
     if (windows is None or calibration is None) and lm.tokenizer is None:
         raise SpecError("the model has no tokenizer; pass heldout= and calibration= windows explicitly", "model")
@@ -311,6 +396,8 @@ def probe(
     else:
         data_name = getattr(corpus, "name", None) or windows.source
         spec = {"job": "probe", "model": lm.name, "data": data_name, **options.to_dict(), "out": str(out)}
+        if only is not None:
+            spec["only"] = [list(p.key) for p in probes]
         directory = OutputDir(out, "probe", spec, inputs=inputs)
     with directory:
         return _sweep(lm, probes, options, windows, calibration, directory, inputs, show_progress)
@@ -330,21 +417,34 @@ def _sweep(lm: LoadedModel, probes: list[Probe], options: ProbeOptions, windows:
         t0 = time.perf_counter()
         ctx = _calibrate(lm, calibration, todo, options, show_progress)
         timings["calibration_s"] = time.perf_counter() - t0
-        sweep = _Sweep(lm, windows, options)
-        t0 = time.perf_counter()
-        dense = sweep.dense()
-        timings["dense_s"] = time.perf_counter() - t0
-        record["dense_nll"] = dense.nll
-        if out is not None:
-            out.manifest(**record, status="running", timings=timings)
-        t0 = time.perf_counter()
-        for p in tqdm(todo, desc=f"probes ({options.sweep})", disable=not show_progress, unit="probe"):
-            rows_of[p.key] = _rows(p, sweep.run(p, dense, ctx), options.seed)
+        if options.estimate:
+            t0 = time.perf_counter()
+            values = estimate(lm, todo, windows, ctx, estimator=options.estimator, batch_size=options.batch_size,
+                              show_progress=show_progress)  # fmt: skip
+            for p in todo:
+                rows_of[p.key] = _rows(p, values[p.key], options.seed, estimated=True)
+            timings["estimate_s"] = time.perf_counter() - t0
+        else:
+            sweep = _Sweep(lm, windows, options)
+            t0 = time.perf_counter()
+            dense = sweep.dense()
+            timings["dense_s"] = time.perf_counter() - t0
+            record["dense_nll"] = dense.nll
             if out is not None:
-                ordered = [r for q in probes if q.key in rows_of for r in rows_of[q.key]]
-                out.write_text("probes.csv", _to_csv(_frame(ordered)))
-        timings["sweep_s"] = time.perf_counter() - t0
-        timings["per_probe_s"] = timings["sweep_s"] / len(todo)
+                out.manifest(**record, status="running", timings=timings)
+            t0 = time.perf_counter()
+            bar = tqdm(total=len(todo), desc=f"probes ({options.sweep})", disable=not show_progress, unit="probe")
+            for group in _groups(todo, options.sweep == "batched"):
+                values = sweep.run_layer(group, dense, ctx) if len(group) > 1 else [sweep.run(group[0], dense, ctx)]
+                for p, v in zip(group, values):
+                    rows_of[p.key] = _rows(p, v, options.seed)
+                bar.update(len(group))
+                if out is not None:
+                    ordered = [r for q in probes if q.key in rows_of for r in rows_of[q.key]]
+                    out.write_text("probes.csv", _to_csv(_frame(ordered)))
+            bar.close()
+            timings["sweep_s"] = time.perf_counter() - t0
+            timings["per_probe_s"] = timings["sweep_s"] / len(todo)
     elif out is not None and out.previous:
         record["dense_nll"] = out.previous.get("dense_nll")
     df = _frame([r for p in probes for r in rows_of[p.key]])
@@ -362,6 +462,8 @@ def _load_finished(out: OutputDir) -> dict[tuple, list[dict]]:
     if not csv_path.exists():
         return {}
     df = pd.read_csv(csv_path, float_precision="round_trip", keep_default_na=True)
+    if "estimated" not in df.columns:  # written before estimates existed: every row exact
+        df["estimated"] = False
     finished: dict[tuple, list[dict]] = {}
     for rec in _frame(df.to_dict("records")).to_dict("records"):
         rec = {k: (None if pd.isna(v) else v) for k, v in rec.items()}

@@ -41,7 +41,7 @@ from ..data.corpus import DEFAULT_CORPUS
 from ..data.objective import parse_task, task_windows
 from ..eval import position_nll, recall_accuracy
 from ..explain import UNIT_ROWS, ExplainOptions, Explanation, Thresholds, explain
-from ..probes import KINDS, probe
+from ..probes import KINDS, Probe, probe
 from ..pruning import applicable_units
 from .grid import DENSE, GridRun, grid_row, plan_grid, prune_run, ratio
 
@@ -80,6 +80,15 @@ def _known_kinds(kinds):
     return kinds
 
 
+def _exact_probes(value: str) -> str:
+    head, _, k = str(value).partition(":")
+    if value in ("all", "none") or (head == "top" and k.isdigit() and int(k) >= 1):
+        return value
+    raise ValueError(f"{value!r} is not one of all, none, top:K (K a positive whole number)")
+
+
+ExactProbes = Annotated[str, AfterValidator(_exact_probes)]
+"""Which probes a report measures exactly: all, none, or top:K."""
 EvalWindows = Annotated[Count | None, BeforeValidator(_all_or_count)]
 """Consecutive test windows for perplexity: a count, or null / 'all' for the whole split."""
 
@@ -103,6 +112,10 @@ class ReportOptions(Thresholds):
     """Ablation kinds probed."""
     probe_sparsities: Sparsities = (0.25, 0.5, 0.75, 0.9)
     """Sparsities of the magnitude/WANDA probes (the sensitivity allocator's curves)."""
+    exact: ExactProbes = "all"
+    """Which probes are measured exactly: all; none (first-order estimates of every probe, from one forward and
+    backward per batch); top:K (estimate every probe, then measure the K with the largest estimated damage
+    exactly). Estimated rows are marked in data/probes.csv and counted in the report."""
     attribution_windows: Count = 8
     """Calibration windows for attribution."""
     calib_windows: Count = 32
@@ -159,6 +172,22 @@ def _explained(registry, sparsity: float) -> list[GridRun]:
     architecture, at ``sparsity``."""
     return [GridRun("magnitude", sparsity), GridRun("wanda", sparsity), GridRun("wanda", sparsity, "sensitivity"),
             *(GridRun(unit, sparsity) for unit in applicable_units(registry))]  # fmt: skip
+
+
+def _estimated_note(probes: pd.DataFrame) -> str:
+    """How many of the probes are first-order estimates, for the probe definition ('' when none are)."""
+    damage = probes[probes.metric == "delta_nll"]
+    n = int(damage.estimated.sum()) if "estimated" in damage else 0
+    if not n:
+        return ""
+    return (f"; {n} of {len(damage)} probes are first-order estimates (attribution patching: one forward and "
+            f"backward per batch; column 'estimated'), the other {len(damage) - n} measured exactly")
+
+
+def _row_keys(df: pd.DataFrame) -> pd.Series:
+    """One string per probe row: layer, component, index, kind, sparsity and metric (missing values as -)."""
+    cols = ["layer", "component", "index", "kind", "sparsity", "metric"]
+    return df[cols].astype("string").fillna("-").agg("|".join, axis=1)
 
 
 class _Report:
@@ -223,9 +252,21 @@ class _Report:
 
     def probes(self) -> pd.DataFrame:
         o = self.o
-        df = probe(self.lm, self.corpus, kinds=list(o.probe_kinds), sparsities=list(o.probe_sparsities),
-                   windows=o.probe_windows, calib_windows=8, seqlen=o.seqlen, seed=o.seed, out=self.dir / "probes",
-                   show_progress=self.show)  # fmt: skip
+        common = dict(kinds=list(o.probe_kinds), sparsities=list(o.probe_sparsities), windows=o.probe_windows,
+                      calib_windows=8, seqlen=o.seqlen, seed=o.seed, show_progress=self.show)  # fmt: skip
+        if o.exact == "all":
+            return self._csv("probes", probe(self.lm, self.corpus, out=self.dir / "probes", **common))
+        df = probe(self.lm, self.corpus, estimate=True, out=self.dir / "probes-estimate", **common)
+        if o.exact == "none":
+            return self._csv("probes", df)
+        damage = df[df.metric == "delta_nll"]
+        top = damage.nlargest(int(o.exact.split(":")[1]), "value", keep="first")
+        chosen = [Probe(int(r.layer), r.component, r.kind, None if pd.isna(r.index) else int(r.index),
+                        None if pd.isna(r.sparsity) else float(r.sparsity)) for r in top.itertuples()]  # fmt: skip
+        exact = probe(self.lm, self.corpus, only=chosen, out=self.dir / "probes", **common)
+        measured = dict(zip(_row_keys(exact), exact.value))
+        keys = _row_keys(df)
+        df = df.assign(value=[measured.get(k, v) for k, v in zip(keys, df.value)], estimated=~keys.isin(measured))
         return self._csv("probes", df)
 
     def attribution(self) -> pd.DataFrame:
@@ -454,7 +495,7 @@ def _build(o: ReportSpec, out: OutputDir, run: _Report) -> dict[str, Path]:
             "ppl_definition": definition(run.test),
             "probe_definition": f"delta_nll = mean next-token NLL with the component ablated minus dense, over "
                                 f"{o.probe_windows} random validation windows of {o.seqlen} tokens "
-                                f"(seed {o.seed})",
+                                f"(seed {o.seed}){_estimated_note(tables['probes'])}",
             "explain_definition": explanations[0].definition if explanations else "",
             "seed": o.seed, "budget": o.budget, "explain_sparsity": o.explain_sparsity,
             "thresholds": {"healthy": o.healthy, "collapsed": o.collapsed, "drift": ExplainOptions().drift_threshold},

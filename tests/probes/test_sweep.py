@@ -35,14 +35,15 @@ def lm(request):
     return lm
 
 
-def test_cached_sweep_equals_naive_full_forward_sweep(lm, corpus):
+@pytest.mark.parametrize("sweep", ["cached", "batched"])
+def test_cached_and_batched_sweeps_equal_naive_full_forward_sweep(lm, corpus, sweep):
     comps = None if lm.arch != "mamba2" else (*lm.registry.component_names, "mixer", "head", "state")
-    cached = probe(lm, corpus, components=comps, **SMALL)
+    fast = probe(lm, corpus, components=comps, sweep=sweep, stack=3, **SMALL)
     naive = probe(lm, corpus, components=comps, sweep="naive", **SMALL)
-    assert len(cached) == len(naive) > 300
-    pd.testing.assert_frame_equal(cached.drop(columns="value"), naive.drop(columns="value"))
-    assert (cached.value - naive.value).abs().max() < 1e-5
-    assert cached.value.notna().all() and (cached[cached.metric == "kl"].value >= -1e-7).all()
+    assert len(fast) == len(naive) > 300
+    pd.testing.assert_frame_equal(fast.drop(columns="value"), naive.drop(columns="value"))
+    assert (fast.value - naive.value).abs().max() < 1e-5
+    assert fast.value.notna().all() and (fast[fast.metric == "kl"].value >= -1e-7).all()
 
 
 def test_metrics_equal_independent_perplexity_and_kl(corpus):
@@ -149,7 +150,7 @@ def test_out_dir_of_another_sweep_is_refused(tmp_path):
         ({"layers": [9]}, r"layers: 9 is out of range; allowed: 0..1"),
         ({"sparsities": [1.5]}, r"sparsities.0: 1.5 is out of range; allowed: 0 < value < 1"),
         ({"windows": 0}, "windows: 0 is out of range; allowed: value >= 1"),
-        ({"sweep": "fast"}, "sweep: 'fast' is invalid; allowed: one of 'cached' or 'naive'"),
+        ({"sweep": "fast"}, "sweep: 'fast' is invalid; allowed: one of 'cached', 'batched' or 'naive'"),
         ({"components": ["A_log"], "kinds": ["mean"]}, "kinds: no probe applies"),
         ({"layers": [0, 0]}, "layers: lists 0 twice"),
         ({"kinds": ["zero", "zero"]}, "kinds: lists 'zero' twice"),
@@ -180,3 +181,24 @@ def test_default_model_cached_equals_naive_and_damage_is_real():
     assert (cached.value - naive.value).abs().max() < 1e-5
     d = cached[cached.metric == "delta_nll"].set_index(["layer", "component", "kind"]).value
     assert d[(0, "mixer", "remove")] > 1.0 and d[(0, "dt", "zero")] > 0.01
+
+
+def test_batched_sweep_runs_the_rest_of_the_model_once_for_equal_layer_outputs(corpus, monkeypatch):
+    # zeroing z, the norm's weight or out_proj, and removing the mixer, all make layer 1's mixer output exactly 0
+    lm = load_model("tiny:mamba2")
+    suffixes = []
+    original = sweep_mod.LayerRunner.run
+
+    def counting(self, hidden, start, stop=None, rows=None):
+        if stop is None:
+            suffixes.append((start, hidden.shape[0]))
+        return original(self, hidden, start, stop, rows)
+
+    monkeypatch.setattr(sweep_mod.LayerRunner, "run", counting)
+    options = dict(components=["z", "norm", "out_proj", "mixer", "dt"], kinds=["zero", "remove"], layers=[1])
+    df = probe(lm, corpus, sweep="batched", **options, **SMALL)
+    batches = math.ceil(SMALL["windows"] / SMALL["batch_size"])
+    # per batch: one stacked suffix for the 2 distinct outputs (all-zero; dt zeroed: y = D·u), windows 2 and 1
+    assert suffixes == [(2, 2 * 2), (2, 2 * 1)] and len(suffixes) == batches
+    delta = df[df.metric == "delta_nll"].set_index("component").value
+    assert delta["z"] == delta["norm"] == delta["out_proj"] == delta["mixer"] != delta["dt"]

@@ -46,3 +46,19 @@ def test_cached_sweep_equals_naive_sweep(name):
     pd.testing.assert_frame_equal(cached.drop(columns="value"), naive.drop(columns="value"))
     assert (cached.value - naive.value).abs().max() < 1e-5
     assert cached.value.notna().all() and (cached[cached.metric == "delta_nll"].value.abs() > 0).any()
+    batched = probe(lm, corpus, sweep="batched", **options)
+    assert (batched.value - naive.value).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny:bamba", "tiny:granitemoehybrid", "tiny:nemotron-h", "tiny:jamba"])
+def test_batched_sweep_equals_naive_sweep_on_the_other_hybrids(name):
+    """Several probes of a layer share one forward of the rest of the model (stacked along the batch axis): the
+    same numbers as a full forward per probe, on attention, MLP, MoE and SSM layers."""
+    lm, corpus = load_model(name), load_corpus("sample")
+    layers = sorted({0, *lm.registry.layers_with("q")[:1], lm.registry.n_layers - 1})
+    options = dict(layers=layers, kinds=["zero", "resample", "wanda", "remove"], sparsities=[0.5], stack=3, **SMALL)
+    batched = probe(lm, corpus, sweep="batched", **options)
+    naive = probe(lm, corpus, sweep="naive", **options)
+    assert len(batched) == len(naive) > 60 and {"attention", "mixer"} <= set(batched.component)
+    pd.testing.assert_frame_equal(batched.drop(columns="value"), naive.drop(columns="value"))
+    assert (batched.value - naive.value).abs().max() < 1e-5

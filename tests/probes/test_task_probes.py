@@ -28,6 +28,8 @@ def test_task_probes_cached_equal_naive_and_measure_the_answers(name, one_thread
     cached = probe(lm, "sample", **common)
     naive = probe(lm, "sample", sweep="naive", **common)
     pd.testing.assert_series_equal(cached.value, naive.value, rtol=1e-5, atol=1e-6)
+    batched = probe(lm, "sample", sweep="batched", **common)
+    pd.testing.assert_series_equal(batched.value, naive.value, rtol=1e-5, atol=1e-6)
     text = probe(lm, "sample", **{**common, "task": "text", "windows": 2})
     assert not cached.value.reset_index(drop=True).equals(text.value.reset_index(drop=True))
     # the deltas are taken from the answers' NLL: 6 items x 3 queries scored

@@ -130,6 +130,7 @@ def test_other_settings_in_the_same_directory_are_refused(report, tmp_path):
         ({"sparsities": [0.5, 1.2]}, "sparsities.1: 1.2 is out of range"),
         ({"healthy": 2.5}, "collapsed: 2.0 is not above healthy=2.5"),
         ({"probe_kinds": ["zero", "zap"]}, "probe_kinds: unknown ablation kind 'zap'"),
+        ({"exact": "top:0"}, "exact: 'top:0' is not one of all, none, top:K"),
         ({"colour": "red"}, "colour: unknown field; allowed: healthy, collapsed, model"),
     ],
 )
@@ -137,3 +138,23 @@ def test_bad_settings_are_named(options, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
         ReportOptions(**options)
     assert ReportOptions(eval_windows="all").eval_windows is None  # the command line's word for the whole split
+
+
+def test_exact_top_k_estimates_every_probe_and_measures_the_k_worst_exactly(tmp_path):
+    out = tmp_path / "topk"
+    build_report(out, show_progress=False, exact="top:3", **TINY)
+    probes = pd.read_csv(out / "data" / "probes.csv")
+    estimates = pd.read_csv(out / "probes-estimate" / "probes.csv")
+    exact = pd.read_csv(out / "probes" / "probes.csv")
+    assert estimates.estimated.all() and not exact.estimated.any() and len(exact) == 3 * 3
+    damage = estimates[estimates.metric == "delta_nll"].nlargest(3, "value")
+    measured = probes[~probes.estimated]
+    key = ["layer", "component", "kind", "sparsity"]
+    assert sorted(map(tuple, measured[measured.metric == "delta_nll"][key].fillna(-1).values.tolist())) == sorted(
+        map(tuple, damage[key].fillna(-1).values.tolist()))  # fmt: skip
+    got = measured.set_index(key + ["metric"]).value.sort_index()
+    assert got.to_numpy() == pytest.approx(exact.set_index(key + ["metric"]).value.sort_index().to_numpy())
+    assert len(probes) == len(estimates) and probes.estimated.sum() == len(probes) - 9
+    md = (out / "report.md").read_text()
+    assert f"{len(probes) // 3 - 3} of {len(probes) // 3} probes are first-order estimates" in md
+    assert json.loads((out / "manifest.json").read_text())["spec"]["exact"] == "top:3"
