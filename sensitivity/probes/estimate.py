@@ -36,7 +36,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,8 @@ __all__ = ["ESTIMATORS", "estimate"]
 logger = logging.getLogger(__name__)
 
 ESTIMATORS = ("linear", "local")
+DELTA_BYTES = 256 << 20
+"""Weight changes kept from planning up to this size in all (beyond it a probe's edit is made again at the end)."""
 
 
 @dataclass
@@ -63,10 +65,10 @@ class _Plan:
 
     points: tuple[str, ...] = ()
     params: tuple[str, ...] = ()
+    deltas: dict | None = None  # param name -> (first changed row, its change from there on), kept from planning
     local: bool = False
     total: float = 0.0
     decided: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class _Layer:
@@ -86,6 +88,17 @@ class _Layer:
 
     def swapped(self) -> bool:
         return self._tree() != self.tree
+
+    def delta(self, name: str) -> tuple[int, torch.Tensor]:
+        """The change of parameter ``name`` from its snapshot, from its first changed row (dim 0) to its last:
+        ``(first row, change)``, float32."""
+        change = self.params[name].detach().float() - self.saved[name].float()  # (rows, ...)
+        if change.dim() == 0:
+            return 0, change
+        rows = change.reshape(change.shape[0], -1).ne(0).any(1).nonzero()[:, 0]
+        if not len(rows):
+            return 0, change[:0]
+        return int(rows[0]), change[int(rows[0]) : int(rows[-1]) + 1].clone()
 
 
 @contextmanager
@@ -122,6 +135,7 @@ def estimate(lm: LoadedModel, probes: list[Probe], windows: Windows, ctx: Contex
         by_layer.setdefault(p.layer, []).append(p)
 
     # 1. What each probe changes (its hooks are attached, not run; its weight edits are made and undone).
+    kept = 0
     for layer, group in by_layer.items():
         snap = _Layer(blocks[layer])
         for p in tqdm(group, desc=f"plan layer {layer}", disable=not show_progress, leave=False):
@@ -130,6 +144,9 @@ def estimate(lm: LoadedModel, probes: list[Probe], windows: Windows, ctx: Contex
                 plan.points = tuple(h.name for h in attached)
                 plan.params = snap.changed()
                 swapped = snap.swapped()
+                if plan.params and not plan.points and estimator == "linear" and kept < DELTA_BYTES:
+                    plan.deltas = {n: snap.delta(n) for n in plan.params}
+                    kept += sum(d.numel() * d.element_size() for _, d in plan.deltas.values())
             plan.local = estimator == "local" or swapped or not (plan.points or plan.params) or bool(
                 plan.points and plan.params)  # fmt: skip
         del snap
@@ -141,7 +158,10 @@ def estimate(lm: LoadedModel, probes: list[Probe], windows: Windows, ctx: Contex
     param_grads = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in grad_params.items()}
     resample = [p for p in probes if resample_point(registry, p) is not None]
     stream = runner.stream() if resample else None  # dense residual entering each layer, for resample sources
-    sources = _Sources(runner, stream)
+    by_point: dict[int, list[str]] = {}
+    for p in resample:
+        by_point.setdefault(p.layer, []).append(resample_point(registry, p))
+    sources = _Sources(runner, stream, {layer: sorted(set(pts)) for layer, pts in by_point.items()})
     count = 0
 
     # 2. One forward and backward per batch; activation and local estimates per batch.
@@ -175,11 +195,15 @@ def estimate(lm: LoadedModel, probes: list[Probe], windows: Windows, ctx: Contex
             plan = plans[p.key]
             if plan.local or not plan.params:
                 continue
-            snap = snap or _Layer(blocks[layer])
-            with _entered(model, registry, p, ctx):
-                for n in plan.params:
-                    delta = snap.params[n].detach().float() - snap.saved[n].float()
-                    plan.total += float(torch.sum(param_grads[(layer, n)] * delta, dtype=torch.float64))
+            if plan.deltas is None:
+                snap = snap or _Layer(blocks[layer])
+                with _entered(model, registry, p, ctx):
+                    plan.deltas = {n: snap.delta(n) for n in plan.params}
+            for n, (start, delta) in plan.deltas.items():
+                grad = param_grads[(layer, n)]
+                grad = grad if delta.dim() == 0 else grad[start : start + delta.shape[0]]
+                plan.total += float(torch.sum(grad * delta, dtype=torch.float64))
+            plan.deltas = None
     out = {}
     for p in probes:
         delta = plans[p.key].total / count
@@ -222,11 +246,11 @@ def _backward(runner: LayerRunner, b: slice, points: list[str], grad_params: dic
 
 
 class _Sources:
-    """The dense activation at a hook point on the windows a batch resamples from (window i takes window i+1's),
-    computed once per (layer, point) and batch."""
+    """The dense activations at a layer's resampled hook points on the windows a batch resamples from (window i
+    takes window i+1's): one block forward per layer and batch for all of that layer's points."""
 
-    def __init__(self, runner: LayerRunner, stream: list[torch.Tensor] | None) -> None:
-        self.runner, self.stream, self.cache = runner, stream, {}
+    def __init__(self, runner: LayerRunner, stream: list[torch.Tensor] | None, points: dict[int, list[str]]) -> None:
+        self.runner, self.stream, self.points, self.cache = runner, stream, points, {}
         n = len(runner.ids)
         self.source = (torch.arange(n) + 1) % n
 
@@ -234,12 +258,12 @@ class _Sources:
         self.cache.clear()
 
     def __call__(self, layer: int, point: str, b: slice) -> dict[str, torch.Tensor]:
-        name = hook_name(layer, point)
-        if name not in self.cache:
+        if layer not in self.cache:
             src = self.source[b].to(self.runner.ids.device)
-            acts = self.runner.capture(layer, [point], self.stream[layer][src], rows=src)[point]
-            self.cache[name] = torch.cat(acts)
-        return {name: self.cache[name]}
+            acts = self.runner.capture(layer, self.points[layer], self.stream[layer][src], rows=src)
+            self.cache[layer] = {hook_name(layer, pt): torch.cat(a) for pt, a in acts.items()}
+        name = hook_name(layer, point)
+        return {name: self.cache[layer][name]}
 
 
 def _activation_term(model, registry, probe: Probe, ctx: Context, plan: _Plan, acts: dict, grads: dict) -> float:

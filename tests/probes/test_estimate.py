@@ -44,10 +44,12 @@ def test_linear_equals_local_where_the_layer_is_linear_in_the_patch(corpus):
     # Mamba-1: y is linear in B, C and D, and the block output is linear in y and in out_proj's weights, so the
     # activation and weight gradients give exactly what running the ablated layer and linearising after it gives
     lm = _trained_like("tiny:mamba")
-    opts = dict(components=["B", "C", "D", "out_proj"], kinds=["zero", "magnitude"], sparsities=[0.5], **SMALL)
+    # (resample too: another window's B, C or mixer output, read from the dense activations of the other windows)
+    opts = dict(components=["B", "C", "D", "out_proj"], kinds=["zero", "magnitude", "resample"], sparsities=[0.5],
+                **SMALL)  # fmt: skip
     linear = _delta(probe(lm, corpus, estimate=True, **opts))
     local = _delta(probe(lm, corpus, estimate=True, estimator="local", **opts))
-    assert len(linear) == 2 * 4 + 2 * 3  # zero of B, C, D, out_proj; magnitude of B, C, out_proj; 2 layers
+    assert len(linear) == 2 * (4 + 3 + 3)  # zero of B, C, D, out_proj; magnitude and resample of B, C, out_proj
     assert (linear.abs() > 1e-4).all()
     assert ((linear - local).abs() / local.abs()).max() < 1e-4
 
