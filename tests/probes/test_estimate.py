@@ -170,3 +170,26 @@ def test_estimate_matches_finite_differences_on_the_default_model():
         KINDS.unregister("nudge")
     central = (exact[1] - exact[-1]) / 2
     assert ((est - central).abs() / central.abs()).max() < 0.03
+
+
+def test_only_refuses_probes_the_options_do_not_plan(corpus):
+    from sensitivity.core.spec import SpecError
+
+    lm = load_model("tiny:mamba2")
+    with pytest.raises(SpecError, match=r"only= names probes the options do not plan"):
+        probe(lm, corpus, components=["dt"], only=[Probe(0, "B", "zero")], **SMALL)
+    df = probe(lm, corpus, components=["dt"], kinds=["zero", "bypass"], only=[Probe(1, "dt", "bypass")], **SMALL)
+    assert df[["layer", "component", "kind"]].drop_duplicates().values.tolist() == [[1, "dt", "bypass"]]
+
+
+def test_cli_refuses_a_bad_exact_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "sensitivity", "report", "--exact", "top:x", "--out", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.strip().splitlines() == [
+        "sensitivity report: error: argument --exact: 'top:x' is not one of all, none, top:K (K a positive whole "
+        "number)"]  # fmt: skip
