@@ -161,7 +161,7 @@ def estimate(lm: LoadedModel, probes: list[Probe], windows: Windows, ctx: Contex
     by_point: dict[int, list[str]] = {}
     for p in resample:
         by_point.setdefault(p.layer, []).append(resample_point(registry, p))
-    sources = _Sources(runner, stream, {layer: sorted(set(pts)) for layer, pts in by_point.items()})
+    sources = ResampleSources(runner, stream, {layer: sorted(set(pts)) for layer, pts in by_point.items()})
     count = 0
 
     # 2. One forward and backward per batch; activation and local estimates per batch.
@@ -245,9 +245,10 @@ def _backward(runner: LayerRunner, b: slice, points: list[str], grad_params: dic
     return ({n: a.detach() for n, a in acts.items()}, grads, hidden, grad_out, int(mask.sum()))
 
 
-class _Sources:
+class ResampleSources:
     """The dense activations at a layer's resampled hook points on the windows a batch resamples from (window i
-    takes window i+1's): one block forward per layer and batch for all of that layer's points."""
+    takes window i+1's): one block forward per layer and batch for all of that layer's points, from the dense
+    residual ``stream`` entering each layer. Shared by the estimates and the cached and batched sweeps."""
 
     def __init__(self, runner: LayerRunner, stream: list[torch.Tensor] | None, points: dict[int, list[str]]) -> None:
         self.runner, self.stream, self.points, self.cache = runner, stream, points, {}

@@ -57,7 +57,7 @@ from .ablations import (
     present,
     resample_point,
 )
-from .estimate import estimate
+from .estimate import ResampleSources, estimate
 
 __all__ = ["COLUMNS", "METRICS", "SWEEPS", "ProbeOptions", "plan", "probe"]
 
@@ -266,10 +266,9 @@ class _Sweep:
 
     def _source(self, layer: int, point: str, b: slice, dense: _Dense) -> dict[str, torch.Tensor]:
         """The dense activation at ``point`` of ``layer`` on the windows that batch ``b`` resamples from."""
-        src = self.source[b].to(self.runner.ids.device)
         if self.config.sweep != "naive":
-            acts = self.runner.capture(layer, [point], dense.resid[layer][src], rows=src)[point]
-            return {hook_name(layer, point): acts[0]}
+            return ResampleSources(self.runner, dense.resid, {layer: [point]})(layer, point, b)
+        src = self.source[b].to(self.runner.ids.device)
         name = hook_name(layer, point)
         with capture(self.model, [name]) as acts:
             self.model(input_ids=self.runner.ids[src], use_cache=False)
