@@ -15,7 +15,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from ..core.distributed import Execution, run_shards
 from ..core.hooks import hook_name
+from ..core.loading import as_loaded
 from ..core.methods import Methods
 from ..core.registry import Registry, TensorSlice
 from ..core.scores import (
@@ -225,7 +227,7 @@ def _sum_mean_rows(kind: str, scores: dict[ScoreKey, torch.Tensor]) -> list[tupl
     return rows
 
 
-class AttributeOptions(Spec):
+class AttributeOptions(Execution, Spec):
     """What :func:`attribute` computes."""
 
     methods: Names | None = None
@@ -334,10 +336,30 @@ def attribute(
     options = AttributeOptions.merged(options, **overrides)
     module, registry = resolve(model)
     _check_windows(windows)
-    pairs = _pairs(registry, options.components, options.layers)
+    _pairs(registry, options.components, options.layers)  # SpecError before any work
     methods = options.methods or default_methods()
+    if options.backend == "local":
+        by_method = _method_rows(model, windows, options, methods, show_progress)
+    else:
+        by_method = {}
+        groups: dict[frozenset, list[str]] = {}  # methods reading the same statistics share a worker's pass
+        for m in methods:
+            groups.setdefault(frozenset(METHODS[m].info.get("needs") or ()), []).append(m)
+        run_shards(as_loaded(model), _AttributionJob, (windows, options), list(groups.values()),
+                   options, lambda shard, rows: by_method.update(rows))  # fmt: skip
+    rows = [r for m in methods for r in by_method[m]]
+    df = pd.DataFrame([(*r, options.seed) for r in rows], columns=list(COLUMNS))
+    return df.astype({"layer": "int64", "component": "object", "kind": "object", "metric": "object",
+                      "value": "float64", "seed": "int64"})  # fmt: skip
+
+
+def _method_rows(model, windows: Windows, options: AttributeOptions, methods, show_progress: bool
+                 ) -> dict[str, list[tuple]]:  # fmt: skip
+    """The rows of each of ``methods``, from one collection pass of the statistics they read."""
+    module, registry = resolve(model)
+    pairs = _pairs(registry, options.components, options.layers)
     needs = set().union(*(METHODS[m].info.get("needs", set()) for m in methods))
-    rows: list[tuple] = []
+    by_method: dict[str, list[tuple]] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         got = _collect(model, registry, module, windows, needs, pairs, batch_size=options.batch_size,
@@ -345,11 +367,19 @@ def attribute(
         ctx = AttributionContext(model, module, registry, windows, pairs, got, options, show_progress)
         for method in methods:
             t0 = time.perf_counter()
-            rows += METHODS[method].fn(ctx)
+            by_method[method] = METHODS[method].fn(ctx)
             logger.info("%s in %.1f s", method, time.perf_counter() - t0)
-    df = pd.DataFrame([(*r, options.seed) for r in rows], columns=list(COLUMNS))
-    return df.astype({"layer": "int64", "component": "object", "kind": "object", "metric": "object",
-                      "value": "float64", "seed": "int64"})  # fmt: skip
+    return by_method
+
+
+class _AttributionJob:
+    """A Ray worker's share of :func:`attribute`: a group of methods reading the same statistics."""
+
+    def __init__(self, lm, payload: tuple[Windows, AttributeOptions]) -> None:
+        self.lm, (self.windows, self.options) = lm, payload
+
+    def run(self, methods: list[str]) -> dict[str, list[tuple]]:
+        return _method_rows(self.lm, self.windows, self.options, methods, show_progress=False)
 
 
 @METHODS.register("act_norm", needs={"norms"}, default=True, covers=_with_weights,

@@ -106,6 +106,10 @@ class Inputs:
             raise SpecError(f"{name!r} has no tokenizer; save one next to its config", field)
         return lm
 
+    def add(self, name: str, lm: LoadedModel, dtype: str = "float32") -> None:
+        """Use ``lm`` wherever a job asks for the model ``name`` (a Ray worker's own copy of it)."""
+        self._models[(name, dtype)] = lm
+
     def fresh(self, name: str, dtype: str = "float32", *, allow_nonfinite: bool = False) -> LoadedModel:
         lm = self.model(name, dtype, allow_nonfinite=allow_nonfinite)
         return LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.registry, lm.name)

@@ -130,12 +130,15 @@ class LoadedModel:
         tokenizer: Its tokenizer, or None when the checkpoint ships none.
         registry: Component registry of its architecture.
         name: What the user asked for (path, hub id or built-in name).
+        source: The :func:`load_model` arguments that load it again (name, dtype, revision, allow_nonfinite); None
+            for a model wrapped by :func:`as_loaded`. Workers of a distributed run load their copy from it.
     """
 
     model: PreTrainedModel
     tokenizer: object | None
     registry: Registry
     name: str
+    source: dict | None = None
 
     @property
     def arch(self) -> str:
@@ -401,7 +404,10 @@ def load_model(
     if instrument:
         _instrument(model)
     logger.info("loaded %s (%s, %d layers)", name, model.config.model_type, model.config.num_hidden_layers)
-    return LoadedModel(model=model, tokenizer=tokenizer, registry=build_registry(model.config), name=name)
+    source = {"name": name, "dtype": str(dtype).removeprefix("torch."), "revision": revision,
+              "allow_nonfinite": allow_nonfinite}  # fmt: skip
+    return LoadedModel(model=model, tokenizer=tokenizer, registry=build_registry(model.config), name=name,
+                       source=source)  # fmt: skip
 
 
 def as_loaded(model: LoadedModel | nn.Module, *, instrumented: bool = False) -> LoadedModel:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from .distributed import EXECUTION_FIELDS
 from .spec import Spec
 
 __all__ = ["MANIFEST", "OutputDir", "OutputError", "atomic_write_text", "atomic_write_texts", "check_dir", "check_file",
@@ -128,8 +129,8 @@ def _lock(path: Path) -> int:
 
 
 def _identity(spec: dict) -> dict:
-    """What must match for a run to resume another: the spec without where it writes."""
-    return {k: v for k, v in spec.items() if k != "out"}
+    """What must match for a run to resume another: the spec without where it writes and where it runs."""
+    return {k: v for k, v in spec.items() if k != "out" and k not in EXECUTION_FIELDS}
 
 
 class OutputDir:

@@ -33,6 +33,7 @@ import torch
 from pydantic import AfterValidator, field_validator
 from tqdm.auto import tqdm
 
+from ..core.distributed import Execution, run_shards
 from ..core.finite import NonFiniteError, check_loss, first_nonfinite
 from ..core.hooks import capture, hook_name
 from ..core.loading import LoadedModel, as_loaded
@@ -75,7 +76,7 @@ def _distinct(values):
     return values
 
 
-class ProbeOptions(TaskOptions):
+class ProbeOptions(Execution, TaskOptions):
     """What a probe sweep measures, and on which windows (a task objective replaces the held-out text windows)."""
 
     components: Annotated[Names | None, AfterValidator(_distinct)] = None
@@ -402,6 +403,55 @@ def probe(
         return _sweep(lm, probes, options, windows, calibration, directory, inputs, show_progress)
 
 
+@dataclass
+class _Payload:
+    """What a probe shard job needs besides the model."""
+
+    options: ProbeOptions
+    windows: Windows
+    calibration: Windows
+    todo: list[Probe]
+    show_progress: bool = False
+
+
+class _ProbeJob:
+    """The set-up every shard of a sweep shares (calibration statistics; the dense pass of an exact sweep), then
+    one shard (a list of probes) at a time -> ``(values per probe, dense NLL or None, set-up timings)``."""
+
+    def __init__(self, lm: LoadedModel, payload: _Payload) -> None:
+        self.lm, self.p, self.timings = lm, payload, {}
+        t0 = time.perf_counter()
+        self.ctx = _calibrate(lm, payload.calibration, payload.todo, payload.options, payload.show_progress)
+        self.timings["calibration_s"] = time.perf_counter() - t0
+        self.sweep = self.dense = None
+        if not payload.options.estimate:
+            t0 = time.perf_counter()
+            self.sweep = _Sweep(lm, payload.windows, payload.options)
+            self.dense = self.sweep.dense()
+            self.timings["dense_s"] = time.perf_counter() - t0
+
+    def run(self, shard: list[Probe]) -> tuple[list[dict[str, float]], float | None, dict[str, float]]:
+        o = self.p.options
+        if o.estimate:
+            values = estimate(self.lm, shard, self.p.windows, self.ctx, estimator=o.estimator,
+                              batch_size=o.batch_size, show_progress=self.p.show_progress)  # fmt: skip
+            return [values[p.key] for p in shard], None, self.timings
+        if o.sweep == "batched" and len(shard) > 1:
+            values = self.sweep.run_layer(shard, self.dense, self.ctx)
+        else:
+            values = [self.sweep.run(p, self.dense, self.ctx) for p in shard]
+        return values, self.dense.nll, self.timings
+
+
+def _shards(todo: list[Probe], options: ProbeOptions) -> list[list[Probe]]:
+    """The sweep's pieces: every estimate at once (one forward and backward per batch covers them all); on Ray the
+    probes of each layer (a worker reuses its cached stream); in process one probe at a time (written as it ends),
+    or a layer's probes for the batched sweep."""
+    if options.estimate:
+        return [todo]
+    return _groups(todo, options.sweep == "batched" or options.backend == "ray")
+
+
 def _sweep(lm: LoadedModel, probes: list[Probe], options: ProbeOptions, windows: Windows, calibration: Windows,
            out: OutputDir | None, inputs: dict, show_progress: bool) -> pd.DataFrame:  # fmt: skip
     done = _load_finished(out) if out is not None else {}
@@ -413,37 +463,29 @@ def _sweep(lm: LoadedModel, probes: list[Probe], options: ProbeOptions, windows:
     timings: dict[str, float] = {}
     rows_of = dict(done)
     if todo:
-        t0 = time.perf_counter()
-        ctx = _calibrate(lm, calibration, todo, options, show_progress)
-        timings["calibration_s"] = time.perf_counter() - t0
-        if options.estimate:
-            t0 = time.perf_counter()
-            values = estimate(lm, todo, windows, ctx, estimator=options.estimator, batch_size=options.batch_size,
-                              show_progress=show_progress)  # fmt: skip
-            for p in todo:
-                rows_of[p.key] = _rows(p, values[p.key], options.seed, estimated=True)
-            timings["estimate_s"] = time.perf_counter() - t0
-        else:
-            sweep = _Sweep(lm, windows, options)
-            t0 = time.perf_counter()
-            dense = sweep.dense()
-            timings["dense_s"] = time.perf_counter() - t0
-            record["dense_nll"] = dense.nll
+        local = options.backend == "local"
+        payload = _Payload(options, windows, calibration, todo, show_progress and local)
+        what = "estimates" if options.estimate else f"probes ({options.sweep})"
+        bar = tqdm(total=len(todo), desc=what, disable=not show_progress, unit="probe")
+
+        def on_result(shard: list[Probe], result: tuple) -> None:
+            values, dense_nll, setup = result
+            timings.update(setup)  # the calibration (and dense pass) of the worker that ran it
+            if dense_nll is not None:
+                record["dense_nll"] = dense_nll
+            for p, v in zip(shard, values):
+                rows_of[p.key] = _rows(p, v, options.seed, estimated=options.estimate)
+            bar.update(len(shard))
             if out is not None:
+                ordered = [r for q in probes if q.key in rows_of for r in rows_of[q.key]]
+                out.write_text("probes.csv", _to_csv(_frame(ordered)))
                 out.manifest(**record, status="running", timings=timings)
-            t0 = time.perf_counter()
-            bar = tqdm(total=len(todo), desc=f"probes ({options.sweep})", disable=not show_progress, unit="probe")
-            for group in _groups(todo, options.sweep == "batched"):
-                values = sweep.run_layer(group, dense, ctx) if len(group) > 1 else [sweep.run(group[0], dense, ctx)]
-                for p, v in zip(group, values):
-                    rows_of[p.key] = _rows(p, v, options.seed)
-                bar.update(len(group))
-                if out is not None:
-                    ordered = [r for q in probes if q.key in rows_of for r in rows_of[q.key]]
-                    out.write_text("probes.csv", _to_csv(_frame(ordered)))
-            bar.close()
-            timings["sweep_s"] = time.perf_counter() - t0
-            timings["per_probe_s"] = timings["sweep_s"] / len(todo)
+
+        stats = run_shards(lm, _ProbeJob, payload, _shards(todo, options), options, on_result)
+        bar.close()
+        timings["sweep_s"] = stats.seconds
+        timings["per_probe_s"] = stats.seconds / len(todo)
+        record["execution"] = stats.to_dict()
     elif out is not None and out.previous:
         record["dense_nll"] = out.previous.get("dense_nll")
     df = _frame([r for p in probes for r in rows_of[p.key]])

@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..allocation import Schedule
+from ..core.distributed import Execution, ShardStats, run_shards
 from ..core.jobs import Inputs
 from ..core.loading import LoadedModel
 from ..data import Windows
 from ..eval import objective_scores, perplexity
 from ..pruning import METHODS, PruneResult, applicable_units, prune
 
-__all__ = ["DENSE", "GridRun", "grid_row", "plan_grid", "prune_run"]
+__all__ = ["DENSE", "GridJob", "GridPayload", "GridRun", "grid_row", "plan_grid", "prune_run", "run_grid_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,47 @@ def grid_row(inputs: Inputs, model: str, run: GridRun, test: Windows, calib: Win
     logger.info("grid %s %.2f: ppl %.3f", run.label, run.sparsity, ppl.perplexity)
     return {**run.record(), "perplexity": ppl.perplexity, "nll": ppl.nll, "tokens": ppl.tokens,
             "params": counts["params"], "nonzero": counts["nonzero"], **scores}  # fmt: skip
+
+
+@dataclass
+class GridPayload:
+    """What a grid's runs need besides the model: its test and calibration windows, the schedules of its runs on
+    one (computed once, by the driver) and how to score."""
+
+    model: str
+    dtype: str
+    test: Windows
+    calib: Windows
+    schedules: dict[tuple[str, float], Schedule]
+    seed: int = 0
+    tasks: tuple[str, ...] = ()
+    task_items: int = 200
+
+
+class GridJob:
+    """The shard job of a grid (:func:`sensitivity.core.distributed.run_shards`): one :class:`GridRun` a shard,
+    pruning a fresh copy of the model -> ``(row, timings)``."""
+
+    def __init__(self, lm: LoadedModel, payload: GridPayload) -> None:
+        self.p, self.inputs = payload, Inputs()
+        self.inputs.add(payload.model, lm, payload.dtype)
+
+    def run(self, run: GridRun) -> tuple[dict, dict[str, float]]:
+        p, seconds = self.p, {}
+        row = grid_row(self.inputs, p.model, run, p.test, p.calib, lambda a, b: p.schedules[(a, b)], seed=p.seed,
+                       dtype=p.dtype, timings=seconds, tasks=p.tasks, task_items=p.task_items)  # fmt: skip
+        return row, seconds
+
+
+def run_grid_rows(lm: LoadedModel, runs: Sequence[GridRun], payload: GridPayload, execution: Execution,
+                  schedule: Callable[[str, float], Schedule],
+                  on_row: Callable[[GridRun, dict, dict[str, float]], None]) -> ShardStats:  # fmt: skip
+    """Run ``runs`` of a grid on ``lm`` (here, or on Ray workers as ``execution`` says), calling ``on_row(run, row,
+    timings)`` as each finishes. The schedules the runs need are computed first, here, by ``schedule``."""
+    for r in runs:
+        if r.allocator and (r.allocator, r.sparsity) not in payload.schedules:
+            payload.schedules[(r.allocator, r.sparsity)] = schedule(r.allocator, r.sparsity)
+    return run_shards(lm, GridJob, payload, list(runs), execution, lambda r, result: on_row(r, *result))
 
 
 def ratio(nll: float, dense_nll: float) -> float:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import METHODS as ALLOCATORS
 from ..allocation import allocate
+from ..core.distributed import Execution, cluster
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
 from ..core.loading import check_source
 from ..core.masks import Structure
@@ -26,7 +27,7 @@ from ..data.corpus import DEFAULT_CORPUS
 from ..eval import definition, objective_definition
 from ..probes import probe
 from ..pruning import METHODS
-from .grid import DENSE, grid_row, plan_grid
+from .grid import DENSE, GridPayload, plan_grid, run_grid_rows
 from .pipeline import EvalWindows, ReportSpec, _read_csv, build_report
 
 __all__ = ["GridSpec", "ReportSpec", "run_grid", "run_report"]
@@ -47,7 +48,7 @@ def _allocators(names):
     return names
 
 
-class GridSpec(JobSpec):
+class GridSpec(Execution, JobSpec):
     """The ``grid`` job: every pruning method at every sparsity on each model, evaluated by test perplexity."""
 
     name_tables: ClassVar[dict[str, Methods]] = {"allocators": ALLOCATORS}
@@ -103,14 +104,14 @@ def run_grid(spec: GridSpec, inputs: Inputs, *, overwrite: bool = False, show_pr
     inputs.corpus(spec.data)
     for name in spec.models:  # every model loads (and is checked) before anything is written; Inputs keeps them
         inputs.model(name, field="models")
-    with out:
+    with cluster(spec), out:
         csv = out.file("grid.csv")
         done = _read_csv(csv) if csv.is_file() else pd.DataFrame()  # the runs a killed run finished
         rows = done.drop(columns=["ppl_ratio", "prune_s"], errors="ignore").to_dict(orient="records")
         timings: dict = (out.previous or {}).get("timings") or {}  # wall times: model -> label -> sparsity
         out.manifest(status="running", timings=timings)
         corpus = inputs.corpus(spec.data)
-        meaning = ""
+        meaning, order, execution = "", {}, {}
         for name in spec.models:
             lm = inputs.model(name)
             test = eval_windows(corpus, lm.tokenizer, spec.eval_seqlen, split="test", max_windows=spec.eval_windows)
@@ -125,22 +126,31 @@ def run_grid(spec: GridSpec, inputs: Inputs, *, overwrite: bool = False, show_pr
                     curves["probes"] = probe(lm, corpus, kinds=["wanda"], sparsities=list(spec.probe_sparsities),
                                              components=list(lm.registry.resolve()), windows=spec.probe_windows,
                                              calib_windows=8, seqlen=spec.seqlen, seed=spec.seed,
-                                             out=out.path / "probes" / name, show_progress=False)  # fmt: skip
+                                             out=out.path / "probes" / name, show_progress=False,
+                                             **spec.execution())  # fmt: skip
                 return allocate(lm, "sensitivity", budget, probes=curves["probes"],
                                 max_sparsity=max(spec.probe_sparsities), seed=spec.seed, show_progress=False)
 
             runs = plan_grid(lm.registry, spec.sparsities, spec.structured_sparsities, allocators=spec.allocators,
                              nm=spec.structure)  # fmt: skip
+            order.update({(name, r.label, float(r.sparsity)): len(order) + i for i, r in enumerate(runs)})
             done = {(r["model"], r["label"], float(r["sparsity"])) for r in rows}
             todo = [r for r in runs if (name, r.label, float(r.sparsity)) not in done]
-            for run in tqdm(todo, desc=f"grid {name}", disable=not show_progress):
-                seconds: dict[str, float] = {}
-                row = grid_row(inputs, name, run, test, calib, schedule, seed=spec.seed, timings=seconds,
-                               tasks=spec.tasks, task_items=spec.task_items)  # fmt: skip
+            bar = tqdm(total=len(todo), desc=f"grid {name}", disable=not show_progress)
+
+            def on_row(run, row, seconds, name=name, lm=lm, bar=bar):
                 rows.append({"model": name, "arch": lm.arch, **row, "score": _score(run.method)})
+                rows.sort(key=lambda r: order[(r["model"], r["label"], float(r["sparsity"]))])  # plan order
                 out.write_text("grid.csv", pd.DataFrame(rows).to_csv(index=False))
                 timings.setdefault(name, {}).setdefault(run.label, {})[f"{run.sparsity:g}"] = seconds
                 out.manifest(status="running", timings=timings)
+                bar.update()
+
+            payload = GridPayload(name, "float32", test, calib, {}, seed=spec.seed, tasks=spec.tasks,
+                                  task_items=spec.task_items)  # fmt: skip
+            stats = run_grid_rows(lm, todo, payload, spec, schedule, on_row)
+            bar.close()
+            execution[name] = stats.to_dict()
         # the rows as grid.csv holds them (floats in their shortest round-trip form), read back or computed now
         df = _read_csv(io.StringIO(pd.DataFrame(rows).to_csv(index=False)))
         dense = df[df.method == DENSE].set_index("model").perplexity
@@ -151,5 +161,5 @@ def run_grid(spec: GridSpec, inputs: Inputs, *, overwrite: bool = False, show_pr
                    "objectives": [objective_definition(t, spec.task_items, spec.seed) for t in spec.tasks],
                    "dense": dense.to_dict(), "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
         out.write_text("grid.json", json.dumps(summary, indent=2) + "\n")
-        out.manifest(status="complete", definition=meaning, timings=timings)
+        out.manifest(status="complete", definition=meaning, timings=timings, execution=execution)
     return JobResult(spec, {"grid": csv, "summary": out.file("grid.json")}, df)

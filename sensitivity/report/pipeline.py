@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import Schedule, allocate
 from ..attribution import agreement, attribute
+from ..core.distributed import Execution, cluster
 from ..core.jobs import Inputs, JobSpec
 from ..core.loading import DEFAULT_MODEL
 from ..core.methods import Methods
@@ -43,7 +44,7 @@ from ..eval import position_nll, recall_accuracy
 from ..explain import UNIT_ROWS, ExplainOptions, Explanation, Thresholds, explain
 from ..probes import KINDS, Probe, probe
 from ..pruning import applicable_units
-from .grid import DENSE, GridRun, grid_row, plan_grid, prune_run, ratio
+from .grid import DENSE, GridPayload, GridRun, plan_grid, prune_run, ratio, run_grid_rows
 
 __all__ = ["GRIDS", "ReportOptions", "ReportSpec", "build_report"]
 
@@ -93,7 +94,7 @@ EvalWindows = Annotated[Count | None, BeforeValidator(_all_or_count)]
 """Consecutive test windows for perplexity: a count, or null / 'all' for the whole split."""
 
 
-class ReportOptions(Thresholds):
+class ReportOptions(Execution, Thresholds):
     """Everything a report depends on; stored in ``manifest.json`` and checked when a run resumes."""
 
     model: Text = DEFAULT_MODEL
@@ -206,6 +207,8 @@ class _Report:
         self.schedules: dict[float, Schedule] = {}
         self.timings: dict = {}
         """Wall times by stage (``grid``: label -> sparsity -> prune_s, eval_s), kept in the manifest."""
+        self.execution: dict = {}
+        """Where the grid ran (backend, workers, threads, restarts), kept in the manifest."""
         self.progress: Callable[[], None] = lambda: None
         """Called after each grid run (writes the manifest with the timings so far)."""
 
@@ -253,7 +256,8 @@ class _Report:
     def probes(self) -> pd.DataFrame:
         o = self.o
         common = dict(kinds=list(o.probe_kinds), sparsities=list(o.probe_sparsities), windows=o.probe_windows,
-                      calib_windows=8, seqlen=o.seqlen, seed=o.seed, show_progress=self.show)  # fmt: skip
+                      calib_windows=8, seqlen=o.seqlen, seed=o.seed, show_progress=self.show,
+                      **o.execution())  # fmt: skip
         if o.exact == "all":
             return self._csv("probes", probe(self.lm, self.corpus, out=self.dir / "probes", **common))
         df = probe(self.lm, self.corpus, estimate=True, out=self.dir / "probes-estimate", **common)
@@ -304,13 +308,21 @@ class _Report:
         plan = plan_grid(self.lm.registry, o.sparsities, o.structured_sparsities, allocators=_allocators(o))
         runs = [r for r in plan if (r.label, float(r.sparsity)) not in have]
         timings = self.timings.setdefault("grid", {})
-        for run in tqdm(runs, desc="pruning grid", disable=not self.show):
-            seconds: dict[str, float] = {}
-            rows.append(grid_row(self.inputs, o.model, run, self.test, self.calib, self._schedule, seed=o.seed,
-                                 timings=seconds, tasks=o.tasks, task_items=o.task_items))  # fmt: skip
+        order = {(r.label, float(r.sparsity)): i for i, r in enumerate(plan)}
+        bar = tqdm(total=len(runs), desc="pruning grid", disable=not self.show)
+
+        def on_row(run: GridRun, row: dict, seconds: dict[str, float]) -> None:
+            rows.append(row)
+            rows.sort(key=lambda r: order[(r["label"], float(r["sparsity"]))])  # plan order, as they arrive
             self._csv("grid", pd.DataFrame(rows))
             timings.setdefault(run.label, {})[f"{run.sparsity:g}"] = seconds  # wall times: manifest, never a CSV
             self.progress()
+            bar.update()
+
+        payload = GridPayload(o.model, "float32", self.test, self.calib, {}, seed=o.seed, tasks=o.tasks,
+                              task_items=o.task_items)  # fmt: skip
+        self.execution["grid"] = run_grid_rows(self.lm, runs, payload, o, self._schedule, on_row).to_dict()
+        bar.close()
         df = _reread(pd.DataFrame(rows))[1]  # the rows as grid.csv holds them, however many were read back
         dense_nll = float(df[df.method == DENSE].nll.iloc[0])
         df["ppl_ratio"] = [ratio(nll, dense_nll) for nll in df.nll]
@@ -404,7 +416,7 @@ def build_report(
     spec = ReportSpec(**{**fields, **overrides, "out": str(out)})
     directory = OutputDir(out, "report", spec, overwrite=overwrite).check()
     run = _Report(spec, directory, show_progress, inputs or Inputs())  # loads and checks the inputs; writes nothing
-    with directory:
+    with cluster(spec), directory:
         return _build(spec, directory, run)
 
 
@@ -510,6 +522,6 @@ def _build(o: ReportSpec, out: OutputDir, run: _Report) -> dict[str, Path]:
     record["outputs"] = sorted(str(p.relative_to(out.path)) for p in out.path.rglob("*") if p.is_file()
                                and p.name != "manifest.json")  # fmt: skip
     record["meta"] = {k: v for k, v in meta.items() if k not in ("versions",)}
-    out.manifest(**record, status="complete")
+    out.manifest(**record, execution=run.execution, status="complete")
     return {**paths, "manifest": out.file("manifest.json"), "schedule_yaml": out.file("schedule.yaml"),
             "data": run.data}  # fmt: skip

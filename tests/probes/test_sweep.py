@@ -156,7 +156,7 @@ def test_out_dir_of_another_sweep_is_refused(tmp_path):
         ({"kinds": ["zero", "zero"]}, "kinds: lists 'zero' twice"),
         ({"sparsities": [0.5, 0.50]}, r"sparsities: lists 0.5 twice"),
         ({"seed": "one"}, "seed: 'one' is invalid; allowed: an integer"),
-        ({"colour": "red"}, "colour: unknown field; allowed: task, task_items, components, kinds"),
+        ({"colour": "red"}, "colour: unknown field; allowed: task, task_items, backend, address"),
         ({"seqlen": 1}, "seqlen: 1 is out of range; allowed: value >= 2"),
     ],
 )

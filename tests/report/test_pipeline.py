@@ -131,7 +131,7 @@ def test_other_settings_in_the_same_directory_are_refused(report, tmp_path):
         ({"healthy": 2.5}, "collapsed: 2.0 is not above healthy=2.5"),
         ({"probe_kinds": ["zero", "zap"]}, "probe_kinds: unknown ablation kind 'zap'"),
         ({"exact": "top:0"}, "exact: 'top:0' is not one of all, none, top:K"),
-        ({"colour": "red"}, "colour: unknown field; allowed: healthy, collapsed, model"),
+        ({"colour": "red"}, "colour: unknown field; allowed: healthy, collapsed, backend"),
     ],
 )
 def test_bad_settings_are_named(options, message):
