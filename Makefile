@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_agreement.py
 	$(BIN)/python benchmarks/bench_load.py
 	$(BIN)/python benchmarks/bench_ray.py
+	$(BIN)/python benchmarks/bench_streamed.py  # writes about 11 GB under /tmp
 
 grid: $(STAMP)  # the pruning grid on both shipped models (about 30 min on 2 cores; resumes)
 	$(MALLOC) $(BIN)/sensitivity grid --out benchmarks/results/grid

@@ -18,6 +18,7 @@ from pathlib import Path
 from .allocation import job as _schedule  # noqa: F401 (each job module registers its job)
 from .attribution import job as _attribute  # noqa: F401
 from .core.jobs import JOBS, Inputs, JobResult, JobSpec
+from .core.loading import resolve_device
 from .core.spec import SpecError, load_yaml
 from .eval import job as _evaluate  # noqa: F401
 from .explain import job as _explain  # noqa: F401
@@ -98,4 +99,11 @@ def run(spec: JobSpec, *, overwrite: bool = False, show_progress: bool = True, i
     Returns:
         A :class:`~sensitivity.core.jobs.JobResult`: the spec, the files written and the job's value.
     """
-    return JOBS[spec.job].fn(spec, inputs or Inputs(), overwrite=overwrite, show_progress=show_progress)
+    inputs = inputs or Inputs()
+    if (device := getattr(spec, "device", None)) is not None:
+        try:
+            resolve_device(device)
+        except ValueError as e:
+            raise SpecError(str(e), "device") from None
+        inputs.device = device
+    return JOBS[spec.job].fn(spec, inputs, overwrite=overwrite, show_progress=show_progress)

@@ -267,8 +267,17 @@ def _print_schedule(result, args) -> None:
 
 
 def _print_prune(result, args) -> None:
-    m, spec = result.value.manifest, result.spec
-    saved = spec.out  # as the user gave it
+    spec, saved = result.spec, result.spec.out  # as the user gave it
+    if isinstance(result.value, dict):  # streamed: the manifest written
+        m = result.value
+        after = m["params_after"]
+        print(f"{spec.method} pruned {spec.model} (streamed, one block at a time) in {m['seconds']:.2f} s -> {saved}")
+        print(f"non-zero    {after['nonzero']:,} of {after['params']:,} stored entries "
+              f"({after['nonzero'] / after['params']:.3f})")  # fmt: skip
+        print(f"manifest    {os.path.join(saved, 'pruning_manifest.json')}; evaluate with: sensitivity evaluate "
+              f"--model {saved} --streamed")  # fmt: skip
+        return
+    m = result.value.manifest
     before, after = m["params_before"], m["params_after"]
     print(f"{spec.method} pruned {spec.model} in {m['seconds']:.2f} s -> {saved}")
     print(f"parameters  {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.3f}x)")

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +49,8 @@ from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
 from .registry import _M1_HOOKS, _M2_HOOKS, Registry, build_registry
 from .scan import selective_scan_chunked, selective_scan_ref, ssd_scan
 
-__all__ = ["GroupedRMSNormGated", "HookPoint", "SCANS", "hf_norm_is_grouped", "instrument", "is_instrumented",
-           "uninstrument"]
+__all__ = ["GroupedRMSNormGated", "HookPoint", "SCANS", "hf_forward", "hf_norm_is_grouped", "instrument",
+           "is_instrumented", "kernels_available", "uninstrument"]
 
 logger = logging.getLogger(__name__)
 
@@ -380,6 +382,29 @@ def uninstrument(model: nn.Module) -> nn.Module:
             if not hf_norm_is_grouped():  # that transformers' norm has no group_size
                 del mixer.norm.group_size
     return model
+
+
+def kernels_available(device: torch.device) -> bool:
+    """Whether the mamba-ssm and causal-conv1d CUDA kernels can run the HF mixers on ``device`` (found installed; they
+    are imported by transformers only when they run)."""
+    import importlib.util
+
+    return device.type == "cuda" and all(importlib.util.find_spec(m) is not None
+                                         for m in ("mamba_ssm", "causal_conv1d"))  # fmt: skip
+
+
+@contextmanager
+def hf_forward(model: nn.Module) -> Iterator[None]:
+    """Run the HF mixer forwards inside a ``with`` block (on CUDA with mamba-ssm and causal-conv1d installed: their
+    fused kernels); no hook point fires. The instrumented forwards come back on exit."""
+    swapped = [(m, type(m)) for m in _mixers(model) if type(m) in _UNSWAP]
+    for mixer, cls in swapped:
+        mixer.__class__ = _UNSWAP[cls]
+    try:
+        yield
+    finally:
+        for mixer, cls in swapped:
+            mixer.__class__ = cls
 
 
 def is_instrumented(model: nn.Module) -> bool:

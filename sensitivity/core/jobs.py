@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from ..data import Corpus, load_corpus
 from ..data.corpus import DEFAULT_CORPUS
-from .loading import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
+from .loading import DEFAULT_MODEL, DEVICES, DTYPES, LoadedModel, load_model
 from .methods import Methods
 from .spec import Spec, SpecError, Text
 
@@ -57,6 +57,9 @@ class ModelData(JobSpec):
     model: tiny:mamba|mamba2|falcon-mamba|bamba|granitemoehybrid|nemotron-h|jamba|falcon-h1|zamba2."""
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
     """Weights dtype."""
+    device: Literal[DEVICES] = "cpu"  # type: ignore[valid-type]
+    """Where the model runs: cpu, cuda, or auto (CUDA when there is a GPU). On CUDA the forwards without hooks
+    (perplexity) use the mamba-ssm and causal-conv1d kernels when they are installed (the [cuda] extra)."""
     data: Text = DEFAULT_CORPUS
     """The built-in corpus austen-kjv (default), 'sample', a text/JSONL file, a directory, or a local HF dataset."""
     text_field: str = "text"
@@ -80,9 +83,11 @@ class Inputs:
     ``model(spec)`` returns the cached model; ``fresh(spec)`` a deep copy for jobs that modify it (pruning).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self._corpora: dict[tuple[str, str], Corpus] = {}
-        self._models: dict[tuple[str, str], LoadedModel] = {}
+        self._models: dict[tuple[str, str, str], LoadedModel] = {}
+        self.device = device
+        """Where models load (a :data:`~sensitivity.core.loading.DEVICES` name); jobs set it from their spec."""
 
     def corpus(self, data: str, text_field: str = "text") -> Corpus:
         key = (data, text_field)
@@ -92,11 +97,11 @@ class Inputs:
 
     def model(self, name: str, dtype: str = "float32", *, tokenizer: bool = True, allow_nonfinite: bool = False,
               field: str = "model") -> LoadedModel:  # fmt: skip
-        """The model ``name`` (loaded once); errors name the spec ``field`` that gave it."""
-        key = (name, dtype)
+        """The model ``name`` on :attr:`device` (loaded once); errors name the spec ``field`` that gave it."""
+        key = (name, dtype, self.device)
         if key not in self._models:
             try:
-                self._models[key] = load_model(name, dtype=dtype, allow_nonfinite=allow_nonfinite)
+                self._models[key] = load_model(name, dtype=dtype, allow_nonfinite=allow_nonfinite, device=self.device)
             except SpecError:
                 raise
             except ValueError as e:
@@ -108,7 +113,7 @@ class Inputs:
 
     def add(self, name: str, lm: LoadedModel, dtype: str = "float32") -> None:
         """Use ``lm`` wherever a job asks for the model ``name`` (a Ray worker's own copy of it)."""
-        self._models[(name, dtype)] = lm
+        self._models[(name, dtype, self.device)] = lm
 
     def fresh(self, name: str, dtype: str = "float32", *, allow_nonfinite: bool = False) -> LoadedModel:
         lm = self.model(name, dtype, allow_nonfinite=allow_nonfinite)

@@ -37,11 +37,13 @@ from .instrumented import instrument as _instrument
 from .registry import ARCHITECTURES, Registry, build_registry
 from .zoo import ZOO_MODELS, zoo_path
 
-__all__ = ["DEFAULT_MODEL", "DTYPES", "TINY_MODELS", "LoadedModel", "as_loaded", "check_source", "checkpoint_dtype",
-           "load_model", "tiny_config"]
+__all__ = ["DEFAULT_MODEL", "DEVICES", "DTYPES", "TINY_MODELS", "LoadedModel", "as_loaded", "check_source",
+           "checkpoint_dtype", "load_model", "resolve_device", "tiny_config"]
 
 logger = logging.getLogger(__name__)
 
+DEVICES = ("cpu", "cuda", "auto")
+"""Where a job puts its model: the CPU, the (first visible) CUDA GPU, or auto (CUDA when there is one)."""
 DEFAULT_MODEL = "default"
 """The embedded Mamba-2 of :mod:`sensitivity.zoo`, used when no model is named."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -234,6 +236,24 @@ def _check_shapes(path: Path, name: str, config: PretrainedConfig) -> None:
                                      f"needs {list(expected[key])}")  # fmt: skip
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device a :data:`DEVICES` name (or a torch device) means here.
+
+    Raises:
+        ValueError: For an unknown name, or CUDA asked for where there is none.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available here (torch.cuda.is_available() is False); allowed: "
+                         "cpu, auto")  # fmt: skip
+    return torch.device(device)
+
+
 def check_source(name: str) -> None:
     """Check, without loading weights, that ``name`` names a loadable model: a built-in tiny or zoo model, a local
     checkpoint directory with a readable config and complete safetensors weights, or a hub id.
@@ -364,7 +384,7 @@ def load_model(
             ``tiny:granitemoehybrid``, ``tiny:nemotron-h``, ``tiny:jamba``, ``tiny:falcon-h1``, ``tiny:zamba2``).
             None loads ``DEFAULT_MODEL``.
         dtype: ``float32``, ``bfloat16`` or ``float16`` (or the torch dtype).
-        device: Where to put the model.
+        device: Where to put the model: ``cpu``, ``cuda``, ``auto`` (CUDA when available) or a torch device.
         instrument: Replace the mixer forwards with the instrumented, hookable ones (needed by probes).
         revision: Hub revision.
         allow_nonfinite: Load weights that hold NaN or infinity (refused by default, naming the tensors: such a
@@ -399,7 +419,7 @@ def load_model(
         model, tokenizer = _from_pretrained(name, dtype, revision)
     if not allow_nonfinite:
         check_weights(model, name)
-    model = model.to(device).eval()
+    model = model.to(resolve_device(device)).eval()
     _warn_ungrouped_norm(model.config, instrument)
     if instrument:
         _instrument(model)

@@ -13,7 +13,7 @@ from ..core.jobs import JOBS, Inputs, JobResult, ModelData
 from ..core.output import OutputDir, versions
 from ..core.spec import Count, Exclude, Int, Seqlen, SpecError, Text
 from ..data import eval_windows
-from .perplexity import kl_divergence, perplexity
+from .perplexity import kl_divergence, perplexity, streamed_perplexity
 from .tasks import ENGINES, SCORERS, check_tasks, default_max_length, evaluate_tasks
 
 __all__ = ["EvaluateSpec", "run_evaluate"]
@@ -47,6 +47,9 @@ class EvaluateSpec(ModelData):
     max_length: Seqlen | None = None
     """Longest input in tokens lm-eval's HFLM feeds the model (default: the longer of seqlen and the longest
     built-in task item)."""
+    streamed: bool = False
+    """Read the checkpoint (a local directory) one block at a time instead of loading it: for checkpoints larger
+    than memory (perplexity only)."""
     out: Text | None = None
     """Directory for evaluation.json (and tasks.csv with tasks) and manifest.json (default: print only)."""
 
@@ -66,6 +69,8 @@ def run_evaluate(spec: EvaluateSpec, inputs: Inputs, *, overwrite: bool = False,
     out = OutputDir(spec.out, "evaluate", spec, overwrite=overwrite).check() if spec.out else None
     if spec.tasks:
         _check_tasks(spec)
+    if spec.streamed:
+        return _streamed(spec, inputs, out, show_progress)
     corpus, lm = inputs.load(spec)
     reference = (inputs.model(spec.reference, spec.dtype, tokenizer=False, allow_nonfinite=spec.allow_nonfinite,
                               field="reference") if spec.reference else None)  # fmt: skip
@@ -91,6 +96,33 @@ def run_evaluate(spec: EvaluateSpec, inputs: Inputs, *, overwrite: bool = False,
         with out:
             if frame is not None:
                 outputs["tasks"] = out.write_text("tasks.csv", frame.to_csv(index=False))
+            outputs["evaluation"] = out.write_text("evaluation.json", json.dumps(result, indent=2) + "\n")
+            out.manifest(status="complete", windows=windows.describe(), windows_sha256=windows.sha256())
+    return JobResult(spec, outputs, result)
+
+
+def _streamed(spec: EvaluateSpec, inputs: Inputs, out: OutputDir | None, show_progress: bool) -> JobResult:
+    """Perplexity of a checkpoint read one block at a time (``streamed``)."""
+    from ..core.streamed import StreamedCheckpoint
+
+    if spec.reference or spec.tasks:
+        raise SpecError("streamed evaluation measures perplexity only; drop reference and tasks", "streamed")
+    corpus = inputs.corpus(spec.data, spec.text_field)
+    try:
+        ckpt = StreamedCheckpoint(spec.model)
+    except ValueError as e:
+        raise SpecError(str(e), "model") from None
+    if ckpt.lm.tokenizer is None:
+        raise SpecError(f"{spec.model!r} has no tokenizer; save one next to its config", "model")
+    windows = eval_windows(corpus, ckpt.lm.tokenizer, spec.seqlen, split=spec.split, max_windows=spec.max_windows)
+    ppl = streamed_perplexity(ckpt, windows, batch_size=spec.batch_size, show_progress=show_progress)
+    result = {"model": spec.model, "arch": ckpt.lm.arch, "n_layers": ckpt.lm.registry.n_layers,
+              "params": ckpt.lm.n_params, "data": spec.data, "split": windows.split,
+              **_split_note(corpus, windows.split), **ppl.to_dict(), "streamed": True, "seed": spec.seed,
+              "versions": versions()}  # fmt: skip
+    outputs = {}
+    if out is not None:
+        with out:
             outputs["evaluation"] = out.write_text("evaluation.json", json.dumps(result, indent=2) + "\n")
             out.manifest(status="complete", windows=windows.describe(), windows_sha256=windows.sha256())
     return JobResult(spec, outputs, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -10,12 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.finite import check_loss
+from ..core.finite import NonFiniteError, check_loss
+from ..core.instrumented import hf_forward, kernels_available
 from ..core.loading import unwrap
 from ..core.spec import Count, check
 from ..data import Windows
 
-__all__ = ["KLDivergence", "Perplexity", "definition", "kl_divergence", "perplexity"]
+__all__ = ["KLDivergence", "Perplexity", "definition", "kl_divergence", "perplexity", "streamed_perplexity"]
 
 
 class _Result:
@@ -70,8 +72,10 @@ def _batches(windows: Windows, batch_size: int, desc: str, show_progress: bool):
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits; on CUDA with mamba-ssm and causal-conv1d installed, through their kernels (no hooks)."""
     device = next(model.parameters()).device
-    return model(input_ids=ids.to(device), use_cache=False).logits.float()  # (b, L, V)
+    with hf_forward(model) if kernels_available(device) else contextlib.nullcontext():
+        return model(input_ids=ids.to(device), use_cache=False).logits.float()  # (b, L, V)
 
 
 def _scored(windows: Windows) -> str:
@@ -122,6 +126,44 @@ def perplexity(model, windows: Windows, *, batch_size: int = 8, show_progress: b
         check_loss(module, loss, ids.to(logits.device), "the loss")
         total += loss
         count += int((target != -100).sum())
+    nll = total / count
+    return Perplexity(math.exp(nll), nll, count, len(windows), windows.seqlen, definition(windows))
+
+
+@torch.no_grad()
+def streamed_perplexity(path, windows: Windows, *, batch_size: int = 8, show_progress: bool = True) -> Perplexity:
+    """:func:`perplexity` of a checkpoint larger than memory, read one block at a time.
+
+    The residual stream of every window is kept (``n x L x D`` floats: 8 MB for 8 windows of 128 tokens at width
+    2048) while the blocks pass through memory one after the other; the numbers are :func:`perplexity`'s on the
+    loaded model (to float32 round-off: the model's forward and the block-by-block one sum alike).
+
+    Args:
+        path: A local safetensors checkpoint, or a :class:`~sensitivity.core.streamed.StreamedCheckpoint` of one.
+        windows: Evaluation windows ``(n, L)``.
+        batch_size: Windows per forward.
+        show_progress: Show a tqdm bar over the blocks.
+
+    Returns:
+        A :class:`Perplexity`.
+    """
+    from ..core.runner import LayerRunner
+    from ..core.streamed import StreamedCheckpoint
+
+    _check(windows, batch_size)
+    ckpt = path if isinstance(path, StreamedCheckpoint) else StreamedCheckpoint(path)
+    run = LayerRunner(ckpt.lm, windows, batch_size)
+    hidden = [run.embed(b) for b in run.batches]  # (B, L, D) each
+    for layer in tqdm(range(ckpt.lm.registry.n_layers), desc="perplexity (streamed)", disable=not show_progress):
+        with ckpt.block(layer):
+            hidden = [run.run(h, layer, layer + 1, rows=b) for h, b in zip(hidden, run.batches)]
+    total, count = 0.0, 0
+    for h, b in zip(hidden, run.batches):
+        for nll, _, n in run.terms(h, b):
+            total, count = total + nll, count + n
+    if not math.isfinite(total):
+        raise NonFiniteError(f"the loss of {ckpt.path} is {total} (streamed: load the model to find where it "
+                             "first went non-finite)")  # fmt: skip
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, len(windows), windows.seqlen, definition(windows))
 

@@ -38,6 +38,9 @@ class PruneSpec(PruneRequest, ModelData):
     """Calibration windows (random offsets of the train split)."""
     seqlen: Seqlen = 256
     """Tokens per calibration window."""
+    streamed: bool = False
+    """Read the checkpoint (a local directory) one block at a time and write the pruned one shard by shard, for
+    checkpoints larger than memory (magnitude and wanda; the same masks; weights saved as the source stores them)."""
     save_dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"
     """Dtype of the saved weights: the source checkpoint's (default), or the one named."""
     out: Text
@@ -62,6 +65,8 @@ def run_prune(spec: PruneSpec, inputs: Inputs, *, overwrite: bool = False, show_
             schedule = Schedule.from_yaml(Path(spec.schedule))
         except SpecError as e:
             raise e.within("schedule") if not e.field.startswith("schedule") else e from None
+    if spec.streamed:
+        return _streamed(spec, inputs, schedule, overwrite, show_progress)
     corpus, _ = inputs.load(spec)
     lm = inputs.fresh(spec.model, spec.dtype, allow_nonfinite=spec.allow_nonfinite)
     entry = check_method(spec.method, lm.arch)
@@ -75,3 +80,29 @@ def run_prune(spec: PruneSpec, inputs: Inputs, *, overwrite: bool = False, show_
                            saved_dtype=str(stored or lm.dtype).removeprefix("torch."))  # fmt: skip
     saved = result.save(out, overwrite=overwrite, dtype=stored)
     return JobResult(spec, {"checkpoint": saved, "manifest": saved / MANIFEST}, result)
+
+
+def _streamed(spec: PruneSpec, inputs: Inputs, schedule, overwrite: bool, show_progress: bool) -> JobResult:
+    """Prune ``spec.model`` one block at a time (``streamed``)."""
+    from ..core.streamed import StreamedCheckpoint
+    from .streamed import STREAMED_METHODS, prune_streamed
+
+    if spec.method not in STREAMED_METHODS:
+        raise SpecError(f"{spec.method!r} does not run streamed; allowed: {', '.join(STREAMED_METHODS)}", "method")
+    if schedule is not None or spec.save_dtype != "source":
+        raise SpecError("streamed pruning takes one sparsity and saves the source's dtype", "streamed")
+    corpus = inputs.corpus(spec.data, spec.text_field)
+    try:
+        tokenizer = StreamedCheckpoint(spec.model).lm.tokenizer
+    except ValueError as e:
+        raise SpecError(str(e), "model") from None
+    windows = None
+    if METHODS[spec.method].needs_calibration(spec.options):
+        windows = calibration_windows(corpus, tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)
+    record = prune_streamed(spec.model, spec.method, spec.out, sparsity=spec.sparsity, windows=windows,
+                            batch_size=spec.batch_size, overwrite=overwrite, show_progress=show_progress,
+                            manifest={"job": "prune", "spec": spec.to_dict(), "data": spec.data,
+                                      "seed": spec.seed},
+                            **spec.options.to_dict())  # fmt: skip
+    out = Path(spec.out).expanduser().absolute()
+    return JobResult(spec, {"checkpoint": out, "manifest": out / MANIFEST}, record)

@@ -15,7 +15,7 @@ from ..allocation import METHODS as ALLOCATORS
 from ..allocation import allocate
 from ..core.distributed import Execution, cluster
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
-from ..core.loading import check_source
+from ..core.loading import DEVICES, check_source
 from ..core.masks import Structure
 from ..core.methods import Methods
 from ..core.objective import Tasks
@@ -58,6 +58,8 @@ class GridSpec(Execution, JobSpec):
     """Models to prune (zoo names, checkpoint directories...; default: every shipped model)."""
     data: Text = DEFAULT_CORPUS
     """Corpus of the calibration, probe and test windows."""
+    device: Literal[DEVICES] = "cpu"  # type: ignore[valid-type]
+    """Where the models run: cpu, cuda, or auto (CUDA when there is a GPU)."""
     sparsities: Sparsities = (0.25, 0.5, 0.75)
     """Sparsities of magnitude, WANDA and WANDA on each allocator's schedule."""
     structured_sparsities: Sparsities = (0.25, 0.5)

@@ -32,11 +32,11 @@ from ..allocation import Schedule, allocate
 from ..attribution import agreement, attribute
 from ..core.distributed import Execution, cluster
 from ..core.jobs import Inputs, JobSpec
-from ..core.loading import DEFAULT_MODEL
+from ..core.loading import DEFAULT_MODEL, DEVICES, resolve_device
 from ..core.methods import Methods
 from ..core.objective import Tasks
 from ..core.output import OutputDir, versions
-from ..core.spec import Count, Int, Ints, Names, OpenFraction, Seqlen, Sparsities, Text
+from ..core.spec import Count, Int, Ints, Names, OpenFraction, Seqlen, Sparsities, SpecError, Text
 from ..data import calibration_windows, eval_windows
 from ..data.corpus import DEFAULT_CORPUS
 from ..data.objective import parse_task, task_windows
@@ -101,6 +101,8 @@ class ReportOptions(Execution, Thresholds):
     """Zoo model, checkpoint directory or hub id."""
     data: Text = DEFAULT_CORPUS
     """Corpus (see sensitivity.load_corpus)."""
+    device: Literal[DEVICES] = "cpu"  # type: ignore[valid-type]
+    """Where the model runs: cpu, cuda, or auto (CUDA when there is a GPU)."""
     allow_nonfinite: bool = False
     """Load a model whose weights hold NaN or infinity (refused by default, naming the tensors)."""
     seed: Int = 0
@@ -415,7 +417,13 @@ def build_report(
     fields = {k: v for k, v in options.to_dict().items() if k in ReportOptions.model_fields}
     spec = ReportSpec(**{**fields, **overrides, "out": str(out)})
     directory = OutputDir(out, "report", spec, overwrite=overwrite).check()
-    run = _Report(spec, directory, show_progress, inputs or Inputs())  # loads and checks the inputs; writes nothing
+    try:
+        resolve_device(spec.device)
+    except ValueError as e:
+        raise SpecError(str(e), "device") from None
+    inputs = inputs or Inputs()
+    inputs.device = spec.device
+    run = _Report(spec, directory, show_progress, inputs)  # loads and checks the inputs; writes nothing
     with cluster(spec), directory:
         return _build(spec, directory, run)
 
