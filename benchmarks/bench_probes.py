@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.sweep:
         return child(args)
-    from sensitivity.core.output import versions
+    from sensitivity.core.output import atomic_write_text, versions
 
     runs = {}
     for sweep in ("naive", "cached", "batched"):
@@ -71,9 +71,7 @@ def main() -> None:
                "rows": rows, "cpus": os.cpu_count(), "threads": runs["cached"]["threads"],
                "versions": versions()}  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    atomic_write_text(RESULTS, json.dumps(payload, indent=2) + "\n")
     print(f"{args.model}: {rows[0]['probes']} probes ({args.kinds}) on {args.windows} x {args.seqlen} tokens")
     print(f"{'sweep':<8}{'total s':>9}{'s/probe':>9}{'peak RSS MB':>13}{'speed-up':>10}")
     for r in rows:

@@ -46,7 +46,7 @@ def main() -> None:
     import torch
 
     from sensitivity import load_model
-    from sensitivity.core.output import versions
+    from sensitivity.core.output import atomic_write_text, versions
     from sensitivity.probes import probe
 
     lm = load_model(args.model)
@@ -88,9 +88,7 @@ def main() -> None:
                              "each free worker takes the next layer's probes (the layers are the shards)",
                "cpus": os.cpu_count(), "versions": {**versions(), "ray": ray.__version__}}  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = RESULTS.with_suffix(".tmp")
-    tmp_json.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp_json.replace(RESULTS)
+    atomic_write_text(RESULTS, json.dumps(payload, indent=2) + "\n")
     print(f"{args.model}: {rows[0]['probes']} probes ({args.kinds}, 50%) on {args.windows} x {args.seqlen} tokens; "
           f"local Ray cluster start {cluster_start:.1f} s (not in the times below)")  # fmt: skip
     print(f"| {'run':<24} | {'wall s':>7} | {'vs in process, 2 threads':>24} |")

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, Mamba2Config, MambaConfig
 from transformers import logging as hf_logging
 
 from sensitivity.core import instrument
-from sensitivity.core.output import versions
+from sensitivity.core.output import atomic_write_text, versions
 
 RESULTS = Path(__file__).parent / "results" / "scan.json"
 MALLOC = {
@@ -105,9 +105,7 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    atomic_write_text(RESULTS, json.dumps(result, indent=2) + "\n")
     print("| arch | path | malloc | s/step | tokens/s | speed-up vs HF |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['arch']} | {r['path']} | {r['malloc']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "

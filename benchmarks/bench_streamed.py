@@ -91,7 +91,7 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from sensitivity.core.output import versions
+    from sensitivity.core.output import atomic_write_text, versions
 
     src = Path(args.dir)
     if not (src / "model.safetensors.index.json").is_file():
@@ -128,9 +128,7 @@ def main() -> None:
                "identical_tensors": identical, "runs": runs, "target_peak_rss_mb": 1536,
                "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    atomic_write_text(RESULTS, json.dumps(payload, indent=2) + "\n")
     print(f"random mamba2-1.3b: {params:,} parameters, {size / 1e9:.2f} GB of safetensors; identical: {identical}")
     print(f"| {'run':<34} | {'wall s':>7} | {'peak RSS MB':>11} |")
     print(f"|{'-' * 36}|{'-' * 9}|{'-' * 13}|")

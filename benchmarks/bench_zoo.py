@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from sensitivity.core.output import versions
+from sensitivity.core.output import atomic_write_text, versions
 from sensitivity.zoo import list_models
 
 RESULTS = Path(__file__).parent / "results" / "zoo.json"
@@ -63,9 +63,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "sensitivity evaluate (cold process) on the shipped models", "rows": rows,
                "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    atomic_write_text(RESULTS, json.dumps(payload, indent=2) + "\n")
     print(f"{'model':<16}{'malloc':<15}{'wall s':>8}{'tokens':>9}{'ppl':>9}{'card ppl':>10}")
     for r in rows:
         print(

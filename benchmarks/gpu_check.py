@@ -42,7 +42,7 @@ def main() -> None:
 
     from sensitivity import load_model
     from sensitivity.core.instrumented import hf_forward, instrument, kernels_available
-    from sensitivity.core.output import versions
+    from sensitivity.core.output import atomic_write_text, versions
     from sensitivity.data import eval_windows, load_corpus
     from sensitivity.eval import perplexity
     from sensitivity.probes import probe
@@ -102,9 +102,7 @@ def main() -> None:
                        **speed}  # fmt: skip
     print("speed", report["speed"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**report, "cpus": os.cpu_count()}, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    atomic_write_text(RESULTS, json.dumps({**report, "cpus": os.cpu_count()}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -481,6 +481,8 @@ def _sweep(lm: LoadedModel, probes: list[Probe], options: ProbeOptions, windows:
                 out.write_text("probes.csv", _to_csv(_frame(ordered)))
                 out.manifest(**record, status="running", timings=timings)
 
+        if out is not None:  # running from the start: a run killed before its first probe resumes
+            out.manifest(**record, status="running", timings=timings)
         stats = run_shards(lm, _ProbeJob, payload, _shards(todo, options), options, on_result)
         bar.close()
         timings["sweep_s"] = stats.seconds

@@ -32,8 +32,9 @@ from .conftest import _save, cli
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 POLL = 0.02  # seconds between looks at the output
 TIMEOUT = 300
-VOLATILE = frozenset({"timings", "seconds", "created", "started", "resumed", "resumed_with", "out"})
-"""Manifest keys that differ between runs of the same spec: wall times, when, resumed or not, where."""
+VOLATILE = frozenset({"timings", "seconds", "created", "started", "resumed", "resumed_with", "out", "execution"})
+"""Manifest keys that differ between runs of the same spec: wall times, when, resumed or not, where, and how this
+run's work was spread (workers, threads, restarts and shard times)."""
 UNCOMPARED = frozenset({"report.html", "report.md"})
 """Rendered with the run's timings and creation time: they must exist, their bytes may differ."""
 
