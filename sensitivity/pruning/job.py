@@ -93,13 +93,13 @@ def _streamed(spec: PruneSpec, inputs: Inputs, schedule, overwrite: bool, show_p
         raise SpecError("streamed pruning takes one sparsity and saves the source's dtype", "streamed")
     corpus = inputs.corpus(spec.data, spec.text_field)
     try:
-        tokenizer = StreamedCheckpoint(spec.model).lm.tokenizer
+        ckpt = StreamedCheckpoint(spec.model)  # read once: its tokenizer draws the windows, then it is pruned
     except ValueError as e:
         raise SpecError(str(e), "model") from None
     windows = None
     if METHODS[spec.method].needs_calibration(spec.options):
-        windows = calibration_windows(corpus, tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)
-    record = prune_streamed(spec.model, spec.method, spec.out, sparsity=spec.sparsity, windows=windows,
+        windows = calibration_windows(corpus, ckpt.lm.tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)
+    record = prune_streamed(ckpt, spec.method, spec.out, sparsity=spec.sparsity, windows=windows,
                             batch_size=spec.batch_size, overwrite=overwrite, show_progress=show_progress,
                             manifest={"job": "prune", "spec": spec.to_dict(), "data": spec.data,
                                       "seed": spec.seed},

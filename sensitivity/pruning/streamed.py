@@ -45,7 +45,7 @@ def _count(tensors: dict[str, torch.Tensor], counts: dict[str, int]) -> None:
 
 @torch.no_grad()
 def prune_streamed(
-    path: str | Path,
+    path: str | Path | StreamedCheckpoint,
     method: str,
     out: str | Path,
     *,
@@ -61,7 +61,8 @@ def prune_streamed(
 
     Args:
         path: A local safetensors checkpoint of a family in
-            :data:`~sensitivity.core.streamed.STREAMED_ARCHS` (never modified).
+            :data:`~sensitivity.core.streamed.STREAMED_ARCHS` (never modified), or its
+            :class:`~sensitivity.core.streamed.StreamedCheckpoint`.
         method: ``"wanda"`` or ``"magnitude"``.
         out: Directory for the pruned checkpoint (published whole: staged, then renamed into place).
         sparsity: Fraction of every targeted weight to remove (implied by ``structure`` when omitted).
@@ -85,8 +86,8 @@ def prune_streamed(
     opts = entry.validate(options)
     if method == "wanda" and windows is None:
         raise SpecError("wanda needs calibration windows", "windows")
-    out = check_out(out, str(path), overwrite)
-    ckpt = StreamedCheckpoint(path)
+    ckpt = path if isinstance(path, StreamedCheckpoint) else StreamedCheckpoint(path)
+    out = check_out(out, str(ckpt.path), overwrite)
     lm, registry = ckpt.lm, ckpt.lm.registry
     nm = parse_structure(opts.structure)
     s = sparsity if sparsity is not None else 1 - nm[0] / nm[1]
@@ -121,7 +122,7 @@ def prune_streamed(
                 _count({name: piece}, counts)
         writer.copy(ckpt, ckpt.outer_names())
         writer.close()
-        record = {"method": method, "source_model": str(path), "streamed": True,
+        record = {"method": method, "source_model": str(ckpt.path), "streamed": True,
                   "options": {"sparsity": s, **opts.to_dict()}, "schedule": schedule.to_dict(),
                   "calibration": None if windows is None else windows.describe(), "params_after": counts,
                   "seconds": round(time.perf_counter() - start, 3), **(manifest or {})}  # fmt: skip
