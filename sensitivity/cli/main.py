@@ -274,6 +274,9 @@ def _print_prune(result, args) -> None:
         print(f"{spec.method} pruned {spec.model} (streamed, one block at a time) in {m['seconds']:.2f} s -> {saved}")
         print(f"non-zero    {after['nonzero']:,} of {after['params']:,} stored entries "
               f"({after['nonzero'] / after['params']:.3f})")  # fmt: skip
+        if s := m.get("structured"):
+            print(f"units       {s['unit']} scored by {s['score']}, mode {s['mode']} "
+                  f"({s['params_before']:,} -> {s['params_after']:,} parameters)")  # fmt: skip
         print(f"manifest    {os.path.join(saved, 'pruning_manifest.json')}; evaluate with: sensitivity evaluate "
               f"--model {saved} --streamed")  # fmt: skip
         return

@@ -21,20 +21,28 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import tempfile
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..data import Windows
+from .finite import check_loss
+from .hooks import hooks
 from .instrumented import instrument
 from .loading import LoadedModel, _check_checkpoint, _shards
 from .registry import build_registry
+from .runner import LayerRunner
+from .stats import ChannelStats, GradStats, grad_state, window_objective
 
-__all__ = ["STREAMED_ARCHS", "ShardWriter", "StreamedCheckpoint"]
+__all__ = ["STREAMED_ARCHS", "ResidualCache", "ShardWriter", "StreamedCheckpoint", "streamed_channel_stats",
+           "streamed_window_gradients"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +138,13 @@ class StreamedCheckpoint:
             _release(block)
             _trim()
 
-    def block_tensors(self, layer: int) -> dict[str, torch.Tensor]:
-        """The loaded block ``layer``'s tensors under their checkpoint names (call inside ``block(layer)``)."""
-        prefix = f"{self.prefix}.{layer}"
+    def block_tensors(self, layer: int, extra: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """The loaded block ``layer``'s tensors under their checkpoint names (call inside ``block(layer)``), and
+        those named in ``extra`` (parameters the caller added to the block)."""
+        prefix, extra = f"{self.prefix}.{layer}", set(extra)
         block = self.lm.registry.blocks(self.lm.model)[layer]
-        return {f"{prefix}.{k}": v for k, v in block.state_dict().items() if f"{prefix}.{k}" in self.files}
+        return {f"{prefix}.{k}": v for k, v in block.state_dict().items()
+                if f"{prefix}.{k}" in self.files or f"{prefix}.{k}" in extra}  # fmt: skip
 
     def pieces(self, name: str, rows_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
         """Tensor ``name`` read from its shard in pieces of about ``rows_bytes`` (along its first axis)."""
@@ -273,10 +283,154 @@ class ShardWriter:
         self.weight_map.update(dict.fromkeys(names, name))
         self.total += sum(e[3] for e in entries)
 
-    def close(self) -> None:
+    def close(self, config=None) -> None:
+        """Write the index and copy the source's config and tokenizer files (``config``: a changed config to
+        write instead of the source's)."""
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for f in self.source.iterdir():
             if f.is_file() and (f.name == "config.json" or f.name.startswith(("tokenizer", "special_tokens"))
                                 or f.name in ("vocab.json", "merges.txt", "generation_config.json")):
                 shutil.copyfile(f, self.dir / f.name)
+        if config is not None:
+            config.save_pretrained(self.dir)
+
+
+class ResidualCache:
+    """Residual streams of ``n`` windows entering a range of layers, in a file on disk, memory-mapped: a
+    (layers, n, L, D) tensor whose pages the OS reads in and drops as needed, so a sweep over many layers of a large
+    model holds one layer's stream at a time in memory.
+
+    Args:
+        directory: Where the file goes (deleted by :meth:`close`); None: a new temporary directory.
+        shape: (layers, n, L, D).
+        dtype: The stream's dtype.
+
+    Example:
+        >>> with ResidualCache(None, (n_layers + 1, n, L, D), torch.float32) as cache:
+        ...     cache[0][k] = embeds  # (L, D)
+    """
+
+    def __init__(self, directory: str | os.PathLike | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="residuals-", dir=directory)
+        self.path = Path(self._tmp.name) / "residuals.bin"
+        numel = math.prod(shape)
+        with open(self.path, "wb") as f:
+            f.truncate(numel * torch.empty((), dtype=dtype).element_size())  # sparse: no pages written yet
+        self.data = torch.from_file(str(self.path), shared=True, size=numel, dtype=dtype).view(shape)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+    def close(self) -> None:
+        """Unmap and delete the file."""
+        self.data = None
+        self._tmp.cleanup()
+
+    def __enter__(self) -> ResidualCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@torch.no_grad()
+def streamed_channel_stats(ckpt: StreamedCheckpoint, windows: Windows, points: Iterable[str], *, batch_size: int = 8,
+                           show_progress: bool = True) -> dict[str, ChannelStats]:  # fmt: skip
+    """:func:`~sensitivity.core.stats.channel_stats` of a streamed checkpoint: the same statistics at hook points
+    (``"layers.{i}.{point}"``), computed block by block (one block in memory) on the windows' residual stream.
+
+    Args:
+        ckpt: The checkpoint.
+        windows: Calibration windows (n, L).
+        points: Hook names.
+        batch_size: Windows per forward.
+        show_progress: Show a tqdm bar over the blocks.
+
+    Returns:
+        Hook name -> statistics accumulated over every window.
+    """
+    stats = {name: ChannelStats() for name in points}
+    by_layer: dict[int, list[str]] = {}
+    for name in stats:
+        by_layer.setdefault(int(name.split(".")[1]), []).append(name)
+    run = LayerRunner(ckpt.lm, windows, batch_size)
+    hidden = [run.embed(b) for b in run.batches]  # (B, L, D) each
+    for layer in tqdm(range(max(by_layer, default=-1) + 1), desc="stats (streamed)", disable=not show_progress):
+        with ckpt.block(layer), hooks(ckpt.lm, {n: stats[n].add_batch for n in by_layer.get(layer, ())}):
+            hidden = [run.run(h, layer, layer + 1, rows=b) for h, b in zip(hidden, run.batches)]
+    return stats
+
+
+def streamed_window_gradients(
+    ckpt: StreamedCheckpoint,
+    windows: Windows,
+    params: Callable[[int, nn.Module], Mapping[Hashable, nn.Parameter]],
+    layers: Iterable[int],
+    *,
+    objective: str = "loss",
+    cache_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> dict[Hashable, GradStats]:
+    """:func:`~sensitivity.core.stats.window_gradients` of a streamed checkpoint: per-window gradients of the
+    objective with respect to parameters of the blocks ``layers``, one block in memory at a time.
+
+    A forward pass over the blocks stores the residual stream entering each of them in a memory-mapped
+    :class:`ResidualCache`; the backward pass then loads the blocks from the last to the first of ``layers``, and
+    for each window runs the block again from its cached input and back-propagates the gradient arriving from the
+    block after it (the head's, for the last block).
+
+    Args:
+        ckpt: The checkpoint.
+        windows: Calibration windows (n, L).
+        params: ``params(layer, block)``: key -> parameter of the loaded block, the ones to collect.
+        layers: Blocks whose parameters are collected.
+        objective: See :func:`~sensitivity.core.stats.window_objective`.
+        cache_dir: Directory of the residual cache file (default: the system's temporary directory).
+        show_progress: Show tqdm bars over the blocks.
+
+    Returns:
+        Key -> :class:`~sensitivity.core.stats.GradStats`.
+    """
+    lm, layers = ckpt.lm, sorted(set(layers))
+    run = LayerRunner(lm, windows, batch_size=1)
+    (n, L), first, last = windows.ids.shape, min(layers), lm.registry.n_layers
+    head = [lm.registry.final_norm(lm.model), lm.model.get_output_embeddings()]
+    stats: dict[Hashable, GradStats] = {}
+    with ResidualCache(cache_dir, (last + 1 - first, n, L, lm.model.config.hidden_size), lm.dtype) as cache:
+        hidden = [run.embed(slice(k, k + 1)) for k in range(n)]  # (1, L, D) each
+        with torch.no_grad():
+            for layer in tqdm(range(last), desc="forward (streamed)", disable=not show_progress):
+                with ckpt.block(layer):
+                    for k in range(n):
+                        if layer >= first:
+                            cache[layer - first][k] = hidden[k][0]
+                        hidden[k] = run.run(hidden[k], layer, layer + 1, rows=slice(k, k + 1))
+        grads = []
+        with ExitStack() as stack:
+            for module in head:
+                stack.enter_context(grad_state(module))
+            for k in range(n):
+                h = hidden[k].detach().requires_grad_(True)  # (1, L, D)
+                labels = None if windows.labels is None else windows.labels[k : k + 1]  # (1, L)
+                loss = window_objective(run.logits(h), run.ids[k : k + 1], objective, labels).sum()
+                check_loss(lm.model, loss.item(), run.ids[k : k + 1], f"the {objective} objective of window {k}")
+                loss.backward()
+                grads.append(h.grad)  # (1, L, D)
+        del hidden
+        for layer in tqdm(range(last - 1, first - 1, -1), desc="backward (streamed)", disable=not show_progress):
+            with ckpt.block(layer) as block:
+                wanted = dict(params(layer, block)) if layer in layers else {}
+                with grad_state(block, wanted.values()):
+                    for key, p in wanted.items():
+                        stats.setdefault(key, GradStats(0, torch.zeros_like(p, dtype=torch.float32),
+                                                        torch.zeros_like(p, dtype=torch.float32)))  # fmt: skip
+                    for k in range(n):
+                        h = cache[layer - first][k : k + 1].clone().requires_grad_(layer > first)  # (1, L, D)
+                        out = run.run(h, layer, layer + 1, rows=slice(k, k + 1))  # (1, L, D)
+                        out.backward(grads[k])
+                        for key, p in wanted.items():
+                            stats[key].add(p.grad if p.grad is not None else torch.zeros_like(p))
+                            p.grad = None
+                        grads[k] = h.grad
+    return stats

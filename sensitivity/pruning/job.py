@@ -40,7 +40,8 @@ class PruneSpec(PruneRequest, ModelData):
     """Tokens per calibration window."""
     streamed: bool = False
     """Read the checkpoint (a local directory) one block at a time and write the pruned one shard by shard, for
-    checkpoints larger than memory (magnitude and wanda; the same masks; weights saved as the source stores them)."""
+    checkpoints larger than memory (magnitude, wanda, state, head, headdim; the same result as in memory; weights
+    saved as the source stores them)."""
     save_dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"
     """Dtype of the saved weights: the source checkpoint's (default), or the one named."""
     out: Text
@@ -101,8 +102,8 @@ def _streamed(spec: PruneSpec, inputs: Inputs, schedule, overwrite: bool, show_p
         windows = calibration_windows(corpus, ckpt.lm.tokenizer, spec.calib_windows, spec.seqlen, seed=spec.seed)
     record = prune_streamed(ckpt, spec.method, spec.out, sparsity=spec.sparsity, windows=windows,
                             batch_size=spec.batch_size, overwrite=overwrite, show_progress=show_progress,
-                            manifest={"job": "prune", "spec": spec.to_dict(), "data": spec.data,
-                                      "seed": spec.seed},
+                            seed=spec.seed, manifest={"job": "prune", "spec": spec.to_dict(), "data": spec.data,
+                                                      "seed": spec.seed},
                             **spec.options.to_dict())  # fmt: skip
     out = Path(spec.out).expanduser().absolute()
     return JobResult(spec, {"checkpoint": out, "manifest": out / MANIFEST}, record)

@@ -1,9 +1,18 @@
-"""Magnitude and WANDA on a checkpoint larger than memory: one block in memory at a time, written shard by shard.
+"""Pruning a checkpoint larger than memory: one block in memory at a time, written shard by shard.
 
-The same masks as :func:`~sensitivity.pruning.prune` on the whole model: WANDA's statistics of layer ``l`` come
-from the residual stream entering it, the dense one (one-shot: the stream is carried on through the dense block)
-or the pruned one (``sequential``: through the pruned block); magnitude reads only the weights. Peak memory is the
-parts outside the blocks (embeddings, head), one block, and the calibration windows' residual stream.
+The same result as :func:`~sensitivity.pruning.prune` on the whole model:
+
+* magnitude and WANDA: WANDA's statistics of layer ``l`` come from the residual stream entering it, the dense one
+  (one-shot: the stream is carried on through the dense block) or the pruned one (``sequential``: through the
+  pruned block); magnitude reads only the weights.
+* state, head and head-dim pruning (:mod:`~sensitivity.pruning.structured`): the plan (counts, shrink or mask, the
+  rewritten config) comes from the config alone; unit scores per block: ``magnitude`` and ``random`` from the
+  weights, ``flap`` from the out_proj inputs on the dense residual stream, ``taylor`` from per-window gradients
+  back-propagated block by block (:func:`~sensitivity.core.streamed.streamed_window_gradients`, its residual
+  stream cached on disk). A shrunk block is written with its smaller tensors, and the rewritten config with it.
+
+Peak memory is the parts outside the blocks (embeddings, head), one block, and the calibration windows' residual
+stream (and their gradients, for ``taylor``).
 """
 
 from __future__ import annotations
@@ -13,26 +22,42 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..allocation import uniform_schedule
 from ..core.hooks import hook_name, hooks
 from ..core.masks import parse_structure
-from ..core.output import publish_dir, write_manifest
+from ..core.output import publish_dir, versions, write_manifest
+from ..core.registry import build_registry
 from ..core.runner import LayerRunner
 from ..core.spec import SpecError
 from ..core.stats import ChannelStats
-from ..core.streamed import ShardWriter, StreamedCheckpoint
+from ..core.streamed import ShardWriter, StreamedCheckpoint, streamed_window_gradients
 from ..data import Windows
-from .methods import METHODS
+from ._config import derived_fields, rewrite_config
+from .methods import METHODS, resolve
 from .save import MANIFEST, check_out
+from .structured import (
+    UNITS,
+    StructuredResult,
+    bias_flag_params,
+    compensation,
+    layer_scores,
+    mask_layer,
+    plan_structured,
+    shrunk_state,
+    ssm_layers,
+    taylor_components,
+    unit_index,
+)
 from .unstructured import _input_points, _prune_layer, _targets
 
 __all__ = ["STREAMED_METHODS", "prune_streamed"]
 
 logger = logging.getLogger(__name__)
 
-STREAMED_METHODS = ("magnitude", "wanda")
+STREAMED_METHODS = ("magnitude", "wanda", *UNITS)
 """Methods that run streamed."""
 
 
@@ -55,38 +80,48 @@ def prune_streamed(
     overwrite: bool = False,
     manifest: dict | None = None,
     show_progress: bool = True,
+    seed: int = 0,
     **options,
 ) -> dict:
-    """Prune the checkpoint at ``path`` by magnitude or WANDA one block at a time, writing ``out`` shard by shard.
+    """Prune the checkpoint at ``path`` one block at a time, writing ``out`` shard by shard.
 
     Args:
         path: A local safetensors checkpoint of a family in
             :data:`~sensitivity.core.streamed.STREAMED_ARCHS` (never modified), or its
             :class:`~sensitivity.core.streamed.StreamedCheckpoint`.
-        method: ``"wanda"`` or ``"magnitude"``.
+        method: ``"wanda"``, ``"magnitude"``, ``"state"``, ``"head"`` or ``"headdim"``.
         out: Directory for the pruned checkpoint (published whole: staged, then renamed into place).
-        sparsity: Fraction of every targeted weight to remove (implied by ``structure`` when omitted).
-        windows: Calibration windows (WANDA).
+        sparsity: Fraction of every targeted weight to remove (implied by ``structure`` when omitted); for units,
+            the fraction of units, one value or one per layer as :func:`~sensitivity.pruning.prune_structured`.
+        windows: Calibration windows (WANDA; the ``taylor`` and ``flap`` unit scores).
         batch_size: Windows per forward.
         overwrite: Replace a checkpoint this toolkit wrote before.
         manifest: Fields added to ``pruning_manifest.json`` (a job's spec).
         show_progress: Show a tqdm bar over the blocks.
-        **options: The method's options (``structure``, ``compare``, ``components``, ``exclude``, ``sequential``).
+        **options: The method's options (``structure``, ``compare``, ``components``, ``exclude``, ``sequential``;
+            ``score``, ``mode``, ``layers``, ``bias_compensation``).
+        seed: Seed of the ``random`` unit score (recorded).
 
     Returns:
         The manifest written next to the checkpoint.
 
     Raises:
-        SpecError: For a method that does not stream, bad options, or WANDA without windows.
+        SpecError: For a method that does not stream, bad options, or windows missing where they are needed.
         ValueError: For a checkpoint that cannot be streamed (naming why).
     """
     if method not in STREAMED_METHODS:
         raise SpecError(f"{method!r} does not run streamed; allowed: {', '.join(STREAMED_METHODS)}", "method")
+    ckpt = path if isinstance(path, StreamedCheckpoint) else StreamedCheckpoint(path)
+    if method in UNITS:
+        _, opts, request = resolve(ckpt.lm, method, options, sparsity=sparsity, schedule=None, windows=windows,
+                                   seed=seed, batch_size=batch_size)  # fmt: skip
+        out = check_out(out, str(ckpt.path), overwrite)
+        return _units(ckpt, method, opts, request.sparsity, windows, seed, batch_size, out, overwrite,
+                      manifest or {}, show_progress)  # fmt: skip
     entry = METHODS[method]
     opts = entry.validate(options)
     if method == "wanda" and windows is None:
         raise SpecError("wanda needs calibration windows", "windows")
-    ckpt = path if isinstance(path, StreamedCheckpoint) else StreamedCheckpoint(path)
     out = check_out(out, str(ckpt.path), overwrite)
     lm, registry = ckpt.lm, ckpt.lm.registry
     nm = parse_structure(opts.structure)
@@ -128,4 +163,103 @@ def prune_streamed(
                   "seconds": round(time.perf_counter() - start, 3), **(manifest or {})}  # fmt: skip
         write_manifest(tmp / MANIFEST, record)
     logger.info("%s (streamed) pruned %s to %s", method, path, out)
+    return record
+
+
+def _fisher(ckpt: StreamedCheckpoint, unit: str, windows: Windows, layers, show_progress: bool) -> dict:
+    """Fisher sums of the unit's components, keyed as :func:`~sensitivity.attribution.weight_scores` keys them."""
+    reg, names = ckpt.lm.registry, taylor_components(unit)
+
+    def params(layer: int, block) -> dict:
+        owner = reg.mixer(ckpt.lm.model, layer)
+        return {(layer, t.param): owner.get_parameter(t.param) for c in names for t in reg.component(c).tensors}
+
+    grads = streamed_window_gradients(ckpt, windows, params, layers, show_progress=show_progress)
+    return {(layer, c, t.describe()): t.select(grads[(layer, t.param)].sumsq)
+            for layer in layers for c in names for t in reg.component(c).tensors}  # fmt: skip
+
+
+@torch.no_grad()
+def _units(ckpt: StreamedCheckpoint, unit: str, opts, sparsity, windows: Windows | None, seed: int, batch_size: int,
+           out: Path, overwrite: bool, manifest: dict, show_progress: bool) -> dict:  # fmt: skip
+    """State, head or head-dim pruning of a streamed checkpoint: :func:`~sensitivity.pruning.prune_structured`'s
+    plan, scores and masks or shrunk tensors, one block at a time."""
+    lm, reg = ckpt.lm, ckpt.lm.registry
+    plan = plan_structured(lm, unit, opts, sparsity)
+    config = rewrite_config(lm.model.config, {})
+    gen = torch.Generator().manual_seed(seed) if plan.score == "random" else None
+    fisher = _fisher(ckpt, unit, windows, plan.targets, show_progress) if plan.score == "taylor" and plan.targets \
+        else None  # fmt: skip
+    run = LayerRunner(lm, windows, batch_size) if plan.score == "flap" else None
+    hidden = [run.embed(b) for b in run.batches] if run is not None else []  # (B, L, D) each
+    index_reg, added, flag = reg, {}, None
+    mixer0 = reg.mixer(lm.model, plan.targets[0]) if plan.targets else None
+    if plan.bias and plan.targets and mixer0.out_proj.bias is None:  # the flag that creates out_proj's bias
+        flag = reg.config_fields["out_bias"]
+        added = bias_flag_params(lm.model, flag)
+        if outside := [n for n in added if not n.startswith(ckpt.prefix + ".")]:
+            raise ValueError(f"{flag}=True adds {outside[0]} outside the blocks; it cannot be streamed")
+        setattr(config, flag, True)
+        index_reg = build_registry(config)
+    index = unit_index(index_reg, unit) if plan.targets else {}
+    removed: dict[int, list[int]] = {layer: [] for layer in ssm_layers(reg)}
+    counts = {"params": 0, "nonzero": 0}
+    start = time.perf_counter()
+    with publish_dir(out, overwrite=overwrite, marker=MANIFEST) as tmp:
+        writer = ShardWriter(tmp, ckpt.path)
+        for layer in tqdm(range(reg.n_layers), desc=f"{unit} (streamed)", disable=not show_progress):
+            with ckpt.block(layer) as block:
+                stats = None
+                if run is not None and layer <= max(plan.targets, default=-1):
+                    stats = ChannelStats()
+                    point = {hook_name(layer, "out_proj_in"): stats.add_batch} if layer in plan.targets else {}
+                    with hooks(lm, point):
+                        hidden = [run.run(h, layer, layer + 1, rows=b) for h, b in zip(hidden, run.batches)]
+                names = [n for n in added if n.startswith(f"{ckpt.prefix}.{layer}.")]
+                for name in names:  # zero biases wherever the flag creates them, as in memory
+                    owner = block.get_submodule(name.removeprefix(f"{ckpt.prefix}.{layer}.").rpartition(".")[0])
+                    owner.bias = nn.Parameter(torch.zeros(added[name], dtype=owner.weight.dtype))
+                if layer in plan.targets:
+                    mixer = reg.mixer(lm.model, layer)
+                    scores, mean = layer_scores(reg, mixer, layer, unit, plan.score, gen=gen, stats=stats,
+                                                fisher=fisher, n_windows=len(windows) if windows else 0)  # fmt: skip
+                    units = removed[layer] = plan.select(layer, scores)
+                    if plan.bias:
+                        b = mixer.out_proj.bias
+                        b.add_(compensation(reg, mixer, unit, units, mean).to(b.dtype))
+                    if plan.mode == "mask":
+                        mask_layer(index_reg, mixer, unit, index, units)
+                tensors = ckpt.block_tensors(layer, names)
+                if plan.mode == "shrink" and removed.get(layer):
+                    prefix = f"{ckpt.prefix}.{layer}.{reg.units[layer]['ssm']}."
+                    state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+                    state, _ = shrunk_state(state, index, removed[layer])
+                    tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+                    tensors.update({prefix + k: v for k, v in state.items()})
+                _count(tensors, counts)
+                writer.write(tensors)
+        for name in ckpt.outer_names():
+            for piece in ckpt.pieces(name):
+                _count({name: piece}, counts)
+        writer.copy(ckpt, ckpt.outer_names())
+        changes = dict(plan.changes) if any(removed.values()) and plan.mode == "shrink" else {}
+        if changes:
+            fresh = rewrite_config(config, changes)
+            for key in (*changes, *derived_fields(config)):
+                setattr(config, key, getattr(fresh, key))
+        writer.close(config if changes or flag else None)
+        config_changes = {k: [getattr(lm.model.config, k), getattr(config, k)] for k in changes}
+        if flag:
+            config_changes[flag] = [False, True]
+        result = StructuredResult(unit, plan.score, plan.mode, removed, plan.n_units, lm.n_params, counts["params"],
+                                  plan.bias, flag is not None, config_changes, plan.reason)  # fmt: skip
+        sparsity = list(sparsity) if isinstance(sparsity, tuple) else sparsity
+        record = {"method": unit, "source_model": str(ckpt.path), "streamed": True,
+                  "options": {"sparsity": sparsity, **opts.to_dict()}, "structured": result.to_dict(),
+                  "calibration": None if windows is None or plan.score not in ("taylor", "flap")
+                  else windows.describe(), "seed": seed, "params_after": counts,
+                  "seconds": round(time.perf_counter() - start, 3), "versions": versions(),
+                  **manifest}  # fmt: skip
+        write_manifest(tmp / MANIFEST, record)
+    logger.info("%s (streamed) pruned %s to %s", unit, ckpt.path, out)
     return record

@@ -482,47 +482,67 @@ def _scores(lm: LoadedModel, unit: str, score: str, windows, seed: int, batch_si
             targets: tuple[int, ...]):  # fmt: skip
     """Per target layer: unit scores shaped (blocks, units per block), and out_proj input means (flap only)."""
     reg, module = lm.registry, lm.model
-    blocks, n, _ = _blocks(reg, unit)
     kw = dict(batch_size=batch_size, show_progress=show_progress)
-    if score == "random":
-        gen = torch.Generator().manual_seed(seed)
-        return {layer: torch.rand(blocks, n, generator=gen) for layer in targets}, None
+    gen = torch.Generator().manual_seed(seed) if score == "random" else None
+    stats = fisher = None
     if score == "flap":
         names = {layer: hook_name(layer, "out_proj_in") for layer in targets}
-        stats = channel_stats(lm, windows, names.values(), **kw)
-        scores, means = {}, {}
-        for layer, name in names.items():
-            s = stats[name]
-            mean, meansq = s.sum / s.count, s.sumsq / s.count  # (ED,)
-            out_w = _weight_slice(reg, "out_proj").get(reg.mixer(module, layer))  # (D, ED)
-            channel = flap_scores(mean, meansq, out_w).cpu()  # (ED,)
-            per_head = channel.view(reg.dims["H"], reg.dims["P"])  # (H, P)
-            scores[layer] = per_head.sum(1).view(blocks, n) if unit == "head" else per_head  # (G, H/G) or (H, P)
-            means[layer] = mean
-        return scores, means
-    taylor = score == "taylor"
-    components = ("B", "C") if unit == "state" else _TAYLOR_COMPONENTS[unit]
-    fisher = weight_scores(lm, windows, "fisher", components=components, layers=targets, **kw) if taylor else {}
-    index = unit_index(reg, unit)
-    scores = {}
+        got = channel_stats(lm, windows, names.values(), **kw)
+        stats = {layer: got[name] for layer, name in names.items()}
+    elif score == "taylor":
+        fisher = weight_scores(lm, windows, "fisher", components=taylor_components(unit), layers=targets, **kw)
+    scores, means = {}, {}
     for layer in targets:
-        mixer = reg.mixer(module, layer)
-        if unit == "state":
-            parts = []
-            for comp in ("B", "C"):
-                t = _weight_slice(reg, comp)
-                w = t.get(mixer).detach()  # (G*N, D) or (N, ED)
-                parts.append(taylor_entries(w, fisher[(layer, comp, t.describe())], len(windows)) if taylor
-                             else w.float().square())  # fmt: skip
-            scores[layer] = state_scores(*parts, reg.dims.get("G", 1)).cpu().view(1, n)
-            continue
-        full = _full_fisher(reg, fisher, layer, mixer) if taylor else {}
-        values = {}
-        for name in index:
-            w = mixer.get_parameter(name).detach()
-            values[name] = taylor_entries(w, full[name].to(w.device), len(windows)) if taylor else w.float().square()
-        scores[layer] = unit_totals(values, index).view(blocks, n)  # (blocks, n)
-    return scores, None
+        scores[layer], means[layer] = layer_scores(reg, reg.mixer(module, layer), layer, unit, score, gen=gen,
+                                                   stats=stats[layer] if stats else None, fisher=fisher,
+                                                   n_windows=len(windows) if windows is not None else 0)  # fmt: skip
+    return scores, (means if score == "flap" else None)
+
+
+def taylor_components(unit: str) -> tuple[str, ...]:
+    """The components whose Fisher a unit's Taylor score reads (every parameter the unit owns; B and C for states)."""
+    return ("B", "C") if unit == "state" else _TAYLOR_COMPONENTS[unit]
+
+
+def layer_scores(reg: Registry, mixer: nn.Module, layer: int, unit: str, score: str, *,
+                 gen: torch.Generator | None = None, stats=None, fisher: Mapping | None = None,
+                 n_windows: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """One SSM layer's unit scores, (blocks, units per block), and its out_proj input mean (flap; else None).
+
+    Args:
+        reg: The model's registry.
+        mixer: Layer ``layer``'s SSM mixer, its weights loaded.
+        layer: The layer.
+        unit: ``state``, ``head`` or ``headdim``.
+        score: ``random`` (draws from ``gen``), ``magnitude``, ``flap`` (``stats``: the layer's
+            :class:`~sensitivity.core.stats.ChannelStats` at ``out_proj_in``) or ``taylor`` (``fisher``: Fisher
+            sums keyed ``(layer, component, slice)`` over ``n_windows`` windows, as :func:`weight_scores` returns).
+    """
+    blocks, n, _ = _blocks(reg, unit)
+    if score == "random":
+        return torch.rand(blocks, n, generator=gen), None
+    if score == "flap":
+        mean, meansq = stats.sum / stats.count, stats.sumsq / stats.count  # (ED,)
+        out_w = _weight_slice(reg, "out_proj").get(mixer)  # (D, ED)
+        channel = flap_scores(mean, meansq, out_w).cpu()  # (ED,)
+        per_head = channel.view(reg.dims["H"], reg.dims["P"])  # (H, P)
+        return (per_head.sum(1).view(blocks, n) if unit == "head" else per_head), mean  # (G, H/G) or (H, P)
+    taylor = score == "taylor"
+    if unit == "state":
+        parts = []
+        for comp in ("B", "C"):
+            t = _weight_slice(reg, comp)
+            w = t.get(mixer).detach()  # (G*N, D) or (N, ED)
+            parts.append(taylor_entries(w, fisher[(layer, comp, t.describe())], n_windows) if taylor
+                         else w.float().square())  # fmt: skip
+        return state_scores(*parts, reg.dims.get("G", 1)).cpu().view(1, n), None
+    index = unit_index(reg, unit)
+    full = _full_fisher(reg, fisher, layer, mixer) if taylor else {}
+    values = {}
+    for name in index:
+        w = mixer.get_parameter(name).detach()
+        values[name] = taylor_entries(w, full[name].to(w.device), n_windows) if taylor else w.float().square()
+    return unit_totals(values, index).view(blocks, n), None  # (blocks, n)
 
 
 # --- applying -------------------------------------------------------------------------------------------------
@@ -540,13 +560,8 @@ def _add_zero_biases(lm: LoadedModel) -> str:
     Zamba2's ``add_bias_linear`` also the MLP's (one shared bias where the weight is shared). Returns the flag."""
     module, config = lm.model, lm.model.config
     flag = lm.registry.config_fields["out_bias"]
-    with torch.device("meta"):  # which parameters the new config adds
-        ref = AutoModelForCausalLM.from_config(type(config).from_dict({**config.to_dict(), flag: True}))
-    have = dict(module.named_parameters(remove_duplicate=False))
     made: dict[int, nn.Parameter] = {}
-    for name, _ in ref.named_parameters(remove_duplicate=False):
-        if name in have:
-            continue
+    for name in bias_flag_params(module, flag):
         owner = module.get_submodule(name.rpartition(".")[0])
         if not (name.endswith(".bias") and isinstance(owner, nn.Linear)):
             raise RuntimeError(f"{flag}=True adds {name}, which is not a linear layer's bias")
@@ -560,26 +575,54 @@ def _add_zero_biases(lm: LoadedModel) -> str:
     return flag
 
 
+def bias_flag_params(module: nn.Module, flag: str) -> dict[str, torch.Size]:
+    """The parameters (name -> shape) that switching the config's bias ``flag`` on adds to ``module``."""
+    config = module.config
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(type(config).from_dict({**config.to_dict(), flag: True}))
+    have = dict(module.named_parameters(remove_duplicate=False))
+    return {n: p.shape for n, p in ref.named_parameters(remove_duplicate=False) if n not in have}
+
+
 def _mask(lm: LoadedModel, unit: str, index: UnitIndex, removed: dict[int, list[int]]) -> None:
-    reg = lm.registry
     for layer, units in removed.items():
-        if not units:
-            continue
-        mixer = reg.mixer(lm.model, layer)
-        rm = torch.as_tensor(units, dtype=torch.long)
-        for name, (dim, idx) in index.items():
-            p = mixer.get_parameter(name)
-            p.index_fill_(dim, idx[rm].flatten().to(p.device), 0)
-        d = reg.dims
-        if unit != "state" and "norm" in reg.component_names:  # the gated norm's groups lose channels
-            factors = norm_factors(_channels(unit, units, d["P"]), d["ED"], d["G"])  # (G,)
-            w = _weight_slice(reg, "norm").get(mixer)  # (ED,)
-            w.mul_(factors.repeat_interleave(d["ED"] // d["G"]).to(w.device, w.dtype))
-        if unit == "state":  # Jamba's weighted RMS norms over the N states of B and C
-            factor = float(norm_factors(units, d["N"], 1)[0])
-            for norm in ("B_norm", "C_norm"):
-                for t in reg.component(norm).tensors if norm in reg.component_names else ():
-                    t.get(mixer).mul_(factor)
+        if units:
+            mask_layer(lm.registry, lm.registry.mixer(lm.model, layer), unit, index, units)
+
+
+def mask_layer(reg: Registry, mixer: nn.Module, unit: str, index: UnitIndex, units: list[int]) -> None:
+    """Zero the removed ``units`` of one SSM mixer in place and rescale its norm weights to match removal."""
+    rm = torch.as_tensor(units, dtype=torch.long)
+    for name, (dim, idx) in index.items():
+        p = mixer.get_parameter(name)
+        p.index_fill_(dim, idx[rm].flatten().to(p.device), 0)
+    d = reg.dims
+    if unit != "state" and "norm" in reg.component_names:  # the gated norm's groups lose channels
+        factors = norm_factors(_channels(unit, units, d["P"]), d["ED"], d["G"])  # (G,)
+        w = _weight_slice(reg, "norm").get(mixer)  # (ED,)
+        w.mul_(factors.repeat_interleave(d["ED"] // d["G"]).to(w.device, w.dtype))
+    if unit == "state":  # Jamba's weighted RMS norms over the N states of B and C
+        factor = float(norm_factors(units, d["N"], 1)[0])
+        for norm in ("B_norm", "C_norm"):
+            for t in reg.component(norm).tensors if norm in reg.component_names else ():
+                t.get(mixer).mul_(factor)
+
+
+def shrunk_state(state: Mapping[str, torch.Tensor], index: UnitIndex, units: list[int]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:  # fmt: skip
+    """One mixer's ``state_dict`` without the removed ``units``: (the sliced state, parameter -> kept positions
+    along its unit dim, for the parameters that lost entries)."""
+    rm = torch.as_tensor(units, dtype=torch.long)
+    keeps, out = {}, {}
+    for name, tensor in state.items():
+        if name in index:
+            dim, idx = index[name]
+            keep = torch.ones(tensor.shape[dim], dtype=torch.bool)
+            keep[idx[rm].flatten()] = False
+            keeps[name] = keep.nonzero().flatten()
+            tensor = tensor.index_select(dim, keeps[name].to(tensor.device))
+        out[name] = tensor
+    return out, keeps
 
 
 def _set_mixer(reg: Registry, module: nn.Module, layer: int, mixer: nn.Module) -> None:
@@ -599,16 +642,7 @@ def _shrink(lm: LoadedModel, index: UnitIndex, removed: dict[int, list[int]], ch
         setattr(config, key, getattr(fresh, key))
     for layer, units in removed.items():
         old = reg.mixer(module, layer)
-        rm = torch.as_tensor(units, dtype=torch.long)
-        keeps, state = {}, {}
-        for name, tensor in old.state_dict().items():
-            if name in index:
-                dim, idx = index[name]
-                keep = torch.ones(tensor.shape[dim], dtype=torch.bool)
-                keep[idx[rm].flatten()] = False
-                keeps[name] = keep.nonzero().flatten()
-                tensor = tensor.index_select(dim, keeps[name].to(tensor.device))
-            state[name] = tensor
+        state, keeps = shrunk_state(old.state_dict(), index, units)
         base = next(c for c in type(old).__mro__ if c.__module__.startswith("transformers."))  # under instrumented
         # Some HF mixers (FalconMamba, transformers 5.24) fail when asked to initialise their weights themselves;
         # they are overwritten anyway, and the nn.Linear init runs under a forked RNG so the caller's stream is kept.
@@ -708,8 +742,47 @@ def prune_structured(
     return _structured(lm, unit, opts, request.sparsity, windows, seed, request.batch_size, show_progress)
 
 
-def _structured(lm: LoadedModel, unit: str, opts, sparsity, windows, seed: int, batch_size: int,
-                show_progress: bool, from_schedule: bool = False) -> StructuredResult:  # fmt: skip
+@dataclass
+class StructuredPlan:
+    """What a structured pruning run will remove, decided from the config and the request alone (no weights read):
+    see :func:`plan_structured`.
+
+    Attributes:
+        unit, score: The unit and its score.
+        mode: ``"shrink"`` or ``"mask"``; ``reason``: why.
+        counts: SSM layer -> units removed per block (0 in SSM layers not pruned).
+        targets: The layers that lose units, ascending.
+        blocks, n: Blocks per layer and units per block (units are chosen within each block).
+        n_units: Units per layer (N, H or P).
+        dims: The SSM sizes after shrinking (None when masking); ``changes``: the config fields they rewrite.
+        bias: Whether FLAP's bias compensation is applied.
+    """
+
+    unit: str
+    score: str
+    mode: str
+    reason: str
+    counts: dict[int, int]
+    targets: tuple[int, ...]
+    blocks: int
+    n: int
+    n_units: int
+    dims: dict[str, int] | None
+    changes: dict
+    bias: bool
+
+    def select(self, layer: int, scores: torch.Tensor) -> list[int]:
+        """The removed units of ``layer`` from its (blocks, n) scores: the lowest of each block, as flat indices."""
+        idx = select_lowest(scores, self.counts[layer]) + self.n * torch.arange(self.blocks)[:, None]  # (blocks, k)
+        return idx.flatten().tolist()
+
+
+def plan_structured(lm: LoadedModel, unit: str, opts, sparsity, from_schedule: bool = False) -> StructuredPlan:
+    """Decide what :func:`prune_structured` removes and how (shrink or mask), from the config alone.
+
+    Raises:
+        SpecError: As :func:`prune_structured`.
+    """
     reg = lm.registry
     score, mode, bias_compensation = opts.score, opts.mode, getattr(opts, "bias_compensation", False)
     unit_index(reg, unit)  # SpecError for heads on Mamba-1 mixers
@@ -720,7 +793,6 @@ def _structured(lm: LoadedModel, unit: str, opts, sparsity, windows, seed: int, 
     blocks, n, what = _blocks(reg, unit)
     counts = dict.fromkeys(ssm_layers(reg), 0)  # per block, in every SSM layer
     counts.update(zip(per_layer, removal_counts(n, list(per_layer.values()), what, list(per_layer))))
-    params_before = lm.n_params
     n_units = {"state": reg.dims["N"], "head": reg.dims.get("H"), "headdim": reg.dims.get("P")}[unit]
     uniform = len(set(counts.values())) == 1
     k0 = next(iter(counts.values()))
@@ -751,48 +823,56 @@ def _structured(lm: LoadedModel, unit: str, opts, sparsity, windows, seed: int, 
         else:
             mode, reason, dims = "mask", problem, None
     logger.info("%s pruning by %s: mode %s (%s)", unit, score, mode, reason)
-
-    bias = score == "flap" and bias_compensation
-    removed: dict[int, list[int]] = {layer: [] for layer in ssm_layers(reg)}
-    if not any(counts.values()):
-        return StructuredResult(unit, score, mode, removed, n_units, params_before, params_before, False,
-                                mode_reason=reason)  # fmt: skip
     weightless = "B_norm" in reg.component_names and not reg.component("B_norm").tensors
-    if mode == "mask" and unit == "state" and weightless:
+    if mode == "mask" and unit == "state" and weightless and any(counts.values()):
         logger.warning("masked states on %s only approximate removed ones: its weightless B/C RMS norms still "
                        "average over all %d states", reg.arch, reg.dims["N"])  # fmt: skip
+    return StructuredPlan(unit, score, mode, reason, counts, tuple(layer for layer in targets if counts[layer]),
+                          blocks, n, n_units, dims, _config_changes(reg, dims) if dims is not None else {},
+                          score == "flap" and bias_compensation)  # fmt: skip
 
-    targets = tuple(layer for layer in targets if counts[layer])
-    scores, means = _scores(lm, unit, score, windows, seed, batch_size, show_progress, targets)
-    for layer in targets:
-        idx = select_lowest(scores[layer], counts[layer]) + n * torch.arange(blocks)[:, None]  # (blocks, k)
-        removed[layer] = idx.flatten().tolist()
 
-    changes = _config_changes(reg, dims) if dims is not None else {}
-    before = {key: getattr(lm.model.config, key) for key in changes}
+def _structured(lm: LoadedModel, unit: str, opts, sparsity, windows, seed: int, batch_size: int,
+                show_progress: bool, from_schedule: bool = False) -> StructuredResult:  # fmt: skip
+    reg = lm.registry
+    plan = plan_structured(lm, unit, opts, sparsity, from_schedule)
+    params_before = lm.n_params
+    removed: dict[int, list[int]] = {layer: [] for layer in ssm_layers(reg)}
+    if not plan.targets:
+        return StructuredResult(unit, plan.score, plan.mode, removed, plan.n_units, params_before, params_before,
+                                False, mode_reason=plan.reason)  # fmt: skip
+    scores, means = _scores(lm, unit, plan.score, windows, seed, batch_size, show_progress, plan.targets)
+    for layer in plan.targets:
+        removed[layer] = plan.select(layer, scores[layer])
+
+    before = {key: getattr(lm.model.config, key) for key in plan.changes}
     bias_flag = None
     with torch.no_grad():
-        if bias:
-            P = reg.dims["P"]
-            out_w = _weight_slice(reg, "out_proj")
-            comps = {layer: flap_bias(out_w.get(reg.mixer(lm.model, layer)), means[layer], _channels(unit, units, P))
+        if plan.bias:
+            comps = {layer: compensation(reg, reg.mixer(lm.model, layer), unit, units, means[layer])
                      for layer, units in removed.items() if units}  # fmt: skip
-            if reg.mixer(lm.model, targets[0]).out_proj.bias is None:
+            if reg.mixer(lm.model, plan.targets[0]).out_proj.bias is None:
                 bias_flag = _add_zero_biases(lm)
             for layer, comp in comps.items():
                 b = lm.registry.mixer(lm.model, layer).out_proj.bias
                 b.add_(comp.to(b.device, b.dtype))
         index = unit_index(lm.registry, unit)
-        if mode == "mask":
+        if plan.mode == "mask":
             _mask(lm, unit, index, removed)
         else:
-            _shrink(lm, index, removed, changes)
+            _shrink(lm, index, removed, plan.changes)
     lm.registry = build_registry(lm.model.config)
     config_changes = {key: [value, getattr(lm.model.config, key)] for key, value in before.items()}
     if bias_flag is not None:
         config_changes[bias_flag] = [False, True]
-    return StructuredResult(unit, score, mode, removed, n_units, params_before, lm.n_params, bias,
-                            bias_flag is not None, config_changes, reason)  # fmt: skip
+    return StructuredResult(unit, plan.score, plan.mode, removed, plan.n_units, params_before, lm.n_params,
+                            plan.bias, bias_flag is not None, config_changes, plan.reason)  # fmt: skip
+
+
+def compensation(reg: Registry, mixer: nn.Module, unit: str, units: list[int], mean: torch.Tensor) -> torch.Tensor:
+    """FLAP's bias compensation of one mixer's ``out_proj`` for the removed ``units`` (before they are removed)."""
+    out_w = _weight_slice(reg, "out_proj").get(mixer)  # (D, ED)
+    return flap_bias(out_w, mean, _channels(unit, units, reg.dims["P"]))  # (D,)
 
 
 _MAMBA2_ARCHS = tuple(a for a in ARCHITECTURES if "H" in build_registry(tiny_config(a)).dims)

@@ -112,8 +112,9 @@ def test_streamed_refusals(tmp_path):
         StreamedCheckpoint(src)
     with pytest.raises(ValueError, match="streamed mode reads a local checkpoint directory; 'tiny:mamba' is not one"):
         StreamedCheckpoint("tiny:mamba")
-    with pytest.raises(SpecError, match="method: 'state' does not run streamed; allowed: magnitude, wanda"):
-        prune_streamed(src, "state", tmp_path / "out", sparsity=0.5)
+    allowed = "magnitude, wanda, state, head, headdim"
+    with pytest.raises(SpecError, match=f"method: 'blocks' does not run streamed; allowed: {allowed}"):
+        prune_streamed(src, "blocks", tmp_path / "out", sparsity=0.5)
     with pytest.raises(SpecError, match="windows: wanda needs calibration windows"):
         prune_streamed(_save("tiny:mamba", tmp_path / "m"), "wanda", tmp_path / "out", sparsity=0.5)
     assert not (tmp_path / "out").exists()
@@ -138,7 +139,7 @@ def test_cli_streamed_prune_and_evaluate(tmp_path):
     plain = _sensitivity("evaluate", "--model", str(tmp_path / "s"), "--data", "sample", "--seqlen", "64", "--json")
     a, b = json.loads(ev.stdout), json.loads(plain.stdout)
     assert a["streamed"] is True and a["nll"] == pytest.approx(b["nll"], rel=1e-6) and a["tokens"] == b["tokens"]
-    bad = _sensitivity("prune", "--model", str(src), "--method", "state", "--sparsity", "0.5", "--streamed",
+    bad = _sensitivity("prune", "--model", str(src), "--method", "blocks", "--sparsity", "0.5", "--streamed",
                        "--out", str(tmp_path / "x"))  # fmt: skip
-    assert bad.returncode == 2 and "'state' does not run streamed" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "'blocks' does not run streamed" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x").exists()

@@ -125,14 +125,15 @@ def test_shrink_reloads_in_plain_transformers_and_equals_mask(arch, unit, sparsi
     assert masked.removed == shrunk.removed and masked.params_after >= masked.params_before
     _tiny_eps(lm.model), _tiny_eps(masked_lm.model)
     # Block by block on the same residual stream masked equals shrunk to float32 rounding; through 4-5 blocks of
-    # these noisy random weights the rounding grows to ~1e-4 in the logits.
+    # these noisy random weights the rounding grows to 1e-4 - 2e-4 in the logits (1.6e-4 on Zamba2 on one CPU,
+    # under 1e-4 on another: the summation order of the CPU's kernels).
     shrunk_run, masked_run = LayerRunner(lm, windows), LayerRunner(masked_lm, windows)
     stream, embeds = shrunk_run.stream(), shrunk_run.embed(slice(0, len(windows)))  # (n, L, D) each
     with torch.no_grad():
         for layer in shrunk.removed:
             expected = shrunk_run.call(layer, stream[layer], embeds)  # (n, L, D)
             torch.testing.assert_close(masked_run.call(layer, stream[layer], embeds), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(_logits(masked_lm.model, ids), _logits(lm.model, ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(masked_lm.model, ids), _logits(lm.model, ids), rtol=1e-3, atol=5e-4)
     json.dumps(shrunk.to_dict())
 
 
