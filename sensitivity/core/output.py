@@ -129,8 +129,9 @@ def _lock(path: Path) -> int:
 
 
 def _identity(spec: dict) -> dict:
-    """What must match for a run to resume another: the spec without where it writes and where it runs."""
-    return {k: v for k, v in spec.items() if k != "out" and k not in EXECUTION_FIELDS}
+    """What must match for a run to resume another: the spec without where it writes and where and how it runs
+    (the execution fields; ``streamed``, which gives the same numbers)."""
+    return {k: v for k, v in spec.items() if k not in ("out", "streamed") and k not in EXECUTION_FIELDS}
 
 
 class OutputDir:

@@ -28,6 +28,9 @@ class ProbeSpec(ProbeOptions, ModelData):
 def run_probe(spec: ProbeSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
     """Run the sweep ``spec`` asks for; the probes frame is the job's value."""
     out = OutputDir(spec.out, "probe", spec, overwrite=overwrite).check()
-    corpus, lm = inputs.load(spec)
-    df = probe(lm, corpus, options=spec, out=out, show_progress=show_progress)  # opens out once all is checked
+    if spec.streamed:  # the checkpoint is read one block at a time by the sweep
+        corpus, model = inputs.corpus(spec.data, spec.text_field), spec.model
+    else:
+        corpus, model = inputs.load(spec)
+    df = probe(model, corpus, options=spec, out=out, show_progress=show_progress)  # opens out once all is checked
     return JobResult(spec, {"probes": out.file("probes.csv"), "manifest": out.file("manifest.json")}, df)

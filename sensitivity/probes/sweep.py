@@ -26,11 +26,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import torch
-from pydantic import AfterValidator, field_validator
+from pydantic import AfterValidator, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from ..core.distributed import Execution, run_shards
@@ -114,6 +114,17 @@ class ProbeOptions(Execution, TaskOptions):
     estimator: Literal["linear", "local"] = "linear"
     """With estimate: linear (AtP: every activation and weight change linearised) or local (the ablated layer run
     exactly, the rest linearised; one block forward per probe)."""
+    streamed: bool = False
+    """Read the model (a local safetensors checkpoint) one block at a time, for checkpoints larger than memory:
+    the cached sweep's numbers, the residual streams kept in memory-mapped files on disk (exact sweep, in process)."""
+
+    @model_validator(mode="after")
+    def _streamable(self) -> ProbeOptions:
+        if self.streamed and (self.estimate or self.sweep != "cached" or self.backend != "local"):
+            asked = "estimate" if self.estimate else f"sweep={self.sweep}" if self.sweep != "cached" else \
+                f"backend={self.backend}"  # fmt: skip
+            raise SpecError(f"a streamed sweep is exact, cached and in process; {asked} is not", "streamed")
+        return self
 
     @field_validator("kinds")
     @classmethod
@@ -364,6 +375,15 @@ def probe(
         >>> df[df.metric == "delta_nll"].sort_values("value").tail(3)
     """
     options = ProbeOptions.merged(options, **overrides)
+    ckpt = None
+    if options.streamed:
+        from ..core.streamed import StreamedCheckpoint
+
+        try:
+            ckpt = model if isinstance(model, StreamedCheckpoint) else StreamedCheckpoint(model)
+        except ValueError as e:
+            raise SpecError(str(e), "model") from None
+        model = ckpt.lm
     lm = as_loaded(model, instrumented=True)
     probes = plan(lm.registry, options)
     if only is not None:
@@ -388,9 +408,9 @@ def probe(
         raise SpecError("kind 'resample' needs at least 2 held-out windows", "windows")
     inputs = {"windows_sha256": windows.sha256()[:16], "calibration_sha256": calibration.sha256()[:16]}
     if out is None:
-        return _sweep(lm, probes, options, windows, calibration, None, inputs, show_progress)
+        return _sweep(lm, probes, options, windows, calibration, None, inputs, show_progress, ckpt)
     if isinstance(out, OutputDir) and out.is_open:
-        return _sweep(lm, probes, options, windows, calibration, out, inputs, show_progress)
+        return _sweep(lm, probes, options, windows, calibration, out, inputs, show_progress, ckpt)
     if isinstance(out, OutputDir):  # a job's, checked before its inputs loaded: opened once they are all good
         directory = out
     else:
@@ -400,7 +420,7 @@ def probe(
             spec["only"] = [list(p.key) for p in probes]
         directory = OutputDir(out, "probe", spec, inputs=inputs)
     with directory:
-        return _sweep(lm, probes, options, windows, calibration, directory, inputs, show_progress)
+        return _sweep(lm, probes, options, windows, calibration, directory, inputs, show_progress, ckpt)
 
 
 @dataclass
@@ -412,6 +432,7 @@ class _Payload:
     calibration: Windows
     todo: list[Probe]
     show_progress: bool = False
+    ckpt: Any = None  # a StreamedCheckpoint (streamed sweeps)
 
 
 class _ProbeJob:
@@ -449,11 +470,11 @@ def _shards(todo: list[Probe], options: ProbeOptions) -> list[list[Probe]]:
     or a layer's probes for the batched sweep."""
     if options.estimate:
         return [todo]
-    return _groups(todo, options.sweep == "batched" or options.backend == "ray")
+    return _groups(todo, options.sweep == "batched" or options.backend == "ray" or options.streamed)
 
 
 def _sweep(lm: LoadedModel, probes: list[Probe], options: ProbeOptions, windows: Windows, calibration: Windows,
-           out: OutputDir | None, inputs: dict, show_progress: bool) -> pd.DataFrame:  # fmt: skip
+           out: OutputDir | None, inputs: dict, show_progress: bool, ckpt=None) -> pd.DataFrame:  # fmt: skip
     done = _load_finished(out) if out is not None else {}
     started = time.time()
     todo = [p for p in probes if p.key not in done]
@@ -464,7 +485,7 @@ def _sweep(lm: LoadedModel, probes: list[Probe], options: ProbeOptions, windows:
     rows_of = dict(done)
     if todo:
         local = options.backend == "local"
-        payload = _Payload(options, windows, calibration, todo, show_progress and local)
+        payload = _Payload(options, windows, calibration, todo, show_progress and local, ckpt)
         what = "estimates" if options.estimate else f"probes ({options.sweep})"
         bar = tqdm(total=len(todo), desc=what, disable=not show_progress, unit="probe")
 
@@ -483,7 +504,20 @@ def _sweep(lm: LoadedModel, probes: list[Probe], options: ProbeOptions, windows:
 
         if out is not None:  # running from the start: a run killed before its first probe resumes
             out.manifest(**record, status="running", timings=timings)
-        stats = run_shards(lm, _ProbeJob, payload, _shards(todo, options), options, on_result)
+        jobs = []
+
+        def job(lm: LoadedModel, payload: _Payload):
+            from .streamed import StreamedProbeJob
+
+            jobs.append(StreamedProbeJob(payload.ckpt, payload))
+            return jobs[-1]
+
+        try:
+            stats = run_shards(lm, job if ckpt is not None else _ProbeJob, payload, _shards(todo, options), options,
+                               on_result)  # fmt: skip
+        finally:
+            for j in jobs:
+                j.close()
         bar.close()
         timings["sweep_s"] = stats.seconds
         timings["per_probe_s"] = stats.seconds / len(todo)
