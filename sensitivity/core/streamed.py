@@ -7,9 +7,10 @@ shards, lazily, releasing them on exit. Stages run block by block on the residua
 the result one shard per block, with the same tensor names as the source and its own index. The source is only
 read.
 
-Supported: Mamba, Mamba-2, FalconMamba, Bamba and Falcon-H1, whose checkpoints name their tensors as their modules
-do. transformers renames the tensors of the other hybrids as it loads them (GraniteMoeHybrid's and Jamba's experts
-are fused, Nemotron-H's prefix differs) and Zamba2 shares one transformer's tensors between layers; they are refused.
+Supported: every family but Zamba2, whose layers share one transformer's tensors. Where a checkpoint names its
+tensors otherwise than the model does (GraniteMoeHybrid's and Jamba's experts are stored one by one and fused in
+the model, Nemotron-H's prefix is ``backbone``), transformers' own weight conversions translate, both ways, as
+``from_pretrained`` and ``save_pretrained`` do.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -31,6 +33,16 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    PrefixChange,
+    WeightConverter,
+    WeightRenaming,
+    apply_converters,
+    apply_renamings,
+    dot_natural_key,
+    revert_weight_conversion,
+)
 
 from ..data import Windows
 from .finite import check_loss
@@ -48,8 +60,10 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _ELEMENT = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-STREAMED_ARCHS = ("mamba", "mamba2", "falcon_mamba", "bamba", "falcon_h1")
+STREAMED_ARCHS = ("mamba", "mamba2", "falcon_mamba", "bamba", "granitemoehybrid", "nemotron_h", "jamba", "falcon_h1")
 """Families a checkpoint can be streamed of."""
+_REFUSED = {"zamba2": " (Zamba2's layers share one transformer's tensors, so its blocks cannot be loaded one at a "
+                      "time)"}  # fmt: skip
 
 
 class StreamedCheckpoint:
@@ -80,8 +94,9 @@ class StreamedCheckpoint:
         _check_checkpoint(self.path, name)
         config = AutoConfig.from_pretrained(self.path)
         if config.model_type not in STREAMED_ARCHS:
+            why = _REFUSED.get(config.model_type, "")
             raise ValueError(f"{name!r} is a {config.model_type!r} model; streamed mode supports "
-                             f"{', '.join(STREAMED_ARCHS)}")  # fmt: skip
+                             f"{', '.join(STREAMED_ARCHS)}{why}")  # fmt: skip
         self.files: dict[str, Path] = {}
         for shard in _shards(self.path, name):
             with safe_open(self.path / shard, framework="pt") as f:
@@ -99,13 +114,34 @@ class StreamedCheckpoint:
         except (OSError, ValueError, TypeError):
             tokenizer = None
         self.lm = LoadedModel(model, tokenizer, registry, name)
-        outer = [n for n in self.files if not n.startswith(self.prefix + ".")]
-        for module_name in sorted({n.rsplit(".", 1)[0] for n in outer}):
-            self._load(module_name, model.get_submodule(module_name))
+        self._conversions = _conversions(model)
+        # The checkpoint's names of each block's tensors: the block's own names (on meta) as save_pretrained
+        # would write them.
+        self._block_files: list[list[str]] = []
+        for i, block in enumerate(blocks):
+            meta = {f"{self.prefix}.{i}.{k}": v for k, v in block.state_dict().items()}
+            self._block_files.append([n for n in self.to_checkpoint(meta) if n in self.files])
+        inside = {n for names in self._block_files for n in names}
+        self._outer = [n for n in self.files if n not in inside]
+        self._loaded: dict[int, set[str]] = {}
+        state = self.to_model(self._read(self._outer))
+        for module_name in sorted({n.rsplit(".", 1)[0] for n in state}):
+            module = model.get_submodule(module_name)
+            module.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in state.items()
+                                    if k.rsplit(".", 1)[0] == module_name}, strict=True, assign=True)  # fmt: skip
         model.tie_weights()
         instrument(model)
         if missing := [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(self.prefix + ".")]:
             raise ValueError(f"{name!r} has no tensor {missing[0]!r}")
+
+    def to_model(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors under the model's names (transformers' conversions applied: fused experts, renamed
+        prefixes), as ``from_pretrained`` loads them."""
+        return _convert(self.lm.model, tensors, self._conversions) if self._conversions else tensors
+
+    def to_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model tensors under the checkpoint's names, as ``save_pretrained`` writes them."""
+        return revert_weight_conversion(self.lm.model, tensors) if self._conversions else tensors
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Tensors ``names`` from their shards (each shard opened once)."""
@@ -118,20 +154,14 @@ class StreamedCheckpoint:
                 out.update({k: f.get_tensor(k) for k in keys})
         return out
 
-    def keys(self, prefix: str) -> list[str]:
-        """The checkpoint's tensor names under module ``prefix``, in file order."""
-        return [n for n in self.files if n.startswith(prefix + ".")]
-
-    def _load(self, prefix: str, module: nn.Module) -> None:
-        """Give ``module`` (named ``prefix`` in the model) its tensors from the checkpoint."""
-        state = {k[len(prefix) + 1 :]: v for k, v in self._read(self.keys(prefix)).items()}
-        module.load_state_dict(state, strict=True, assign=True)  # buffers the checkpoint lacks: built on the CPU
-
     @contextmanager
     def block(self, layer: int) -> Iterator[nn.Module]:
         """Block ``layer`` with its tensors loaded (in place in the model), released to the meta device on exit."""
         block = self.lm.registry.blocks(self.lm.model)[layer]
-        self._load(f"{self.prefix}.{layer}", block)
+        prefix = f"{self.prefix}.{layer}."
+        state = self.to_model(self._read(self._block_files[layer]))
+        self._loaded[layer] = set(state)
+        block.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, strict=True, assign=True)
         try:
             yield block
         finally:
@@ -139,12 +169,12 @@ class StreamedCheckpoint:
             _trim()
 
     def block_tensors(self, layer: int, extra: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-        """The loaded block ``layer``'s tensors under their checkpoint names (call inside ``block(layer)``), and
-        those named in ``extra`` (parameters the caller added to the block)."""
-        prefix, extra = f"{self.prefix}.{layer}", set(extra)
+        """The loaded block ``layer``'s tensors under the model's names (call inside ``block(layer)``): the ones
+        the checkpoint holds, and those named in ``extra`` (parameters the caller added to the block).
+        :meth:`to_checkpoint` renames them for writing."""
+        prefix, keep = f"{self.prefix}.{layer}", self._loaded[layer] | set(extra)
         block = self.lm.registry.blocks(self.lm.model)[layer]
-        return {f"{prefix}.{k}": v for k, v in block.state_dict().items()
-                if f"{prefix}.{k}" in self.files or f"{prefix}.{k}" in extra}  # fmt: skip
+        return {f"{prefix}.{k}": v for k, v in block.state_dict().items() if f"{prefix}.{k}" in keep}
 
     def pieces(self, name: str, rows_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
         """Tensor ``name`` read from its shard in pieces of about ``rows_bytes`` (along its first axis)."""
@@ -161,7 +191,33 @@ class StreamedCheckpoint:
 
     def outer_names(self) -> list[str]:
         """The checkpoint's tensor names outside the blocks."""
-        return [n for n in self.files if not n.startswith(self.prefix + ".")]
+        return list(self._outer)
+
+
+def _conversions(model: nn.Module) -> list:
+    """transformers' weight conversions between ``model``'s names and its checkpoints' (empty for most families)."""
+    return [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+
+
+def _convert(model: nn.Module, tensors: dict[str, torch.Tensor], conversions: list) -> dict[str, torch.Tensor]:
+    """``tensors`` (checkpoint names) under the model's names: transformers' ``revert_weight_conversion`` run
+    forwards (renamings on every key, converters on the keys they match, many-to-one ones given all their pieces)."""
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    by_pattern = {k: c for c in converters for k in c.source_patterns}
+    pending: dict[str, WeightRenaming | WeightConverter] = {}
+    for key, tensor in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
+        renamed = apply_renamings(key, renamings)
+        target, pattern = apply_converters(renamed, converters)
+        if pattern is None:
+            pending.setdefault(renamed, WeightRenaming(key, renamed)).add_tensor(renamed, key, key, tensor)
+        else:
+            pending.setdefault(target, deepcopy(by_pattern[pattern])).add_tensor(target, key, pattern, tensor)
+    out = {}
+    for first, conversion in pending.items():
+        for name, value in conversion.convert(first, model=model, config=model.config).items():
+            out[name] = value[0] if isinstance(value, list) else value
+    return out
 
 
 @contextmanager

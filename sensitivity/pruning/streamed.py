@@ -151,7 +151,7 @@ def prune_streamed(
                     hidden = dense
                 tensors = ckpt.block_tensors(layer)
                 _count(tensors, counts)
-                writer.write(tensors)
+                writer.write(ckpt.to_checkpoint(tensors))
         for name in ckpt.outer_names():  # outside the blocks: unchanged, counted and copied a piece at a time
             for piece in ckpt.pieces(name):
                 _count({name: piece}, counts)
@@ -237,7 +237,7 @@ def _units(ckpt: StreamedCheckpoint, unit: str, opts, sparsity, windows: Windows
                     tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
                     tensors.update({prefix + k: v for k, v in state.items()})
                 _count(tensors, counts)
-                writer.write(tensors)
+                writer.write(ckpt.to_checkpoint(tensors))
         for name in ckpt.outer_names():
             for piece in ckpt.pieces(name):
                 _count({name: piece}, counts)

@@ -15,7 +15,8 @@ from sensitivity.data import load_corpus
 from sensitivity.probes import probe
 
 SMALL = dict(windows=3, calib_windows=2, seqlen=32, batch_size=2, show_progress=False)
-STREAMED = ["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba", "tiny:bamba", "tiny:falcon-h1"]
+STREAMED = ["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba", "tiny:bamba", "tiny:granitemoehybrid",
+            "tiny:nemotron-h", "tiny:jamba", "tiny:falcon-h1"]  # fmt: skip
 
 
 def _save(name: str, path):

@@ -22,7 +22,8 @@ from sensitivity.eval.perplexity import streamed_perplexity
 from sensitivity.pruning import prune
 from sensitivity.pruning.streamed import prune_streamed
 
-STREAMED = ["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba", "tiny:bamba", "tiny:falcon-h1"]
+STREAMED = ["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba", "tiny:bamba", "tiny:granitemoehybrid",
+            "tiny:nemotron-h", "tiny:jamba", "tiny:falcon-h1"]  # fmt: skip
 RUNS = [("wanda", {}), ("wanda", {"sequential": True}), ("wanda", {"structure": "2:4"}), ("magnitude", {}),
         ("magnitude", {"compare": "tensor", "exclude": "none"})]  # fmt: skip
 
@@ -71,17 +72,18 @@ def test_streamed_pruning_writes_the_in_memory_tensors(checkpoint, tmp_path, one
     prune(memory, method, sparsity=sparsity, windows=windows, show_progress=False, **options)
     record = prune_streamed(src, method, tmp_path / "out", sparsity=sparsity, windows=windows, show_progress=False,
                             **options)  # fmt: skip
-    got, want = _tensors(tmp_path / "out"), memory.model.state_dict()
-    assert set(got) == set(_tensors(src))  # the source's names (tied tensors stored once, as it stores them)
+    memory.model.save_pretrained(tmp_path / "memory")  # the checkpoint's names (experts one by one, prefixes)
+    got, want = _tensors(tmp_path / "out"), _tensors(tmp_path / "memory")
+    assert set(got) == set(_tensors(src)) == set(want)  # the source's names (tied tensors stored once)
     assert all(torch.equal(got[k], want[k]) for k in got), [k for k in got if not torch.equal(got[k], want[k])]
     zeros = sum(int((t == 0).sum()) for t in got.values())
-    assert zeros > 0.25 * sum(t.numel() for t in got.values()) and record["params_after"]["nonzero"] == sum(
+    assert zeros > 0.15 * sum(t.numel() for t in got.values()) and record["params_after"]["nonzero"] == sum(
         int(t.count_nonzero()) for t in got.values())
     assert _digest(src) == before
     manifest = json.loads((tmp_path / "out" / "pruning_manifest.json").read_text())
     assert manifest["streamed"] is True and manifest["method"] == method
-    reloaded = load_model(str(tmp_path / "out"))
-    assert all(torch.equal(t, dict(reloaded.model.state_dict())[k]) for k, t in got.items())
+    reloaded, state = load_model(str(tmp_path / "out")), memory.model.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in reloaded.model.state_dict().items())
 
 
 def test_streamed_perplexity_equals_the_loaded_models(checkpoint, one_thread):
@@ -105,10 +107,11 @@ def test_a_block_is_in_memory_only_inside_its_with(tmp_path):
 
 
 def test_streamed_refusals(tmp_path):
-    src = tmp_path / "moe"
-    lm = load_model("tiny:granitemoehybrid")
+    src = tmp_path / "shared"
+    lm = load_model("tiny:zamba2")
     lm.model.save_pretrained(src)
-    with pytest.raises(ValueError, match="is a 'granitemoehybrid' model; streamed mode supports mamba, mamba2"):
+    with pytest.raises(ValueError, match=r"is a 'zamba2' model; streamed mode supports mamba, .*, falcon_h1 \(Zamba2's "
+                                         "layers share one transformer's tensors"):
         StreamedCheckpoint(src)
     with pytest.raises(ValueError, match="streamed mode reads a local checkpoint directory; 'tiny:mamba' is not one"):
         StreamedCheckpoint("tiny:mamba")
