@@ -7,10 +7,11 @@ shards, lazily, releasing them on exit. Stages run block by block on the residua
 the result one shard per block, with the same tensor names as the source and its own index. The source is only
 read.
 
-Supported: every family but Zamba2, whose layers share one transformer's tensors. Where a checkpoint names its
-tensors otherwise than the model does (GraniteMoeHybrid's and Jamba's experts are stored one by one and fused in
-the model, Nemotron-H's prefix is ``backbone``), transformers' own weight conversions translate, both ways, as
-``from_pretrained`` and ``save_pretrained`` do.
+Every family of the registry streams. Where a checkpoint names its tensors otherwise than the model does
+(GraniteMoeHybrid's and Jamba's experts are stored one by one and fused in the model, Nemotron-H's prefix is
+``backbone``), transformers' own weight conversions translate, both ways, as ``from_pretrained`` and
+``save_pretrained`` do. Tensors several blocks share (Zamba2's shared transformer) stay in memory with the parts
+outside the blocks (:meth:`StreamedCheckpoint.resident_tensors`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import shutil
 import struct
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from copy import deepcopy
@@ -49,7 +51,7 @@ from .finite import check_loss
 from .hooks import hooks
 from .instrumented import instrument
 from .loading import LoadedModel, _check_checkpoint, _shards
-from .registry import build_registry
+from .registry import ARCHITECTURES, build_registry
 from .runner import LayerRunner
 from .stats import ChannelStats, GradStats, grad_state, window_objective
 
@@ -60,10 +62,8 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _ELEMENT = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-STREAMED_ARCHS = ("mamba", "mamba2", "falcon_mamba", "bamba", "granitemoehybrid", "nemotron_h", "jamba", "falcon_h1")
-"""Families a checkpoint can be streamed of."""
-_REFUSED = {"zamba2": " (Zamba2's layers share one transformer's tensors, so its blocks cannot be loaded one at a "
-                      "time)"}  # fmt: skip
+STREAMED_ARCHS = ARCHITECTURES
+"""Families a checkpoint can be streamed of: every one of the registry."""
 
 
 class StreamedCheckpoint:
@@ -78,7 +78,7 @@ class StreamedCheckpoint:
         files: Tensor name -> the shard file holding it.
 
     Raises:
-        ValueError: For a directory that is not a complete safetensors checkpoint, or a family not in
+        ValueError: For a directory that is not a complete safetensors checkpoint of a family in
             :data:`STREAMED_ARCHS`.
 
     Example:
@@ -92,11 +92,7 @@ class StreamedCheckpoint:
         if not self.path.is_dir():
             raise ValueError(f"streamed mode reads a local checkpoint directory; {name!r} is not one")
         _check_checkpoint(self.path, name)
-        config = AutoConfig.from_pretrained(self.path)
-        if config.model_type not in STREAMED_ARCHS:
-            why = _REFUSED.get(config.model_type, "")
-            raise ValueError(f"{name!r} is a {config.model_type!r} model; streamed mode supports "
-                             f"{', '.join(STREAMED_ARCHS)}{why}")  # fmt: skip
+        config = AutoConfig.from_pretrained(self.path)  # a family of STREAMED_ARCHS: _check_checkpoint says so
         self.files: dict[str, Path] = {}
         for shard in _shards(self.path, name):
             with safe_open(self.path / shard, framework="pt") as f:
@@ -115,16 +111,27 @@ class StreamedCheckpoint:
             tokenizer = None
         self.lm = LoadedModel(model, tokenizer, registry, name)
         self._conversions = _conversions(model)
-        # The checkpoint's names of each block's tensors: the block's own names (on meta) as save_pretrained
-        # would write them.
+        # Parameters several blocks share (Zamba2's shared transformer) stay in memory, loaded with the parts
+        # outside the blocks; the checkpoint's names of each block's own tensors are its names on meta as
+        # save_pretrained would write them.
+        model.tie_weights()  # on meta: which parameters are one
+        uses = Counter(id(p) for block in blocks for p in block.parameters())
+        self._shared: list[set[str]] = [
+            {n for n, p in block.named_parameters(remove_duplicate=False) if uses[id(p)] > 1} for block in blocks]
         self._block_files: list[list[str]] = []
+        shared_meta = {}
         for i, block in enumerate(blocks):
-            meta = {f"{self.prefix}.{i}.{k}": v for k, v in block.state_dict().items()}
-            self._block_files.append([n for n in self.to_checkpoint(meta) if n in self.files])
+            state = {f"{self.prefix}.{i}.{k}": v for k, v in block.state_dict(keep_vars=True).items()}
+            own = {k: v.detach() for k, v in state.items() if k.removeprefix(f"{self.prefix}.{i}.") not in
+                   self._shared[i]}  # fmt: skip
+            shared_meta.update({k: v.detach() for k, v in state.items() if k not in own})
+            self._block_files.append([n for n in self.to_checkpoint(own) if n in self.files])
         inside = {n for names in self._block_files for n in names}
-        self._outer = [n for n in self.files if n not in inside]
+        self._resident = [n for n in self.to_checkpoint(shared_meta) if n in self.files]
+        self._outer = [n for n in self.files if n not in inside and n not in self._resident]
         self._loaded: dict[int, set[str]] = {}
-        state = self.to_model(self._read(self._outer))
+        state = self.to_model(self._read(self._outer + self._resident))
+        self._resident_names = sorted(self.to_model({n: torch.empty(0) for n in self._resident}))
         for module_name in sorted({n.rsplit(".", 1)[0] for n in state}):
             module = model.get_submodule(module_name)
             module.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in state.items()
@@ -161,12 +168,21 @@ class StreamedCheckpoint:
         prefix = f"{self.prefix}.{layer}."
         state = self.to_model(self._read(self._block_files[layer]))
         self._loaded[layer] = set(state)
-        block.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, strict=True, assign=True)
+        got = block.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, strict=False, assign=True)
+        if got.unexpected_keys or set(got.missing_keys) - self._shared[layer]:
+            raise ValueError(f"{self.path}: block {layer} does not match its tensors (missing "
+                             f"{sorted(set(got.missing_keys) - self._shared[layer])[:3]}, unexpected "
+                             f"{got.unexpected_keys[:3]})")  # fmt: skip
         try:
             yield block
         finally:
-            _release(block)
+            _release(block, keep={id(p) for p in self.resident_tensors().values()})
             _trim()
+
+    def resident_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors several blocks share (in memory throughout; empty but on Zamba2), under the model's names
+        of the block the checkpoint stores them with. Pruned in place by whichever block prunes them."""
+        return {n: self.lm.model.get_parameter(n) for n in self._resident_names}
 
     def block_tensors(self, layer: int, extra: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         """The loaded block ``layer``'s tensors under the model's names (call inside ``block(layer)``): the ones
@@ -238,11 +254,12 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _release(module: nn.Module) -> None:
-    """Move ``module``'s parameters back to the meta device (freeing them); its buffers stay."""
+def _release(module: nn.Module, keep: set[int] = frozenset()) -> None:
+    """Move ``module``'s parameters back to the meta device (freeing them) but those whose ``id`` is in ``keep``;
+    its buffers stay."""
     for m in module.modules():
         for name, p in m._parameters.items():
-            if p is not None:
+            if p is not None and id(p) not in keep:
                 m._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
 
 

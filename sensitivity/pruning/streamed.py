@@ -33,7 +33,7 @@ from ..core.registry import build_registry
 from ..core.runner import LayerRunner
 from ..core.spec import SpecError
 from ..core.stats import ChannelStats
-from ..core.streamed import ShardWriter, StreamedCheckpoint, streamed_window_gradients
+from ..core.streamed import ShardWriter, StreamedCheckpoint, streamed_channel_stats, streamed_window_gradients
 from ..data import Windows
 from ._config import derived_fields, rewrite_config
 from .methods import METHODS, resolve
@@ -129,29 +129,36 @@ def prune_streamed(
     schedule = uniform_schedule(lm, s, exclude=opts.exclude, components=opts.components)
     targets = _targets(registry, schedule)
     sequential = bool(getattr(opts, "sequential", False))
-    run = LayerRunner(lm, windows, batch_size) if windows is not None else None
+    start = time.perf_counter()
+    oneshot = None
+    if method == "wanda" and not sequential:  # every layer's statistics from the dense model first, as in memory
+        points = [hook_name(layer, p) for layer, t in enumerate(targets) for p in _input_points(registry, t)]
+        oneshot = streamed_channel_stats(ckpt, windows, points, batch_size=batch_size, show_progress=show_progress)
+    run = LayerRunner(lm, windows, batch_size) if method == "wanda" and sequential else None
     hidden = [run.embed(b) for b in run.batches] if run is not None else []  # (B, L, D) each
     counts = {"params": 0, "nonzero": 0}
-    start = time.perf_counter()
     with publish_dir(out, overwrite=overwrite, marker=MANIFEST) as tmp:
         writer = ShardWriter(tmp, ckpt.path)
         for layer in tqdm(range(registry.n_layers), desc=f"{method} (streamed)", disable=not show_progress):
             with ckpt.block(layer):
-                stats, dense = None, None
-                if method == "wanda":
-                    points = _input_points(registry, targets[layer])
+                points, stats = _input_points(registry, targets[layer]), None
+                if oneshot is not None:
+                    stats = {p: oneshot[hook_name(layer, p)] for p in points}
+                elif run is not None:  # sequential: this layer's input comes through the pruned blocks before it
                     stats = {p: ChannelStats() for p in points}
                     with hooks(lm, {hook_name(layer, p): stats[p].add_batch for p in points}):
-                        dense = [run.run(h, layer, layer + 1, rows=b) for h, b in zip(hidden, run.batches)]
+                        for h, b in zip(hidden, run.batches):
+                            run.run(h, layer, layer + 1, rows=b)
                 _prune_layer(lm.model, registry, layer, targets[layer], method, nm, opts.compare, stats,
                              len(windows) if windows is not None else 0)  # fmt: skip
-                if method == "wanda" and sequential:  # the next layer's input: through the pruned block
+                if run is not None:  # the next layer's input: through the pruned block
                     hidden = [run.run(h, layer, layer + 1, rows=b) for h, b in zip(hidden, run.batches)]
-                elif method == "wanda":  # one-shot: through the dense block
-                    hidden = dense
                 tensors = ckpt.block_tensors(layer)
                 _count(tensors, counts)
                 writer.write(ckpt.to_checkpoint(tensors))
+        if resident := ckpt.resident_tensors():  # shared by several blocks (Zamba2), pruned by each in turn
+            _count(resident, counts)
+            writer.write(ckpt.to_checkpoint(resident))
         for name in ckpt.outer_names():  # outside the blocks: unchanged, counted and copied a piece at a time
             for piece in ckpt.pieces(name):
                 _count({name: piece}, counts)
@@ -197,8 +204,11 @@ def _units(ckpt: StreamedCheckpoint, unit: str, opts, sparsity, windows: Windows
     if plan.bias and plan.targets and mixer0.out_proj.bias is None:  # the flag that creates out_proj's bias
         flag = reg.config_fields["out_bias"]
         added = bias_flag_params(lm.model, flag)
-        if outside := [n for n in added if not n.startswith(ckpt.prefix + ".")]:
-            raise ValueError(f"{flag}=True adds {outside[0]} outside the blocks; it cannot be streamed")
+        shared = {n.rsplit(".", 1)[0] for n in ckpt.resident_tensors()}
+        if outside := [n for n in added if not n.startswith(ckpt.prefix + ".") or n.rsplit(".", 1)[0] in shared]:
+            raise SpecError(f"FLAP's bias compensation switches {flag} on, which adds {outside[0]}, a tensor the "
+                            "blocks share; streamed, use bias_compensation=false or prune in memory",
+                            "options.bias_compensation")  # fmt: skip
         setattr(config, flag, True)
         index_reg = build_registry(config)
     index = unit_index(index_reg, unit) if plan.targets else {}
@@ -238,6 +248,9 @@ def _units(ckpt: StreamedCheckpoint, unit: str, opts, sparsity, windows: Windows
                     tensors.update({prefix + k: v for k, v in state.items()})
                 _count(tensors, counts)
                 writer.write(ckpt.to_checkpoint(tensors))
+        if resident := ckpt.resident_tensors():
+            _count(resident, counts)
+            writer.write(ckpt.to_checkpoint(resident))
         for name in ckpt.outer_names():
             for piece in ckpt.pieces(name):
                 _count({name: piece}, counts)

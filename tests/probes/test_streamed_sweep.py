@@ -16,7 +16,7 @@ from sensitivity.probes import probe
 
 SMALL = dict(windows=3, calib_windows=2, seqlen=32, batch_size=2, show_progress=False)
 STREAMED = ["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba", "tiny:bamba", "tiny:granitemoehybrid",
-            "tiny:nemotron-h", "tiny:jamba", "tiny:falcon-h1"]  # fmt: skip
+            "tiny:nemotron-h", "tiny:jamba", "tiny:falcon-h1", "tiny:zamba2"]  # fmt: skip
 
 
 def _save(name: str, path):

@@ -23,7 +23,7 @@ from sensitivity.pruning import prune
 from sensitivity.pruning.streamed import prune_streamed
 
 STREAMED = ["tiny:mamba", "tiny:mamba2", "tiny:falcon-mamba", "tiny:bamba", "tiny:granitemoehybrid",
-            "tiny:nemotron-h", "tiny:jamba", "tiny:falcon-h1"]  # fmt: skip
+            "tiny:nemotron-h", "tiny:jamba", "tiny:falcon-h1", "tiny:zamba2"]  # fmt: skip
 RUNS = [("wanda", {}), ("wanda", {"sequential": True}), ("wanda", {"structure": "2:4"}), ("magnitude", {}),
         ("magnitude", {"compare": "tensor", "exclude": "none"})]  # fmt: skip
 
@@ -107,12 +107,12 @@ def test_a_block_is_in_memory_only_inside_its_with(tmp_path):
 
 
 def test_streamed_refusals(tmp_path):
-    src = tmp_path / "shared"
-    lm = load_model("tiny:zamba2")
-    lm.model.save_pretrained(src)
-    with pytest.raises(ValueError, match=r"is a 'zamba2' model; streamed mode supports mamba, .*, falcon_h1 \(Zamba2's "
-                                         "layers share one transformer's tensors"):
-        StreamedCheckpoint(src)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"has model_type 'gpt2'; allowed model types: mamba, mamba2, .*, zamba2$"):
+        StreamedCheckpoint(tmp_path / "gpt2")
+    src = _save("tiny:zamba2", tmp_path / "z")
     with pytest.raises(ValueError, match="streamed mode reads a local checkpoint directory; 'tiny:mamba' is not one"):
         StreamedCheckpoint("tiny:mamba")
     allowed = "magnitude, wanda, state, head, headdim"
