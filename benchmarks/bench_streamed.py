@@ -1,14 +1,22 @@
-"""WANDA on a checkpoint larger than the memory it may use: layer-streamed against in memory, on a random 1.3B Mamba-2.
+"""Pruning, probing and evaluating a checkpoint larger than the memory they may use: layer-streamed against in
+memory, on a random 1.3B Mamba-2.
 
 Usage: python benchmarks/bench_streamed.py [--dir /tmp/mamba2-1.3b] [--windows 8] [--seqlen 128] [--batch-size 2]
 
 Generates (once) a random-weight Mamba-2 with the mamba2-1.3b configuration (d_model 2048, 48 layers, state 128,
 head_dim 64, vocabulary 50,288, tied embeddings: about 1.3B parameters, 5.2 GB in float32), saved in 1 GB
 safetensors shards with the default model's tokenizer (its ids fit the vocabulary). Then, each in its own child
-process (peak RSS is that process's): WANDA 50% with 8 calibration windows of 128 tokens, streamed; perplexity of
-the pruned checkpoint on 8 test windows of 128 tokens, streamed; the same WANDA in memory (load, prune, save). All
-run 2 windows per forward (a block's forward on 8 x 128 tokens holds about 800 MB of intermediates at this width).
-The two pruned checkpoints must hold identical tensors. Writes benchmarks/results/streamed.json and prints a table.
+process (peak RSS is that process's), streamed and in memory (load, run, save):
+
+* WANDA 50% with 8 calibration windows of 128 tokens; then the perplexity of the pruned checkpoint on 8 test
+  windows of 128 tokens, streamed;
+* state pruning 25% by the Taylor score (per-window gradients, 4 windows of 128 tokens);
+* a probe sweep of the last two layers (components dt, B, x, out_proj and the mixer; kinds zero and mean; 4
+  held-out and 4 calibration windows of 128 tokens).
+
+All run 2 windows per forward (a block's forward on 8 x 128 tokens holds about 800 MB of intermediates at this
+width). Each streamed result must equal the in-memory one (identical tensors; the same probes.csv bytes). Writes
+benchmarks/results/streamed.json and prints a table.
 """
 
 from __future__ import annotations
@@ -40,14 +48,23 @@ def generate(path: Path) -> None:
     load_model("default").tokenizer.save_pretrained(path)
 
 
+PROBE = dict(layers=[46, 47], components=["dt", "B", "x", "out_proj", "mixer"], kinds=["zero", "mean"], windows=4,
+             calib_windows=4, seqlen=128, batch_size=2)  # fmt: skip
+STATE = dict(sparsity=0.25, score="taylor", windows=4)
+
+
 def child(args) -> None:
     """One task in this process; prints its seconds, peak RSS and result as JSON."""
+    from transformers import AutoTokenizer
+
+    from sensitivity import load_model
     from sensitivity.data import calibration_windows, eval_windows, load_corpus
 
     corpus = load_corpus()
     start = time.perf_counter()
     result: dict = {}
-    if args.task == "evaluate":
+    streamed = args.task.endswith("-streamed")
+    if args.task == "evaluate-streamed":
         from sensitivity.core.streamed import StreamedCheckpoint
         from sensitivity.eval.perplexity import streamed_perplexity
 
@@ -55,23 +72,26 @@ def child(args) -> None:
         windows = eval_windows(corpus, ckpt.lm.tokenizer, args.seqlen, split="test", max_windows=args.windows)
         ppl = streamed_perplexity(ckpt, windows, batch_size=args.batch_size, show_progress=False)
         result = {"perplexity": ppl.perplexity, "definition": ppl.definition}
+    elif args.task.startswith("probe"):
+        from sensitivity.probes import probe
+
+        probe(args.dir if streamed else load_model(args.dir), corpus, out=args.out, streamed=streamed,
+              show_progress=False, **PROBE)  # fmt: skip
     else:
-        from transformers import AutoTokenizer
+        from sensitivity.pruning import prune
+        from sensitivity.pruning.streamed import prune_streamed
 
         tokenizer = AutoTokenizer.from_pretrained(args.dir)
-        windows = calibration_windows(corpus, tokenizer, args.windows, args.seqlen, seed=0)
-        if args.task == "streamed":
-            from sensitivity.pruning.streamed import prune_streamed
-
-            prune_streamed(args.dir, "wanda", args.out, sparsity=0.5, windows=windows, batch_size=args.batch_size,
-                           show_progress=False)  # fmt: skip
+        method, kw = ("wanda", {"sparsity": 0.5}) if args.task.startswith("wanda") else \
+            ("state", {"sparsity": STATE["sparsity"], "score": STATE["score"]})  # fmt: skip
+        n = args.windows if method == "wanda" else STATE["windows"]
+        windows = calibration_windows(corpus, tokenizer, n, args.seqlen, seed=0)
+        if streamed:
+            prune_streamed(args.dir, method, args.out, windows=windows, batch_size=args.batch_size,
+                           show_progress=False, **kw)  # fmt: skip
         else:
-            from sensitivity import load_model
-            from sensitivity.pruning import prune
-
-            lm = load_model(args.dir)
-            prune(lm, "wanda", sparsity=0.5, windows=windows, batch_size=args.batch_size,
-                  show_progress=False).save(args.out)  # fmt: skip
+            prune(load_model(args.dir), method, windows=windows, batch_size=args.batch_size, show_progress=False,
+                  **kw).save(args.out)  # fmt: skip
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, **result}))
@@ -99,10 +119,14 @@ def main() -> None:
         generate(src)
         print(f"generated {src} in {time.perf_counter() - t0:.0f} s")
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    runs = {}
-    for task, out in (("streamed", src.parent / "wanda50-streamed"), ("evaluate", src.parent / "wanda50-streamed"),
-                      ("in-memory", src.parent / "wanda50-memory")):  # fmt: skip
-        if task != "evaluate" and out.exists():
+    runs, work = {}, src.parent
+    tasks = [("wanda-streamed", "wanda50-streamed"), ("evaluate-streamed", "wanda50-streamed"),
+             ("wanda-memory", "wanda50-memory"), ("state-streamed", "state25-streamed"),
+             ("state-memory", "state25-memory"), ("probe-streamed", "probe-streamed"),
+             ("probe-memory", "probe-memory")]  # fmt: skip
+    for task, out in tasks:
+        out = work / out
+        if not task.startswith("evaluate") and out.exists():
             subprocess.run(["rm", "-rf", str(out)], check=True)
         cmd = [sys.executable, __file__, "--dir", str(src), "--windows", str(args.windows), "--seqlen",
                str(args.seqlen), "--batch-size", str(args.batch_size), "--task", task, "--out", str(out)]  # fmt: skip
@@ -118,24 +142,34 @@ def main() -> None:
             out.update(load_file(f))
         return out
 
-    a, b = tensors(src.parent / "wanda50-streamed"), tensors(src.parent / "wanda50-memory")
-    identical = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    params = sum(t.numel() for t in a.values())
-    payload = {"benchmark": "WANDA 50% on a random mamba2-1.3b: layer-streamed against in memory",
+    def same(a: Path, b: Path) -> bool:
+        x, y = tensors(a), tensors(b)
+        return set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+    identical = {"wanda": same(work / "wanda50-streamed", work / "wanda50-memory"),
+                 "state": same(work / "state25-streamed", work / "state25-memory"),
+                 "probe": (work / "probe-streamed" / "probes.csv").read_bytes()
+                 == (work / "probe-memory" / "probes.csv").read_bytes()}  # fmt: skip
+    params = sum(t.numel() for t in tensors(src).values())
+    n_probes = (len((work / "probe-streamed" / "probes.csv").read_text().splitlines()) - 1) // 3
+    payload = {"benchmark": "a random mamba2-1.3b pruned, probed and evaluated layer-streamed against in memory",
                "config": CONFIG, "params": params, "checkpoint_bytes": size,
-               "calibration": f"{args.windows} x {args.seqlen} tokens of the train split, seed 0",
-               "batch_size": args.batch_size, "malloc": "glibc defaults (no MALLOC_* tuning)",
-               "identical_tensors": identical, "runs": runs, "target_peak_rss_mb": 1536,
-               "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
+               "calibration": f"WANDA {args.windows} x {args.seqlen} tokens of the train split, seed 0; state "
+                              f"pruning {STATE['windows']} x {args.seqlen}",
+               "state": STATE, "probe": {**PROBE, "probes": n_probes}, "batch_size": args.batch_size,
+               "malloc": "glibc defaults (no MALLOC_* tuning)", "identical": identical, "runs": runs,
+               "target_peak_rss_mb": 1536, "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(payload, indent=2) + "\n")
     print(f"random mamba2-1.3b: {params:,} parameters, {size / 1e9:.2f} GB of safetensors; identical: {identical}")
-    print(f"| {'run':<34} | {'wall s':>7} | {'peak RSS MB':>11} |")
-    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 13}|")
-    for task, name in (("streamed", "WANDA 50%, streamed"), ("in-memory", "WANDA 50%, in memory (load, save)"),
-                       ("evaluate", "perplexity of the result, streamed")):  # fmt: skip
-        print(f"| {name:<34} | {runs[task]['seconds']:>7.1f} | {runs[task]['peak_rss_mb']:>11.0f} |")
-
+    print(f"| {'run':<44} | {'streamed s':>10} | {'peak MB':>7} | {'in memory s':>11} | {'peak MB':>7} |")
+    print(f"|{'-' * 46}|{'-' * 12}|{'-' * 9}|{'-' * 13}|{'-' * 9}|")
+    for key, name in (("wanda", "WANDA 50% (8 x 128)"), ("state", "state 25%, Taylor (4 x 128)"),
+                      ("probe", f"probe sweep, layers 46-47 ({n_probes} probes)"),
+                      ("evaluate", "perplexity of WANDA's result")):
+        s, m = runs[f"{key}-streamed"], runs.get(f"{key}-memory")
+        tail = f" {m['seconds']:>11.1f} | {m['peak_rss_mb']:>7.0f} |" if m else f" {'':>11} | {'':>7} |"
+        print(f"| {name:<44} | {s['seconds']:>10.1f} | {s['peak_rss_mb']:>7.0f} |{tail}")
 
 if __name__ == "__main__":
     main()
