@@ -136,8 +136,26 @@ def _several(value):
     return value
 
 
-Ints = Annotated[tuple[Int, ...], Field(min_length=1), BeforeValidator(_several)]
-"""One or more integers: a list, one integer, or a comma-separated string."""
+def _int_ranges(value):
+    """:func:`_several`, with ``"a-b"`` pieces of a string standing for ``a, a+1, ..., b``."""
+    items = _several(value)
+    if not isinstance(value, str):
+        return items
+    out = []
+    for item in items:
+        low, dash, high = item.partition("-")
+        if dash and low.strip().isdigit() and high.strip().isdigit():
+            if int(low) > int(high):
+                raise ValueError(f"range {item!r} runs backwards; write low-high")
+            out += list(range(int(low), int(high) + 1))
+        else:
+            out.append(item)
+    return out
+
+
+Ints = Annotated[tuple[Int, ...], Field(min_length=1), BeforeValidator(_int_ranges)]
+"""One or more integers: a list, one integer, or a comma-separated string whose pieces may be inclusive ranges
+(``"0,4-7"`` is 0, 4, 5, 6, 7)."""
 Sparsities = Annotated[tuple[OpenFraction, ...], Field(min_length=1), BeforeValidator(_several)]
 """One or more numbers in (0, 1): a list, one number, or a comma-separated string."""
 

@@ -50,6 +50,8 @@ RULES = [
     (Names, "dt,B", ("dt", "B"), "dt,,B", "'dt,,B' is not a comma-separated list of names"),
     (Names, ["x"], ("x",), [], "[] is invalid; allowed: at least 1 item(s)"),
     (Ints, 3, (3,), "1,x", "'x' is invalid; allowed: an integer"),
+    (Ints, "0,4-7", (0, 4, 5, 6, 7), "7-4", "range '7-4' runs backwards; write low-high"),
+    (Ints, " 2 - 3 ", (2, 3), "1-x", "'1-x' is invalid; allowed: an integer"),
     (Sparsities, "0.25,0.5", (0.25, 0.5), "0.5,1", "1.0 is out of range; allowed: 0 < value < 1"),
     (Exclude, "none", (), 3, "3 is invalid; allowed: a list"),
 ]
