@@ -424,8 +424,9 @@ def load_model(
     if instrument:
         _instrument(model)
     logger.info("loaded %s (%s, %d layers)", name, model.config.model_type, model.config.num_hidden_layers)
-    source = {"name": name, "dtype": str(dtype).removeprefix("torch."), "revision": revision,
-              "allow_nonfinite": allow_nonfinite}  # fmt: skip
+    local = not name.startswith("tiny:") and name not in ZOO_MODELS and Path(name).expanduser().is_dir()
+    source = {"name": str(Path(name).expanduser().absolute()) if local else name,  # a worker's directory differs
+              "dtype": str(dtype).removeprefix("torch."), "revision": revision, "allow_nonfinite": allow_nonfinite}
     return LoadedModel(model=model, tokenizer=tokenizer, registry=build_registry(model.config), name=name,
                        source=source)  # fmt: skip
 

@@ -16,12 +16,16 @@ def test_tiny_models_are_deterministic_and_have_a_tokenizer(ids):
     assert not a.model.training
 
 
-def test_local_checkpoint_round_trip(tmp_path, ids):
+def test_local_checkpoint_round_trip(tmp_path, ids, monkeypatch):
     lm = load_model("tiny:falcon-mamba")
     lm.model.save_pretrained(tmp_path)
     lm.tokenizer.save_pretrained(tmp_path)
     again = load_model(tmp_path)
     assert again.arch == "falcon_mamba" and again.tokenizer is not None
+    monkeypatch.chdir(tmp_path.parent)
+    relative = load_model(tmp_path.name)  # loads again from another directory (a Ray worker's): absolute source
+    assert relative.name == tmp_path.name and relative.source["name"] == str(tmp_path)
+    assert load_model("tiny:mamba").source["name"] == "tiny:mamba"
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids, use_cache=False).logits, lm.model(ids, use_cache=False).logits)
 
