@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -442,9 +443,10 @@ def streamed_window_gradients(
     layers: Iterable[int],
     *,
     objective: str = "loss",
+    reduce: Callable[[Hashable, GradStats], Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
-) -> dict[Hashable, GradStats]:
+) -> dict[Hashable, Any]:
     """:func:`~sensitivity.core.stats.window_gradients` of a streamed checkpoint: per-window gradients of the
     objective with respect to parameters of the blocks ``layers``, one block in memory at a time.
 
@@ -459,11 +461,14 @@ def streamed_window_gradients(
         params: ``params(layer, block)``: key -> parameter of the loaded block, the ones to collect.
         layers: Blocks whose parameters are collected.
         objective: See :func:`~sensitivity.core.stats.window_objective`.
+        reduce: ``reduce(key, stats)``, applied as soon as a block's windows are done; its result is kept instead
+            of the :class:`~sensitivity.core.stats.GradStats` (e.g. only the rows a score reads: whole-parameter
+            sums over every layer of a large model would not fit in memory).
         cache_dir: Directory of the residual cache file (default: the system's temporary directory).
         show_progress: Show tqdm bars over the blocks.
 
     Returns:
-        Key -> :class:`~sensitivity.core.stats.GradStats`.
+        Key -> :class:`~sensitivity.core.stats.GradStats` (or what ``reduce`` made of it).
     """
     lm, layers = ckpt.lm, sorted(set(layers))
     run = LayerRunner(lm, windows, batch_size=1)
@@ -506,4 +511,6 @@ def streamed_window_gradients(
                             stats[key].add(p.grad if p.grad is not None else torch.zeros_like(p))
                             p.grad = None
                         grads[k] = h.grad
+                    if reduce is not None:
+                        stats.update({key: reduce(key, stats[key]) for key in wanted})
     return stats

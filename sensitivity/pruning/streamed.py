@@ -181,9 +181,12 @@ def _fisher(ckpt: StreamedCheckpoint, unit: str, windows: Windows, layers, show_
         owner = reg.mixer(ckpt.lm.model, layer)
         return {(layer, t.param): owner.get_parameter(t.param) for c in names for t in reg.component(c).tensors}
 
-    grads = streamed_window_gradients(ckpt, windows, params, layers, show_progress=show_progress)
-    return {(layer, c, t.describe()): t.select(grads[(layer, t.param)].sumsq)
-            for layer in layers for c in names for t in reg.component(c).tensors}  # fmt: skip
+    def slices(key, stats) -> dict:  # only the slices the score reads (B and C: a sliver of in_proj)
+        return {(key[0], c, t.describe()): t.select(stats.sumsq).clone() for c in names
+                for t in reg.component(c).tensors if t.param == key[1]}  # fmt: skip
+
+    grads = streamed_window_gradients(ckpt, windows, params, layers, reduce=slices, show_progress=show_progress)
+    return {k: v for per_param in grads.values() for k, v in per_param.items()}
 
 
 @torch.no_grad()

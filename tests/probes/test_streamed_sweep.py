@@ -34,12 +34,12 @@ def _save(name: str, path):
 def test_streamed_sweep_writes_the_cached_sweeps_csv(name, tmp_path, one_thread):
     src = _save(name, tmp_path / "m")
     lm = load_model(str(src))
-    layers = list(range(1, lm.registry.n_layers))  # a layer range: the first block is only run, never probed
+    layers = [lm.registry.n_layers - 2, lm.registry.n_layers - 1]  # a layer range: the first blocks only run
     comps = (*lm.registry.component_names, "mixer", "head") if "H" in lm.registry.dims else None
     kw = dict(layers=layers, components=comps, sparsities=(0.5,), **SMALL)
     memory = probe(lm, load_corpus("sample"), out=tmp_path / "memory", **kw)
     streamed = probe(str(src), load_corpus("sample"), out=tmp_path / "streamed", streamed=True, **kw)
-    assert len(memory) > 100 and set(memory.kind) >= {"zero", "mean", "resample", "wanda", "magnitude"}
+    assert len(memory) > 60 and set(memory.kind) >= {"zero", "mean", "resample", "wanda", "magnitude"}
     assert (tmp_path / "streamed" / "probes.csv").read_bytes() == (tmp_path / "memory" / "probes.csv").read_bytes()
     assert streamed.equals(memory)
 
