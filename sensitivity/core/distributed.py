@@ -220,7 +220,11 @@ def _connect(ray, execution: Execution) -> bool:
         else:
             ray.init(address=execution.address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise SpecError(f"cannot join the Ray cluster at {execution.address!r}: {str(e).splitlines()[0]}",
+        hint = ""
+        if execution.address is not None and os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = ("; if the cluster uses token authentication (the default of 'ray start' since Ray 2.59), run "
+                    "with RAY_AUTH_MODE=token and its token (~/.ray/auth_token or RAY_AUTH_TOKEN)")  # fmt: skip
+        raise SpecError(f"cannot join the Ray cluster at {execution.address!r}: {str(e).splitlines()[0]}{hint}",
                         "address") from None  # fmt: skip
     return True
 
