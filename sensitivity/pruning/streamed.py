@@ -195,6 +195,7 @@ def _units(ckpt: StreamedCheckpoint, unit: str, opts, sparsity, windows: Windows
     """State, head or head-dim pruning of a streamed checkpoint: :func:`~sensitivity.pruning.prune_structured`'s
     plan, scores and masks or shrunk tensors, one block at a time."""
     lm, reg = ckpt.lm, ckpt.lm.registry
+    start = time.perf_counter()
     plan = plan_structured(lm, unit, opts, sparsity)
     config = rewrite_config(lm.model.config, {})
     gen = torch.Generator().manual_seed(seed) if plan.score == "random" else None
@@ -217,7 +218,6 @@ def _units(ckpt: StreamedCheckpoint, unit: str, opts, sparsity, windows: Windows
     index = unit_index(index_reg, unit) if plan.targets else {}
     removed: dict[int, list[int]] = {layer: [] for layer in ssm_layers(reg)}
     counts = {"params": 0, "nonzero": 0}
-    start = time.perf_counter()
     with publish_dir(out, overwrite=overwrite, marker=MANIFEST) as tmp:
         writer = ShardWriter(tmp, ckpt.path)
         for layer in tqdm(range(reg.n_layers), desc=f"{unit} (streamed)", disable=not show_progress):
