@@ -20,11 +20,9 @@ import time
 import torch
 
 from ..core.finite import NonFiniteError
-from ..core.hooks import hook_name
 from ..core.runner import LayerRunner
-from ..core.scores import input_norm
 from ..core.streamed import ResidualCache, StreamedCheckpoint, streamed_channel_stats
-from .ablations import Context, Probe, ablate, needed_points, resample_point
+from .ablations import Probe, ablate, resample_point
 from .estimate import ResampleSources
 
 __all__ = ["StreamedProbeJob"]
@@ -47,13 +45,11 @@ class StreamedProbeJob:
     def __init__(self, ckpt: StreamedCheckpoint, payload) -> None:
         self.ckpt, self.lm, self.p, self.timings = ckpt, ckpt.lm, payload, {}
         o, reg = payload.options, ckpt.lm.registry
+        from .sweep import _calibrate
+
         t0 = time.perf_counter()
-        points = sorted({hook_name(p.layer, pt) for p in payload.todo for pt in needed_points(reg, p)})
-        stats = streamed_channel_stats(ckpt, payload.calibration, points, batch_size=o.batch_size,
-                                       show_progress=payload.show_progress)  # fmt: skip
-        n_calib = len(payload.calibration)
-        self.ctx = Context({k: s.mean for k, s in stats.items()},
-                           {k: input_norm(s.sumsq, n_calib) for k, s in stats.items()})  # fmt: skip
+        self.ctx = _calibrate(self.lm, payload.calibration, payload.todo, o, payload.show_progress,
+                              stats_of=lambda lm, *args, **kw: streamed_channel_stats(ckpt, *args, **kw))  # fmt: skip
         self.timings["calibration_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.run_ = run = LayerRunner(self.lm, payload.windows, o.batch_size)

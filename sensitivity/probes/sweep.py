@@ -302,11 +302,13 @@ def _groups(probes: list[Probe], batched: bool) -> list[list[Probe]]:
     return list(groups.values())
 
 
-def _calibrate(lm: LoadedModel, windows: Windows, probes: list[Probe], options: ProbeOptions, show: bool) -> Context:
+def _calibrate(lm: LoadedModel, windows: Windows, probes: list[Probe], options: ProbeOptions, show: bool,
+               stats_of=channel_stats) -> Context:  # fmt: skip
+    """The means and input norms the probes' ablations read, from ``stats_of`` (``channel_stats``'s signature)."""
     points = sorted({hook_name(p.layer, pt) for p in probes for pt in needed_points(lm.registry, p)})
     if not points:
         return Context({}, {})
-    stats = channel_stats(lm, windows, points, batch_size=options.batch_size, show_progress=show)
+    stats = stats_of(lm, windows, points, batch_size=options.batch_size, show_progress=show)
     means = {n: s.mean for n, s in stats.items()}
     return Context(means, {n: input_norm(s.sumsq, len(windows)) for n, s in stats.items()})
 

@@ -2,14 +2,15 @@
 
 The same result as :func:`~sensitivity.pruning.prune` on the whole model:
 
-* magnitude and WANDA: WANDA's statistics of layer ``l`` come from the residual stream entering it, the dense one
-  (one-shot: the stream is carried on through the dense block) or the pruned one (``sequential``: through the
-  pruned block); magnitude reads only the weights.
+* magnitude and WANDA: WANDA's statistics of layer ``l`` come from the residual stream entering it, the dense
+  model's (one-shot: every layer's from a first pass over the blocks) or the pruned one's (``sequential``: the
+  stream carried on through each pruned block); magnitude reads only the weights.
 * state, head and head-dim pruning (:mod:`~sensitivity.pruning.structured`): the plan (counts, shrink or mask, the
   rewritten config) comes from the config alone; unit scores per block: ``magnitude`` and ``random`` from the
-  weights, ``flap`` from the out_proj inputs on the dense residual stream, ``taylor`` from per-window gradients
-  back-propagated block by block (:func:`~sensitivity.core.streamed.streamed_window_gradients`, its residual
-  stream cached on disk). A shrunk block is written with its smaller tensors, and the rewritten config with it.
+  weights, ``flap`` from the out_proj inputs of the dense model (a first pass over the blocks), ``taylor`` from
+  per-window gradients back-propagated block by block
+  (:func:`~sensitivity.core.streamed.streamed_window_gradients`, its residual stream cached on disk). A shrunk
+  block is written with its smaller tensors, and the rewritten config with it.
 
 Peak memory is the parts outside the blocks (embeddings, head), one block, and the calibration windows' residual
 stream (and their gradients, for ``taylor``).
@@ -201,8 +202,12 @@ def _units(ckpt: StreamedCheckpoint, unit: str, opts, sparsity, windows: Windows
     gen = torch.Generator().manual_seed(seed) if plan.score == "random" else None
     fisher = _fisher(ckpt, unit, windows, plan.targets, show_progress) if plan.score == "taylor" and plan.targets \
         else None  # fmt: skip
-    run = LayerRunner(lm, windows, batch_size) if plan.score == "flap" else None
-    hidden = [run.embed(b) for b in run.batches] if run is not None else []  # (B, L, D) each
+    flap = None
+    if plan.score == "flap" and plan.targets:  # the out_proj inputs of the dense model, as in memory
+        points = {layer: hook_name(layer, "out_proj_in") for layer in plan.targets}
+        got = streamed_channel_stats(ckpt, windows, points.values(), batch_size=batch_size,
+                                     show_progress=show_progress)  # fmt: skip
+        flap = {layer: got[name] for layer, name in points.items()}
     index_reg, added, flag = reg, {}, None
     mixer0 = reg.mixer(lm.model, plan.targets[0]) if plan.targets else None
     if plan.bias and plan.targets and mixer0.out_proj.bias is None:  # the flag that creates out_proj's bias
@@ -222,18 +227,13 @@ def _units(ckpt: StreamedCheckpoint, unit: str, opts, sparsity, windows: Windows
         writer = ShardWriter(tmp, ckpt.path)
         for layer in tqdm(range(reg.n_layers), desc=f"{unit} (streamed)", disable=not show_progress):
             with ckpt.block(layer) as block:
-                stats = None
-                if run is not None and layer <= max(plan.targets, default=-1):
-                    stats = ChannelStats()
-                    point = {hook_name(layer, "out_proj_in"): stats.add_batch} if layer in plan.targets else {}
-                    with hooks(lm, point):
-                        hidden = [run.run(h, layer, layer + 1, rows=b) for h, b in zip(hidden, run.batches)]
                 names = [n for n in added if n.startswith(f"{ckpt.prefix}.{layer}.")]
                 for name in names:  # zero biases wherever the flag creates them, as in memory
                     owner = block.get_submodule(name.removeprefix(f"{ckpt.prefix}.{layer}.").rpartition(".")[0])
                     owner.bias = nn.Parameter(torch.zeros(added[name], dtype=owner.weight.dtype))
                 if layer in plan.targets:
                     mixer = reg.mixer(lm.model, layer)
+                    stats = flap[layer] if flap else None
                     scores, mean = layer_scores(reg, mixer, layer, unit, plan.score, gen=gen, stats=stats,
                                                 fisher=fisher, n_windows=len(windows) if windows else 0)  # fmt: skip
                     units = removed[layer] = plan.select(layer, scores)
