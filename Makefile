@@ -1,19 +1,21 @@
-# Set-up and the two user-facing jobs. `make report` and `make test` each create .venv when it is missing.
+# Set-up and the two user-facing jobs. `make report` and `make test` each create .venv when it is missing, and install
+# exactly requirements/lock.txt: every package at the version the test suite last passed on.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements/lock.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MALLOC := MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000
 REPORT ?= reports/default
+PIP_TOOLS := pip-tools==7.7.0
 
-.PHONY: install test test-fast report bench grid lint clean corpus
+.PHONY: install test test-fast test-latest test-oldest lock report bench grid lint clean corpus
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) pip
+	$(BIN)/python -m pip install --quiet -c $(LOCK) torch -e ".[dev]"
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +25,18 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-latest: $(STAMP)  # the canary: the compatibility subset on the newest releases, no lock, upper bounds lifted
+	$(MALLOC) $(BIN)/python tools/canary.py --venv .venv-latest
+
+test-oldest: $(STAMP)  # the compatibility subset on every range's floor
+	$(MALLOC) $(BIN)/python tools/canary.py --venv .venv-oldest --oldest
+
+lock:  # maintainer: re-resolve requirements/lock.txt from pyproject.toml and requirements/lock.in, then make test
+	test -x .venv-tools/bin/pip-compile || ($(PYTHON) -m venv .venv-tools && .venv-tools/bin/pip install --quiet "$(PIP_TOOLS)")
+	.venv-tools/bin/pip-compile --quiet --upgrade --extra dev --strip-extras --allow-unsafe --no-emit-index-url \
+		--no-emit-find-links --no-emit-trusted-host --output-file $(LOCK) pyproject.toml requirements/lock.in
+	sed -i "1i # Locked on $$(date -u +%F) with Python $$($(PYTHON) -c 'import platform; print(platform.python_version())') by make lock." $(LOCK)
 
 report: $(STAMP)  # the whole pipeline on the embedded default model (about 10 min on 2 cores; resumes)
 	$(BIN)/sensitivity zoo list
@@ -50,4 +64,4 @@ corpus: $(STAMP)  # maintainer: rebuild the built-in corpus from Debian packages
 	$(BIN)/python -m sensitivity.data.build_corpus
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-tools build *.egg-info

@@ -8,8 +8,11 @@ mixer's class for a subclass whose forward
 * passes every canonical activation through a named :class:`HookPoint` (see ``Registry.hooks``), and
 * runs an exact scan (:mod:`sensitivity.core.scan`) whose backward is linear in the sequence length.
 
-It matches the HF forward to 1e-5 in float32. Hook points hold no parameters, so ``state_dict`` keys do not change.
-With a generation cache the HF forward runs unchanged (hook points do not fire then).
+The HF mixer classes are never imported by name (transformers renames and regenerates its modeling files between
+minor releases): each mixer is taken from where the registry says its layer holds it, and its subclass is derived
+from whatever class it has. It matches the HF forward to 1e-5 in float32. Hook points hold no parameters, so
+``state_dict`` keys do not change. With a generation cache the HF forward runs unchanged (hook points do not fire
+then).
 
 Hybrid families (Bamba, Granite 4, Nemotron-H, Jamba): their SSM mixers get the same instrumented forward (Jamba's
 is Mamba-1 with weighted Δ/B/C norms); their attention, MLP and MoE units and every block keep the HF forward and
@@ -28,7 +31,7 @@ P head dim, G B/C groups.
 
 from __future__ import annotations
 
-import functools
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,17 +39,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.bamba.modeling_bamba import BambaMixer
-from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Mixer
-from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
-from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
-from transformers.models.jamba.modeling_jamba import JambaMambaMixer
-from transformers.models.mamba.modeling_mamba import MambaMixer
-from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, MambaRMSNormGated
-from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
-from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
 
-from .registry import _M1_HOOKS, _M2_HOOKS, Registry, build_registry
+from .registry import _M1_HOOKS, _M2_HOOKS, ARCHITECTURES, Registry, build_registry
 from .scan import selective_scan_chunked, selective_scan_ref, ssd_scan
 
 __all__ = ["GroupedRMSNormGated", "HookPoint", "SCANS", "hf_forward", "hf_norm_is_grouped", "instrument",
@@ -71,16 +65,17 @@ class HookPoint(nn.Identity):
         return self.name
 
 
-class GroupedRMSNormGated(MambaRMSNormGated):
+class GroupedRMSNormGated(nn.Module):
     """Mamba-2's gated RMS norm, normalised per B/C group of ``group_size`` channels as the reference does.
 
-    transformers 5.0-5.22 normalise over all ED channels instead (their ``MambaRMSNormGated`` has no
-    ``group_size``), which changes every number of a model with ``n_groups > 1``. :func:`instrument` gives each
-    Mamba-2 mixer's ``norm`` this class (same ``weight`` parameter, same ``state_dict``), so the instrumented forward
-    computes the grouped norm whatever transformers is installed.
+    transformers 5.0-5.22 normalise over all ED channels instead (their gated norm has no ``group_size``), which
+    changes every number of a model with ``n_groups > 1``. :func:`instrument` gives each Mamba-2 mixer's ``norm`` a
+    subclass of its own class with this forward (same ``weight`` parameter, same ``state_dict``), so the
+    instrumented forward computes the grouped norm whatever transformers is installed.
     """
 
     group_size: int
+    variance_epsilon: float
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         dtype = hidden_states.dtype
@@ -92,16 +87,24 @@ class GroupedRMSNormGated(MambaRMSNormGated):
         return self.weight * groups.view(h.shape).to(dtype)  # (B, L, ED)
 
 
-@functools.cache
-def hf_norm_is_grouped() -> bool:
-    """Whether the installed transformers normalises Mamba-2's gated RMS norm per group (5.23 and later)."""
-    x = torch.tensor([[1.0, 1.0, 10.0, 10.0]])  # two groups of two channels at different scales
-    try:
-        norm = MambaRMSNormGated(4, group_size=2, eps=0.0)
-    except TypeError:  # no group_size argument: normalised over all channels
-        norm = MambaRMSNormGated(4, eps=0.0)
+def hf_norm_is_grouped(norm: nn.Module, groups: int) -> bool:
+    """Whether transformers' own forward of a Mamba-2 gated norm normalises per group (5.23 and later).
+
+    Args:
+        norm: A Mamba-2 mixer's ``norm`` (instrumented or not: the HF class's forward is the one tested).
+        groups: The model's B/C groups (``Registry.dims["G"]``).
+
+    Returns:
+        True when each group of ``ED / groups`` channels is normalised on its own (always true for one group).
+    """
+    probe = copy.deepcopy(norm)
+    probe.__class__ = _BASES.get(type(norm), type(norm))
+    width = probe.weight.numel()
+    x = torch.ones(1, width)  # (1, ED): the first group at scale 1, the others at scale 10
+    x[:, width // groups :] = 10.0
     with torch.no_grad():
-        return torch.allclose(norm(x), torch.ones_like(x))
+        probe.weight.fill_(1.0)
+        return torch.allclose(probe(x).float(), torch.ones_like(x), atol=1e-3)
 
 
 def _mask(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -123,7 +126,7 @@ def _causal_conv(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mixer.act(out).transpose(1, 2).to(x.dtype)  # (B, L, C)
 
 
-def _mamba1_forward(self: MambaMixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
+def _mamba1_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
     hp, dtype, rows = self.hook_points, hidden_states.dtype, self._sensitivity_rows
     # 1. Input projection into the x and gate branches (row ranges from the registry).
     hidden_states = hp["in"](_mask(hidden_states, attention_mask))  # (B, L, D)
@@ -134,7 +137,7 @@ def _mamba1_forward(self: MambaMixer, hidden_states: torch.Tensor, attention_mas
     u = hp["u"](conv)  # (B, L, ED)
     # 3. Input-dependent Δ, B, C.
     dt_low, B, C = _unpack(self.x_proj(u), rows["x_proj.weight"], ("dt", "B", "C"))  # (B, L, R), (B, L, N) x2
-    if isinstance(self, (FalconMambaMixer, JambaMambaMixer)):  # RMS norms on Δ's input, B and C
+    if self._sensitivity_bc_norms:  # FalconMamba's and Jamba's RMS norms on Δ's input, B and C
         dt_low, B, C = self.dt_layernorm(dt_low), self.b_layernorm(B), self.c_layernorm(C)
     dt_low = hp["dt_low"](dt_low)  # (B, L, R)
     dt_raw = hp["dt_raw"](self.dt_proj(dt_low))  # (B, L, ED)
@@ -151,11 +154,11 @@ def _mamba1_forward(self: MambaMixer, hidden_states: torch.Tensor, attention_mas
     return hp["out"](self.out_proj(hp["out_proj_in"](gated).to(dtype)))  # (B, L, D)
 
 
-def _mamba2_forward(self: Mamba2Mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
+def _mamba2_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
     hp, dtype, rows = self.hook_points, hidden_states.dtype, self._sensitivity_rows
     bsz, L, _ = hidden_states.shape
     ED, H, P, G, N = self.intermediate_size, self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
-    falcon = isinstance(self, FalconH1Mixer)  # µP multipliers around in_proj, optional gated norm
+    falcon = self._sensitivity_arch == "falcon_h1"  # µP multipliers around in_proj, optional gated norm
     # 1. Input projection into [z | x | B | C | dt] (row ranges from the registry).
     hidden_states = _mask(hidden_states, attention_mask)  # (B, L, D)
     if falcon:
@@ -192,7 +195,7 @@ def _mamba2_forward(self: Mamba2Mixer, hidden_states: torch.Tensor, attention_ma
     return hp["out"](self.out_proj(normed.to(dtype)))  # (B, L, D)
 
 
-def _falcon_h1_gate(self: FalconH1Mixer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _falcon_h1_gate(self: nn.Module, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Falcon-H1's gate and optional grouped RMS norm, as its HF forward orders them. (B, L, ED) x2 -> (B, L, ED).
 
     Without ``mamba_rms_norm``: ``y·silu(z)``; with it: ``norm(y·silu(z))``, or ``norm(y)·silu(z)`` when the norm
@@ -219,6 +222,17 @@ def _mamba2_sequential(x, dt, A, B, C) -> torch.Tensor:
     return y.reshape(bsz, L, H, P)
 
 
+_warned_cache_in_training = False
+
+
+def _warn_cache_in_training() -> None:
+    global _warned_cache_in_training
+    _warned_cache_in_training = True
+    logger.warning("an instrumented mixer was called with a generation cache in training mode (transformers 5.25 "
+                   "builds one unless the forward is given use_cache=False): the HF forward runs and no hook point "
+                   "fires; pass use_cache=False")
+
+
 class _InstrumentedMixin:
     """Routes cache-free forwards through the instrumented path."""
 
@@ -226,33 +240,36 @@ class _InstrumentedMixin:
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         if cache is not None or kwargs.get("cache_params") is not None:
+            if self.training and not _warned_cache_in_training:
+                _warn_cache_in_training()
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         return type(self)._sensitivity_forward(self, hidden_states, attention_mask)
 
 
-def _instrumented_class(base: type, forward) -> type:
-    return type(f"Instrumented{base.__name__}", (_InstrumentedMixin, base), {"_sensitivity_forward": forward})
+_FORWARDS = {"mamba1": (_mamba1_forward, _M1_HOOKS), "mamba2": (_mamba2_forward, _M2_HOOKS)}
+_DERIVED: dict[tuple[type, type], type] = {}  # (mixin, HF class) -> the subclass instrument() gives modules
+_BASES: dict[type, type] = {}  # that subclass -> the HF class
 
 
-_SWAP = {base: (_instrumented_class(base, fwd), hooks) for base, fwd, hooks in (
-    (MambaMixer, _mamba1_forward, _M1_HOOKS),
-    (FalconMambaMixer, _mamba1_forward, _M1_HOOKS),
-    (JambaMambaMixer, _mamba1_forward, _M1_HOOKS),
-    (Mamba2Mixer, _mamba2_forward, _M2_HOOKS),
-    (BambaMixer, _mamba2_forward, _M2_HOOKS),
-    (GraniteMoeHybridMambaLayer, _mamba2_forward, _M2_HOOKS),
-    (NemotronHMamba2Mixer, _mamba2_forward, _M2_HOOKS),
-    (FalconH1Mixer, _mamba2_forward, _M2_HOOKS),
-    (Zamba2MambaMixer, _mamba2_forward, _M2_HOOKS),
-)}  # fmt: skip
-_UNSWAP = {new: base for base, (new, _) in _SWAP.items()}
-InstrumentedMambaMixer = _SWAP[MambaMixer][0]
-InstrumentedFalconMambaMixer = _SWAP[FalconMambaMixer][0]
-InstrumentedMamba2Mixer = _SWAP[Mamba2Mixer][0]
+def _derived(mixin: type, base: type, attrs: dict | None = None) -> type:
+    """The subclass of HF class ``base`` with ``mixin`` in front, made once per class and named in this module (so a
+    model holding it pickles and deep-copies). HF classes are found on the model, never imported by name: their
+    modules are renamed and regenerated between transformers releases."""
+    if (mixin, base) not in _DERIVED:
+        name = f"{'Instrumented' if mixin is _InstrumentedMixin else 'Grouped'}{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, **(attrs or {})})
+        globals()[name] = cls
+        _DERIVED[mixin, base], _BASES[cls] = cls, base
+    return _DERIVED[mixin, base]
 
 
-def _mixers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m) in _SWAP or type(m) in _UNSWAP]
+def _ssm_mixers(model: nn.Module, registry: Registry) -> list[nn.Module]:
+    """Every SSM mixer of ``model``, found where the registry says each layer holds it."""
+    return [registry.unit(model, layer, "ssm") for layer in range(registry.n_layers) if "ssm" in registry.units[layer]]
+
+
+def _instrumented_mixers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _InstrumentedMixin)]
 
 
 # Where the hook points of the other units sit: point -> (submodule or "" for the unit itself, "in" or "out").
@@ -313,7 +330,7 @@ def _detach_unit_points(module: nn.Module) -> None:
     module.__dict__.pop("_sensitivity_in", None)
     module.__dict__.pop("_sensitivity_out", None)
     if isinstance(module._modules.get("hook_points"), nn.ModuleDict) and not isinstance(
-            module, tuple(_UNSWAP)):  # fmt: skip
+            module, _InstrumentedMixin):  # fmt: skip
         del module.hook_points
 
 
@@ -347,24 +364,29 @@ def instrument(model: nn.Module, scan: str = "auto") -> nn.Module:
     """
     if scan not in SCANS:
         raise ValueError(f"unknown scan {scan!r}; allowed: {', '.join(SCANS)}")
-    mixers = _mixers(model)
+    config = getattr(model, "config", None)
+    registry = build_registry(config) if config is not None else None
+    mixers = _ssm_mixers(model, registry) if registry is not None else []
     if not mixers:
         raise ValueError(f"{type(model).__name__} has no Mamba mixer to instrument")
-    registry = build_registry(model.config)
     rows = {p: registry.packed_rows(p) for p in ("in_proj.weight", "x_proj.weight")}
+    forward, specs = _FORWARDS[registry.ssm_style]
     for owner, kind in _unit_owners(model, registry):
         _attach_unit_points(owner, kind)
     for mixer in mixers:
-        base = _UNSWAP.get(type(mixer), type(mixer))
-        new_cls, specs = _SWAP[base]
-        mixer.__class__ = new_cls
+        base = _BASES.get(type(mixer), type(mixer))
+        mixer.__class__ = _derived(_InstrumentedMixin, base, {"_sensitivity_forward": forward})
         if "hook_points" not in mixer._modules:
             mixer.hook_points = nn.ModuleDict({h.name: HookPoint(h.name) for h in specs})
         mixer._sensitivity_scan = scan
         mixer._sensitivity_rows = rows
-        if type(getattr(mixer, "norm", None)) is MambaRMSNormGated:  # Mamba-2: the grouped gated norm
-            mixer.norm.__class__ = GroupedRMSNormGated
-            mixer.norm.group_size = registry.dims["ED"] // registry.dims["G"]
+        mixer._sensitivity_arch = registry.arch
+        mixer._sensitivity_bc_norms = "dt_norm" in registry.component_names
+        norm = getattr(mixer, "norm", None)
+        if registry.arch == "mamba2" and not isinstance(norm, GroupedRMSNormGated):  # the grouped gated norm
+            norm._sensitivity_own_group_size = not hasattr(norm, "group_size")  # transformers < 5.23 has none
+            norm.__class__ = _derived(GroupedRMSNormGated, type(norm))
+            norm.group_size = registry.dims["ED"] // registry.dims["G"]
     return model
 
 
@@ -372,15 +394,16 @@ def uninstrument(model: nn.Module) -> nn.Module:
     """Undo :func:`instrument` in place: restore the HF mixer classes and drop the hook points."""
     for module in list(model.modules()):
         _detach_unit_points(module)
-    for mixer in _mixers(model):
-        if type(mixer) in _UNSWAP:
-            mixer.__class__ = _UNSWAP[type(mixer)]
-            del mixer.hook_points
-            del mixer._sensitivity_scan, mixer._sensitivity_rows
-        if type(getattr(mixer, "norm", None)) is GroupedRMSNormGated:
-            mixer.norm.__class__ = MambaRMSNormGated
-            if not hf_norm_is_grouped():  # that transformers' norm has no group_size
-                del mixer.norm.group_size
+    for mixer in _instrumented_mixers(model):
+        mixer.__class__ = _BASES[type(mixer)]
+        del mixer.hook_points
+        for attr in ("scan", "rows", "arch", "bc_norms"):
+            delattr(mixer, f"_sensitivity_{attr}")
+        norm = getattr(mixer, "norm", None)
+        if isinstance(norm, GroupedRMSNormGated):
+            norm.__class__ = _BASES[type(norm)]
+            if norm.__dict__.pop("_sensitivity_own_group_size"):
+                del norm.group_size
     return model
 
 
@@ -397,9 +420,9 @@ def kernels_available(device: torch.device) -> bool:
 def hf_forward(model: nn.Module) -> Iterator[None]:
     """Run the HF mixer forwards inside a ``with`` block (on CUDA with mamba-ssm and causal-conv1d installed: their
     fused kernels); no hook point fires. The instrumented forwards come back on exit."""
-    swapped = [(m, type(m)) for m in _mixers(model) if type(m) in _UNSWAP]
+    swapped = [(m, type(m)) for m in _instrumented_mixers(model)]
     for mixer, cls in swapped:
-        mixer.__class__ = _UNSWAP[cls]
+        mixer.__class__ = _BASES[cls]
     try:
         yield
     finally:
@@ -408,6 +431,9 @@ def hf_forward(model: nn.Module) -> Iterator[None]:
 
 
 def is_instrumented(model: nn.Module) -> bool:
-    """True when every mixer of ``model`` runs the instrumented forward."""
-    mixers = _mixers(model)
-    return bool(mixers) and all(type(m) in _UNSWAP for m in mixers)
+    """True when every SSM mixer of ``model`` runs the instrumented forward."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in ARCHITECTURES:
+        return False
+    mixers = _ssm_mixers(model, build_registry(config))
+    return bool(mixers) and all(isinstance(m, _InstrumentedMixin) for m in mixers)

@@ -351,10 +351,15 @@ def _tiny(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
     return model.to(dtype), byte_tokenizer()
 
 
-def _warn_ungrouped_norm(config: PretrainedConfig, instrumented: bool) -> None:
+def _warn_ungrouped_norm(model: PreTrainedModel, instrumented: bool) -> None:
     """Say when the installed transformers would compute a grouped Mamba-2 model's gated norm differently."""
+    config = model.config
     groups = getattr(config, "n_groups", 1)
-    if config.model_type != "mamba2" or groups <= 1 or hf_norm_is_grouped():
+    if config.model_type != "mamba2" or groups <= 1:
+        return
+    registry = build_registry(config)
+    norm = registry.mixer(model, next(i for i in range(registry.n_layers) if "ssm" in registry.units[i])).norm
+    if hf_norm_is_grouped(norm, groups):
         return
     import transformers
 
@@ -420,7 +425,7 @@ def load_model(
     if not allow_nonfinite:
         check_weights(model, name)
     model = model.to(resolve_device(device)).eval()
-    _warn_ungrouped_norm(model.config, instrument)
+    _warn_ungrouped_norm(model, instrument)
     if instrument:
         _instrument(model)
     logger.info("loaded %s (%s, %d layers)", name, model.config.model_type, model.config.num_hidden_layers)

@@ -265,6 +265,12 @@ class Registry:
             object.__setattr__(self, "shared", tuple({} for _ in range(self.n_layers)))
 
     @property
+    def ssm_style(self) -> str:
+        """Which mixer the SSM units are: ``"mamba1"`` (per-channel decays, ``x_proj``/``dt_proj``: Mamba, FalconMamba,
+        Jamba) or ``"mamba2"`` (per-head scalar decays, everything packed in ``in_proj``)."""
+        return "mamba1" if "R" in self.dims else "mamba2"
+
+    @property
     def component_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.components)
 

@@ -45,7 +45,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import reduce
-from inspect import signature
 
 import torch
 from torch import nn
@@ -632,6 +631,17 @@ def _set_mixer(reg: Registry, module: nn.Module, layer: int, mixer: nn.Module) -
     setattr(reduce(getattr, owner.split("."), block) if owner else block, attr, mixer)
 
 
+def _new_mixer(base: type, config, layer: int) -> nn.Module:
+    """A fresh HF mixer of class ``base`` for ``layer``, without its own weight initialisation where it takes
+    ``initialize_mixer_weights``."""
+    try:
+        return base(config, layer_idx=layer, initialize_mixer_weights=False)
+    except TypeError as e:
+        if "initialize_mixer_weights" not in str(e):
+            raise
+        return base(config, layer_idx=layer)
+
+
 def _shrink(lm: LoadedModel, index: UnitIndex, removed: dict[int, list[int]], changes: dict) -> None:
     """Rebuild every SSM mixer with the shrunk config from its kept parameter entries."""
     reg, module, config = lm.registry, lm.model, lm.model.config
@@ -644,11 +654,11 @@ def _shrink(lm: LoadedModel, index: UnitIndex, removed: dict[int, list[int]], ch
         old = reg.mixer(module, layer)
         state, keeps = shrunk_state(old.state_dict(), index, units)
         base = next(c for c in type(old).__mro__ if c.__module__.startswith("transformers."))  # under instrumented
-        # Some HF mixers (FalconMamba, transformers 5.24) fail when asked to initialise their weights themselves;
-        # they are overwritten anyway, and the nn.Linear init runs under a forked RNG so the caller's stream is kept.
-        skip = {"initialize_mixer_weights": False} if "initialize_mixer_weights" in signature(base).parameters else {}
+        # Some HF mixers (FalconMamba, transformers 5.24 and 5.25) fail when asked to initialise their weights
+        # themselves; they are overwritten anyway, and the nn.Linear init runs under a forked RNG so the caller's
+        # stream is kept. The flag is passed, not looked up: 5.25 wraps __init__ (kernels) and hides its signature.
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-            new = base(config, layer_idx=layer, **skip)
+            new = _new_mixer(base, config, layer)
         new.load_state_dict(state, strict=True, assign=True)
         old_params, old_buffers = dict(old.named_parameters()), dict(old.named_buffers())
         for name, p in new.named_parameters():

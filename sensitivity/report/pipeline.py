@@ -20,7 +20,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -462,7 +462,7 @@ def _build(o: ReportSpec, out: OutputDir, run: _Report) -> dict[str, Path]:
     from .render import write_report
 
     previous = out.previous or {}
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     record = {"seed": o.seed, "created": previous.get("created", started), "resumed": bool(previous), "steps": {}}
     run.timings.update(previous.get("timings") or {})  # those of the grid runs a killed run finished
     record["timings"] = run.timings

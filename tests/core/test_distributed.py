@@ -205,6 +205,7 @@ def _sensitivity(*argv: str) -> subprocess.CompletedProcess:
                           timeout=600)  # fmt: skip
 
 
+@pytest.mark.compat
 def test_cli_probe_on_ray_writes_the_in_process_bytes(tmp_path):
     """``--backend ray --workers 2`` starts a local cluster for the job (none is running in this test)."""
     common = ["probe", "--model", "tiny:mamba2", "--data", "sample", "--kinds", "zero,wanda", "--sparsities", "0.5",

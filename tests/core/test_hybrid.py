@@ -32,6 +32,8 @@ from sensitivity.core import (
 from sensitivity.core.loading import as_loaded
 from sensitivity.data import Windows
 
+pytestmark = pytest.mark.compat  # the compatibility subset (make test-latest)
+
 PAD = 7  # left padding of the first sequence in the masked forwards
 
 # Grouped B/C (n_groups 1 and 2), attention first and last, MoE on and off, in_proj/conv/attention biases, chunk

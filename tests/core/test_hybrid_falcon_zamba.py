@@ -38,7 +38,7 @@ CONFIGS = [
 SSM = ("z", "x", "B", "C", "dt", "conv1d", "A_log", "D", "norm", "out_proj")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.compat]  # tests/conftest.py; make test-latest
 
 
 def _ids(n=3, L=37):

@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from sensitivity.core import capture, hook_name, hooks, instrument, is_instrumented, tiny_config, uninstrument
 
+pytestmark = pytest.mark.compat  # the compatibility subset (make test-latest)
+
 CONFIGS = [
     ("mamba", {}),
     ("mamba", {"use_bias": True, "use_conv_bias": False}),
@@ -186,28 +188,50 @@ def test_gated_norm_is_normalised_per_group(ids):
 
 
 def test_ungrouped_transformers_norm_is_detected_and_overridden(ids, monkeypatch, caplog):
-    from transformers.models.mamba2 import modeling_mamba2
-
     from sensitivity.core import load_model
     from sensitivity.core.instrumented import hf_norm_is_grouped
 
-    hf_norm_is_grouped.cache_clear()
-    assert hf_norm_is_grouped()  # transformers >= 5.23 here
     reference = load_model("tiny:mamba2").model
+    norm = reference.backbone.layers[0].mixer.norm
+    assert hf_norm_is_grouped(norm, 2)  # transformers >= 5.23 here
     with torch.no_grad():
         expected = reference(ids, use_cache=False).logits
-    monkeypatch.setattr(modeling_mamba2.MambaRMSNormGated, "forward", _ungrouped_forward)
-    hf_norm_is_grouped.cache_clear()
-    try:
-        assert not hf_norm_is_grouped()
-        with caplog.at_level("WARNING", logger="sensitivity.core.loading"):
-            lm = load_model("tiny:mamba2")
-        assert "normalises Mamba-2's gated RMS norm over all channels" in caplog.text
-        assert "n_groups=2" in caplog.text
-        with torch.no_grad():
-            got = lm.model(ids, use_cache=False).logits
-            plain = uninstrument(lm.model)(ids, use_cache=False).logits
-        assert torch.equal(got, expected)  # the instrumented forward owns the grouped norm
-        assert (plain - expected).abs().max() > 1e-3  # plain transformers would have given other numbers
-    finally:
-        hf_norm_is_grouped.cache_clear()
+    hf_class = type(uninstrument(load_model("tiny:mamba2").model).backbone.layers[0].mixer.norm)  # found, not named
+    monkeypatch.setattr(hf_class, "forward", _ungrouped_forward)
+    assert not hf_norm_is_grouped(norm, 2)
+    with caplog.at_level("WARNING", logger="sensitivity.core.loading"):
+        lm = load_model("tiny:mamba2")
+    assert "normalises Mamba-2's gated RMS norm over all channels" in caplog.text
+    assert "n_groups=2" in caplog.text
+    with torch.no_grad():
+        got = lm.model(ids, use_cache=False).logits
+        plain = uninstrument(lm.model)(ids, use_cache=False).logits
+    assert torch.equal(got, expected)  # the instrumented forward owns the grouped norm
+    assert (plain - expected).abs().max() > 1e-3  # plain transformers would have given other numbers
+
+
+def test_a_cache_in_training_mode_warns_once_that_no_hook_fires(ids, caplog, monkeypatch):
+    """transformers 5.25's Mamba-2 forward builds a cache in train() unless told use_cache=False (5.24 forced it off
+    in training, so every hook fired)."""
+    import transformers
+    from packaging.version import Version
+
+    from sensitivity.core import instrumented, load_model
+
+    monkeypatch.setattr(instrumented, "_warned_cache_in_training", False)
+    lm = load_model("tiny:mamba2")
+    lm.model.config.use_cache = True
+    lm.model.train()
+    with caplog.at_level("WARNING", logger="sensitivity.core.instrumented"):
+        if Version(transformers.__version__) >= Version("5.25"):
+            with pytest.raises(RuntimeError, match="did not fire: layers.0.x"):
+                with hooks(lm, {"layers.0.x": lambda t: None}):
+                    lm.model(ids[:, :8])
+            lm.model(ids[:, :8])
+        else:
+            with hooks(lm, {"layers.0.x": lambda t: None}):
+                lm.model(ids[:, :8])
+        with hooks(lm, {"layers.0.x": lambda t: None}):
+            lm.model(ids[:, :8], use_cache=False)  # fires
+    expected = 1 if Version(transformers.__version__) >= Version("5.25") else 0
+    assert caplog.text.count("called with a generation cache in training mode") == expected
