@@ -54,6 +54,9 @@ class ScheduleSpec(AllocateOptions, ModelData):
 def run_schedule(spec: ScheduleSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
                  ) -> JobResult:  # fmt: skip
     """Allocate and write the schedule (its ``meta`` holds the job's spec); the schedule is the job's value."""
+    if spec.recipe is not None and Path(spec.recipe).expanduser().resolve() == Path(spec.out).expanduser().resolve():
+        raise SpecError(f"{spec.recipe} is also where the schedule goes; the schedule and its recipe must be two "
+                        "files", "recipe")
     for field, path in (("out", spec.out), ("recipe", spec.recipe)):  # before anything loads
         try:
             if path is not None:

@@ -91,16 +91,20 @@ def agreement(
         sorted by ablation and sparsity, then descending Spearman.
 
     Raises:
-        ValueError: Missing columns, or ``probe_metric`` absent from the probes table.
+        ValueError: Missing columns, ``probe_metric`` absent from the probes table (or without any value), or no
+            (layer, component) with values in both tables.
 
     Example:
         >>> agreement(probes, attribute(lm, windows)).query("ablation == 'zero'").head()
     """
     _check_columns(probes_df, _PROBE_COLUMNS, "probes")
     _check_columns(attribution_df, ATTRIBUTION_COLUMNS, "attribution")
-    metrics = sorted(probes_df["metric"].dropna().astype(str).unique())
+    metrics = sorted(probes_df.dropna(subset=["value"])["metric"].dropna().astype(str).unique())
     if probe_metric not in metrics:
-        raise ValueError(f"probe_metric {probe_metric!r} is not in the probes table; allowed: {', '.join(metrics)}")
+        empty = " (its values are all empty: estimated probes do not measure it)" if probe_metric in set(
+            probes_df["metric"].astype(str)) else ""  # fmt: skip
+        raise ValueError(f"probe_metric {probe_metric!r} is not in the probes table{empty}; allowed: "
+                         f"{', '.join(metrics) or 'none (no probe has a value)'}")  # fmt: skip
     attr = attribution_df.dropna(subset=["value"])
     attr = attr.groupby(["kind", "metric", *_KEYS], as_index=False)["value"].mean()
     probes = probes_df[probes_df["index"].isna() & (probes_df["metric"] == probe_metric) & probes_df["value"].notna()]
@@ -118,6 +122,9 @@ def agreement(
             if n >= MIN_PAIRS:
                 rho, tau = rank_correlation(both["value_attr"], both["value_probe"])
             rows.append((kind, metric, ablation, math.nan if level < 0 else level, probe_metric, n, rho, tau))
+    if not rows or max(row[5] for row in rows) == 0:
+        raise ValueError("the probes and the attribution share no (layer, component) with values: nothing to "
+                         "correlate (were they measured on the same model?)")
     columns = ["attribution", "attribution_metric", "ablation", "sparsity", "probe_metric", "n", "spearman", "kendall"]
     out = pd.DataFrame(rows, columns=columns).astype({"sparsity": "float64", "n": "int64", "spearman": "float64",
                                                       "kendall": "float64"})  # fmt: skip

@@ -124,6 +124,7 @@ def _build_parser() -> tuple[_Parser, dict[str, dict[str, str]]]:
 
     parser = _Parser(prog="sensitivity", description="Pruning-sensitivity analysis of state-space LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     flags: dict[str, dict[str, str]] = {}
 
@@ -465,3 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{where}: error: argument {flag}: {rest + ': ' if rest else ''}{_as_flags(e.detail, named)}\n")
     except (OutputError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{where}: error: {_as_flags(str(e), flags.get(args.command, {}))}\n")
+    except Exception as e:  # noqa: BLE001 (the last line of defence: one line, the traceback only under --debug)
+        if args.debug:
+            raise
+        detail = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+        parser.exit(1, f"{where}: internal error: {detail} (a bug: rerun with --debug for the traceback and report "
+                       "it)\n")

@@ -61,7 +61,8 @@ class ModelData(JobSpec):
     """Where the model runs: cpu, cuda, or auto (CUDA when there is a GPU). On CUDA the forwards without hooks
     (perplexity) use the mamba-ssm and causal-conv1d kernels when they are installed (the [cuda] extra)."""
     data: Text = DEFAULT_CORPUS
-    """The built-in corpus austen-kjv (default), 'sample', a text/JSONL file, a directory, or a local HF dataset."""
+    """The built-in corpus austen-kjv (default), 'sample', a text/JSONL file, a directory, or hf:NAME[:CONFIG] (a local
+    Hugging Face dataset)."""
     text_field: str = "text"
     """JSONL/HF field holding the text."""
     allow_nonfinite: bool = False

@@ -223,17 +223,51 @@ def _check_checkpoint(path: Path, name: str) -> None:
                              "allowed: a file save_pretrained wrote, whole") from None  # fmt: skip
 
 
+_FLOATING = ("F64", "F32", "F16", "BF16")
+
+
+def _described(config: PretrainedConfig) -> str:
+    """What a config builds, in the words a message names it by: ``mamba2, num_hidden_layers=2``."""
+    return f"{config.model_type}, num_hidden_layers={config.num_hidden_layers}"
+
+
 def _check_shapes(path: Path, name: str, config: PretrainedConfig) -> None:
-    """Refuse weights whose shapes do not match what the config builds, naming the first tensor that differs."""
+    """Refuse weights whose shapes do not match what the config builds, or that are not floating point, naming the
+    first tensor that differs."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        expected = {k: v for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
     for shard in _shards(path, name):
         with safe_open(path / shard, framework="pt") as f:
             for key in f.keys():
-                shape = tuple(f.get_slice(key).get_shape())
-                if key in expected and shape != expected[key]:
+                piece = f.get_slice(key)
+                shape = tuple(piece.get_shape())
+                if key in expected and shape != tuple(expected[key].shape):
                     raise ValueError(f"{os.path.join(name, shard)}: {key} has shape {list(shape)}; the config "
-                                     f"needs {list(expected[key])}")  # fmt: skip
+                                     f"needs {list(expected[key].shape)}")  # fmt: skip
+                integer_buffer = key in expected and not expected[key].is_floating_point()
+                if not integer_buffer and piece.get_dtype() not in _FLOATING:  # under any name (Nemotron-H renames)
+                    raise ValueError(f"{os.path.join(name, shard)}: {key} is stored as {piece.get_dtype()}; weights "
+                                     f"must be floating point ({', '.join(_FLOATING)})")  # fmt: skip
+
+
+def _check_loading_info(info: dict, name: str, config: PretrainedConfig) -> None:
+    """Refuse a checkpoint whose tensors are not the ones its config builds: transformers' missing and unexpected
+    keys (after its weight conversions) are errors here, never warnings (a missing tensor would hold random
+    values)."""
+    if missing := sorted(info.get("missing_keys") or ()):
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"model {name!r} has no tensor {missing[0]!r}{more}, which its config.json "
+                         f"({_described(config)}) builds; allowed: a checkpoint holding exactly the tensors of its "
+                         "config's model")  # fmt: skip
+    if unexpected := sorted(info.get("unexpected_keys") or ()):
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ValueError(f"model {name!r} holds tensor {unexpected[0]!r}{more}, which the model its config.json "
+                         f"describes ({_described(config)}) does not have; allowed: a checkpoint holding exactly the "
+                         "tensors of its config's model")  # fmt: skip
+    if mismatched := info.get("mismatched_keys"):
+        key = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
+        raise ValueError(f"model {name!r}: tensor {key!r} does not have the shape its config.json "
+                         f"({_described(config)}) needs")  # fmt: skip
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -321,7 +355,9 @@ def _from_pretrained(name: str, dtype: torch.dtype, revision: str | None) -> tup
     _check_arch(config, name)
     if is_local:
         _check_shapes(path, name, config)
-    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, local_files_only=offline)
+    model, info = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype,
+                                                       local_files_only=offline, output_loading_info=True)
+    _check_loading_info(info, name, model.config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=offline)
     except (OSError, ValueError, TypeError):

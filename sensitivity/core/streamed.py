@@ -51,7 +51,7 @@ from ..data import Windows
 from .finite import check_loss
 from .hooks import hooks
 from .instrumented import instrument
-from .loading import LoadedModel, _check_checkpoint, _shards
+from .loading import LoadedModel, _check_checkpoint, _check_shapes, _described, _shards
 from .registry import ARCHITECTURES, build_registry
 from .runner import LayerRunner
 from .stats import ChannelStats, GradStats, grad_state, window_objective
@@ -126,12 +126,23 @@ class StreamedCheckpoint:
             own = {k: v.detach() for k, v in state.items() if k.removeprefix(f"{self.prefix}.{i}.") not in
                    self._shared[i]}  # fmt: skip
             shared_meta.update({k: v.detach() for k, v in state.items() if k not in own})
-            self._block_files.append([n for n in self.to_checkpoint(own) if n in self.files])
+            names = list(self.to_checkpoint(own))
+            if absent := [n for n in names if n not in self.files]:
+                raise ValueError(f"model {name!r} has no tensor {absent[0]!r}, which its config.json "
+                                 f"({_described(config)}) builds; allowed: a checkpoint holding exactly the tensors "
+                                 "of its config's model")  # fmt: skip
+            self._block_files.append(names)
         inside = {n for names in self._block_files for n in names}
         self._resident = [n for n in self.to_checkpoint(shared_meta) if n in self.files]
         self._outer = [n for n in self.files if n not in inside and n not in self._resident]
         self._loaded: dict[int, set[str]] = {}
+        known = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+        _check_shapes(self.path, name, config)
         state = self.to_model(self._read(self._outer + self._resident))
+        if extra := sorted(n for n in state if n not in known):
+            raise ValueError(f"model {name!r} holds tensor {extra[0]!r}, which the model its config.json describes "
+                             f"({_described(config)}) does not have; allowed: a checkpoint holding exactly the "
+                             "tensors of its config's model")  # fmt: skip
         self._resident_names = sorted(self.to_model({n: torch.empty(0) for n in self._resident}))
         for module_name in sorted({n.rsplit(".", 1)[0] for n in state}):
             module = model.get_submodule(module_name)

@@ -12,7 +12,9 @@ import json
 import logging
 import lzma
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,11 @@ SAMPLE_PATH = Path(__file__).resolve().parent / "samples" / "kjv-genesis-exodus.
 SAMPLE_SOURCE = "built-in sample: King James Bible, Genesis and Exodus (Debian bible-kjv-text)"
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".md")
+HF_PREFIX = "hf:"
+"""A ``--data`` value naming a Hugging Face dataset starts with this (``hf:wikitext:wikitext-2-raw-v1``); nothing
+else is ever looked up there, so a typo of a file name fails at once instead of after the hub's retries."""
+MAX_DATA_BYTES = 1 << 30
+"""The largest data file read (1 GiB of text: about 250M tokens, more than any job here windows)."""
 """File suffixes read as documents when a directory is loaded."""
 
 SPLIT_ALIASES = {
@@ -111,7 +118,8 @@ class Corpus:
         raise ValueError(f"corpus {self.name} has no 'test' or 'validation' split; available: {available}")
 
 
-def load_corpus(spec: str = DEFAULT_CORPUS, *, text_field: str = "text", heldout_fraction: float = 0.1) -> Corpus:
+def load_corpus(spec: str | os.PathLike = DEFAULT_CORPUS, *, text_field: str = "text",
+                heldout_fraction: float = 0.1) -> Corpus:
     """Load a corpus from a spec string.
 
     ``spec`` is one of: ``"austen-kjv"`` or ``"default"`` (the built-in corpus
@@ -121,8 +129,9 @@ def load_corpus(spec: str = DEFAULT_CORPUS, *, text_field: str = "text", heldout
     ``text_field``); a ``.json`` file holding a list of records or strings; a
     directory (split files / subdirectories named ``train``, ``validation``,
     ``valid``, ``val``, ``test``, or else every ``*.txt``/``*.jsonl``/``*.md``
-    file, recursively, as a document); or a Hugging Face dataset name,
-    optionally ``name:config`` (requires the ``datasets`` package).
+    file, recursively, as a document); or ``hf:NAME`` / ``hf:NAME:CONFIG``, a
+    Hugging Face dataset (requires the ``datasets`` package). Files must be
+    regular files of at most :data:`MAX_DATA_BYTES`.
 
     Sources without a ``test``/``validation`` split are split deterministically:
     with at least 10 documents the last ``ceil(heldout_fraction * n)`` become
@@ -145,19 +154,24 @@ def load_corpus(spec: str = DEFAULT_CORPUS, *, text_field: str = "text", heldout
     from ..core.spec import OpenFraction, check  # the shared rule; imported here as core itself imports data
 
     check(OpenFraction, heldout_fraction, "heldout_fraction")
+    spec = os.fspath(spec)  # a Path names a file or directory, as its string does
     if spec in (DEFAULT_CORPUS, "default"):
         splits = builtin_splits()
         name, source = DEFAULT_CORPUS, BUILTIN_SOURCE
     elif spec == SAMPLE_NAME:
         splits = {"train": (_read_text(SAMPLE_PATH),)}
         name, source = SAMPLE_NAME, SAMPLE_SOURCE
-    elif spec and Path(spec).exists():
+    elif spec.startswith(HF_PREFIX):
+        splits = _load_hf(spec.removeprefix(HF_PREFIX), text_field)
+        name, source = spec, f"Hugging Face dataset {spec.removeprefix(HF_PREFIX)}"
+    elif spec and (Path(spec).exists() or Path(spec).is_symlink()):
         path = Path(spec)
         name, source = path.name or str(path), str(path.resolve())
         splits = _load_dir(path, text_field) if path.is_dir() else {"train": _load_file(path, text_field)}
     else:
-        splits = _load_hf(spec, text_field)
-        name, source = spec, f"Hugging Face dataset {spec}"
+        raise ValueError(f"{spec!r} is neither an existing path nor a built-in name ({DEFAULT_CORPUS!r}, 'default', "
+                         f"{SAMPLE_NAME!r}); a Hugging Face dataset is named {HF_PREFIX}NAME or "
+                         f"{HF_PREFIX}NAME:CONFIG")  # fmt: skip
     splits = {split: docs for split, docs in splits.items() if docs}
     cut = None
     if not any(s in splits for s in ("test", "validation")):
@@ -250,8 +264,31 @@ def _find_cut(text: str, target: int) -> tuple[int, int]:
     return before[-1].start(), before[-1].end()
 
 
+def check_data_file(path: Path) -> int:
+    """The size of a data file, after checking that it is a regular file of at most :data:`MAX_DATA_BYTES` (a
+    device such as /dev/zero never ends, a FIFO blocks until a writer comes).
+
+    Raises:
+        ValueError: Naming the path and what it is.
+    """
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
+                stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}.get(stat.S_IFMT(st.st_mode), "not a file")
+        raise ValueError(f"{path} is {kind}; allowed: a regular text, .jsonl or .json file, a directory of them, or "
+                         "a built-in corpus")  # fmt: skip
+    if st.st_size > MAX_DATA_BYTES:
+        raise ValueError(f"{path} is {st.st_size:,} bytes; at most {MAX_DATA_BYTES:,} bytes of text are read "
+                         "(split it into a directory of files, or take a part)")  # fmt: skip
+    return st.st_size
+
+
 def _read_text(path: Path) -> str:
-    """Read a UTF-8 text file, raising ValueError on bad encoding."""
+    """Read a UTF-8 text file (a regular file within the size limit), raising ValueError on bad encoding."""
+    check_data_file(path)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -351,10 +388,7 @@ def _load_file_lenient(path: Path, text_field: str) -> tuple[str, ...]:
 
 def _load_hf(spec: str, text_field: str) -> dict[str, tuple[str, ...]]:
     """Load a Hugging Face dataset ``name`` or ``name:config`` if locally available."""
-    hint = (
-        f"{spec!r} is neither an existing path, a built-in name ({DEFAULT_CORPUS!r}, 'default', {SAMPLE_NAME!r}), "
-        "nor a locally available HF dataset"
-    )
+    hint = f"{HF_PREFIX}{spec!s} is not a locally available Hugging Face dataset"
     name, _, config = spec.partition(":")
     if not name:
         raise ValueError(f"{hint} (empty dataset name)")

@@ -95,3 +95,17 @@ def test_several_sparsities_of_one_kind_are_separate_ablations():
     out = agreement(probes, _attribution()).set_index(["ablation", "sparsity", "attribution"])
     assert out.loc[("magnitude", 0.25, "taylor"), "spearman"] == pytest.approx(0.8)
     assert out.loc[("magnitude", 0.5, "taylor"), "spearman"] == pytest.approx(-0.8)
+
+
+def test_a_metric_without_values_is_refused_saying_why():
+    probes = _probes()
+    probes.loc[probes["metric"] == "kl", "value"] = float("nan")  # as estimated probes leave kl
+    with pytest.raises(ValueError, match=r"^probe_metric 'kl' is not in the probes table \(its values are all empty: "
+                                         r"estimated probes do not measure it\); allowed: delta_nll$"):  # fmt: skip
+        agreement(probes, _attribution(), probe_metric="kl")
+
+
+def test_tables_of_different_models_are_refused():
+    other = _attribution().assign(component="q", layer=7)  # no (layer, component) in common with the probes
+    with pytest.raises(ValueError, match="share no \\(layer, component\\) with values: nothing to correlate"):
+        agreement(_probes(), other)

@@ -123,3 +123,24 @@ def test_evaluate_without_arguments_reports_the_default_models_test_perplexity()
     assert lines["data"] == "austen-kjv, split 'test'"
     assert float(lines["perplexity"]) == pytest.approx(card["test_perplexity"], rel=0.01)
     assert lines["definition"] == card["test_definition"]
+
+
+def test_an_unexpected_error_is_one_line_exit_1_and_its_traceback_only_under_debug(monkeypatch, capsys):
+    import importlib
+
+    import pytest
+
+    cli = importlib.import_module("sensitivity.cli.main")
+
+    def broken(args, flags):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "_run_job", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", "--model", "tiny:mamba2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert err == ("sensitivity evaluate: internal error: RuntimeError: boom second line (a bug: rerun with --debug "
+                   "for the traceback and report it)\n")
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["--debug", "evaluate", "--model", "tiny:mamba2"])

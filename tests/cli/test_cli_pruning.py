@@ -152,3 +152,17 @@ def test_schedule_bad_recipe_path_writes_nothing(tmp_path, capsys):
               "--recipe", str(tmp_path / "missing" / "r.yaml")])  # fmt: skip
     assert exit_info.value.code == 2
     assert "--recipe" in capsys.readouterr().err and not (tmp_path / "s.yaml").exists()
+
+
+def test_schedule_refuses_one_path_for_the_schedule_and_its_recipe(tmp_path, capsys):
+    from sensitivity.cli.main import main
+
+    same = tmp_path / "s.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["schedule", *SMALL, "--method", "uniform", "--budget", "0.5", "--out", str(same), "--recipe",
+              str(tmp_path / "." / "s.yaml")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"argument --recipe: {same} is also where the schedule goes; the schedule and its recipe must be two " \
+           "files" in err, err
+    assert not same.exists()

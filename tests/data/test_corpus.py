@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -251,18 +252,27 @@ def test_directory_without_documents_raises(tmp_path: Path) -> None:
 # --- Hugging Face datasets --------------------------------------------------
 
 
-def test_unknown_name_without_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(
-        ValueError, match=r"'no/such-corpus' is neither an existing path.*'datasets' package is not installed"
-    ):
+def test_an_unknown_name_is_never_looked_up_on_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    _fake_datasets(monkeypatch, lambda name, config: calls.append(name))
+    with pytest.raises(ValueError, match=r"^'no/such-corpus' is neither an existing path nor a built-in name "
+                                         r"\('austen-kjv', 'default', 'sample'\); a Hugging Face dataset is named "
+                                         r"hf:NAME or hf:NAME:CONFIG$"):  # fmt: skip
         load_corpus("no/such-corpus")
+    assert calls == []
+
+
+def test_hf_prefix_without_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(ValueError, match=r"hf:no/such is not a locally available Hugging Face dataset \(the "
+                                         r"'datasets' package is not installed\)"):  # fmt: skip
+        load_corpus("hf:no/such")
 
 
 def test_missing_file_path_gives_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)
     missing = str(tmp_path / "missing.txt")
-    expected = r"missing\.txt' is neither an existing path, a built-in name \('austen-kjv', 'default', 'sample'\)"
+    expected = r"missing\.txt' is neither an existing path nor a built-in name \('austen-kjv', 'default', 'sample'\)"
     with pytest.raises(ValueError, match=expected):
         load_corpus(missing)
 
@@ -281,7 +291,7 @@ def test_hf_dataset_splits_are_mapped(monkeypatch: pytest.MonkeyPatch) -> None:
         return {"train": {"text": ["a", " ", "b"]}, "validation": {"text": ["v"]}, "other": {"text": ["o"]}}
 
     _fake_datasets(monkeypatch, load_dataset)
-    corpus = load_corpus("wikitext:wikitext-2-raw-v1")
+    corpus = load_corpus("hf:wikitext:wikitext-2-raw-v1")
     assert calls == [("wikitext", "wikitext-2-raw-v1")]
     assert corpus.splits == {"train": ("a", "b"), "validation": ("v",)}
     assert corpus.heldout_split == "validation"
@@ -292,18 +302,45 @@ def test_hf_loading_failure_names_reason(monkeypatch: pytest.MonkeyPatch) -> Non
         raise ConnectionError("Couldn't reach 'x' on the Hub (LocalEntryNotFoundError)\nmore details")
 
     _fake_datasets(monkeypatch, load_dataset)
-    with pytest.raises(ValueError, match=r"'x' is neither .* \(ConnectionError: Couldn't reach 'x' on the Hub") as info:
-        load_corpus("x")
+    with pytest.raises(ValueError, match=r"hf:x is not a locally available Hugging Face dataset \(ConnectionError: "
+                                         r"Couldn't reach 'x' on the Hub") as info:  # fmt: skip
+        load_corpus("hf:x")
     assert "more details" not in str(info.value)
 
 
 def test_hf_missing_text_field(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_datasets(monkeypatch, lambda name, config: {"train": {"content": ["a"]}})
     with pytest.raises(ValueError, match=r"dataset d split 'train' has no field 'text'"):
-        load_corpus("d")
+        load_corpus("hf:d")
 
 
 def test_repr_names_the_splits_without_the_text():
     corpus = load_corpus("sample")
     text = repr(corpus)
     assert text.startswith("Corpus(name='sample'") and "train=1, test=1" in text and len(text) < 300
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_data_path_that_is_no_regular_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    import os
+
+    if kind == "fifo":
+        path = tmp_path / "pipe.txt"
+        os.mkfifo(path)  # opening it for reading would block until a writer comes
+        message = "is a FIFO"
+    else:
+        path = Path("/dev/zero")  # reading it never ends
+        message = "is a character device"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} {message}; allowed: a regular text, .jsonl or "
+                                         r"\.json file, a directory of them, or a built-in corpus$"):  # fmt: skip
+        load_corpus(str(path))
+
+
+def test_a_data_file_over_the_size_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sensitivity.data import corpus as module
+
+    monkeypatch.setattr(module, "MAX_DATA_BYTES", 100)
+    path = tmp_path / "big.txt"
+    path.write_text("word " * 30, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"big.txt is 150 bytes; at most 100 bytes of text are read"):
+        load_corpus(str(path))
