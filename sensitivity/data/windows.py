@@ -177,6 +177,11 @@ def eval_windows(
     return windows
 
 
+MAX_CALIBRATION_TOKENS = 1 << 26
+"""The most tokens of calibration windows drawn (67M: 512 MB of int64 ids; WANDA and SparseGPT calibrate on 128 x
+2048 = 262,144)."""
+
+
 def calibration_windows(
     corpus: Corpus,
     tokenizer: Any,
@@ -204,9 +209,13 @@ def calibration_windows(
         Calibration windows with ``ids`` of shape (nsamples, seqlen).
 
     Raises:
-        ValueError: For invalid arguments or a split shorter than one window.
+        ValueError: For invalid arguments, more than :data:`MAX_CALIBRATION_TOKENS` tokens asked for, or a split
+            shorter than one window.
     """
     _check(seqlen=seqlen, nsamples=nsamples, seed=seed)
+    if nsamples * seqlen > MAX_CALIBRATION_TOKENS:  # before the corpus is tokenized: the ids alone would not fit
+        raise ValueError(f"{nsamples} calibration windows of {seqlen} tokens are {nsamples * seqlen:,} tokens; at most "
+                         f"{MAX_CALIBRATION_TOKENS:,} tokens of calibration windows (windows x seqlen) are drawn")
     stream = tokenize_split(corpus, tokenizer, split)  # (T,)
     _check_length(stream, seqlen, split, corpus)
     generator = torch.Generator().manual_seed(seed)

@@ -166,3 +166,15 @@ def test_schedule_refuses_one_path_for_the_schedule_and_its_recipe(tmp_path, cap
     assert f"argument --recipe: {same} is also where the schedule goes; the schedule and its recipe must be two " \
            "files" in err, err
     assert not same.exists()
+
+
+def test_calibration_windows_that_would_not_fit_exit_2_and_write_nothing(tmp_path, capsys):
+    from sensitivity.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--model", "tiny:mamba2", "--method", "wanda", "--sparsity", "0.5", "--data", "sample",
+              "--calib-windows", "1000000000", "--out", str(tmp_path / "w")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "1000000000 calibration windows of 256 tokens are 256,000,000,000 tokens; at most 67,108,864" in err
+    assert not (tmp_path / "w").exists()

@@ -199,3 +199,17 @@ def test_windows_validates_shape() -> None:
         Windows(torch.zeros(2, 3, dtype=torch.long), 4, "test", "toy", "eval", None, 4)
     with pytest.raises(ValueError, match=r"kind='train' is invalid"):
         Windows(torch.zeros(2, 4, dtype=torch.long), 4, "test", "toy", "train", None, 4)
+
+
+def test_calibration_windows_that_would_not_fit_are_refused_before_tokenizing(monkeypatch):
+    import sensitivity.data.windows as module
+    from sensitivity.data import byte_tokenizer, calibration_windows, load_corpus
+
+    def never(*args, **kwargs):
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(module, "tokenize_split", never)
+    with pytest.raises(ValueError, match=r"^1000000000 calibration windows of 512 tokens are 512,000,000,000 tokens; "
+                                         r"at most 67,108,864 tokens of calibration windows \(windows x seqlen\) are "
+                                         r"drawn$"):  # fmt: skip
+        calibration_windows(load_corpus("sample"), byte_tokenizer(), 1_000_000_000, 512)
