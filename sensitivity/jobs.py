@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from importlib.metadata import entry_points
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .allocation import job as _schedule  # noqa: F401 (each job module registers its job)
 from .attribution import job as _attribute  # noqa: F401
+from .core.distributed import Execution, cluster
 from .core.jobs import JOBS, Inputs, JobResult, JobSpec
 from .core.loading import resolve_device
 from .core.spec import SpecError, load_yaml
@@ -106,4 +108,5 @@ def run(spec: JobSpec, *, overwrite: bool = False, show_progress: bool = True, i
         except ValueError as e:
             raise SpecError(str(e), "device") from None
         inputs.device = device
-    return JOBS[spec.job].fn(spec, inputs, overwrite=overwrite, show_progress=show_progress)
+    with cluster(spec) if isinstance(spec, Execution) else contextlib.nullcontext():  # workers it can place
+        return JOBS[spec.job].fn(spec, inputs, overwrite=overwrite, show_progress=show_progress)

@@ -571,6 +571,10 @@ def needs_probes(method: str, options: Spec) -> bool:
                   "MLP), shifted to meet the budget: a type-aware schedule for hybrids")  # fmt: skip
 def _unit(ctx: AllocationContext, options: UnitOptions) -> tuple[torch.Tensor, dict]:
     reg, offset = ctx.lm.registry, options.unit_offset
+    present = sorted({reg.component(c).unit for _, c in ctx.keys})
+    if absent := [k for k in offset if k not in present]:
+        raise SpecError(f"{absent[0]!r}: this {ctx.lm.arch} model has no {absent[0]} weights in the schedule; allowed "
+                        f"unit kinds: {', '.join(present)}", "options.unit_offset")  # fmt: skip
     raw = torch.tensor([ctx.common.budget + offset.get(reg.component(c).unit, 0.0) for _, c in ctx.keys],
                        dtype=torch.float64)  # (E,)
     return ctx.fit(raw), {"unit_offset": {k: float(v) for k, v in sorted(offset.items())}}

@@ -10,10 +10,11 @@ from pydantic import SerializeAsAny, field_validator, model_validator
 
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
 from ..core.methods import Methods
-from ..core.output import OutputError, atomic_write_texts, check_file, versions
+from ..core.output import OutputError, atomic_write_texts, check_file, starts_with, versions
 from ..core.spec import Count, Seqlen, Spec, SpecError, Text
 from ..data import calibration_windows
 from .allocate import METHODS, AllocateOptions, allocate, needs_probes
+from .schedule import RECIPE_HEADER, SCHEDULE_HEADER
 
 __all__ = ["ScheduleSpec", "run_schedule"]
 
@@ -57,10 +58,10 @@ def run_schedule(spec: ScheduleSpec, inputs: Inputs, *, overwrite: bool = False,
     if spec.recipe is not None and Path(spec.recipe).expanduser().resolve() == Path(spec.out).expanduser().resolve():
         raise SpecError(f"{spec.recipe} is also where the schedule goes; the schedule and its recipe must be two "
                         "files", "recipe")
-    for field, path in (("out", spec.out), ("recipe", spec.recipe)):  # before anything loads
-        try:
+    for field, path, header in (("out", spec.out, SCHEDULE_HEADER), ("recipe", spec.recipe, RECIPE_HEADER)):
+        try:  # before anything loads
             if path is not None:
-                check_file(Path(path), overwrite)
+                check_file(Path(path), overwrite, starts_with(header))
         except OutputError as e:
             raise SpecError(str(e), field) from None
     corpus, lm = inputs.load(spec)

@@ -29,10 +29,14 @@ from ..core.output import atomic_write_text
 from ..core.registry import ARCHITECTURES, DEFAULT_EXCLUDE, Registry, build_registry
 from ..core.spec import Count, Exclude, Fraction, Int, Spec, SpecError, load_yaml
 
-__all__ = ["RECIPE_MODIFIERS", "Schedule", "uniform_schedule"]
+__all__ = ["RECIPE_HEADER", "RECIPE_MODIFIERS", "SCHEDULE_HEADER", "Schedule", "uniform_schedule"]
 
 logger = logging.getLogger(__name__)
 
+SCHEDULE_HEADER = "# sparsity schedule: "
+"""How a schedule YAML this toolkit wrote begins (``overwrite`` replaces only such a file)."""
+RECIPE_HEADER = "# llm-compressor recipe from a sensitivity schedule "
+"""How a recipe this toolkit wrote begins."""
 RECIPE_MODIFIERS = ("WandaPruningModifier", "SparseGPTModifier")
 """llm-compressor one-shot modifiers that take a per-layer ``sparsity`` list (``MagnitudePruningModifier`` does not:
 it is a gradual training-time pruner with ``init_sparsity``/``final_sparsity``)."""
@@ -246,7 +250,7 @@ class Schedule:
 
         Floats are written with Python's shortest round-trip repr, so :meth:`from_yaml` gives back an equal schedule.
         """
-        header = (f"# sparsity schedule: {self.method}, {len(self.sparsity)} entries, overall "
+        header = (f"{SCHEDULE_HEADER}{self.method}, {len(self.sparsity)} entries, overall "
                   f"{self.overall():.6f} of the listed weights; entries not listed stay dense\n")  # fmt: skip
         body = yaml.safe_dump({"schedule": self.to_dict()}, sort_keys=False, default_flow_style=None, width=120)
         text = header + body
@@ -356,7 +360,7 @@ class Schedule:
             "ignore": ignore,
         }}}}  # fmt: skip
         header = [
-            f"# llm-compressor recipe from a sensitivity schedule ({self.method}, arch {self.arch}, {self.n_layers} "
+            f"{RECIPE_HEADER}({self.method}, arch {self.arch}, {self.n_layers} "
             f"layers, overall {self.overall():.6f}).",
             "# sparsity: one value per target layer (mixer block), the parameter-weighted mean of the schedule's",
             "# entries in that layer. llm-compressor prunes whole modules, so per-component sparsities inside a",

@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec, ModelData
 from ..core.methods import Methods
 from ..core.objective import TaskOptions, objective_windows
-from ..core.output import OutputDir, OutputError, atomic_write_text, check_file, versions, write_manifest
+from ..core.output import OutputDir, OutputError, atomic_write_text, check_file, has_manifest, versions, write_manifest
 from ..core.spec import Count, Seqlen, SpecError, Text
 from ..core.tables import PROBE_COLUMNS, read_table
 from ..data import calibration_windows
@@ -76,13 +76,13 @@ def run_agreement(spec: AgreementSpec, inputs: Inputs, *, overwrite: bool = Fals
     probes, probes_file = read_table(spec.probes, "probes.csv", "probes", PROBE_COLUMNS)
     attribution, _ = read_table(spec.attribution, "attribution.csv", "attribution", ATTRIBUTION_COLUMNS)
     out = Path(spec.out) if spec.out else probes_file.parent / "agreement.csv"
+    manifest = out.with_name(f"{out.stem}.manifest.json")
     try:
-        check_file(out, overwrite)
+        check_file(out, overwrite, has_manifest(manifest, "agreement"))
     except OutputError as e:
         raise SpecError(str(e), "out") from None
     table = agreement(probes, attribution, probe_metric=spec.metric)
     atomic_write_text(out, table.to_csv(index=False))
-    manifest = out.with_name(f"{out.stem}.manifest.json")
     write_manifest(manifest, {"job": "agreement", "spec": spec.to_dict(), "status": "complete",
                               "versions": versions()})  # fmt: skip
     return JobResult(spec, {"agreement": out, "manifest": manifest}, table)

@@ -466,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{where}: error: argument {flag}: {rest + ': ' if rest else ''}{_as_flags(e.detail, named)}\n")
     except (OutputError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{where}: error: {_as_flags(str(e), flags.get(args.command, {}))}\n")
+    except BrokenPipeError:  # the reader went away (``| head``): the work is done, nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except Exception as e:  # noqa: BLE001 (the last line of defence: one line, the traceback only under --debug)
         if args.debug:
             raise

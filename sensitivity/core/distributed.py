@@ -23,6 +23,8 @@ import hashlib
 import logging
 import os
 import socket
+import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +38,8 @@ from pydantic import BeforeValidator
 from .loading import LoadedModel, load_model
 from .spec import Count, Spec, SpecError, _not_bool, _range
 
-__all__ = ["BACKENDS", "EXECUTION_FIELDS", "Execution", "ModelSource", "ShardStats", "cluster", "run_shards"]
+__all__ = ["BACKENDS", "EXECUTION_FIELDS", "Execution", "ModelSource", "ShardStats", "check_resources", "cluster",
+           "run_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,9 +206,28 @@ def _ray():
     return ray
 
 
+@contextmanager
+def _stderr_into(lines: list[str]) -> Iterator[None]:
+    """Send what this process and its native libraries write to standard error (file descriptor 2) into ``lines``
+    instead of the terminal while the block runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines += [line for line in sink.read().decode(errors="replace").splitlines() if line.strip()]
+
+
 def _connect(ray, execution: Execution) -> bool:
     """Join the cluster ``execution`` names, or start a local one; True when this call started it."""
     if ray.is_initialized():
+        check_resources(execution, ray.cluster_resources())
         return False
     if execution.address not in (None, "auto"):
         host, _, port = execution.address.rpartition("://")[2].rpartition(":")
@@ -214,19 +236,60 @@ def _connect(ray, execution: Execution) -> bool:
         except (OSError, ValueError):
             raise SpecError(f"no Ray cluster answers at {execution.address!r}; allowed: 'auto' or the host:port "
                             "that 'ray start --head' printed", "address") from None  # fmt: skip
+    said: list[str] = []
     try:
-        if execution.address is None:
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address=execution.address, log_to_driver=False, logging_level=logging.WARNING)
+        with _stderr_into(said):  # Ray's start-up lines (its token warning, GCS retries): logged, not printed
+            if execution.address is None:
+                ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                ray.init(address=execution.address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as e:
         hint = ""
         if execution.address is not None and os.environ.get("RAY_AUTH_MODE") != "token":
             hint = ("; if the cluster uses token authentication (the default of 'ray start' since Ray 2.59), run "
                     "with RAY_AUTH_MODE=token and its token (~/.ray/auth_token or RAY_AUTH_TOKEN)")  # fmt: skip
-        raise SpecError(f"cannot join the Ray cluster at {execution.address!r}: {str(e).splitlines()[0]}{hint}",
+        gcs = [line.partition("GCS server: ")[2] for line in said if "GCS server: " in line]
+        why = f" (the cluster said: {gcs[-1].strip()})" if gcs else ""
+        raise SpecError(f"cannot join the Ray cluster at {execution.address!r}: {str(e).splitlines()[0]}{why}{hint}",
                         "address") from None  # fmt: skip
+    finally:
+        for line in said:
+            logger.info("ray: %s", line)
+    try:
+        check_resources(execution, ray.cluster_resources())
+    except SpecError:
+        ray.shutdown()
+        raise
     return True
+
+
+def check_resources(execution: Execution, resources: dict[str, float]) -> None:
+    """Refuse workers the cluster cannot place (Ray would wait for them forever): each needs ``worker_cpus`` CPUs
+    and ``worker_gpus`` GPUs, and ``workers`` of them must fit at once.
+
+    Args:
+        execution: The requested workers.
+        resources: ``ray.cluster_resources()`` of the joined cluster.
+
+    Raises:
+        SpecError: Naming the field, what was asked and what the cluster has.
+    """
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    where = "this machine" if execution.address is None else f"the cluster at {execution.address!r}"
+    if execution.worker_cpus > cpus:
+        raise SpecError(f"{execution.worker_cpus} CPUs per worker; {where} has {cpus:g}; allowed: 1 to {cpus:g}",
+                        "worker_cpus")  # fmt: skip
+    if execution.worker_gpus > gpus:
+        raise SpecError(f"{execution.worker_gpus:g} GPUs per worker; {where} has {gpus:g}" +
+                        (f"; allowed: 0 to {gpus:g}" if gpus else "; allowed: 0"), "worker_gpus")  # fmt: skip
+    if execution.workers is not None:
+        fit = int(cpus // execution.worker_cpus)
+        if execution.worker_gpus > 0:
+            fit = min(fit, int(gpus // execution.worker_gpus))
+        if execution.workers > fit:
+            raise SpecError(f"{execution.workers} workers of {execution.worker_cpus} CPUs and "
+                            f"{execution.worker_gpus:g} GPUs do not fit on {where} ({cpus:g} CPUs, {gpus:g} GPUs); "
+                            f"allowed: 1 to {fit}", "workers")  # fmt: skip
 
 
 @contextmanager

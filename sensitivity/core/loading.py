@@ -231,11 +231,62 @@ def _described(config: PretrainedConfig) -> str:
     return f"{config.model_type}, num_hidden_layers={config.num_hidden_layers}"
 
 
+def available_memory() -> int:
+    """Bytes of memory this process can still take: ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the
+    physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: nothing is refused
+
+
+def _meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The model ``config`` builds, on the meta device (shapes and dtypes, no memory)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def check_fits(name: str, config: PretrainedConfig, dtype: torch.dtype, *, streamed: bool = False) -> None:
+    """Refuse, from the config alone (a meta-device build), a model whose weights at ``dtype`` would not fit in the
+    memory available; ``streamed``: its largest block plus what stays resident (embeddings, head, norms).
+
+    Raises:
+        ValueError: Naming the model, its size, the memory available and what is allowed.
+    """
+    model = _meta_model(config)
+    size = torch.empty((), dtype=dtype).element_size()
+    params = {id(p): p.numel() for p in model.parameters()}  # tied parameters once
+    need, what = sum(params.values()) * size, "its weights"
+    if streamed:
+        blocks = build_registry(config).blocks(model)
+        inside = [{id(p): p.numel() for p in block.parameters()} for block in blocks]
+        outside = sum(n for i, n in params.items() if not any(i in b for b in inside))
+        need, what = (outside + max((sum(b.values()) for b in inside), default=0)) * size, "its largest block"
+    free = available_memory()
+    if need > free:
+        dims = ", ".join(f"{k}={getattr(config, k)}" for k in ("hidden_size", "num_hidden_layers", "vocab_size")
+                         if hasattr(config, k))  # fmt: skip
+        hint = "" if streamed else " (or --streamed, which holds one block at a time)"
+        raise ValueError(f"model {name!r} needs {_gb(need)} for {what} as {str(dtype).removeprefix('torch.')} "
+                         f"({config.model_type}: {dims}); this machine has {_gb(free)} of memory available; "
+                         f"allowed: a model whose weights fit{hint}")  # fmt: skip
+
+
 def _check_shapes(path: Path, name: str, config: PretrainedConfig) -> None:
     """Refuse weights whose shapes do not match what the config builds, or that are not floating point, naming the
     first tensor that differs."""
-    with torch.device("meta"):
-        expected = {k: v for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    expected = dict(_meta_model(config).state_dict())
     for shard in _shards(path, name):
         with safe_open(path / shard, framework="pt") as f:
             for key in f.keys():
@@ -355,15 +406,25 @@ def _from_pretrained(name: str, dtype: torch.dtype, revision: str | None) -> tup
     _check_arch(config, name)
     if is_local:
         _check_shapes(path, name, config)
+    check_fits(name, config, dtype)
     model, info = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype,
                                                        local_files_only=offline, output_loading_info=True)
     _check_loading_info(info, name, model.config)
+    return model, load_tokenizer(source, name, revision=revision, local_files_only=offline)
+
+
+def load_tokenizer(source: str | os.PathLike, name: str, **kwargs) -> object | None:
+    """The tokenizer saved with a checkpoint, or None when it has none: transformers builds an empty one (no
+    vocabulary: every text is zero tokens) for a directory without tokenizer files, which counts as none."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError):
-        logger.info("no tokenizer found for %s", name)
         tokenizer = None
-    return model, tokenizer
+    if tokenizer is not None and not tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+        tokenizer = None
+    if tokenizer is None:
+        logger.info("no tokenizer found for %s", name)
+    return tokenizer
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

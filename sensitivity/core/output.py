@@ -21,7 +21,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from .distributed import EXECUTION_FIELDS
 from .spec import Spec
 
 __all__ = ["MANIFEST", "OutputDir", "OutputError", "atomic_write_text", "atomic_write_texts", "check_dir", "check_file",
-           "check_publish", "publish_dir", "versions", "write_manifest"]
+           "check_publish", "has_manifest", "publish_dir", "starts_with", "versions", "write_manifest"]
 
 MANIFEST = "manifest.json"
 _PACKAGES = ("sensitivity", "torch", "transformers", "tokenizers", "captum", "pandas", "numpy", "scipy", "pydantic")
@@ -281,9 +281,16 @@ def check_dir(path: Path) -> None:
         raise OutputError(f"cannot create {shown(path)}: {shown(ancestor)} is not writable")
 
 
-def check_file(path: Path, overwrite: bool = False) -> None:
+def check_file(path: Path, overwrite: bool = False, ours: Callable[[Path], str | None] | None = None) -> None:
     """Whether a file may be written at ``path``: in an existing, writable directory, and not already there unless
-    ``overwrite``.
+    ``overwrite`` and ``ours`` recognises it as this toolkit's output (an existing file is never replaced
+    otherwise).
+
+    Args:
+        path: The file to write.
+        overwrite: Replace an existing file that ``ours`` recognises.
+        ours: ``ours(path)`` is None for a file this toolkit wrote, else what it lacks (``"the '# sparsity
+            schedule' header"``); see :func:`starts_with` and :func:`has_manifest`.
 
     Raises:
         OutputError: Naming the path and what is wrong.
@@ -292,12 +299,42 @@ def check_file(path: Path, overwrite: bool = False) -> None:
         raise OutputError(f"{shown(path)} is a directory; allowed: a file name")
     if path.exists() and not overwrite:
         raise OutputError(f"{shown(path)} exists; choose another file or overwrite it")
+    if path.exists() and (lacks := "a sign of this toolkit" if ours is None else ours(path)) is not None:
+        raise OutputError(f"{shown(path)} exists and has no {lacks}: it is not an output of sensitivity, and "
+                          "overwrite replaces only those; choose another file")  # fmt: skip
     parent = path.parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise OutputError(f"cannot write {shown(path)}: {shown(parent)} {what}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {shown(path)}: {shown(parent)} is not writable")
+
+
+def starts_with(header: str) -> Callable[[Path], str | None]:
+    """For :func:`check_file`: a file is this toolkit's when its text starts with ``header``."""
+
+    def check(path: Path) -> str | None:
+        try:
+            with open(path, "rb") as f:
+                ok = f.read(len(header.encode())) == header.encode()
+        except OSError:
+            ok = False
+        return None if ok else f"{header.strip()!r} header"
+
+    return check
+
+
+def has_manifest(manifest: Path, job: str) -> Callable[[Path], str | None]:
+    """For :func:`check_file`: a file is this toolkit's when ``manifest`` (written next to it) names ``job``."""
+
+    def check(path: Path) -> str | None:
+        try:
+            record = _read_manifest(manifest)
+        except OutputError:
+            record = None
+        return None if record is not None and record.get("job") == job else f"{shown(manifest)} naming job {job!r}"
+
+    return check
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -353,15 +390,15 @@ def publish_dir(out: str | os.PathLike, *, overwrite: bool = False, marker: str 
 
 def check_publish(out: Path, overwrite: bool = False, marker: str | None = None) -> None:
     """Whether :func:`publish_dir` may write ``out``: a new or empty directory in an existing parent, or with
-    ``overwrite`` a directory holding ``marker`` (any directory when ``marker`` is None)."""
+    ``overwrite`` a directory holding ``marker`` (a non-empty directory is never replaced without one)."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{shown(out)} is a file; allowed: a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"{shown(out)} is not empty; choose another directory or overwrite it")
-        if marker is not None and not (out / marker).is_file():
-            raise OutputError(f"{shown(out)} is not empty and holds no {marker}; it is never replaced, even with "
-                              "overwrite: choose another directory")  # fmt: skip
+        if marker is None or not (out / marker).is_file():
+            raise OutputError(f"{shown(out)} is not empty and holds no {marker or 'output of sensitivity'}; it is "
+                              "never replaced, even with overwrite: choose another directory")  # fmt: skip
     if not out.parent.is_dir():
         what = "is not a directory" if out.parent.exists() else "does not exist"
         raise OutputError(f"cannot create {shown(out)}: {shown(out.parent)} {what}")

@@ -28,11 +28,13 @@ from pydantic_core import to_jsonable_python
 
 __all__ = [
     "Count",
+    "Counts",
     "Exclude",
     "Seqlen",
     "Sparsities",
     "Fraction",
     "Int",
+    "MAX_COUNT",
     "Ints",
     "Names",
     "Number",
@@ -85,11 +87,12 @@ def _split(value):
 
 def _range(low: float | None, high: float | None, *, low_open: bool = False, high_open: bool = True):
     """A check that a number lies in the range, naming it when it does not."""
+    shown = lambda v: f"{v:,}" if isinstance(v, int) and abs(v) >= 10_000 else f"{v:g}"  # noqa: E731
     if high is None:
-        allowed = f"value {'>' if low_open else '>='} {low:g}"
+        allowed = f"value {'>' if low_open else '>='} {shown(low)}"
     else:
-        lo = "" if low is None else f"{low:g} {'<' if low_open else '<='} "
-        allowed = f"{lo}value {'<' if high_open else '<='} {high:g}"
+        lo = "" if low is None else f"{shown(low)} {'<' if low_open else '<='} "
+        allowed = f"{lo}value {'<' if high_open else '<='} {shown(high)}"
 
     def check(value: float) -> float:
         below = low is not None and (value <= low if low_open else value < low)
@@ -101,12 +104,17 @@ def _range(low: float | None, high: float | None, *, low_open: bool = False, hig
     return AfterValidator(check)
 
 
+MAX_COUNT = 1 << 26
+"""The largest count or window length a spec takes (67,108,864): as many tokens as the largest calibration draw
+(:data:`sensitivity.data.windows.MAX_CALIBRATION_TOKENS`), so that no count allocates or loops past what any run
+can hold; the stages bound counts further by their data (windows x seqlen, items x item length, pairs per pool)."""
+
 Int = Annotated[int, BeforeValidator(_not_bool)]
 """An integer (booleans refused)."""
-Count = Annotated[int, BeforeValidator(_not_bool), _range(1, None)]
-"""An integer >= 1."""
-Seqlen = Annotated[int, BeforeValidator(_not_bool), _range(2, None)]
-"""Tokens per window: an integer >= 2 (the first token is context only)."""
+Count = Annotated[int, BeforeValidator(_not_bool), _range(1, MAX_COUNT, high_open=False)]
+"""An integer from 1 to :data:`MAX_COUNT`."""
+Seqlen = Annotated[int, BeforeValidator(_not_bool), _range(2, MAX_COUNT, high_open=False)]
+"""Tokens per window: an integer from 2 (the first token is context only) to :data:`MAX_COUNT`."""
 Number = Annotated[float, BeforeValidator(_not_bool)]
 """A finite number."""
 Fraction = Annotated[float, BeforeValidator(_not_bool), _range(0, 1)]
@@ -156,6 +164,8 @@ def _int_ranges(value):
 Ints = Annotated[tuple[Int, ...], Field(min_length=1), BeforeValidator(_int_ranges)]
 """One or more integers: a list, one integer, or a comma-separated string whose pieces may be inclusive ranges
 (``"0,4-7"`` is 0, 4, 5, 6, 7)."""
+Counts = Annotated[tuple[Count, ...], Field(min_length=1), BeforeValidator(_int_ranges)]
+"""One or more counts (each 1 to :data:`MAX_COUNT`), written as :data:`Ints`."""
 Sparsities = Annotated[tuple[OpenFraction, ...], Field(min_length=1), BeforeValidator(_several)]
 """One or more numbers in (0, 1): a list, one number, or a comma-separated string."""
 

@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     PrefixChange,
@@ -51,7 +51,7 @@ from ..data import Windows
 from .finite import check_loss
 from .hooks import hooks
 from .instrumented import instrument
-from .loading import LoadedModel, _check_checkpoint, _check_shapes, _described, _shards
+from .loading import LoadedModel, _check_checkpoint, _check_shapes, _described, _shards, check_fits, load_tokenizer
 from .registry import ARCHITECTURES, build_registry
 from .runner import LayerRunner
 from .stats import ChannelStats, GradStats, grad_state, window_objective
@@ -100,16 +100,15 @@ class StreamedCheckpoint:
                 self.files.update(dict.fromkeys(f.keys(), self.path / shard))
         with safe_open(next(iter(self.files.values())), framework="pt") as f:
             dtype = _DTYPES[f.get_slice(next(iter(f.keys()))).get_dtype()]
+        _check_shapes(self.path, name, config)  # before anything is built at the checkpoint's sizes
+        check_fits(name, config, dtype, streamed=True)
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()
         registry = build_registry(config)
         blocks = registry.blocks(model)
         self.prefix = next(n for n, m in model.named_modules() if m is blocks)  # e.g. backbone.layers
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None
+        tokenizer = load_tokenizer(self.path, name)
         self.lm = LoadedModel(model, tokenizer, registry, name)
         self._conversions = _conversions(model)
         # Parameters several blocks share (Zamba2's shared transformer) stay in memory, loaded with the parts
@@ -137,7 +136,6 @@ class StreamedCheckpoint:
         self._outer = [n for n in self.files if n not in inside and n not in self._resident]
         self._loaded: dict[int, set[str]] = {}
         known = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
-        _check_shapes(self.path, name, config)
         state = self.to_model(self._read(self._outer + self._resident))
         if extra := sorted(n for n in state if n not in known):
             raise ValueError(f"model {name!r} holds tensor {extra[0]!r}, which the model its config.json describes "

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .windows import Windows
+from .windows import MAX_CALIBRATION_TOKENS, Windows
 
 __all__ = ["POOL_SIZE", "RecallItems", "recall_items", "recall_pools"]
 
@@ -97,6 +97,20 @@ def recall_pools(tokenizer: Any, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return _pools_cached(vocab, seed)
 
 
+def check_recall_size(n_pairs: int, n_items: int, gap: int = 0) -> None:
+    """Refuse recall items that would hold more than :data:`MAX_CALIBRATION_TOKENS` tokens in all (the bound of every
+    drawn set of windows), before any is drawn.
+
+    Raises:
+        ValueError: Naming the items, their length and the bound.
+    """
+    length = 1 + 4 * n_pairs + gap
+    if n_items * length > MAX_CALIBRATION_TOKENS:
+        raise ValueError(f"{n_items:,} recall items of {length:,} tokens ({n_pairs} pairs) are {n_items * length:,} "
+                         f"tokens; at most {MAX_CALIBRATION_TOKENS:,} tokens of task items (items x item length) are "
+                         "built")  # fmt: skip
+
+
 def recall_items(
     tokenizer: Any,
     n_pairs: int,
@@ -131,6 +145,7 @@ def recall_items(
         raise ValueError(f"n_pairs={n_pairs} is invalid; allowed: 1..{len(keys)} (the key pool of this tokenizer)")
     if n_items < 1:
         raise ValueError(f"n_items={n_items} is invalid; need at least 1")
+    check_recall_size(n_pairs, n_items, gap)
     if gap < 0 or (gap and (filler is None or filler.numel() <= gap)):
         raise ValueError(f"gap={gap} is invalid; allowed: 0, or up to the filler stream's length when one is given")
     gen = torch.Generator().manual_seed(seed)

@@ -232,16 +232,27 @@ SCORERS: dict[str, Scorer] = {name: functools.partial(score_builtin, name=name) 
 (``{task, metric, value, stderr, n, definition}``). Add an entry to score another in-package task."""
 
 
-def _recall(model, *, max_items: int | None = None, batch_size: int = 8, show_progress: bool = True) -> list[Row]:
-    """Associative recall accuracy at 4..64 pairs (as many as the key pool holds; ``max_items`` items each, default
-    64; seed 0, no gap)."""
-    from ..data.recall import recall_pools
+def _recall_pairs(name: str) -> int | None:
+    """P of a task named ``recall:P`` (P >= 1), else None."""
+    head, colon, pairs = name.partition(":")
+    return int(pairs) if head == "recall" and colon and pairs.isdigit() and pairs.isascii() and int(pairs) else None
+
+
+def _recall(model, *, max_items: int | None = None, batch_size: int = 8, show_progress: bool = True,
+            pairs: tuple[int, ...] | None = None) -> list[Row]:  # fmt: skip
+    """Associative recall accuracy at ``pairs`` pairs (default 4..64, as many as the key pool holds; ``recall:P``
+    asks for P alone), ``max_items`` items each (default 64; seed 0, no gap)."""
+    from ..core.objective import check_recall_pairs
+    from ..data.recall import check_recall_size, recall_pools
     from .recall import recall_accuracy, recall_definition, recall_rows
 
     tokenizer = _tokenizer(model, None)
     items, pool = max_items or 64, len(recall_pools(tokenizer)[0])
-    df = recall_accuracy(model, tokenizer, pairs=[p for p in (4, 8, 16, 32, 64) if p <= pool], items=items, seed=0,
-                         batch_size=batch_size, show_progress=show_progress)  # fmt: skip
+    if pairs is not None:
+        check_recall_pairs(max(pairs), tokenizer, "tasks")
+        check_recall_size(max(pairs), items)
+    df = recall_accuracy(model, tokenizer, pairs=pairs or [p for p in (4, 8, 16, 32, 64) if p <= pool], items=items,
+                         seed=0, batch_size=batch_size, show_progress=show_progress)  # fmt: skip
     definition = recall_definition(items, 0, pool)
     return [{**row, "definition": definition} for row in recall_rows(df)]
 
@@ -361,6 +372,8 @@ def _plan(tasks: Sequence[str], engine: str) -> list[tuple[str, str, Any]]:
             raise ValueError(f"tasks: {name!r} is invalid; allowed: a task name or a task YAML path")
         if engine != "lm-eval" and name in SCORERS:
             plan.append((name, "toolkit", SCORERS[name]))
+        elif engine != "lm-eval" and (pairs := _recall_pairs(name)) is not None:
+            plan.append((name, "toolkit", functools.partial(_recall, pairs=(pairs,))))
         elif engine == "builtin":
             raise ValueError(f"task {name!r} has no built-in scorer; allowed with engine 'builtin': "
                              f"{', '.join(SCORERS)} (other tasks need engine 'auto' or 'lm-eval')")  # fmt: skip
@@ -411,7 +424,7 @@ def _configs(plan: list[tuple[str, str, Any]], TaskManager) -> tuple[list, dict[
             continue
         if how == "lm-eval":
             if name not in _lm_eval_task_names():
-                raise ValueError(f"task {name!r} is not a built-in task ({', '.join(BUILTIN_TASKS)}), an existing "
+                raise ValueError(f"task {name!r} is not a built-in task ({', '.join(SCORERS)}, recall:P), an existing "
                                  "task YAML file (.yaml) or an lm-eval task name (lm_eval.tasks.TaskManager()"
                                  ".all_tasks)")  # fmt: skip
             specs.append(name)

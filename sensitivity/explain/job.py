@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 from pydantic import model_validator
 
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
-from ..core.loading import DEFAULT_MODEL, DTYPES
+from ..core.loading import DEFAULT_MODEL, DEVICES, DTYPES
 from ..core.methods import Methods
 from ..core.objective import TaskOptions, objective_windows
 from ..core.output import check_publish, versions
@@ -35,6 +35,8 @@ class ExplainSpec(ExplainOptions, TaskOptions, JobSpec):
     """The dense model."""
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
     """Weights dtype."""
+    device: Literal[DEVICES] = "cpu"  # type: ignore[valid-type]
+    """Where the models run: cpu, cuda, or auto (CUDA when there is a GPU)."""
     pruned: Text | None = None
     """A pruned checkpoint directory (from the prune job)."""
     method: str | None = None

@@ -124,6 +124,9 @@ class ProbeOptions(Execution, TaskOptions):
             asked = "estimate" if self.estimate else f"sweep={self.sweep}" if self.sweep != "cached" else \
                 f"backend={self.backend}"  # fmt: skip
             raise SpecError(f"a streamed sweep is exact, cached and in process; {asked} is not", "streamed")
+        if not self.estimate and self.estimator != type(self).model_fields["estimator"].default:
+            raise SpecError(f"{self.estimator!r} chooses how estimate estimates; it needs estimate (without it every "
+                            "probe is measured exactly)", "estimator")  # fmt: skip
         return self
 
     @field_validator("kinds")

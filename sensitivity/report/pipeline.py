@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import pandas as pd
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import AfterValidator, BeforeValidator, model_validator
 from tqdm.auto import tqdm
 
 from ..allocation import Schedule, allocate
@@ -34,12 +34,13 @@ from ..core.distributed import Execution, cluster
 from ..core.jobs import Inputs, JobSpec
 from ..core.loading import DEFAULT_MODEL, DEVICES, resolve_device
 from ..core.methods import Methods
-from ..core.objective import Tasks
+from ..core.objective import Tasks, check_recall_pairs
 from ..core.output import OutputDir, versions
-from ..core.spec import Count, Int, Ints, Names, OpenFraction, Seqlen, Sparsities, SpecError, Text
-from ..data import calibration_windows, eval_windows
+from ..core.spec import Count, Counts, Int, Names, OpenFraction, Seqlen, Sparsities, SpecError, Text
+from ..data import calibration_windows, eval_windows, tokenize_split
 from ..data.corpus import DEFAULT_CORPUS
 from ..data.objective import parse_task, task_windows
+from ..data.recall import check_recall_size
 from ..eval import position_nll, recall_accuracy
 from ..explain import UNIT_ROWS, ExplainOptions, Explanation, Thresholds, explain
 from ..probes import KINDS, Probe, probe
@@ -148,12 +149,30 @@ class ReportOptions(Execution, Thresholds):
     """Items per objective in the grid (the first K of a built-in task; K recall items)."""
     explain_items: Count = 32
     """Items per objective the explainer runs on."""
-    recall_pairs: Ints = (4, 8, 16, 32, 64)
+    recall_pairs: Counts = (4, 8, 16, 32, 64)
     """Numbers of pairs of the recall-against-pairs curves (64 items each)."""
     long_seqlen: Seqlen = 4096
     """Tokens per window of the per-position NLL curves (test split)."""
     long_windows: Count = 4
     """Windows of the per-position NLL curves."""
+
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ReportOptions:
+        for task in self.tasks:
+            kind, pairs = parse_task(task)
+            for field, items in (("task_items", self.task_items), ("explain_items", self.explain_items)):
+                if kind == "recall":
+                    try:
+                        check_recall_size(pairs, items)
+                    except ValueError as e:
+                        raise SpecError(str(e), field) from None
+        if any(parse_task(t)[0] == "recall" for t in self.tasks):
+            try:
+                check_recall_size(max(self.recall_pairs), 64)
+            except ValueError as e:
+                raise SpecError(str(e), "recall_pairs") from None
+        return self
 
 
 class ReportSpec(ReportOptions, JobSpec):
@@ -205,6 +224,16 @@ class _Report:
         self.explain_w = calibration_windows(self.corpus, tok, o.explain_windows, o.seqlen, seed=o.seed,
                                              split=heldout)  # fmt: skip
         self.test = eval_windows(self.corpus, tok, o.eval_seqlen, split=test, max_windows=o.eval_windows)
+        self.test_split = test
+        if o.tasks:  # what the objective curves read, checked before anything is written
+            for task in o.tasks:
+                if (kind_pairs := parse_task(task))[0] == "recall":
+                    check_recall_pairs(kind_pairs[1], tok, "tasks")
+                    check_recall_pairs(max(o.recall_pairs), tok, "recall_pairs")
+            tokens = tokenize_split(self.corpus, tok, test).numel()
+            if tokens < o.long_seqlen:
+                raise SpecError(f"{o.long_seqlen:,} is longer than split {test!r} of {o.data} ({tokens:,} tokens); "
+                                f"allowed: 2 to {tokens:,}", "long_seqlen")  # fmt: skip
         self.data = self.dir / "data"
         self.schedules: dict[float, Schedule] = {}
         self.timings: dict = {}
@@ -371,7 +400,7 @@ class _Report:
                                   show_progress=False).groupby("pairs").correct.mean()  # fmt: skip
             rows += [{"curve": "recall_pairs", "x": int(p), "value": float(v)} for p, v in acc.items()]
         pos = position_nll(lm, self.lm.tokenizer, seqlen=o.long_seqlen, windows=o.long_windows, corpus=self.corpus,
-                           show_progress=False)  # fmt: skip
+                           split=self.test_split, show_progress=False)  # fmt: skip
         rows += [{"curve": "position_nll", "x": int(r.stop), "value": float(r.nll)} for r in pos.itertuples()]
         path.mkdir(parents=True, exist_ok=True)
         self.out.write_text(str((path / "curves.csv").relative_to(self.dir)), pd.DataFrame(rows).to_csv(index=False))

@@ -70,7 +70,7 @@ def test_budget_mismatch_names_both_numbers():
     [
         ({"arch": "llama"}, "^arch: 'llama' is invalid; allowed: one of 'mamba', 'mamba2', 'falcon_mamba', 'bamba', "
          "'granitemoehybrid', 'nemotron_h', 'jamba', 'falcon_h1' or 'zamba2'"),
-        ({"n_layers": 0}, "^n_layers: 0 is out of range; allowed: value >= 1"),
+        ({"n_layers": 0}, "^n_layers: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
         ({"sparsity": {(3, "z"): 0.1}, "params": {(3, "z"): 1}}, r"^entries.0.layer: 3 is out of range; .* 0\.\.2"),
         ({"sparsity": {(0, "z"): 1.0}, "params": {(0, "z"): 1}}, r"^entries.0.sparsity: 1\.0 .* 0 <= value < 1"),
         ({"sparsity": {(0, "z"): True}, "params": {(0, "z"): 1}}, "^entries.0.sparsity: True is a boolean"),

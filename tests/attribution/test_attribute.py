@@ -61,7 +61,7 @@ def test_defaults_and_selection(tiny_lm, make_windows):
         ({"layers": [0, 2]}, "layers: 2 is out of range; allowed: 0..1"),
         ({"layers": -1}, "layers: -1 is out of range; allowed: 0..1"),
         ({"layers": ["x"]}, "layers.0: 'x' is invalid; allowed: an integer"),
-        ({"n_steps": 0}, "n_steps: 0 is out of range; allowed: value >= 1"),
+        ({"n_steps": 0}, "n_steps: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
         ({"batch_size": 0}, "batch_size: 0 is out of range"),
         ({"internal_batch_size": 0}, "internal_batch_size: 0 is out of range"),
         ({"objective": "nll"}, "objective: 'nll' is invalid; allowed: one of 'loss' or 'logprob'"),

@@ -77,7 +77,7 @@ def test_explain_refuses_a_non_empty_out(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--eval-windows", "0"], "argument --eval-windows: 0 is out of range; allowed: value >= 1"),
+        (["--eval-windows", "0"], "argument --eval-windows: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
         (["--budget", "1.5"], "argument --budget: 1.5 is out of range; allowed: 0 < value < 1"),
         (["--grid", "all"], "argument --grid: 'all' is invalid; allowed: one of 'reduced' or 'full'"),
         (["--explain-sparsity", "0"], "argument --explain-sparsity: 0.0 is out of range"),

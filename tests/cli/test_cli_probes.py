@@ -46,7 +46,7 @@ def test_probe_writes_csv_and_manifest_equal_to_the_python_api(tmp_path):
         (["--layers", "5"], "argument --layers: 5 is out of range; allowed: 0..1"),
         (["--layers", "x"], "argument --layers: 0: 'x' is invalid; allowed: an integer"),
         (["--sparsities", "0.9,2"], "argument --sparsities: 1: 2.0 is out of range; allowed: 0 < value < 1"),
-        (["--windows", "0"], "argument --windows: 0 is out of range; allowed: value >= 1"),
+        (["--windows", "0"], "argument --windows: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
         (["--data", "/nonexistent.txt"], "/nonexistent.txt"),
     ],
 )

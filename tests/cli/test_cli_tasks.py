@@ -71,8 +71,8 @@ def test_bad_tasks_exit_2_with_one_line_and_write_nothing(tmp_path, args, messag
     [
         ({"tasks": "cloze,,choice"}, "tasks: 'cloze,,choice' is not a comma-separated list of names"),
         ({"tasks": "cloze", "engine": "fast"}, "engine: 'fast' is invalid; allowed: one of 'auto', 'builtin' or"),
-        ({"tasks": "cloze", "limit": 0}, "limit: 0 is out of range; allowed: value >= 1"),
-        ({"tasks": "cloze", "max_length": 1}, "max_length: 1 is out of range; allowed: value >= 2"),
+        ({"tasks": "cloze", "limit": 0}, "limit: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
+        ({"tasks": "cloze", "max_length": 1}, "max_length: 1 is out of range; allowed: 2 <= value <= 67,108,864"),
     ],
 )
 def test_task_fields_are_validated_by_the_spec(fields, message):

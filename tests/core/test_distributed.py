@@ -194,7 +194,7 @@ def test_ray_missing_is_one_line(monkeypatch):
 def test_bad_execution_options():
     with pytest.raises(SpecError, match="backend: 'spark' is invalid; allowed: one of 'local' or 'ray'"):
         Execution(backend="spark")
-    with pytest.raises(SpecError, match="workers: 0 is out of range; allowed: value >= 1"):
+    with pytest.raises(SpecError, match="workers: 0 is out of range; allowed: 1 <= value <= 67,108,864"):
         Execution(workers=0)
 
 
@@ -222,7 +222,7 @@ def test_cli_probe_on_ray_writes_the_in_process_bytes(tmp_path):
     ("flags", "message"),
     [
         (["--backend", "spark"], "--backend: 'spark' is invalid; allowed: one of 'local' or 'ray'"),
-        (["--backend", "ray", "--workers", "0"], "--workers: 0 is out of range; allowed: value >= 1"),
+        (["--backend", "ray", "--workers", "0"], "--workers: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
         (["--backend", "ray", "--worker-gpus", "-1"], "--worker-gpus: -1.0 is out of range; allowed: value >= 0"),
         (["--backend", "ray", "--address", "127.0.0.1:9"], "--address: no Ray cluster answers at '127.0.0.1:9'"),
     ],

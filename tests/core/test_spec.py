@@ -40,10 +40,10 @@ _Options.model_rebuild()
 
 # One row per rule of the shared types: (type, good value -> validated, bad value, message).
 RULES = [
-    (Count, "8", 8, 0, "0 is out of range; allowed: value >= 1"),
+    (Count, "8", 8, 0, "0 is out of range; allowed: 1 <= value <= 67,108,864"),
     (Count, 3, 3, True, "True is a boolean; allowed: a number"),
     (Count, 3, 3, 2.5, "2.5 is invalid; allowed: an integer"),
-    (Seqlen, 2, 2, 1, "1 is out of range; allowed: value >= 2"),
+    (Seqlen, 2, 2, 1, "1 is out of range; allowed: 2 <= value <= 67,108,864"),
     (Fraction, 0.0, 0.0, 1.0, "1.0 is out of range; allowed: 0 <= value < 1"),
     (OpenFraction, 0.5, 0.5, 0.0, "0.0 is out of range; allowed: 0 < value < 1"),
     (Number, "1e-3", 1e-3, float("nan"), "nan is invalid; allowed: a finite number"),
@@ -74,7 +74,7 @@ def test_python_arguments_are_checked_strictly():
 
 
 def test_errors_name_nested_fields_and_unknown_keys():
-    with pytest.raises(SpecError, match=r"^inner\.k: 0 is out of range; allowed: value >= 1$") as err:
+    with pytest.raises(SpecError, match=r"^inner\.k: 0 is out of range; allowed: 1 <= value <= 67,108,864$") as err:
         _Options(inner={"k": 0})
     assert err.value.field == "inner.k" and err.value.detail.startswith("0 is out of range")
     with pytest.raises(SpecError, match=r"^colour: unknown field; allowed: n, inner$"):

@@ -159,7 +159,7 @@ def test_bad_inputs_are_named(dense):
         explain(dense, _copy(dense), _windows(), drift_threshold=-1, show_progress=False)
     with pytest.raises(ValueError, match="unknown component 'gate'"):
         explain(dense, _copy(dense), _windows(), components=["gate"], show_progress=False)
-    with pytest.raises(ValueError, match="^n_samples: 0 is out of range; allowed: value >= 1"):
+    with pytest.raises(ValueError, match="^n_samples: 0 is out of range; allowed: 1 <= value <= 67,108,864"):
         explain(dense, _copy(dense), _windows(), n_samples=0, show_progress=False)
     with pytest.raises(ValueError, match="^top_layers: 0 is out of range"):
         explain(dense, _copy(dense), _windows(), top_layers=0, show_progress=False)

@@ -149,7 +149,7 @@ def test_out_dir_of_another_sweep_is_refused(tmp_path):
         ({"components": ["head"]}, "components: 'head' needs Mamba-2 mixers; mamba has none; allowed: x, z"),
         ({"layers": [9]}, r"layers: 9 is out of range; allowed: 0..1"),
         ({"sparsities": [1.5]}, r"sparsities.0: 1.5 is out of range; allowed: 0 < value < 1"),
-        ({"windows": 0}, "windows: 0 is out of range; allowed: value >= 1"),
+        ({"windows": 0}, "windows: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
         ({"sweep": "fast"}, "sweep: 'fast' is invalid; allowed: one of 'cached', 'batched' or 'naive'"),
         ({"components": ["A_log"], "kinds": ["mean"]}, "kinds: no probe applies"),
         ({"layers": [0, 0]}, "layers: lists 0 twice"),
@@ -157,7 +157,7 @@ def test_out_dir_of_another_sweep_is_refused(tmp_path):
         ({"sparsities": [0.5, 0.50]}, r"sparsities: lists 0.5 twice"),
         ({"seed": "one"}, "seed: 'one' is invalid; allowed: an integer"),
         ({"colour": "red"}, "colour: unknown field; allowed: task, task_items, backend, address"),
-        ({"seqlen": 1}, "seqlen: 1 is out of range; allowed: value >= 2"),
+        ({"seqlen": 1}, "seqlen: 1 is out of range; allowed: 2 <= value <= 67,108,864"),
     ],
 )
 def test_bad_options(options, match):

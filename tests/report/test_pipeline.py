@@ -126,7 +126,7 @@ def test_other_settings_in_the_same_directory_are_refused(report, tmp_path):
     [
         ({"grid": "huge"}, "grid: 'huge' is invalid; allowed: one of 'reduced' or 'full'"),
         ({"budget": 1.0}, "budget: 1.0 is out of range; allowed: 0 < value < 1"),
-        ({"eval_windows": 0}, "eval_windows: 0 is out of range; allowed: value >= 1"),
+        ({"eval_windows": 0}, "eval_windows: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
         ({"sparsities": [0.5, 1.2]}, "sparsities.1: 1.2 is out of range"),
         ({"healthy": 2.5}, "collapsed: 2.0 is not above healthy=2.5"),
         ({"probe_kinds": ["zero", "zap"]}, "probe_kinds: unknown ablation kind 'zap'"),
