@@ -32,7 +32,7 @@ from ..core.loading import LoadedModel, as_loaded
 from ..core.methods import Methods
 from ..core.registry import DEFAULT_EXCLUDE
 from ..core.scores import owl_outlier_ratio
-from ..core.spec import Count, Exclude, Fraction, Int, Names, Number, Spec, SpecError, check
+from ..core.spec import Count, Exclude, Fraction, Names, Number, Seed, Spec, SpecError, check
 from ..core.tables import PROBE_COLUMNS, read_table
 from ..data import Windows
 from .schedule import Schedule
@@ -430,7 +430,7 @@ class AllocateOptions(Spec):
     """Lowest sparsity of any entry."""
     max_sparsity: Fraction = 0.95
     """Highest sparsity of any entry."""
-    seed: Int = 0
+    seed: Seed = 0
     """Seeds torch's RNG inside the call (recorded in the schedule's meta)."""
     batch_size: Count = 8
     """Windows per forward for calibration statistics."""

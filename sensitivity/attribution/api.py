@@ -29,7 +29,7 @@ from ..core.scores import (
     taylor_score,
     wanda_score,
 )
-from ..core.spec import Count, Int, Ints, Names, Number, Spec, SpecError
+from ..core.spec import Count, Ints, Names, Number, Seed, Spec, SpecError
 from ..core.stats import OBJECTIVES, GradStats, channel_stats, window_gradients
 from ..data import Windows
 from ._common import resolve
@@ -239,7 +239,7 @@ class AttributeOptions(Execution, Spec):
     """Layers (default: all)."""
     batch_size: Count = 8
     """Windows per forward for activation statistics and captum (gradients use one window each)."""
-    seed: Int = 0
+    seed: Seed = 0
     """Seeds torch's RNG inside the call (the methods are deterministic) and fills the seed column."""
     objective: Literal[OBJECTIVES] = "loss"  # type: ignore[valid-type]
     """What is attributed: the mean next-token loss per window, or the sum of the target log-probabilities."""

@@ -219,6 +219,10 @@ def _check_checkpoint(path: Path, name: str) -> None:
                 f.keys()
         except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError, a base Exception)
             reason = str(e).splitlines()[0].removeprefix("Error while deserializing header: ")
+            if "unable to mmap" in reason:  # larger than this machine lets one file be mapped
+                raise ValueError(f"{os.path.join(name, shard)} ({file.stat().st_size:,} bytes) cannot be mapped into "
+                                 "memory on this machine; allowed: shards that fit (save_pretrained's "
+                                 "max_shard_size, default 5 GB)") from None  # fmt: skip
             raise ValueError(f"{os.path.join(name, shard)} is not a complete safetensors file ({reason}); "
                              "allowed: a file save_pretrained wrote, whole") from None  # fmt: skip
 

@@ -35,11 +35,13 @@ __all__ = [
     "Fraction",
     "Int",
     "MAX_COUNT",
+    "MAX_SEED",
     "Ints",
     "Names",
     "Number",
     "OpenFraction",
     "Spec",
+    "Seed",
     "SpecError",
     "Text",
     "check",
@@ -111,6 +113,10 @@ can hold; the stages bound counts further by their data (windows x seqlen, items
 
 Int = Annotated[int, BeforeValidator(_not_bool)]
 """An integer (booleans refused)."""
+MAX_SEED = 2**32 - 1
+"""The largest seed: numpy's legacy seed range (lm-eval seeds numpy with it), inside torch's."""
+Seed = Annotated[int, BeforeValidator(_not_bool), _range(0, MAX_SEED, high_open=False)]
+"""A seed: an integer from 0 to :data:`MAX_SEED` (4,294,967,295)."""
 Count = Annotated[int, BeforeValidator(_not_bool), _range(1, MAX_COUNT, high_open=False)]
 """An integer from 1 to :data:`MAX_COUNT`."""
 Seqlen = Annotated[int, BeforeValidator(_not_bool), _range(2, MAX_COUNT, high_open=False)]

@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
 from ..core.output import OutputDir, versions
-from ..core.spec import Count, Exclude, Int, Seqlen, SpecError, Text
+from ..core.spec import Count, Exclude, Seed, Seqlen, SpecError, Text
 from ..data import eval_windows
 from .perplexity import kl_divergence, perplexity, streamed_perplexity
 from .tasks import ENGINES, SCORERS, check_tasks, default_max_length, evaluate_tasks
@@ -34,7 +34,7 @@ class EvaluateSpec(ModelData):
     """Windows per forward."""
     reference: Text | None = None
     """Also report KL(reference || model) against this model."""
-    seed: Int = 0
+    seed: Seed = 0
     """Seed recorded with the result, and lm-eval's seeds (the toolkit's evaluation draws nothing at random)."""
     tasks: Exclude = ()
     """Also score these zero-shot tasks: built-in (cloze, choice), lm-eval task names (their data available), or

@@ -45,7 +45,7 @@ from ..core.finite import check_loss
 from ..core.loading import LoadedModel, as_loaded
 from ..core.output import MANIFEST, publish_dir, versions, write_manifest
 from ..core.runner import LayerRunner
-from ..core.spec import Count, Int, Ints, Names, Number, Spec, SpecError
+from ..core.spec import Count, Ints, Names, Number, Seed, Spec, SpecError
 from ..data import Windows
 from .dynamics import (
     decay,
@@ -109,7 +109,7 @@ class ExplainOptions(Thresholds):
     """Windows per forward."""
     n_samples: Count = 2000
     """Per-token Δ and decay values kept per (layer, model) for distribution plots."""
-    seed: Int = 0
+    seed: Seed = 0
     """Seed of every subsample; recorded."""
 
 

@@ -42,7 +42,7 @@ from ..core.output import OutputDir
 from ..core.registry import Registry
 from ..core.runner import LayerRunner
 from ..core.scores import input_norm
-from ..core.spec import Count, Int, Ints, Names, Seqlen, Sparsities, SpecError
+from ..core.spec import Count, Ints, Names, Seed, Seqlen, Sparsities, SpecError
 from ..core.stats import channel_stats
 from ..data import Corpus, Windows, calibration_windows, load_corpus
 from .ablations import (
@@ -99,7 +99,7 @@ class ProbeOptions(Execution, TaskOptions):
     """Split of the held-out windows (default: validation when the corpus has one, else its held-out split)."""
     calib_split: str = "train"
     """Split of the calibration windows."""
-    seed: Int = 0
+    seed: Seed = 0
     """Seed of both window draws; recorded in every row."""
     batch_size: Count = 8
     """Windows per forward."""

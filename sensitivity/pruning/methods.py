@@ -16,7 +16,7 @@ from typing import Literal
 from ..core.masks import Structure
 from ..core.methods import Method, Methods
 from ..core.registry import DEFAULT_EXCLUDE
-from ..core.spec import Count, Exclude, Fraction, Int, Ints, Names, Spec, SpecError
+from ..core.spec import Count, Exclude, Fraction, Ints, Names, Seed, Spec, SpecError
 
 __all__ = [
     "METHODS",
@@ -102,7 +102,7 @@ class PruneRequest(Spec):
     sparsity: Fraction | tuple[Fraction, ...] | None = None
     """Fraction removed: of each weight matrix (magnitude, wanda) or of the units of each layer (structured; one
     value, or one per layer)."""
-    seed: Int = 0
+    seed: Seed = 0
     """Seed of the calibration draw and of random scores."""
     batch_size: Count = 8
     """Windows per forward."""

@@ -20,7 +20,7 @@ from ..core.masks import Structure
 from ..core.methods import Methods
 from ..core.objective import Tasks
 from ..core.output import OutputDir, versions
-from ..core.spec import Count, Int, Names, Seqlen, Sparsities, SpecError, Text
+from ..core.spec import Count, Names, Seed, Seqlen, Sparsities, SpecError, Text
 from ..core.zoo import ZOO_MODELS
 from ..data import calibration_windows, eval_windows
 from ..data.corpus import DEFAULT_CORPUS
@@ -84,7 +84,7 @@ class GridSpec(Execution, JobSpec):
     """Objectives scored on every run besides perplexity, a column each (cloze, choice, recall, recall:P)."""
     task_items: Count = 200
     """Items per objective (the first K of a built-in task; K recall items)."""
-    seed: Int = 0
+    seed: Seed = 0
     """Seed of every window draw (and of the recall items)."""
     out: Text
     """Output directory (grid.csv, grid.json, probes/, manifest.json; rerunning resumes)."""

@@ -36,7 +36,7 @@ from ..core.loading import DEFAULT_MODEL, DEVICES, resolve_device
 from ..core.methods import Methods
 from ..core.objective import Tasks, check_recall_pairs
 from ..core.output import OutputDir, versions
-from ..core.spec import Count, Counts, Int, Names, OpenFraction, Seqlen, Sparsities, SpecError, Text
+from ..core.spec import Count, Counts, Names, OpenFraction, Seed, Seqlen, Sparsities, SpecError, Text
 from ..data import calibration_windows, eval_windows, tokenize_split
 from ..data.corpus import DEFAULT_CORPUS
 from ..data.objective import parse_task, task_windows
@@ -106,7 +106,7 @@ class ReportOptions(Execution, Thresholds):
     """Where the model runs: cpu, cuda, or auto (CUDA when there is a GPU)."""
     allow_nonfinite: bool = False
     """Load a model whose weights hold NaN or infinity (refused by default, naming the tensors)."""
-    seed: Int = 0
+    seed: Seed = 0
     """Seed of every window draw and subsample."""
     seqlen: Seqlen = 256
     """Tokens per probe, calibration and explain window."""
