@@ -69,7 +69,8 @@ def test_evaluate_text_output_with_reference(tmp_path):
     [
         (["evaluate", "--seqlen", "1"], "argument --seqlen: 1 is out of range; allowed: 2 <= value <= 67,108,864"),
         (["evaluate", "--max-windows", "x"], "argument --max-windows: 'x' is invalid; allowed: an integer"),
-        (["evaluate", "--batch-size", "0"], "argument --batch-size: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
+        (["evaluate", "--batch-size", "0"],
+         "argument --batch-size: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
         (["evaluate", "--dtype", "int8"], "argument --dtype: 'int8' is invalid; allowed: one of 'float32'"),
         (["evaluate", "--colour", "red"], "unrecognized arguments: --colour red"),
         (["evaluate", "--model", "tiny:gpt"], "unknown built-in model 'tiny:gpt'"),

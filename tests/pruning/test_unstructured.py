@@ -149,7 +149,8 @@ def test_errors():
          "options.structure: not an option of 'head'"),
         (dict(method="state", sparsity=0.5, sequential=True), "options.sequential: not an option of 'state'"),
         (dict(method="wanda", sparsity=[0.5, 0.5], windows=windows), "sparsity: wanda takes one sparsity"),
-        (dict(method="magnitude", sparsity=0.5, batch_size=0), "batch_size: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
+        (dict(method="magnitude", sparsity=0.5, batch_size=0),
+         "batch_size: 0 is out of range; allowed: 1 <= value <= 67,108,864"),
         (dict(method="magnitude", sparsity=0.5, seed=True), "seed: True is a boolean"),
     ]
     for kwargs, message in api_cases:

@@ -78,7 +78,7 @@ def _fields(job: str):
 def _flag_cases() -> list:
     cases = []
     for job in BASE:
-        for method, flag, dest in _fields(job):
+        for method, flag, _ in _fields(job):
             base = _args(job, method)
             for value in POOL:
                 argv = [*base, flag, value]
