@@ -19,7 +19,7 @@ import canary  # noqa: E402
     ("torch>=2.13,<=2.14.1", "torch>=2.13"),
     ("pandas>=2.2,!=3.0.0,<3.2", "pandas>=2.2,!=3.0.0"),
     ("captum~=0.9", "captum"),
-    ("ray==2.60.0; python_version < '3.14'", "ray; python_version < '3.14'"),
+    ("ray==2.60.0; python_version < '3.14'", 'ray; python_version < "3.14"'),
 ])  # fmt: skip
 def test_upper_bounds_are_dropped_and_floors_kept(declared, latest):
     assert canary.unbounded(declared) == latest

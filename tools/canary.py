@@ -21,55 +21,62 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import tomllib
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = "canary_plugin"  # tools/canary_plugin.py, loaded into the pytest run inside the canary environment
-DIRECT = ("torch", "transformers", "captum", "pandas", "seaborn", "tqdm", "safetensors", "scipy", "pyyaml",
-          "tokenizers", "jinja2", "lm-eval", "ray", "numpy", "huggingface-hub", "accelerate", "pydantic",
-          "kernels", "pytest", "nbclient", "hypothesis")  # fmt: skip
+TRANSITIVE = ("huggingface-hub", "accelerate", "pydantic", "kernels", "numpy")
+"""Packages the package does not declare whose releases have broken it or its test stack before (reported by
+name when they change, with the declared ones)."""
 
 
-def _name(requirement: str) -> str:
-    return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+def _requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:
+    """The runtime and ``dev`` requirements of ``pyproject.toml``."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    return [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]]
+
+
+def _written(req: Requirement, specifiers: list[str]) -> str:
+    """``req`` written back with ``specifiers`` in place of its own (extras and marker kept)."""
+    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+    out = f"{req.name}{extras}{','.join(specifiers)}"
+    return f"{out}; {req.marker}" if req.marker else out
+
+
+def _ordered(req: Requirement) -> list[str]:
+    return sorted((str(s) for s in req.specifier), key=lambda s: (not s.startswith(">"), s))
 
 
 def unbounded(requirement: str) -> str:
     """A PEP 508 requirement with its upper bounds (``<``, ``<=``, ``==``, ``~=``) dropped, floors and extras
     kept: ``transformers>=5.21,<5.26`` -> ``transformers>=5.21``."""
-    req, _, marker = requirement.partition(";")
-    match = re.match(r"^\s*([A-Za-z0-9_.\-]+(?:\[[^\]]*\])?)\s*(.*)$", req)
-    head, specs = match.group(1), match.group(2)
-    kept = [s.strip() for s in specs.split(",") if s.strip().startswith((">", "!="))]
-    out = head + ",".join(kept)
-    return f"{out}; {marker.strip()}" if marker else out
+    req = Requirement(requirement)
+    return _written(req, [s for s in _ordered(req) if s.startswith((">", "!="))])
 
 
 def floor(requirement: str) -> str:
     """A requirement pinned to its floor: ``transformers>=5.21,<5.26`` -> ``transformers==5.21``."""
-    req, _, marker = requirement.partition(";")
-    match = re.match(r"^\s*([A-Za-z0-9_.\-]+(?:\[[^\]]*\])?)\s*(.*)$", req)
-    floors = [s.strip()[2:] for s in match.group(2).split(",") if s.strip().startswith(">=")]
-    out = f"{match.group(1)}=={floors[0]}" if floors else match.group(1)
-    return f"{out}; {marker.strip()}" if marker else out
+    req = Requirement(requirement)
+    floors = [s.version for s in req.specifier if s.operator == ">="]
+    return _written(req, [f"=={floors[0]}"] if floors else [])
 
 
 def oldest_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     """Runtime and ``dev`` requirements of the package pinned to their floors."""
-    project = tomllib.loads(pyproject.read_text())["project"]
-    return [floor(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]]
+    return [floor(str(r)) for r in _requirements(pyproject)]
 
 
 def latest_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     """Runtime and ``dev`` requirements of the package with their upper bounds dropped."""
-    project = tomllib.loads(pyproject.read_text())["project"]
-    reqs = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
-    return [unbounded(r) for r in reqs]
+    return [unbounded(str(r)) for r in _requirements(pyproject)]
 
 
 def lock_versions(lock: Path) -> dict[str, str]:
@@ -77,27 +84,25 @@ def lock_versions(lock: Path) -> dict[str, str]:
     pins = {}
     for line in lock.read_text().splitlines():
         if "==" in line and not line.lstrip().startswith("#"):
-            name, _, version = line.split(";")[0].strip().partition("==")
-            pins[_name(name)] = version.strip()
+            req = Requirement(line.split("#")[0].strip())
+            pins[canonicalize_name(req.name)] = next(iter(req.specifier)).version
     return pins
 
 
 def admitted(requirement_upper: dict[str, str], package: str, version: str) -> bool:
     """Whether ``version`` is below the declared upper bound of ``package`` (True when it has none)."""
-    from packaging.specifiers import SpecifierSet
-
     spec = requirement_upper.get(package)
     return spec is None or SpecifierSet(spec).contains(version, prereleases=True)
 
 
 def declared_ranges(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, str]:
     """Package -> its declared specifier set (runtime and ``dev``), e.g. ``{"transformers": ">=5.21,<5.26"}``."""
-    project = tomllib.loads(pyproject.read_text())["project"]
-    out = {}
-    for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
-        req = r.split(";")[0]
-        out[_name(req)] = re.sub(r"^[A-Za-z0-9_.\-]+(\[[^\]]*\])?", "", req.strip()).strip()
-    return out
+    return {canonicalize_name(r.name): ",".join(_ordered(r)) for r in _requirements(pyproject)}
+
+
+def direct(pyproject: Path = ROOT / "pyproject.toml") -> tuple[str, ...]:
+    """The packages whose versions a verdict reports: every declared one, then :data:`TRANSITIVE`."""
+    return tuple(dict.fromkeys([*(canonicalize_name(r.name) for r in _requirements(pyproject)), *TRANSITIVE]))
 
 
 def _pip(python: Path, *args: str) -> None:
@@ -136,14 +141,14 @@ def run_subset(python: Path, tests: list[str], report: Path) -> int:
 
 def verdict(rc: int, report: Path, versions: dict[str, str], locked: dict[str, str]) -> tuple[int, list[str]]:
     """(exit code, lines to print) from the pytest exit code and the plugin's failure records."""
-    changed = [f"{p} {locked[p]} -> {versions[p]}" for p in DIRECT if p in versions and p in locked
+    changed = [f"{p} {locked[p]} -> {versions[p]}" for p in direct() if p in versions and p in locked
                and versions[p] != locked[p]]  # fmt: skip
     failures = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
     if rc == 0 and not failures:
         ranges = declared_ranges()
-        ahead = [f"{p} {versions[p]}" for p in DIRECT if p in versions and not admitted(ranges, p, versions[p])]
+        ahead = [f"{p} {versions[p]}" for p in direct() if p in versions and not admitted(ranges, p, versions[p])]
         lines = ["canary: the compatibility subset passed on "
-                 + ", ".join(f"{p} {versions[p]}" for p in DIRECT if p in versions)]
+                 + ", ".join(f"{p} {versions[p]}" for p in direct() if p in versions)]
         if ahead:
             lines.append("canary: passed on releases the ranges do not admit yet (raise their bounds in "
                          "pyproject.toml, then make lock): " + ", ".join(ahead))

@@ -464,7 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         if flag is None:
             parser.exit(2, f"{where}: error: {_as_flags(str(e), named)}\n")
         parser.exit(2, f"{where}: error: argument {flag}: {rest + ': ' if rest else ''}{_as_flags(e.detail, named)}\n")
-    except (OutputError, ValueError, FileNotFoundError) as e:
+    except OutputError as e:  # about the job's output (other outputs' errors name their field)
+        named = flags.get(args.command, {})
+        parser.exit(2, f"{where}: error: {'argument --out: ' if '--out' in named else ''}{_as_flags(str(e), named)}\n")
+    except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{where}: error: {_as_flags(str(e), flags.get(args.command, {}))}\n")
     except BrokenPipeError:  # the reader went away (``| head``): the work is done, nothing more to print
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

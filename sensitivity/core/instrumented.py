@@ -158,14 +158,14 @@ def _mamba2_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask
     hp, dtype, rows = self.hook_points, hidden_states.dtype, self._sensitivity_rows
     bsz, L, _ = hidden_states.shape
     ED, H, P, G, N = self.intermediate_size, self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
-    falcon = self._sensitivity_arch == "falcon_h1"  # µP multipliers around in_proj, optional gated norm
+    mup = self._sensitivity_multipliers  # Falcon-H1's mixer: µP multipliers around in_proj, a configurable gated norm
     # 1. Input projection into [z | x | B | C | dt] (row ranges from the registry).
     hidden_states = _mask(hidden_states, attention_mask)  # (B, L, D)
-    if falcon:
+    if mup:
         hidden_states = hidden_states * self.ssm_in_multiplier
     hidden_states = hp["in"](hidden_states)  # (B, L, D)
     projected = self.in_proj(hidden_states)  # (B, L, 2ED+2GN+H)
-    if falcon:
+    if mup:
         projected = projected * self.mup_vector  # one multiplier per row block of [z | x | B | C | dt]
     z, x, B_in, C_in, dt_in = _unpack(projected, rows["in_proj.weight"], ("z", "x", "B", "C", "dt"))
     x, z = hp["x"](x), hp["z"](z)  # (B, L, ED)
@@ -187,7 +187,7 @@ def _mamba2_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask
         y = ssd_scan(u_heads, dt, A, B, C, chunk_size=self.chunk_size)  # (B, L, H, P)
     y = hp["y"]((y + self.D.float()[:, None] * u_heads).reshape(bsz, L, ED))  # (B, L, ED)
     # 5. Gate, grouped RMS norm, output projection.
-    if falcon:
+    if mup:
         normed = _falcon_h1_gate(self, y, z)  # (B, L, ED)
     else:
         gated = hp["gated"](y * F.silu(z.float()))  # (B, L, ED)
@@ -380,10 +380,10 @@ def instrument(model: nn.Module, scan: str = "auto") -> nn.Module:
             mixer.hook_points = nn.ModuleDict({h.name: HookPoint(h.name) for h in specs})
         mixer._sensitivity_scan = scan
         mixer._sensitivity_rows = rows
-        mixer._sensitivity_arch = registry.arch
+        mixer._sensitivity_multipliers = registry.ssm_multipliers
         mixer._sensitivity_bc_norms = "dt_norm" in registry.component_names
         norm = getattr(mixer, "norm", None)
-        if registry.arch == "mamba2" and not isinstance(norm, GroupedRMSNormGated):  # the grouped gated norm
+        if registry.regroup_norm and not isinstance(norm, GroupedRMSNormGated):  # the grouped gated norm
             norm._sensitivity_own_group_size = not hasattr(norm, "group_size")  # transformers < 5.23 has none
             norm.__class__ = _derived(GroupedRMSNormGated, type(norm))
             norm.group_size = registry.dims["ED"] // registry.dims["G"]
@@ -397,7 +397,7 @@ def uninstrument(model: nn.Module) -> nn.Module:
     for mixer in _instrumented_mixers(model):
         mixer.__class__ = _BASES[type(mixer)]
         del mixer.hook_points
-        for attr in ("scan", "rows", "arch", "bc_norms"):
+        for attr in ("scan", "rows", "multipliers", "bc_norms"):
             delattr(mixer, f"_sensitivity_{attr}")
         norm = getattr(mixer, "norm", None)
         if isinstance(norm, GroupedRMSNormGated):

@@ -305,20 +305,26 @@ def _check_shapes(path: Path, name: str, config: PretrainedConfig) -> None:
                                      f"must be floating point ({', '.join(_FLOATING)})")  # fmt: skip
 
 
+def tensors_mismatch(name: str, config: PretrainedConfig, *, missing: list[str] = (), extra: list[str] = ()
+                     ) -> ValueError:  # fmt: skip
+    """The error for a checkpoint whose tensors are not its config's model's: the first ``missing`` one (the
+    config builds it, the files lack it), else the first ``extra`` one (the files hold it, the model has none)."""
+    names = missing or extra
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    what = (f"has no tensor {names[0]!r}{more}, which its config.json ({_described(config)}) builds" if missing else
+            f"holds tensor {names[0]!r}{more}, which the model its config.json describes ({_described(config)}) does "
+            "not have")  # fmt: skip
+    return ValueError(f"model {name!r} {what}; allowed: a checkpoint holding exactly the tensors of its config's model")
+
+
 def _check_loading_info(info: dict, name: str, config: PretrainedConfig) -> None:
     """Refuse a checkpoint whose tensors are not the ones its config builds: transformers' missing and unexpected
     keys (after its weight conversions) are errors here, never warnings (a missing tensor would hold random
     values)."""
     if missing := sorted(info.get("missing_keys") or ()):
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"model {name!r} has no tensor {missing[0]!r}{more}, which its config.json "
-                         f"({_described(config)}) builds; allowed: a checkpoint holding exactly the tensors of its "
-                         "config's model")  # fmt: skip
+        raise tensors_mismatch(name, config, missing=missing)
     if unexpected := sorted(info.get("unexpected_keys") or ()):
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ValueError(f"model {name!r} holds tensor {unexpected[0]!r}{more}, which the model its config.json "
-                         f"describes ({_described(config)}) does not have; allowed: a checkpoint holding exactly the "
-                         "tensors of its config's model")  # fmt: skip
+        raise tensors_mismatch(name, config, extra=unexpected)
     if mismatched := info.get("mismatched_keys"):
         key = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
         raise ValueError(f"model {name!r}: tensor {key!r} does not have the shape its config.json "

@@ -29,7 +29,7 @@ from .distributed import EXECUTION_FIELDS
 from .spec import Spec
 
 __all__ = ["MANIFEST", "OutputDir", "OutputError", "atomic_write_text", "atomic_write_texts", "check_dir", "check_file",
-           "check_publish", "has_manifest", "publish_dir", "starts_with", "versions", "write_manifest"]
+           "check_name", "check_publish", "has_manifest", "publish_dir", "starts_with", "versions", "write_manifest"]
 
 MANIFEST = "manifest.json"
 _PACKAGES = ("sensitivity", "torch", "transformers", "tokenizers", "captum", "pandas", "numpy", "scipy", "pydantic")
@@ -264,12 +264,42 @@ def _clear_leftovers(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def check_name(path: Path) -> None:
+    """Refuse a path the file system cannot hold: a name longer than its ``NAME_MAX`` (255 bytes on most) or a path
+    longer than ``PATH_MAX``, before anything stats it (that raises ``File name too long``).
+
+    Raises:
+        OutputError: Naming the long piece, its length and the limit.
+    """
+    full = Path(path).absolute()
+    ancestor = next((p for p in full.parents if _exists(p)), Path("/"))
+    try:
+        name_max, path_max = os.pathconf(ancestor, "PC_NAME_MAX"), os.pathconf(ancestor, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in full.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise OutputError(f"{part[:24]}... is a name of {len(os.fsencode(part))} bytes; allowed: at most "
+                              f"{name_max} (the file system's limit)")  # fmt: skip
+    if len(os.fsencode(str(full))) >= path_max:
+        raise OutputError(f"{str(full)[:24]}... is a path of {len(os.fsencode(str(full)))} bytes; allowed: under "
+                          f"{path_max} (the file system's limit)")  # fmt: skip
+
+
 def check_dir(path: Path) -> None:
     """Whether ``path`` is a directory or one could be created there (with its parents), without creating it.
 
     Raises:
         OutputError: ``path`` is a file, or the nearest existing ancestor is not a writable directory.
     """
+    check_name(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{shown(path)} is a file; allowed: a directory")
     ancestor = path
@@ -295,6 +325,7 @@ def check_file(path: Path, overwrite: bool = False, ours: Callable[[Path], str |
     Raises:
         OutputError: Naming the path and what is wrong.
     """
+    check_name(path)
     if path.is_dir():
         raise OutputError(f"{shown(path)} is a directory; allowed: a file name")
     if path.exists() and not overwrite:
@@ -391,6 +422,7 @@ def publish_dir(out: str | os.PathLike, *, overwrite: bool = False, marker: str 
 def check_publish(out: Path, overwrite: bool = False, marker: str | None = None) -> None:
     """Whether :func:`publish_dir` may write ``out``: a new or empty directory in an existing parent, or with
     ``overwrite`` a directory holding ``marker`` (a non-empty directory is never replaced without one)."""
+    check_name(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{shown(out)} is a file; allowed: a directory")
     if out.is_dir() and any(out.iterdir()):

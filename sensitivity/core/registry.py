@@ -232,6 +232,10 @@ class Registry:
             ``block_args["embeds"]``): Zamba2's hybrid layers.
         config_fields: The HF config fields that hold this family's SSM sizes and layer layout (what a pruner
             rewrites), from :data:`CONFIG_FIELDS`.
+        ssm_multipliers: The SSM mixer scales its input by ``ssm_in_multiplier`` and the rows of ``in_proj``'s
+            output by ``mup_vector``, and its gated norm is optional or before the gate (Falcon-H1's mixer).
+        regroup_norm: The HF mixer's gated norm is transformers' Mamba-2 one, which some releases normalise over
+            all ED channels: the instrumented forward swaps in the grouped norm (per group of ED / G channels).
 
     Example:
         >>> reg = build_registry(model.config)
@@ -255,6 +259,8 @@ class Registry:
     block_args: dict[str, str] = field(default_factory=dict)
     embeds_layers: tuple[int, ...] = ()
     config_fields: dict[str, str] = field(default_factory=dict)
+    ssm_multipliers: bool = False
+    regroup_norm: bool = False
     _by_name: dict[str, Component] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -709,7 +715,8 @@ def _registry(arch: str, ssm, units: list[dict[str, str]], layers_path: str, fin
               others=(), embed_scale: float = 1.0, logit_scale: float = 1.0, rotary_path: str | None = None,
               **fields) -> Registry:  # fmt: skip
     """Assemble a registry from its SSM parts and the parts of its other units (only kinds some layer holds);
-    ``fields``: further :class:`Registry` fields (``shared``, ``block_args``, ``embeds_layers``)."""
+    ``fields``: further :class:`Registry` fields (``shared``, ``block_args``, ``embeds_layers``,
+    ``ssm_multipliers``, ``regroup_norm``)."""
     dims, comps, hooks, inputs = ssm
     dims, comps, hooks, inputs = dict(dims), list(comps), list(hooks), dict(inputs)
     present = {k for u in units for k in u}
@@ -738,7 +745,7 @@ def _mamba2(config) -> Registry:
     ssm = _mamba2_parts(config.hidden_size, config.num_heads, config.head_dim, config.state_size, config.n_groups,
                         config.conv_kernel, getattr(config, "use_bias", False), getattr(config, "use_conv_bias", True))
     units = [{"ssm": "mixer"} for _ in range(config.num_hidden_layers)]
-    return _registry("mamba2", ssm, units, "backbone.layers", "backbone.norm_f")
+    return _registry("mamba2", ssm, units, "backbone.layers", "backbone.norm_f", regroup_norm=True)
 
 
 def _attn_head_dim(config) -> int:
@@ -832,7 +839,8 @@ def _falcon_h1(config) -> Registry:
                                              _attn_head_dim(c), c.attention_bias)),
               ("mlp", _mlp_parts("gated", c.intermediate_size))]  # fmt: skip
     return _registry("falcon_h1", (dims, comps, hooks, inputs), units, "model.layers", "model.final_layernorm",
-                     others, c.embedding_multiplier, c.lm_head_multiplier, "model.rotary_emb")  # fmt: skip
+                     others, c.embedding_multiplier, c.lm_head_multiplier, "model.rotary_emb",
+                     ssm_multipliers=True)  # fmt: skip
 
 
 def _zamba2(config) -> Registry:

@@ -51,7 +51,15 @@ from ..data import Windows
 from .finite import check_loss
 from .hooks import hooks
 from .instrumented import instrument
-from .loading import LoadedModel, _check_checkpoint, _check_shapes, _described, _shards, check_fits, load_tokenizer
+from .loading import (
+    LoadedModel,
+    _check_checkpoint,
+    _check_shapes,
+    _shards,
+    check_fits,
+    load_tokenizer,
+    tensors_mismatch,
+)
 from .registry import ARCHITECTURES, build_registry
 from .runner import LayerRunner
 from .stats import ChannelStats, GradStats, grad_state, window_objective
@@ -127,9 +135,7 @@ class StreamedCheckpoint:
             shared_meta.update({k: v.detach() for k, v in state.items() if k not in own})
             names = list(self.to_checkpoint(own))
             if absent := [n for n in names if n not in self.files]:
-                raise ValueError(f"model {name!r} has no tensor {absent[0]!r}, which its config.json "
-                                 f"({_described(config)}) builds; allowed: a checkpoint holding exactly the tensors "
-                                 "of its config's model")  # fmt: skip
+                raise tensors_mismatch(name, config, missing=absent[:1])
             self._block_files.append(names)
         inside = {n for names in self._block_files for n in names}
         self._resident = [n for n in self.to_checkpoint(shared_meta) if n in self.files]
@@ -138,9 +144,7 @@ class StreamedCheckpoint:
         known = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
         state = self.to_model(self._read(self._outer + self._resident))
         if extra := sorted(n for n in state if n not in known):
-            raise ValueError(f"model {name!r} holds tensor {extra[0]!r}, which the model its config.json describes "
-                             f"({_described(config)}) does not have; allowed: a checkpoint holding exactly the "
-                             "tensors of its config's model")  # fmt: skip
+            raise tensors_mismatch(name, config, extra=extra[:1])
         self._resident_names = sorted(self.to_model({n: torch.empty(0) for n in self._resident}))
         for module_name in sorted({n.rsplit(".", 1)[0] for n in state}):
             module = model.get_submodule(module_name)

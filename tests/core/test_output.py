@@ -126,8 +126,8 @@ def test_two_processes_on_one_output_directory_give_one_clear_error_and_an_intac
         first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=600) == 0, first.stderr.read()
     assert second.returncode == 2 and second.stdout == ""
-    assert second.stderr.strip() == f"sensitivity probe: error: {out} is being written by another process; wait " \
-                                    "for it to finish or choose another directory"
+    assert second.stderr.strip() == f"sensitivity probe: error: argument --out: {out} is being written by another " \
+                                    "process; wait for it to finish or choose another directory"
     assert (out / "probes.csv").read_bytes() == (tmp_path / "reference" / "probes.csv").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "probes.csv"]
 

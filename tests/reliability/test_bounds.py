@@ -257,3 +257,18 @@ def test_a_closed_pipe_ends_the_command_quietly(workspace, monkeypatch):
         os.close(saved)
     assert code == 141
     assert err.getvalue() == ""
+
+
+@pytest.mark.parametrize("job,args", [
+    ("probe", ["--model", "good", *FAST]), ("attribute", ["--model", "good", *FAST]),
+    ("prune", ["--model", "good", *FAST, "--method", "magnitude", "--sparsity", "0.5"]),
+    ("explain", ["--dense", "good", *FAST, "--method", "magnitude", "--sparsity", "0.5"]),
+    ("report", ["--model", "good", *FAST]), ("grid", ["--models", "good", *FAST]),
+    ("evaluate", ["--model", "good", *FAST]),
+    ("schedule", ["--model", "good", *FAST, "--method", "uniform", "--budget", "0.5"]),
+])  # fmt: skip
+def test_an_output_name_the_file_system_cannot_hold_is_refused(workspace, monkeypatch, job, args):
+    """A 300-byte name was an ``OSError: File name too long`` (exit 1)."""
+    line = refused(workspace, monkeypatch, job, *args, "--out", "a" * 300)
+    assert line == (f"sensitivity {job}: error: argument --out: {'a' * 24}... is a name of 300 bytes; allowed: at most "
+                    "255 (the file system's limit)")  # fmt: skip

@@ -175,8 +175,8 @@ def test_a_second_writer_is_refused_in_process(workspace, monkeypatch, tmp_path)
     with OutputDir(tmp_path / "busy", "probe", {"job": "probe"}):
         code, _, err = cli("probe", "--model", str(workspace / "good"), "--data", str(workspace / "text.txt"),
                            "--seqlen", "16", "--out", "busy")  # fmt: skip
-    assert code == 2 and err.strip() == ("sensitivity probe: error: busy is being written by another process; wait "
-                                         "for it to finish or choose another directory")  # fmt: skip
+    assert code == 2 and err.strip() == ("sensitivity probe: error: argument --out: busy is being written by another "
+                                         "process; wait for it to finish or choose another directory")  # fmt: skip
 
 
 def test_two_probe_processes_on_one_output_give_one_clear_error(workspace, tmp_path):
@@ -197,8 +197,8 @@ def test_two_probe_processes_on_one_output_give_one_clear_error(workspace, tmp_p
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert second.returncode == 2
-    assert second.stderr.strip() == ("sensitivity probe: error: p is being written by another process; wait for it "
-                                     "to finish or choose another directory")  # fmt: skip
+    assert second.stderr.strip() == ("sensitivity probe: error: argument --out: p is being written by another process; "
+                                     "wait for it to finish or choose another directory")  # fmt: skip
     assert json.loads(manifest.read_text())["status"] == "complete"
     assert not [p.name for p in (tmp_path / "p").iterdir() if p.name.endswith(".tmp")]
 
