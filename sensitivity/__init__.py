@@ -9,24 +9,7 @@ pruned model degrades) -> ``report``. Every stage defines its job (a validated s
 :mod:`sensitivity.jobs` runs any of them. ``zoo`` holds the trained models shipped with the package.
 """
 
-from .allocation import Schedule, allocate
-from .attribution import agreement, attribute
-from .core import (
-    Component,
-    LoadedModel,
-    Registry,
-    build_registry,
-    capture,
-    hooks,
-    instrument,
-    load_model,
-    uninstrument,
-)
-from .data import Corpus, Windows, byte_tokenizer, calibration_windows, eval_windows, load_corpus
-from .eval import KLDivergence, Perplexity, kl_divergence, perplexity
-from .probes import ProbeOptions, ablation_table, probe
-from .pruning import prune, sparsity_report
-from .zoo import list_models, zoo_path
+from ._lazy import exports
 
 __version__ = "0.1.0"
 
@@ -36,3 +19,37 @@ __all__ = [
     "calibration_windows", "capture", "eval_windows", "hooks", "instrument", "kl_divergence", "list_models",
     "load_corpus", "load_model", "perplexity", "probe", "prune", "sparsity_report", "uninstrument", "zoo_path",
 ]
+
+_EXPORTS = {
+    "Schedule": ".allocation",
+    "allocate": ".allocation",
+    "agreement": ".attribution",
+    "attribute": ".attribution",
+    "Component": ".core",
+    "LoadedModel": ".core",
+    "Registry": ".core",
+    "build_registry": ".core",
+    "capture": ".core",
+    "hooks": ".core",
+    "instrument": ".core",
+    "load_model": ".core",
+    "uninstrument": ".core",
+    "Corpus": ".data",
+    "Windows": ".data",
+    "byte_tokenizer": ".data",
+    "calibration_windows": ".data",
+    "eval_windows": ".data",
+    "load_corpus": ".data",
+    "KLDivergence": ".eval",
+    "Perplexity": ".eval",
+    "kl_divergence": ".eval",
+    "perplexity": ".eval",
+    "ProbeOptions": ".probes",
+    "ablation_table": ".probes",
+    "probe": ".probes",
+    "prune": ".pruning",
+    "sparsity_report": ".pruning",
+    "list_models": ".zoo",
+    "zoo_path": ".zoo",
+}
+__getattr__, __dir__ = exports(__name__, _EXPORTS)

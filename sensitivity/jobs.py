@@ -18,9 +18,8 @@ from pathlib import Path
 
 from .allocation import job as _schedule  # noqa: F401 (each job module registers its job)
 from .attribution import job as _attribute  # noqa: F401
-from .core.distributed import Execution, cluster
+from .core.execution import Execution
 from .core.jobs import JOBS, Inputs, JobResult, JobSpec
-from .core.loading import resolve_device
 from .core.spec import SpecError, load_yaml
 from .eval import job as _evaluate  # noqa: F401
 from .explain import job as _explain  # noqa: F401
@@ -101,6 +100,9 @@ def run(spec: JobSpec, *, overwrite: bool = False, show_progress: bool = True, i
     Returns:
         A :class:`~sensitivity.core.jobs.JobResult`: the spec, the files written and the job's value.
     """
+    from .core.distributed import cluster
+    from .core.loading import resolve_device
+
     inputs = inputs or Inputs()
     if (device := getattr(spec, "device", None)) is not None:
         try:

@@ -13,27 +13,32 @@ Example:
     >>> schedule.to_yaml("schedule.yaml")
 """
 
-from .allocate import (
-    FISHER_GRID,
-    METHODS,
-    AllocateOptions,
-    Allocation,
-    AllocationContext,
-    DepthOptions,
-    OwlOptions,
-    SensitivityOptions,
-    allocate,
-    depth_ramp,
-    fit_budget,
-    greedy_allocate,
-    lower_convex_hull,
-    needs_probes,
-    owl_sparsity,
-)
-from .schedule import RECIPE_MODIFIERS, Schedule, uniform_schedule
+from .._lazy import exports
 
 __all__ = [
     "FISHER_GRID", "METHODS", "RECIPE_MODIFIERS", "AllocateOptions", "Allocation", "AllocationContext",
     "DepthOptions", "OwlOptions", "Schedule", "SensitivityOptions", "allocate", "depth_ramp", "fit_budget",
     "greedy_allocate", "lower_convex_hull", "needs_probes", "owl_sparsity", "uniform_schedule",
 ]
+
+_EXPORTS = {
+    "FISHER_GRID": ".allocate",
+    "METHODS": ".options",
+    "AllocateOptions": ".options",
+    "Allocation": ".allocate",
+    "AllocationContext": ".allocate",
+    "DepthOptions": ".options",
+    "OwlOptions": ".options",
+    "SensitivityOptions": ".options",
+    "allocate": ".allocate",
+    "depth_ramp": ".allocate",
+    "fit_budget": ".allocate",
+    "greedy_allocate": ".allocate",
+    "lower_convex_hull": ".allocate",
+    "needs_probes": ".options",
+    "owl_sparsity": ".allocate",
+    "RECIPE_MODIFIERS": ".schedule",
+    "Schedule": ".schedule",
+    "uniform_schedule": ".schedule",
+}
+__getattr__, __dir__ = exports(__name__, _EXPORTS)

@@ -20,21 +20,27 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import NamedTuple
 
 import pandas as pd
 import torch
-from pydantic import BeforeValidator, Field, model_validator
 from torch import nn
 
 from ..attribution import weight_scores
 from ..core.loading import LoadedModel, as_loaded
-from ..core.methods import Methods
-from ..core.registry import DEFAULT_EXCLUDE
 from ..core.scores import owl_outlier_ratio
-from ..core.spec import Count, Exclude, Fraction, Names, Number, Seed, Spec, SpecError, check
+from ..core.spec import Fraction, SpecError, check
 from ..core.tables import PROBE_COLUMNS, read_table
 from ..data import Windows
+from .options import (
+    METHODS,
+    AllocateOptions,
+    DepthOptions,
+    OwlOptions,
+    SensitivityOptions,
+    UnitOptions,
+    needs_probes,
+)
 from .schedule import Schedule
 
 __all__ = [
@@ -57,9 +63,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS = Methods("allocation method")
-"""Allocators of :func:`allocate`: ``uniform``, ``depth``, ``owl``, ``sensitivity``, plus any registered from user
-code. An allocator is called as ``fn(ctx: AllocationContext, options) -> (sparsities (E,), meta)``."""
 FISHER_GRID = tuple(i / 20 for i in range(20))
 """Sparsities at which the Fisher (OBD) loss curves are sampled: 0, 0.05, ..., 0.95."""
 _PROBE_COLUMNS = ("layer", "component", "kind", "sparsity", "metric", "value")
@@ -417,71 +420,6 @@ def _fisher_curves(lm: LoadedModel, windows: Windows, keys, names, *, batch_size
     return curves
 
 
-class AllocateOptions(Spec):
-    """What every allocation takes besides its method's options."""
-
-    budget: Fraction
-    """Overall fraction of the scheduled weights to prune (parameter-weighted)."""
-    components: Names | None = None
-    """Components to schedule (default: every prunable one not excluded)."""
-    exclude: Exclude = DEFAULT_EXCLUDE
-    """Components kept dense ('none': keep none dense)."""
-    min_sparsity: Fraction = 0.0
-    """Lowest sparsity of any entry."""
-    max_sparsity: Fraction = 0.95
-    """Highest sparsity of any entry."""
-    seed: Seed = 0
-    """Seeds torch's RNG inside the call (recorded in the schedule's meta)."""
-    batch_size: Count = 8
-    """Windows per forward for calibration statistics."""
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AllocateOptions:
-        if self.min_sparsity > self.max_sparsity:
-            raise SpecError(f"{self.min_sparsity:g} is above max_sparsity {self.max_sparsity:g}", "min_sparsity")
-        if not self.min_sparsity <= self.budget <= self.max_sparsity:
-            raise SpecError(f"{self.budget:g} is outside [min_sparsity, max_sparsity] = [{self.min_sparsity:g}, "
-                            f"{self.max_sparsity:g}]", "budget")  # fmt: skip
-        return self
-
-
-class DepthOptions(Spec):
-    depth_spread: Number = 0.1
-    """Depth ramp: budget - spread at layer 0 to budget + spread at the last layer (negative: the other way)."""
-
-
-class OwlOptions(Spec):
-    owl_m: Annotated[Number, Field(gt=0)] = 5.0
-    """OWL's outlier threshold M: a WANDA score above M times the mean is an outlier."""
-    owl_lambda: Annotated[Number, Field(ge=0)] = 0.08
-    """OWL's lambda: half the spread of the layer sparsities."""
-
-
-class SensitivityOptions(Spec):
-    source: Literal["probes", "fisher"] = "probes"
-    """Loss curves from measured probes (sensitivity probe's wanda/magnitude kinds) or from Fisher (OBD)."""
-    probe_method: Literal["wanda", "magnitude"] = "wanda"
-    """Which sparsify probes give the curves."""
-    metric: Literal["delta_nll", "kl"] = "delta_nll"
-    """Probe metric used as the loss increase (0 for the dense model)."""
-
-
-def _offsets(value):
-    """``"attention=-0.25,mlp=0.1"`` (the command line's form) -> ``{"attention": "-0.25", "mlp": "0.1"}``."""
-    if not isinstance(value, str):
-        return value
-    pairs = [p.partition("=") for p in value.split(",") if p.strip()]
-    if any(not eq for _, eq, _ in pairs):
-        raise ValueError(f"{value!r} is invalid; allowed: KIND=OFFSET pairs, e.g. attention=-0.25,mlp=0.1")
-    return {k.strip(): v.strip() for k, _, v in pairs}
-
-
-class UnitOptions(Spec):
-    unit_offset: Annotated[dict[Literal["ssm", "attention", "mlp"], Number], BeforeValidator(_offsets)] = {}
-    """Sparsity offset of each unit kind's weights (ssm, attention, mlp) before the shift that meets the budget, e.g.
-    attention=-0.25,mlp=0.1 keeps attention 0.35 denser than the MLPs; kinds not named get 0."""
-
-
 @dataclass
 class AllocationContext:
     """What an allocator works on: the model, the (layer, component) entries and their sizes, and its inputs."""
@@ -501,12 +439,12 @@ class AllocationContext:
         return fit_budget(raw, self.n, c.budget, c.min_sparsity, c.max_sparsity)
 
 
-@METHODS.register("uniform", description="the budget everywhere")
+@METHODS.implement("uniform")
 def _uniform(ctx: AllocationContext, options) -> tuple[torch.Tensor, dict]:
     return ctx.fit(torch.full((len(ctx.keys),), ctx.common.budget)), {}
 
 
-@METHODS.register("depth", options=DepthOptions, description="a linear ramp over layers, budget -/+ spread")
+@METHODS.implement("depth")
 def _depth(ctx: AllocationContext, options: DepthOptions) -> tuple[torch.Tensor, dict]:
     c, spread = ctx.common, abs(options.depth_spread)
     lo, hi = c.budget - spread, c.budget + spread
@@ -522,8 +460,7 @@ def _depth(ctx: AllocationContext, options: DepthOptions) -> tuple[torch.Tensor,
     return ctx.fit(ramp[ctx.layer_of]), {"depth_spread": options.depth_spread}
 
 
-@METHODS.register("owl", options=OwlOptions, calibration=True,
-                  description="outlier-weighted layerwise sparsity (Yin et al., 2023)")  # fmt: skip
+@METHODS.implement("owl")
 def _owl(ctx: AllocationContext, options: OwlOptions) -> tuple[torch.Tensor, dict]:
     reg = ctx.lm.registry
     names = list(dict.fromkeys(c for _, c in ctx.keys))
@@ -540,9 +477,7 @@ def _owl(ctx: AllocationContext, options: OwlOptions) -> tuple[torch.Tensor, dic
     return ctx.fit(per_layer[ctx.layer_of]), meta
 
 
-@METHODS.register("sensitivity", options=SensitivityOptions, calibration=lambda o: o.source == "fisher",
-                  probes=lambda o: o.source == "probes",
-                  description="minimise the predicted loss (probe or Fisher curves) under the budget")  # fmt: skip
+@METHODS.implement("sensitivity")
 def _sensitivity(ctx: AllocationContext, options: SensitivityOptions) -> tuple[torch.Tensor, dict]:
     meta: dict = {"source": options.source}
     if options.source == "probes":
@@ -561,14 +496,7 @@ def _sensitivity(ctx: AllocationContext, options: SensitivityOptions) -> tuple[t
     return got.sparsity, meta
 
 
-def needs_probes(method: str, options: Spec) -> bool:
-    """Whether ``method`` with ``options`` reads a probes table."""
-    rule = METHODS[method].info.get("probes", False)
-    return bool(rule(options) if callable(rule) else rule)
-
-
-@METHODS.register("unit", options=UnitOptions, description="the budget plus an offset per unit kind (SSM, attention, "
-                  "MLP), shifted to meet the budget: a type-aware schedule for hybrids")  # fmt: skip
+@METHODS.implement("unit")
 def _unit(ctx: AllocationContext, options: UnitOptions) -> tuple[torch.Tensor, dict]:
     reg, offset = ctx.lm.registry, options.unit_offset
     present = sorted({reg.component(c).unit for _, c in ctx.keys})

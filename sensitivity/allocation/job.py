@@ -12,9 +12,7 @@ from ..core.jobs import JOBS, Inputs, JobResult, ModelData
 from ..core.methods import Methods
 from ..core.output import OutputError, atomic_write_texts, check_file, starts_with, versions
 from ..core.spec import Count, Seqlen, Spec, SpecError, Text
-from ..data import calibration_windows
-from .allocate import METHODS, AllocateOptions, allocate, needs_probes
-from .schedule import RECIPE_HEADER, SCHEDULE_HEADER
+from .options import METHODS, RECIPE_HEADER, SCHEDULE_HEADER, AllocateOptions, needs_probes
 
 __all__ = ["ScheduleSpec", "run_schedule"]
 
@@ -64,6 +62,9 @@ def run_schedule(spec: ScheduleSpec, inputs: Inputs, *, overwrite: bool = False,
                 check_file(Path(path), overwrite, starts_with(header))
         except OutputError as e:
             raise SpecError(str(e), field) from None
+    from ..data import calibration_windows
+    from .allocate import allocate
+
     corpus, lm = inputs.load(spec)
     windows = None
     if METHODS[spec.method].needs_calibration(spec.options):

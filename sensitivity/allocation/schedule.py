@@ -28,15 +28,12 @@ from ..core.masks import Structure
 from ..core.output import atomic_write_text
 from ..core.registry import ARCHITECTURES, DEFAULT_EXCLUDE, Registry, build_registry
 from ..core.spec import Count, Exclude, Fraction, Int, Spec, SpecError, load_yaml
+from .options import RECIPE_HEADER, SCHEDULE_HEADER
 
 __all__ = ["RECIPE_HEADER", "RECIPE_MODIFIERS", "SCHEDULE_HEADER", "Schedule", "uniform_schedule"]
 
 logger = logging.getLogger(__name__)
 
-SCHEDULE_HEADER = "# sparsity schedule: "
-"""How a schedule YAML this toolkit wrote begins (``overwrite`` replaces only such a file)."""
-RECIPE_HEADER = "# llm-compressor recipe from a sensitivity schedule "
-"""How a recipe this toolkit wrote begins."""
 RECIPE_MODIFIERS = ("WandaPruningModifier", "SparseGPTModifier")
 """llm-compressor one-shot modifiers that take a per-layer ``sparsity`` list (``MagnitudePruningModifier`` does not:
 it is a gradual training-time pruner with ``init_sparsity``/``final_sparsity``)."""

@@ -27,25 +27,34 @@ Components each method covers (a method gives no rows for the others):
 On hybrids a component gets rows only in the layers holding its unit.
 """
 
-from ..core.scores import owl_outlier_ratio, wanda_score
-from ..core.stats import OBJECTIVES, ChannelStats, channel_stats
-from .agreement import agreement, kendall_tau_b, rank_correlation, spearman
-from .api import (
-    COLUMNS,
-    GBLM_ALPHA,
-    METHODS,
-    WEIGHT_METHODS,
-    AttributeOptions,
-    AttributionContext,
-    ScoreKey,
-    attribute,
-    covered_components,
-    default_methods,
-    weight_scores,
-)
+from .._lazy import exports
 
 __all__ = [
     "COLUMNS", "GBLM_ALPHA", "METHODS", "OBJECTIVES", "WEIGHT_METHODS", "AttributeOptions", "AttributionContext",
     "ChannelStats", "ScoreKey", "agreement", "attribute", "channel_stats", "covered_components", "default_methods",
     "kendall_tau_b", "owl_outlier_ratio", "rank_correlation", "spearman", "wanda_score", "weight_scores",
 ]
+
+_EXPORTS = {
+    "owl_outlier_ratio": "..core.scores",
+    "wanda_score": "..core.scores",
+    "OBJECTIVES": "..core.stats",
+    "ChannelStats": "..core.stats",
+    "channel_stats": "..core.stats",
+    "agreement": ".agreement",
+    "kendall_tau_b": ".agreement",
+    "rank_correlation": ".agreement",
+    "spearman": ".agreement",
+    "COLUMNS": ".api",
+    "GBLM_ALPHA": ".options",
+    "METHODS": ".options",
+    "WEIGHT_METHODS": ".api",
+    "AttributeOptions": ".options",
+    "AttributionContext": ".api",
+    "ScoreKey": ".api",
+    "attribute": ".api",
+    "covered_components": ".api",
+    "default_methods": ".options",
+    "weight_scores": ".api",
+}
+__getattr__, __dir__ = exports(__name__, _EXPORTS)

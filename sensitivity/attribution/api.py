@@ -8,17 +8,15 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Literal, NamedTuple
+from typing import NamedTuple
 
 import pandas as pd
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from ..core.distributed import Execution, run_shards
+from ..core.distributed import run_shards
 from ..core.hooks import hook_name
 from ..core.loading import as_loaded
-from ..core.methods import Methods
 from ..core.registry import Registry, TensorSlice
 from ..core.scores import (
     fisher_score,
@@ -29,11 +27,12 @@ from ..core.scores import (
     taylor_score,
     wanda_score,
 )
-from ..core.spec import Count, Ints, Names, Number, Seed, Spec, SpecError
-from ..core.stats import OBJECTIVES, GradStats, channel_stats, window_gradients
+from ..core.spec import SpecError
+from ..core.stats import GradStats, channel_stats, window_gradients
 from ..data import Windows
 from ._common import resolve
-from .captum_methods import BASELINES, captum_components, captum_scores
+from .captum_methods import captum_components, captum_scores
+from .options import GBLM_ALPHA, METHODS, AttributeOptions, default_methods
 
 __all__ = [
     "COLUMNS",
@@ -51,16 +50,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS = Methods("attribution method")
-"""Every method of :func:`attribute` (the ``kind`` column), plus any registered from user code. A method is called
-as ``fn(ctx: AttributionContext) -> rows`` (``(layer, component, kind, metric, value)`` tuples); its ``info`` says
-what it ``needs`` collected (``norms``: input norms at weight input hooks; ``grads``: per-window gradients of every
-parameter; ``weight_grads``: of weights with an input hook only), whether it is ``default``, and which components
-it ``covers(registry)``."""
 WEIGHT_METHODS = ("magnitude", "wanda", "taylor", "fisher", "gblm")
 """Per-weight scores :func:`weight_scores` returns."""
-GBLM_ALPHA = 100.0
-"""GBLM-Pruner's gradient weight: its released code multiplies every gradient by ``scale=100`` before the l2 norm."""
 COLUMNS = ("layer", "component", "kind", "metric", "value", "seed")
 _GRADIENT_METHODS = ("taylor", "fisher", "gblm")
 _INPUT_METHODS = ("act_norm", "wanda", "gblm")  # need ||X_j||: only weights with an input hook
@@ -227,41 +218,6 @@ def _sum_mean_rows(kind: str, scores: dict[ScoreKey, torch.Tensor]) -> list[tupl
     return rows
 
 
-class AttributeOptions(Execution, Spec):
-    """What :func:`attribute` computes."""
-
-    methods: Names | None = None
-    """Attribution methods (default: act_norm, taylor, fisher, gblm, grad_x_act; integrated_gradients and
-    conductance cost n_steps forwards per hook point)."""
-    components: Names | None = None
-    """Registry components (default: all)."""
-    layers: Ints | None = None
-    """Layers (default: all)."""
-    batch_size: Count = 8
-    """Windows per forward for activation statistics and captum (gradients use one window each)."""
-    seed: Seed = 0
-    """Seeds torch's RNG inside the call (the methods are deterministic) and fills the seed column."""
-    objective: Literal[OBJECTIVES] = "loss"  # type: ignore[valid-type]
-    """What is attributed: the mean next-token loss per window, or the sum of the target log-probabilities."""
-    n_steps: Count = 16
-    """Integration steps of integrated_gradients and conductance (captum's n_steps)."""
-    internal_batch_size: Count | None = None
-    """captum's internal_batch_size for the integration steps (sequences per forward; default: all at once)."""
-    owl_m: Annotated[Number, Field(gt=0)] = 5.0
-    """OWL's outlier threshold M of act_norm's outlier_ratio."""
-    gblm_alpha: Annotated[Number, Field(ge=0)] = GBLM_ALPHA
-    """Weight of GBLM's gradient term (the released code scales gradients by 100)."""
-    baseline: Literal[BASELINES] = "zeros"  # type: ignore[valid-type]
-    """captum baseline: all-zero input embeddings."""
-
-    @field_validator("methods")
-    @classmethod
-    def _known(cls, methods):
-        for method in methods or ():
-            METHODS[method]  # SpecError naming the allowed methods
-        return methods if methods is None else tuple(dict.fromkeys(methods))
-
-
 @dataclass
 class AttributionContext:
     """What an attribution method reads: the model, the pairs asked for, the collected statistics, the options."""
@@ -274,11 +230,6 @@ class AttributionContext:
     got: _Collected
     options: AttributeOptions
     show_progress: bool
-
-
-def default_methods() -> tuple[str, ...]:
-    """The methods :func:`attribute` runs when none are named."""
-    return tuple(m for m in METHODS if METHODS[m].info.get("default"))
 
 
 def attribute(
@@ -382,27 +333,25 @@ class _AttributionJob:
         return _method_rows(self.lm, self.windows, self.options, methods, show_progress=False)
 
 
-@METHODS.register("act_norm", needs={"norms"}, default=True, covers=_with_weights,
-                  description="statistics of the weight inputs ||X_j||: l2_mean, max_over_median, outlier_ratio")
+@METHODS.implement("act_norm", covers=_with_weights)
 def _act_norm(ctx: AttributionContext) -> list[tuple]:
     return _act_norm_rows(ctx.registry, ctx.module, ctx.pairs, ctx.got, ctx.options.owl_m)
 
 
-def _gradient_method(name: str, needs: set[str], covers, description: str) -> None:
+def _gradient_method(name: str, covers) -> None:
     def run(ctx: AttributionContext) -> list[tuple]:
         scores = _scores(name, ctx.registry, ctx.module, ctx.pairs, ctx.got, gblm_alpha=ctx.options.gblm_alpha)
         return _sum_mean_rows(name, scores)
 
-    METHODS.register(name, needs=needs, default=True, covers=covers, description=description)(run)
+    METHODS.implement(name, covers=covers)(run)
 
 
-_gradient_method("taylor", {"grads"}, _with_params, "|w * mean_k g_k| (Molchanov et al., 2019): sum and mean")
-_gradient_method("fisher", {"grads"}, _with_params, "empirical Fisher sum_k g_k**2: sum and mean")
-_gradient_method("gblm", {"norms", "weight_grads"}, _with_weights,
-                 "|W| ||X_j|| + alpha |W| ||G|| (Das et al., 2023): sum and mean")
+_gradient_method("taylor", _with_params)
+_gradient_method("fisher", _with_params)
+_gradient_method("gblm", _with_weights)
 
 
-def _captum_method(name: str, default: bool, description: str) -> None:
+def _captum_method(name: str) -> None:
     def run(ctx: AttributionContext) -> list[tuple]:
         covered = captum_components(ctx.registry)
         targets = [(layer, comp) for layer, comp in ctx.pairs if comp in covered]
@@ -415,12 +364,11 @@ def _captum_method(name: str, default: bool, description: str) -> None:
         return [row for (layer, comp), (abs_sum, total) in got.items()
                 for row in ((layer, comp, name, "abs_sum", abs_sum), (layer, comp, name, "sum", total))]  # fmt: skip
 
-    METHODS.register(name, default=default, covers=captum_components, description=description)(run)
+    METHODS.implement(name, covers=captum_components)(run)
 
 
-_captum_method("grad_x_act", True, "captum LayerGradientXActivation at the component's hook point")
-_captum_method("integrated_gradients", False, "captum LayerIntegratedGradients (n_steps forwards per hook point)")
-_captum_method("conductance", False, "captum LayerConductance (n_steps forwards per hook point)")
+for _name in ("grad_x_act", "integrated_gradients", "conductance"):
+    _captum_method(_name)
 
 
 def weight_scores(

@@ -49,6 +49,7 @@ from ..core.registry import Registry
 from ..core.stats import grad_state, window_objective
 from ..data import Windows
 from ._common import resolve
+from .options import BASELINES
 
 __all__ = ["CAPTUM_METHODS", "captum_components", "captum_scores", "captum_target", "forward_embed_scale",
            "make_forward"]  # fmt: skip
@@ -58,7 +59,6 @@ CAPTUM_METHODS = {
     "integrated_gradients": LayerIntegratedGradients,
     "conductance": LayerConductance,
 }
-BASELINES = ("zeros",)
 _NOT_OWN_ACTIVATION = ("D",)  # its hook point y is the whole scan output
 _PROJECTION_ROWS = ("gate", "up")  # MLP: attributed at their rows of the up projection's output (down_in is shared)
 _SCALES_INPUTS_EMBEDS = ("granitemoehybrid",)

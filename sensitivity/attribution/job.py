@@ -11,10 +11,7 @@ from ..core.methods import Methods
 from ..core.objective import TaskOptions, objective_windows
 from ..core.output import OutputDir, OutputError, atomic_write_text, check_file, has_manifest, versions, write_manifest
 from ..core.spec import Count, Seqlen, SpecError, Text
-from ..core.tables import PROBE_COLUMNS, read_table
-from ..data import calibration_windows
-from .agreement import ATTRIBUTION_COLUMNS, agreement
-from .api import METHODS, AttributeOptions, attribute, default_methods
+from .options import METHODS, AttributeOptions, default_methods
 
 __all__ = ["AgreementSpec", "AttributeSpec", "run_agreement", "run_attribute"]
 
@@ -38,6 +35,9 @@ class AttributeSpec(AttributeOptions, TaskOptions, ModelData):
 def run_attribute(spec: AttributeSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
                   ) -> JobResult:  # fmt: skip
     """Score every (layer, component); the table is the job's value."""
+    from ..data import calibration_windows
+    from .api import attribute
+
     out = OutputDir(spec.out, "attribute", spec, overwrite=overwrite).check()
     corpus, lm = inputs.load(spec)
     windows = objective_windows(spec, lm.tokenizer) or calibration_windows(corpus, lm.tokenizer, spec.windows,
@@ -73,6 +73,9 @@ def run_agreement(spec: AgreementSpec, inputs: Inputs, *, overwrite: bool = Fals
                   ) -> JobResult:  # fmt: skip
     """Rank-correlate the two tables; the agreement table is the job's value. Writes the CSV and, next to it,
     ``<name>.manifest.json`` (atomically; the CSV is replaced whole)."""
+    from ..core.tables import PROBE_COLUMNS, read_table
+    from .agreement import ATTRIBUTION_COLUMNS, agreement
+
     probes, probes_file = read_table(spec.probes, "probes.csv", "probes", PROBE_COLUMNS)
     attribution, _ = read_table(spec.attribution, "attribution.csv", "attribution", ATTRIBUTION_COLUMNS)
     out = Path(spec.out) if spec.out else probes_file.parent / "agreement.csv"

@@ -120,7 +120,7 @@ def _add_spec(parser, spec_cls) -> dict[str, str]:
 
 def _build_parser() -> tuple[_Parser, dict[str, dict[str, str]]]:
     from ..core.jobs import JOBS
-    from ..core.loading import DEFAULT_MODEL, DTYPES
+    from ..core.names import DEFAULT_MODEL, DTYPE_NAMES
 
     parser = _Parser(prog="sensitivity", description="Pruning-sensitivity analysis of state-space LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -130,7 +130,7 @@ def _build_parser() -> tuple[_Parser, dict[str, dict[str, str]]]:
 
     p = sub.add_parser("components", help="list each layer's canonical components, tensors and hook points")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"the model (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", help=f"weights dtype: {', '.join(DTYPES)} (default float32)")
+    p.add_argument("--dtype", default="float32", help=f"weights dtype: {', '.join(DTYPE_NAMES)} (default float32)")
     p.add_argument("--format", default="table", help=f"output format: {', '.join(_FORMATS)} (default table)")
     p.add_argument("--allow-nonfinite", action="store_true", help="load weights that hold NaN or infinity")
     flags["components"] = {"--model": "model", "--dtype": "dtype", "--format": "format",
@@ -355,6 +355,7 @@ def _cmd_components(args) -> int:
         raise SpecError(f"{args.format!r} is invalid; allowed: {', '.join(_FORMATS)}", "format")
     if args.dtype not in DTYPES:
         raise SpecError(f"{args.dtype!r} is invalid; allowed: {', '.join(DTYPES)}", "dtype")
+    _quiet_transformers(args)
     lm = load_model(args.model, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite)
     table = lm.registry.table(lm.model)
     if args.format == "csv":
@@ -408,6 +409,15 @@ def _tune_malloc() -> None:
         pass
 
 
+def _quiet_transformers(args) -> None:
+    """Without ``-v``: transformers' warnings and "Loading weights" bars off (ours show only on a terminal)."""
+    if not args.verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def _run_job(args, flags: dict[str, str]) -> int:
     from .. import jobs
 
@@ -423,6 +433,7 @@ def _run_job(args, flags: dict[str, str]) -> int:
     top = getattr(args, "top", "0")
     if not (top.isdigit() and top.isascii()):
         raise ValueError(f"argument --top: {top!r} is invalid; allowed: an integer >= 0")
+    _quiet_transformers(args)  # the spec is valid: the work (and its imports) starts here
     result = jobs.run(spec, overwrite=getattr(args, "overwrite", False), show_progress=sys.stderr.isatty())
     _PRINTERS.get(spec.job, lambda r, a: print(f"{spec.job}: {r.outputs}"))(result, args)
     return 0
@@ -446,11 +457,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-    if not args.verbose:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; ours show only on a terminal
     where = f"{prog} {args.command}"
     try:
         if args.command == "components":

@@ -2,16 +2,7 @@
 hooks and scans, the layer runner, activation and gradient statistics, pure scores and masks, validated specs,
 method tables, job specs and the output layer."""
 
-from .hooks import capture, hook_name, hooks
-from .instrumented import GroupedRMSNormGated, HookPoint, instrument, is_instrumented, uninstrument
-from .jobs import JOBS, Inputs, JobResult, JobSpec, ModelData
-from .loading import DEFAULT_MODEL, TINY_MODELS, LoadedModel, load_model, tiny_config, unwrap
-from .methods import Method, Methods
-from .output import OutputDir, OutputError, atomic_write_text, publish_dir
-from .registry import ARCHITECTURES, DEFAULT_EXCLUDE, Component, HookSpec, Registry, TensorSlice, build_registry
-from .runner import LayerRunner
-from .scan import selective_scan_chunked, selective_scan_ref, ssd_scan
-from .spec import Spec, SpecError
+from .._lazy import exports
 
 __all__ = [
     "ARCHITECTURES", "DEFAULT_EXCLUDE", "DEFAULT_MODEL", "JOBS", "TINY_MODELS", "Component", "GroupedRMSNormGated",
@@ -20,3 +11,45 @@ __all__ = [
     "build_registry", "capture", "hook_name", "hooks", "instrument", "is_instrumented", "load_model", "publish_dir",
     "selective_scan_chunked", "selective_scan_ref", "ssd_scan", "tiny_config", "uninstrument", "unwrap",
 ]
+
+_EXPORTS = {
+    "capture": ".hooks",
+    "hook_name": ".hooks",
+    "hooks": ".hooks",
+    "GroupedRMSNormGated": ".instrumented",
+    "HookPoint": ".instrumented",
+    "instrument": ".instrumented",
+    "is_instrumented": ".instrumented",
+    "uninstrument": ".instrumented",
+    "JOBS": ".jobs",
+    "Inputs": ".jobs",
+    "JobResult": ".jobs",
+    "JobSpec": ".jobs",
+    "ModelData": ".jobs",
+    "DEFAULT_MODEL": ".loading",
+    "TINY_MODELS": ".loading",
+    "LoadedModel": ".loading",
+    "load_model": ".loading",
+    "tiny_config": ".loading",
+    "unwrap": ".loading",
+    "Method": ".methods",
+    "Methods": ".methods",
+    "OutputDir": ".output",
+    "OutputError": ".output",
+    "atomic_write_text": ".output",
+    "publish_dir": ".output",
+    "ARCHITECTURES": ".registry",
+    "DEFAULT_EXCLUDE": ".registry",
+    "Component": ".registry",
+    "HookSpec": ".registry",
+    "Registry": ".registry",
+    "TensorSlice": ".registry",
+    "build_registry": ".registry",
+    "LayerRunner": ".runner",
+    "selective_scan_chunked": ".scan",
+    "selective_scan_ref": ".scan",
+    "ssd_scan": ".scan",
+    "Spec": ".spec",
+    "SpecError": ".spec",
+}
+__getattr__, __dir__ = exports(__name__, _EXPORTS)

@@ -14,13 +14,16 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..data import Corpus, load_corpus
 from ..data.corpus import DEFAULT_CORPUS
-from .loading import DEFAULT_MODEL, DEVICES, DTYPES, LoadedModel, load_model
 from .methods import Methods
+from .names import DEFAULT_MODEL, DEVICES, DTYPE_NAMES
 from .spec import Spec, SpecError, Text
+
+if TYPE_CHECKING:
+    from ..data import Corpus
+    from .loading import LoadedModel
 
 __all__ = ["JOBS", "Inputs", "JobResult", "JobSpec", "ModelData"]
 
@@ -55,7 +58,7 @@ class ModelData(JobSpec):
     model: Text = DEFAULT_MODEL
     """Zoo model (default, default-mamba1, default-hybrid, recall), checkpoint directory, HF hub id, or a built-in tiny
     model: tiny:mamba|mamba2|falcon-mamba|bamba|granitemoehybrid|nemotron-h|jamba|falcon-h1|zamba2."""
-    dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+    dtype: Literal[DTYPE_NAMES] = "float32"  # type: ignore[valid-type]
     """Weights dtype."""
     device: Literal[DEVICES] = "cpu"  # type: ignore[valid-type]
     """Where the model runs: cpu, cuda, or auto (CUDA when there is a GPU). On CUDA the forwards without hooks
@@ -93,6 +96,8 @@ class Inputs:
     def corpus(self, data: str, text_field: str = "text") -> Corpus:
         key = (data, text_field)
         if key not in self._corpora:
+            from ..data import load_corpus
+
             self._corpora[key] = load_corpus(data, text_field=text_field)
         return self._corpora[key]
 
@@ -101,6 +106,8 @@ class Inputs:
         """The model ``name`` on :attr:`device` (loaded once); errors name the spec ``field`` that gave it."""
         key = (name, dtype, self.device)
         if key not in self._models:
+            from .loading import load_model
+
             try:
                 self._models[key] = load_model(name, dtype=dtype, allow_nonfinite=allow_nonfinite, device=self.device)
             except SpecError:
@@ -117,6 +124,8 @@ class Inputs:
         self._models[(name, dtype, self.device)] = lm
 
     def fresh(self, name: str, dtype: str = "float32", *, allow_nonfinite: bool = False) -> LoadedModel:
+        from .loading import LoadedModel
+
         lm = self.model(name, dtype, allow_nonfinite=allow_nonfinite)
         return LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.registry, lm.name)
 

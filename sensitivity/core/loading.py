@@ -34,6 +34,7 @@ from transformers import (
 from .finite import check_weights
 from .instrumented import hf_norm_is_grouped, is_instrumented
 from .instrumented import instrument as _instrument
+from .names import DEFAULT_MODEL, DEVICES, DTYPE_NAMES
 from .registry import ARCHITECTURES, Registry, build_registry
 from .zoo import ZOO_MODELS, zoo_path
 
@@ -42,11 +43,7 @@ __all__ = ["DEFAULT_MODEL", "DEVICES", "DTYPES", "TINY_MODELS", "LoadedModel", "
 
 logger = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda", "auto")
-"""Where a job puts its model: the CPU, the (first visible) CUDA GPU, or auto (CUDA when there is one)."""
-DEFAULT_MODEL = "default"
-"""The embedded Mamba-2 of :mod:`sensitivity.zoo`, used when no model is named."""
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 TINY_SEED = 0
 _TINY_VOCAB = 257  # the byte tokenizer: 256 bytes + <|endoftext|>
 _TINY_COMMON = dict(vocab_size=_TINY_VOCAB, num_hidden_layers=2, hidden_size=64, state_size=8, conv_kernel=4,

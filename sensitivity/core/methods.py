@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,27 +30,66 @@ class NoOptions(Spec):
     """A method without options."""
 
 
+class _Info(dict):
+    """A method's ``info``: what its declaration states, completed by its implementation module (imported the first
+    time a key the declaration lacks is read)."""
+
+    def __init__(self, data: dict, load: Callable[[], None] | None) -> None:
+        super().__init__(data)
+        self._load = load
+
+    def _complete(self) -> None:
+        if self._load is not None:
+            load, self._load = self._load, None
+            load()
+
+    def __getitem__(self, key):
+        if key not in self:
+            self._complete()
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key not in self:
+            self._complete()
+        return super().get(key, default)
+
+
 @dataclass(frozen=True)
 class Method:
     """One registered method.
 
+    A method is either registered with its implementation (:meth:`Methods.register`), or declared where its options
+    live and implemented in a module imported only when the implementation is needed (:meth:`Methods.declare`,
+    :meth:`Methods.implement`): validating a spec that names it imports nothing heavy.
+
     Attributes:
         name: What users type (``wanda``, ``zero``, ``taylor``, ``owl``).
-        fn: The implementation (its signature is the table's convention).
+        fn: The implementation (its signature is the table's convention); for a declared method, reading it imports
+            the implementing module.
         options: The :class:`~sensitivity.core.spec.Spec` its options validate into.
         description: One line for ``--help`` and tables.
         calibration: Whether it needs calibration windows: a bool, or a function of its validated options.
         archs: Architectures it applies to (None: every one).
         info: Anything else the owning stage records (e.g. the structured unit, covered components).
+        module: For a declared method, the module that implements it.
     """
 
     name: str
-    fn: Callable
+    impl: Callable | None
     options: type[Spec] = NoOptions
     description: str = ""
     calibration: bool | Callable[[Spec], bool] = False
     archs: tuple[str, ...] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None
+
+    @property
+    def fn(self) -> Callable:
+        if self.impl is None:
+            _import(self.module, self.name)
+        if self.impl is None:
+            raise RuntimeError(f"{self.module} did not implement {self.name!r}")
+        return self.impl
 
     def needs_calibration(self, options: Spec | None = None) -> bool:
         """Whether this method, with these options, reads calibration windows."""
@@ -77,6 +117,12 @@ class Method:
             raise
 
 
+def _import(module: str | None, name: str) -> None:
+    if module is None:
+        raise RuntimeError(f"method {name!r} has no implementation")
+    importlib.import_module(module)
+
+
 class Methods:
     """A named table of :class:`Method` entries of one kind (``"pruning method"``, ``"ablation kind"``...)."""
 
@@ -101,6 +147,27 @@ class Methods:
 
         def decorate(fn: Callable) -> Callable:
             self._entries[name] = Method(name, fn, options, description, calibration, archs, dict(info))
+            return fn
+
+        return decorate
+
+    def declare(self, name: str, module: str, *, options: type[Spec] = NoOptions, description: str = "",
+                calibration: bool | Callable[[Spec], bool] = False, archs: tuple[str, ...] | None = None,
+                **info: Any) -> None:  # fmt: skip
+        """Declare method ``name``, implemented in ``module`` (which calls :meth:`implement` when imported): its
+        name, options and ``info`` are known without importing ``module``."""
+        self.register(name, options=options, description=description, calibration=calibration, archs=archs)(None)
+        load = lambda: _import(module, name)  # noqa: E731
+        object.__setattr__(self._entries[name], "module", module)
+        object.__setattr__(self._entries[name], "info", _Info(info, load))
+
+    def implement(self, name: str, **info: Any) -> Callable[[Callable], Callable]:
+        """Decorator giving the declared method ``name`` its implementation (and the ``info`` only it can give)."""
+        entry = self._entries[name]
+
+        def decorate(fn: Callable) -> Callable:
+            object.__setattr__(entry, "impl", fn)
+            dict.update(entry.info, info)
             return fn
 
         return decorate

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BeforeValidator, model_validator
 
-from ..data import Windows
-from ..data.objective import Task, parse_task, task_windows
-from ..data.recall import check_recall_size, recall_pools
+from ..data.objective import Task, check_recall_size, parse_task, task_windows
+
+if TYPE_CHECKING:
+    from ..data import Windows
 from .spec import Count, Spec, SpecError, _none_or_names
 
 __all__ = ["TaskOptions", "Tasks", "check_recall_pairs", "objective_windows"]
@@ -54,6 +55,8 @@ def check_recall_pairs(pairs: int, tokenizer: Any, field: str) -> None:
     Raises:
         SpecError: Naming ``field``, the pairs and the pool size.
     """
+    from ..data.recall import recall_pools
+
     pool = len(recall_pools(tokenizer)[0])
     if pairs > pool:
         raise SpecError(f"recall with {pairs} pairs needs {pairs} distinct keys; allowed: 1 to {pool} pairs (the "

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .distributed import EXECUTION_FIELDS
+from .execution import EXECUTION_FIELDS
 from .spec import Spec
 
 __all__ = ["MANIFEST", "OutputDir", "OutputError", "atomic_write_text", "atomic_write_texts", "check_dir", "check_file",

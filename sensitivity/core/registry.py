@@ -49,17 +49,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .names import ARCHITECTURES, DEFAULT_EXCLUDE, UNIT_KINDS
 from .spec import SpecError
 
 __all__ = ["ARCHITECTURES", "CONFIG_FIELDS", "DEFAULT_EXCLUDE", "UNIT_KINDS", "Component", "HookSpec", "Registry",
            "TensorSlice", "build_registry"]
 
-ARCHITECTURES = ("mamba", "mamba2", "falcon_mamba", "bamba", "granitemoehybrid", "nemotron_h", "jamba", "falcon_h1",
-                 "zamba2")
-UNIT_KINDS = ("ssm", "attention", "mlp", "moe")
-"""Kinds of unit a block may hold: an SSM mixer, an attention mixer, an MLP or a mixture of experts."""
-DEFAULT_EXCLUDE = ("conv1d",)
-"""Components kept dense unless asked for: the depthwise convolution has only K taps per channel."""
 
 
 @dataclass(frozen=True)

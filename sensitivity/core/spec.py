@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +28,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import to_jsonable_python
 
 __all__ = [
+    "COMPARE",
+    "Structure",
+    "parse_structure",
     "Count",
     "Counts",
     "Exclude",
@@ -377,3 +381,35 @@ def load_yaml(source: str | os.PathLike) -> Any:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError(f"malformed YAML in {where}{at}: {problem}") from None
+
+
+COMPARE = ("row", "tensor")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_structure(structure: str | None) -> tuple[int, int] | None:
+    """``"2:4"`` -> ``(2, 4)``: keep ``n`` of every ``m`` consecutive weights. None, ``""``, ``"0:0"`` and
+    ``"unstructured"`` -> None.
+
+    ``n:m`` follows NVIDIA's and llm-compressor's ``mask_structure`` (``n`` non-zeros per group of ``m``, sparsity
+    ``1 - n/m``); for 2:4 and 4:8 this is also WANDA's ``--sparsity_type``.
+
+    Raises:
+        ValueError: For anything else, or ``n >= m``, or ``n == 0``.
+    """
+    if structure in (None, "", "0:0", "unstructured"):
+        return None
+    m = _NM.match(str(structure))
+    if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"{structure!r} is invalid; allowed: 'unstructured' or 'n:m' with 0 < n < m, e.g. '2:4' or "
+                         "'4:8'")  # fmt: skip
+    return int(m.group(1)), int(m.group(2))
+
+
+def _structure(value) -> str | None:
+    nm = parse_structure(value)
+    return None if nm is None else f"{nm[0]}:{nm[1]}"
+
+
+Structure = Annotated[str | None, BeforeValidator(_structure)]
+"""A validated N:M structure ``"n:m"`` (:func:`parse_structure`), or None for unstructured."""

@@ -27,6 +27,7 @@ from ..data import Windows
 from .finite import check_loss
 from .hooks import hooks
 from .loading import unwrap
+from .names import OBJECTIVES
 
 __all__ = ["OBJECTIVES", "ChannelStats", "GradStats", "channel_stats", "grad_state", "window_gradients",
            "window_objective"]
@@ -100,7 +101,6 @@ def channel_stats(
             module(input_ids=windows.ids[start : start + batch_size].to(device), use_cache=False)
     return stats
 
-OBJECTIVES = ("loss", "logprob")
 
 
 def window_objective(logits: torch.Tensor, ids: torch.Tensor, objective: str = "loss",

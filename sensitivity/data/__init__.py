@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from sensitivity.data.corpus import Corpus, load_corpus, split_documents
-from sensitivity.data.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
-from sensitivity.data.windows import Windows, calibration_windows, eval_windows, tokenize_split
+from .._lazy import exports
 
 __all__ = [
     "BYTE_VOCAB_SIZE",
@@ -17,3 +15,16 @@ __all__ = [
     "split_documents",
     "tokenize_split",
 ]
+
+_EXPORTS = {
+    "Corpus": ".corpus",
+    "load_corpus": ".corpus",
+    "split_documents": ".corpus",
+    "BYTE_VOCAB_SIZE": ".tokenizer",
+    "byte_tokenizer": ".tokenizer",
+    "Windows": ".windows",
+    "calibration_windows": ".windows",
+    "eval_windows": ".windows",
+    "tokenize_split": ".windows",
+}
+__getattr__, __dir__ = exports(__name__, _EXPORTS)

@@ -12,13 +12,16 @@ gradient objectives) scores exactly those.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator
 
-from .windows import Windows
+from ..core.spec import MAX_COUNT
 
-__all__ = ["OBJECTIVES", "RECALL_PAIRS", "Task", "check_task", "parse_task", "task_windows"]
+if TYPE_CHECKING:
+    from .windows import Windows
+
+__all__ = ["OBJECTIVES", "RECALL_PAIRS", "Task", "check_recall_size", "check_task", "parse_task", "task_windows"]
 
 RECALL_PAIRS = 16
 """Pairs of the ``recall`` objective when none are given."""
@@ -51,6 +54,20 @@ def check_task(task: str) -> str:
 
 Task = Annotated[str, AfterValidator(check_task)]
 """A spec field naming an objective (see the module docstring)."""
+
+
+def check_recall_size(n_pairs: int, n_items: int, gap: int = 0) -> None:
+    """Refuse recall items that would hold more than :data:`~sensitivity.core.spec.MAX_COUNT` tokens in all (the
+    bound of every drawn set of windows), before any is drawn.
+
+    Raises:
+        ValueError: Naming the items, their length and the bound.
+    """
+    length = 1 + 4 * n_pairs + gap
+    if n_items * length > MAX_COUNT:
+        raise ValueError(f"{n_items:,} recall items of {length:,} tokens ({n_pairs} pairs) are {n_items * length:,} "
+                         f"tokens; at most {MAX_COUNT:,} tokens of task items (items x item length) are "
+                         "built")  # fmt: skip
 
 
 def task_windows(task: str, tokenizer: Any, *, items: int, seed: int = 0) -> Windows:

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .windows import MAX_CALIBRATION_TOKENS, Windows
+from .objective import check_recall_size
+from .windows import Windows
 
 __all__ = ["POOL_SIZE", "RecallItems", "recall_items", "recall_pools"]
 
@@ -95,20 +96,6 @@ def recall_pools(tokenizer: Any, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     """The key and value token pools of ``tokenizer``: two disjoint sorted int64 tensors of equal size."""
     vocab = tuple(tokenizer.decode([i]) for i in range(len(tokenizer)))
     return _pools_cached(vocab, seed)
-
-
-def check_recall_size(n_pairs: int, n_items: int, gap: int = 0) -> None:
-    """Refuse recall items that would hold more than :data:`MAX_CALIBRATION_TOKENS` tokens in all (the bound of every
-    drawn set of windows), before any is drawn.
-
-    Raises:
-        ValueError: Naming the items, their length and the bound.
-    """
-    length = 1 + 4 * n_pairs + gap
-    if n_items * length > MAX_CALIBRATION_TOKENS:
-        raise ValueError(f"{n_items:,} recall items of {length:,} tokens ({n_pairs} pairs) are {n_items * length:,} "
-                         f"tokens; at most {MAX_CALIBRATION_TOKENS:,} tokens of task items (items x item length) are "
-                         "built")  # fmt: skip
 
 
 def recall_items(

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from sensitivity.core.spec import MAX_COUNT
 from sensitivity.data.corpus import Corpus
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def eval_windows(
     return windows
 
 
-MAX_CALIBRATION_TOKENS = 1 << 26
+MAX_CALIBRATION_TOKENS = MAX_COUNT
 """The most tokens of calibration windows drawn (67M: 512 MB of int64 ids; WANDA and SparseGPT calibrate on 128 x
 2048 = 262,144)."""
 

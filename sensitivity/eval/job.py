@@ -7,14 +7,10 @@ import json
 import math
 from typing import Literal
 
-import pandas as pd
-
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
+from ..core.names import ENGINES
 from ..core.output import OutputDir, versions
 from ..core.spec import Count, Exclude, Seed, Seqlen, SpecError, Text
-from ..data import eval_windows
-from .perplexity import kl_divergence, perplexity, streamed_perplexity
-from .tasks import ENGINES, SCORERS, check_tasks, default_max_length, evaluate_tasks
 
 __all__ = ["EvaluateSpec", "run_evaluate"]
 
@@ -66,6 +62,10 @@ def _split_note(corpus, split: str) -> dict:
 def run_evaluate(spec: EvaluateSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
                  ) -> JobResult:  # fmt: skip
     """Evaluate ``spec.model`` on ``spec.data``; the result dict is the job's value (and ``evaluation.json``)."""
+    from ..data import eval_windows
+    from .perplexity import kl_divergence, perplexity
+    from .tasks import SCORERS, default_max_length, evaluate_tasks
+
     out = OutputDir(spec.out, "evaluate", spec, overwrite=overwrite).check() if spec.out else None
     if spec.tasks:
         _check_tasks(spec)
@@ -104,6 +104,8 @@ def run_evaluate(spec: EvaluateSpec, inputs: Inputs, *, overwrite: bool = False,
 def _streamed(spec: EvaluateSpec, inputs: Inputs, out: OutputDir | None, show_progress: bool) -> JobResult:
     """Perplexity of a checkpoint read one block at a time (``streamed``)."""
     from ..core.streamed import StreamedCheckpoint
+    from ..data import eval_windows
+    from .perplexity import streamed_perplexity
 
     if spec.reference or spec.tasks:
         raise SpecError("streamed evaluation measures perplexity only; drop reference and tasks", "streamed")
@@ -130,6 +132,8 @@ def _streamed(spec: EvaluateSpec, inputs: Inputs, out: OutputDir | None, show_pr
 
 def _check_tasks(spec: EvaluateSpec) -> None:
     """The task names and YAMLs, checked before anything loads (errors name the ``tasks`` field)."""
+    from .tasks import check_tasks
+
     try:
         check_tasks(spec.tasks, spec.engine)
     except (ValueError, ImportError) as e:
@@ -138,6 +142,8 @@ def _check_tasks(spec: EvaluateSpec) -> None:
 
 def _plain(value):
     """A frame cell as JSON data: NaN and pandas' NA as None, numpy numbers as Python numbers."""
+    import pandas as pd
+
     if value is None or value is pd.NA:
         return None
     if hasattr(value, "item"):

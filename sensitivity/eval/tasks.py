@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..core.finite import check_loss
 from ..core.loading import unwrap
+from ..core.names import ENGINES
 from ..data.tasks import BUILTIN_TASKS, TASK_ABOUT, task_items, task_pairs, task_path, task_texts
 
 __all__ = ["BOOTSTRAP_ITERS", "COLUMNS", "ENGINES", "SCORERS", "check_tasks", "default_max_length",
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ("task", "metric", "value", "stderr", "n", "definition")
 """Columns of every task row (and of :func:`evaluate_tasks`' frame)."""
-ENGINES = ("auto", "builtin", "lm-eval")
 """``auto``: the toolkit scores the tasks it has a scorer for, lm-eval the rest; ``builtin``: the toolkit only;
 ``lm-eval``: lm-eval scores everything (the built-in tasks through their shipped YAMLs)."""
 BOOTSTRAP_ITERS = 1000

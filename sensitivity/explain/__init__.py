@@ -1,16 +1,22 @@
 """Why a pruned model degrades: per-layer drift, restoration patching, SSM dynamics and a verdict."""
 
-from .dynamics import QUANTITIES, decay, memory_length, ssm_states
-from .explainer import (
-    UNIT_ROWS,
-    VERDICTS,
-    ExplainOptions,
-    Explanation,
-    Thresholds,
-    explain,
-    explain_method,
-    verdict,
-)
+from .._lazy import exports
 
 __all__ = ["ExplainOptions", "Explanation", "QUANTITIES", "Thresholds", "UNIT_ROWS", "VERDICTS", "decay", "explain",
            "explain_method", "memory_length", "ssm_states", "verdict"]  # fmt: skip
+
+_EXPORTS = {
+    "QUANTITIES": ".dynamics",
+    "decay": ".dynamics",
+    "memory_length": ".dynamics",
+    "ssm_states": ".dynamics",
+    "UNIT_ROWS": ".explainer",
+    "VERDICTS": ".options",
+    "ExplainOptions": ".options",
+    "Explanation": ".explainer",
+    "Thresholds": ".options",
+    "explain": ".explainer",
+    "explain_method": ".explainer",
+    "verdict": ".explainer",
+}
+__getattr__, __dir__ = exports(__name__, _EXPORTS)

@@ -32,20 +32,18 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from ..core.finite import check_loss
 from ..core.loading import LoadedModel, as_loaded
 from ..core.output import MANIFEST, publish_dir, versions, write_manifest
 from ..core.runner import LayerRunner
-from ..core.spec import Count, Ints, Names, Number, Seed, Spec, SpecError
+from ..core.spec import SpecError
 from ..data import Windows
 from .dynamics import (
     decay,
@@ -55,14 +53,13 @@ from .dynamics import (
     ssm_states,
     summary_stats,
 )
+from .options import COLLAPSED, HEALTHY, VERDICTS, ExplainOptions, Thresholds
 
 __all__ = ["UNIT_ROWS", "ExplainOptions", "Explanation", "Thresholds", "VERDICTS", "explain", "explain_method",
            "verdict"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-VERDICTS = ("healthy", "degraded", "collapsed")
-HEALTHY, COLLAPSED, DRIFT = 1.2, 2.0, 0.1
 MIN_GAP = 1e-3  # nats/token: below this loss gap, recovered shares are noise and left undefined (NaN)
 MIXER = "mixer"  # patching row that restores every component of a layer's SSM mixer at once
 UNIT_ROWS = {"ssm": MIXER, "attention": "attention", "mlp": "mlp", "moe": "moe"}
@@ -73,44 +70,6 @@ _FILES = ("drift", "patching", "dynamics", "samples", "states")
 _NAMES = {"delta": "Δ", "decay": "decay exp(ΔA)", "memory": "memory length", "state_norm": "state norm",
           "gate_closed": "closed-gate share", "outlier_x": "x outlier share", "outlier_z": "z outlier share",
           "outlier_y": "y outlier share", "live_units": "live units"}  # fmt: skip
-
-
-class Thresholds(Spec):
-    """The verdict bands of a perplexity ratio: healthy up to ``healthy``, collapsed from ``collapsed``."""
-
-    healthy: Annotated[Number, Field(ge=1)] = HEALTHY
-    """Perplexity ratio up to which a pruned model is healthy."""
-    collapsed: Number = COLLAPSED
-    """Perplexity ratio from which a pruned model has collapsed."""
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Thresholds:
-        if not self.healthy < self.collapsed:
-            raise SpecError(f"{self.collapsed!r} is not above healthy={self.healthy!r}; need 1 <= healthy < "
-                            "collapsed", "collapsed")  # fmt: skip
-        return self
-
-
-class ExplainOptions(Thresholds):
-    """What :func:`explain` measures."""
-
-    patch: bool = True
-    """Run restoration patching (one partial forward per (layer, component) that differs from dense)."""
-    top_layers: Count | None = None
-    """Coarse to fine: restore whole units (mixers, attention, MLPs) first, then single components of the
-    top_layers layers whose best unit restoration recovers most (default: every layer's components)."""
-    components: Names | None = None
-    """Components to patch (default: every component that owns weights)."""
-    dynamics_layers: Ints | None = None
-    """Layers whose SSM dynamics are measured (default: every layer with an SSM mixer; others are skipped)."""
-    drift_threshold: Annotated[Number, Field(gt=0)] = DRIFT
-    """Relative error of the residual stream that marks a layer as diverged."""
-    batch_size: Count = 8
-    """Windows per forward."""
-    n_samples: Count = 2000
-    """Per-token Δ and decay values kept per (layer, model) for distribution plots."""
-    seed: Seed = 0
-    """Seed of every subsample; recorded."""
 
 
 def verdict(ppl_ratio: float, *, healthy: float = HEALTHY, collapsed: float = COLLAPSED) -> str:

@@ -9,19 +9,18 @@ from typing import ClassVar, Literal
 from pydantic import model_validator
 
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
-from ..core.loading import DEFAULT_MODEL, DEVICES, DTYPES
 from ..core.methods import Methods
+from ..core.names import DEFAULT_MODEL, DEVICES, DTYPE_NAMES
 from ..core.objective import TaskOptions, objective_windows
 from ..core.output import check_publish, versions
 from ..core.spec import Count, Fraction, Seqlen, SpecError, Text
-from ..data import calibration_windows
 from ..data.corpus import DEFAULT_CORPUS
-from ..pruning import METHODS as PRUNING_METHODS
-from .explainer import ExplainOptions, explain, explain_method
+from ..pruning.methods import MANIFEST as PRUNING_MANIFEST
+from ..pruning.methods import METHODS as PRUNING_METHODS
+from .options import ExplainOptions
 
 __all__ = ["ExplainSpec", "run_explain"]
 
-PRUNING_MANIFEST = "pruning_manifest.json"
 
 
 class ExplainSpec(ExplainOptions, TaskOptions, JobSpec):
@@ -33,7 +32,7 @@ class ExplainSpec(ExplainOptions, TaskOptions, JobSpec):
     job: Literal["explain"] = "explain"
     dense: Text = DEFAULT_MODEL
     """The dense model."""
-    dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+    dtype: Literal[DTYPE_NAMES] = "float32"  # type: ignore[valid-type]
     """Weights dtype."""
     device: Literal[DEVICES] = "cpu"  # type: ignore[valid-type]
     """Where the models run: cpu, cuda, or auto (CUDA when there is a GPU)."""
@@ -81,6 +80,9 @@ def run_explain(spec: ExplainSpec, inputs: Inputs, *, overwrite: bool = False, s
                 ) -> JobResult:  # fmt: skip
     """Explain ``spec.pruned`` (or ``spec.method`` at ``spec.sparsity``) against ``spec.dense``; the
     :class:`Explanation` is the job's value."""
+    from ..data import calibration_windows
+    from .explainer import explain, explain_method
+
     check_publish(Path(spec.out).expanduser().absolute(), overwrite, "explanation.json")  # before anything loads
     corpus = inputs.corpus(spec.data, spec.text_field)
     dense = inputs.model(spec.dense, spec.dtype, allow_nonfinite=spec.allow_nonfinite, field="dense")

@@ -68,19 +68,14 @@ from torch import nn
 
 from ..core.hooks import hook_name, hooks
 from ..core.masks import unstructured_mask
-from ..core.methods import Methods
 from ..core.registry import Registry
 from ..core.removal import removal_hooks
 from ..core.scores import wanda_score
 from ..core.spec import SpecError
+from .options import KINDS
 
 __all__ = ["KINDS", "UNITS", "UNIT_OF", "Probe", "ablation_table", "applicable", "present"]
 
-KINDS = Methods("ablation kind")
-"""Every ablation kind: ``zero``, ``mean``, ``resample``, ``bypass``, ``magnitude``, ``wanda``, ``remove``, plus any
-registered from user code. A kind is a context manager ``fn(model, registry, probe, ctx)`` applying the ablation;
-its ``info`` says where it ``applies(registry, component)``, which calibration hook ``points(registry, probe)`` it
-reads, whether it is a ``sparsify`` kind (one probe per sparsity) and whether it ``resample``s another window."""
 UNITS = ("mixer", "head", "state", "attention", "attn_head", "mlp", "moe", "expert", "block")
 """Whole-unit probes (kind ``remove``); ``head`` exists on Mamba-2 mixers only, the others on the layers holding
 their unit (:data:`UNIT_OF`)."""
@@ -256,7 +251,7 @@ def _name(probe: Probe, point: str) -> str:
     return hook_name(probe.layer, point)
 
 
-@KINDS.register("zero", description="activation or weights -> 0", applies=_has("zero"))
+@KINDS.implement("zero", applies=_has("zero"))
 @contextmanager
 def _zero(model, registry, probe, ctx):
     comp = probe.component
@@ -268,8 +263,7 @@ def _zero(model, registry, probe, ctx):
             yield
 
 
-@KINDS.register("mean", description="activation -> its calibration mean per channel", applies=_has("mean"),
-                points=lambda reg, p: (_mean_point(reg, p.component),))  # fmt: skip
+@KINDS.implement("mean", applies=_has("mean"), points=lambda reg, p: (_mean_point(reg, p.component),))
 @contextmanager
 def _mean(model, registry, probe, ctx):
     point = _name(probe, _mean_point(registry, probe.component))
@@ -278,8 +272,7 @@ def _mean(model, registry, probe, ctx):
         yield
 
 
-@KINDS.register("resample", description="activation -> the same activation on another window",
-                applies=_has("resample"), resample=True)  # fmt: skip
+@KINDS.implement("resample", applies=_has("resample"))
 @contextmanager
 def _resample(model, registry, probe, ctx):
     point = _name(probe, resample_point(registry, probe))
@@ -287,30 +280,27 @@ def _resample(model, registry, probe, ctx):
         yield
 
 
-@KINDS.register("bypass", description="the component made input-independent or skipped", applies=_has("bypass"),
-                points=lambda reg, p: ("dt",) if p.component == "dt" else ())  # fmt: skip
+@KINDS.implement("bypass", applies=_has("bypass"), points=lambda reg, p: ("dt",) if p.component == "dt" else ())
 def _bypass_kind(model, registry, probe, ctx):
     return _bypass(model, registry, probe, ctx)
 
 
-def _sparsify_kind(method: str, description: str) -> None:
+def _sparsify_kind(method: str) -> None:
     def points(registry: Registry, probe: Probe) -> tuple[str, ...]:
         if method != "wanda":
             return ()
         return tuple(registry.input_hook(t.param) for t in registry.weights(probe.component))
 
-    KINDS.register(method, description=description, sparsify=True, points=points,
-                   applies=lambda registry, comp: comp in registry.component_names and comp in _SPARSIFIABLE,
-                   )(lambda model, registry, probe, ctx: _sparsify(model, registry, probe, ctx, method))  # fmt: skip
+    KINDS.implement(method, points=points,
+                    applies=lambda registry, comp: comp in registry.component_names and comp in _SPARSIFIABLE,
+                    )(lambda model, registry, probe, ctx: _sparsify(model, registry, probe, ctx, method))  # fmt: skip
 
 
-_sparsify_kind("magnitude", "the component's weights pruned to sparsity s by |W|")
-_sparsify_kind("wanda", "the component's weights pruned to sparsity s by |W_ij| * ||X_j||_2")
+_sparsify_kind("magnitude")
+_sparsify_kind("wanda")
 
 
-@KINDS.register("remove", description="a whole unit removed (mixer, head h, state n, attention, attention head "
-                "h, MLP, MoE, expert e, block)",
-                applies=lambda registry, comp: comp in UNITS and exists(registry, comp))  # fmt: skip
+@KINDS.implement("remove", applies=lambda registry, comp: comp in UNITS and exists(registry, comp))
 def _remove(model, registry, probe, ctx):
     if probe.component == "expert":  # expert e of the fused expert weights (E, ·, ·): its slice along dim 0 -> 0
         owner = registry.owner(model, probe.layer, "experts")

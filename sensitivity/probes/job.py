@@ -8,8 +8,7 @@ from ..core.jobs import JOBS, Inputs, JobResult, ModelData
 from ..core.methods import Methods
 from ..core.output import OutputDir
 from ..core.spec import Text
-from .ablations import KINDS
-from .sweep import ProbeOptions, probe
+from .options import KINDS, ProbeOptions
 
 __all__ = ["ProbeSpec", "run_probe"]
 
@@ -27,6 +26,8 @@ class ProbeSpec(ProbeOptions, ModelData):
 @JOBS.register("probe", options=ProbeSpec, description="ablate each component of each layer; write probes.csv")
 def run_probe(spec: ProbeSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
     """Run the sweep ``spec`` asks for; the probes frame is the job's value."""
+    from .sweep import probe
+
     out = OutputDir(spec.out, "probe", spec, overwrite=overwrite).check()
     if spec.streamed:  # the checkpoint is read one block at a time by the sweep
         corpus, model = inputs.corpus(spec.data, spec.text_field), spec.model

@@ -26,23 +26,22 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import pandas as pd
 import torch
-from pydantic import AfterValidator, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from ..core.distributed import Execution, run_shards
+from ..core.distributed import run_shards
 from ..core.finite import NonFiniteError, check_loss, first_nonfinite
 from ..core.hooks import capture, hook_name
 from ..core.loading import LoadedModel, as_loaded
-from ..core.objective import TaskOptions, objective_windows
+from ..core.objective import objective_windows
 from ..core.output import OutputDir
 from ..core.registry import Registry
 from ..core.runner import LayerRunner
 from ..core.scores import input_norm
-from ..core.spec import Count, Ints, Names, Seed, Seqlen, Sparsities, SpecError
+from ..core.spec import SpecError
 from ..core.stats import channel_stats
 from ..data import Corpus, Windows, calibration_windows, load_corpus
 from .ablations import (
@@ -59,83 +58,11 @@ from .ablations import (
     resample_point,
 )
 from .estimate import ResampleSources, estimate
+from .options import COLUMNS, METRICS, SWEEPS, ProbeOptions
 
 __all__ = ["COLUMNS", "METRICS", "SWEEPS", "ProbeOptions", "plan", "probe"]
 
 logger = logging.getLogger(__name__)
-
-METRICS = ("delta_nll", "ppl_ratio", "kl")
-SWEEPS = ("cached", "batched", "naive")
-COLUMNS = ("layer", "component", "index", "kind", "sparsity", "metric", "value", "seed", "estimated")
-
-
-def _distinct(values):
-    if values is not None and len(set(values)) < len(values):
-        dup = next(v for i, v in enumerate(values) if v in values[:i])
-        raise ValueError(f"lists {dup!r} twice")
-    return values
-
-
-class ProbeOptions(Execution, TaskOptions):
-    """What a probe sweep measures, and on which windows (a task objective replaces the held-out text windows)."""
-
-    components: Annotated[Names | None, AfterValidator(_distinct)] = None
-    """Components and units (mixer, head, state) to probe; default: every component, mixer and (Mamba-2) head;
-    state (one probe per state index) is opt-in."""
-    kinds: Annotated[Names | None, AfterValidator(_distinct)] = None
-    """Ablation kinds (zero, mean, resample, bypass, magnitude, wanda, remove; default: every one); each applies
-    where the ablation table defines it."""
-    sparsities: Annotated[Sparsities, AfterValidator(_distinct)] = (0.25, 0.5, 0.75)
-    """Sparsities of the magnitude and wanda kinds, each in (0, 1)."""
-    layers: Annotated[Ints | None, AfterValidator(_distinct)] = None
-    """Layers to probe (default: all)."""
-    windows: Count = 8
-    """Held-out windows the damage is measured on (random offsets of split, seeded)."""
-    calib_windows: Count = 8
-    """Calibration windows (of calib_split) for the means and WANDA's input norms."""
-    seqlen: Seqlen = 256
-    """Tokens per window."""
-    split: str | None = None
-    """Split of the held-out windows (default: validation when the corpus has one, else its held-out split)."""
-    calib_split: str = "train"
-    """Split of the calibration windows."""
-    seed: Seed = 0
-    """Seed of both window draws; recorded in every row."""
-    batch_size: Count = 8
-    """Windows per forward."""
-    sweep: Literal["cached", "batched", "naive"] = "cached"
-    """cached: reuse the residual stream entering the probed layer; batched: that, plus the rest of the model run
-    once for several probes of a layer stacked along the batch axis; naive: a full forward per probe."""
-    stack: Count = 4
-    """With sweep=batched: probes of one layer per stacked forward."""
-    estimate: bool = False
-    """First-order estimates of every probe from one forward and backward per batch (attribution patching)
-    instead of exact damage; rows are marked ``estimated`` and have no ``kl``."""
-    estimator: Literal["linear", "local"] = "linear"
-    """With estimate: linear (AtP: every activation and weight change linearised) or local (the ablated layer run
-    exactly, the rest linearised; one block forward per probe)."""
-    streamed: bool = False
-    """Read the model (a local safetensors checkpoint) one block at a time, for checkpoints larger than memory:
-    the cached sweep's numbers, the residual streams kept in memory-mapped files on disk (exact sweep, in process)."""
-
-    @model_validator(mode="after")
-    def _streamable(self) -> ProbeOptions:
-        if self.streamed and (self.estimate or self.sweep != "cached" or self.backend != "local"):
-            asked = "estimate" if self.estimate else f"sweep={self.sweep}" if self.sweep != "cached" else \
-                f"backend={self.backend}"  # fmt: skip
-            raise SpecError(f"a streamed sweep is exact, cached and in process; {asked} is not", "streamed")
-        if not self.estimate and self.estimator != type(self).model_fields["estimator"].default:
-            raise SpecError(f"{self.estimator!r} chooses how estimate estimates; it needs estimate (without it every "
-                            "probe is measured exactly)", "estimator")  # fmt: skip
-        return self
-
-    @field_validator("kinds")
-    @classmethod
-    def _known(cls, kinds):
-        for kind in kinds or ():
-            KINDS[kind]  # SpecError naming the allowed kinds
-        return kinds
-
 
 def plan(registry: Registry, options: ProbeOptions) -> list[Probe]:
     """The probes ``options`` asks for on ``registry``'s architecture, in sweep order (layer-major).

@@ -6,23 +6,7 @@ Every method is an entry of :data:`METHODS` (name, options, whether it needs cal
 architectures it applies to); register your own with ``METHODS.register``.
 """
 
-from ..core.masks import nm_mask, parse_structure, unstructured_mask
-from .api import PruneResult, prune, sparsity_report
-from .blocks import BlocksResult, prune_blocks
-from .methods import (
-    METHODS,
-    BlockOptions,
-    HeadOptions,
-    PruneRequest,
-    StateOptions,
-    StructuredOptions,
-    UnstructuredOptions,
-    WandaOptions,
-    check_target,
-)
-from .save import MANIFEST, save_pruned
-from .structured import UNITS, StructuredResult, applicable_units, prune_structured
-from .unstructured import prune_unstructured
+from .._lazy import exports
 
 __all__ = [
     "MANIFEST", "METHODS", "UNITS", "BlockOptions", "BlocksResult", "HeadOptions", "PruneRequest", "PruneResult",
@@ -30,3 +14,31 @@ __all__ = [
     "check_target", "nm_mask", "parse_structure", "prune", "prune_blocks", "prune_structured", "prune_unstructured",
     "save_pruned", "sparsity_report", "unstructured_mask",
 ]  # fmt: skip
+
+_EXPORTS = {
+    "nm_mask": "..core.masks",
+    "parse_structure": "..core.masks",
+    "unstructured_mask": "..core.masks",
+    "PruneResult": ".api",
+    "prune": ".api",
+    "sparsity_report": ".api",
+    "BlocksResult": ".blocks",
+    "prune_blocks": ".blocks",
+    "METHODS": ".methods",
+    "BlockOptions": ".methods",
+    "HeadOptions": ".methods",
+    "PruneRequest": ".methods",
+    "StateOptions": ".methods",
+    "StructuredOptions": ".methods",
+    "UnstructuredOptions": ".methods",
+    "WandaOptions": ".methods",
+    "check_target": ".methods",
+    "MANIFEST": ".methods",
+    "save_pruned": ".save",
+    "UNITS": ".structured",
+    "StructuredResult": ".structured",
+    "applicable_units": ".structured",
+    "prune_structured": ".structured",
+    "prune_unstructured": ".unstructured",
+}
+__getattr__, __dir__ = exports(__name__, _EXPORTS)

@@ -419,8 +419,6 @@ def _apply(lm: LoadedModel, opts: BlockOptions, sparsity: float | None, windows:
                         changes, zeroed, excluded)  # fmt: skip
 
 
-@METHODS.register("blocks", options=BlockOptions, calibration=True, kind="blocks",
-                  description="remove whole blocks (or one unit kind) greedily by measured loss increase, "
-                  "Mamba-Shedder")  # fmt: skip
+@METHODS.implement("blocks")
 def _blocks_method(lm, opts, *, sparsity, schedule, windows, seed, batch_size, show_progress):
     return None, _apply(lm, opts, sparsity, windows, batch_size, show_progress).to_dict()

@@ -7,15 +7,10 @@ from typing import ClassVar, Literal
 
 from pydantic import SerializeAsAny, field_validator, model_validator
 
-from ..allocation import Schedule
 from ..core.jobs import JOBS, Inputs, JobResult, ModelData
-from ..core.loading import DTYPES, checkpoint_dtype
 from ..core.methods import Methods
 from ..core.spec import Count, Seqlen, Spec, SpecError, Text
-from ..data import calibration_windows
-from .api import prune
-from .methods import METHODS, PruneRequest, check_method, check_target
-from .save import MANIFEST, check_out
+from .methods import MANIFEST, METHODS, PruneRequest, check_method, check_target
 
 __all__ = ["PruneSpec", "run_prune"]
 
@@ -59,6 +54,12 @@ class PruneSpec(PruneRequest, ModelData):
 @JOBS.register("prune", options=PruneSpec, description="prune a model and save it with its manifest")
 def run_prune(spec: PruneSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
     """Prune a copy of ``spec.model`` and save it to ``spec.out``; the :class:`PruneResult` is the job's value."""
+    from ..allocation import Schedule
+    from ..core.loading import DTYPES, checkpoint_dtype
+    from ..data import calibration_windows
+    from .api import prune
+    from .save import check_out
+
     out = check_out(spec.out, spec.model, overwrite)  # before anything loads
     schedule = None
     if spec.schedule is not None:
@@ -86,6 +87,7 @@ def run_prune(spec: PruneSpec, inputs: Inputs, *, overwrite: bool = False, show_
 def _streamed(spec: PruneSpec, inputs: Inputs, schedule, overwrite: bool, show_progress: bool) -> JobResult:
     """Prune ``spec.model`` one block at a time (``streamed``)."""
     from ..core.streamed import StreamedCheckpoint
+    from ..data import calibration_windows
     from .streamed import STREAMED_METHODS, prune_streamed
 
     if spec.method not in STREAMED_METHODS:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..core.masks import Structure
 from ..core.methods import Method, Methods
-from ..core.registry import DEFAULT_EXCLUDE
-from ..core.spec import Count, Exclude, Fraction, Ints, Names, Seed, Spec, SpecError
+from ..core.names import DEFAULT_EXCLUDE, MAMBA2_ARCHS
+from ..core.spec import Count, Exclude, Fraction, Ints, Names, Seed, Spec, SpecError, Structure
 
 __all__ = [
     "METHODS",
@@ -31,6 +30,8 @@ __all__ = [
     "check_target",
 ]
 
+MANIFEST = "pruning_manifest.json"
+"""The record a pruned checkpoint carries."""
 METHODS = Methods("pruning method")
 """Every pruning method: ``magnitude``, ``wanda`` (weights, unstructured or N:M), ``state``, ``head``,
 ``headdim`` (SSM units) and ``blocks`` (whole blocks or units, greedily), plus any registered from user code."""
@@ -106,6 +107,27 @@ class PruneRequest(Spec):
     """Seed of the calibration draw and of random scores."""
     batch_size: Count = 8
     """Windows per forward."""
+
+
+_CALIBRATED_SCORES = ("taylor", "flap")
+"""Structured scores that read calibration windows."""
+METHODS.declare("magnitude", "sensitivity.pruning.unstructured", options=UnstructuredOptions,
+                description="zero the smallest |W| of every weight matrix (unstructured or N:M)")
+METHODS.declare("wanda", "sensitivity.pruning.unstructured", options=WandaOptions, calibration=True,
+                description="zero the smallest |W_ij| ||X_j|| of every weight matrix (Sun et al., 2023; unstructured "
+                "or N:M)")  # fmt: skip
+for _unit, _options, _description in (
+    ("state", StateOptions, "remove SSM states: B and C rows (and their conv channels), Ghattas et al. 2025"),
+    ("head", HeadOptions, "remove Mamba-2 heads, the same number from every B/C group"),
+    ("headdim", HeadOptions, "remove channels of every Mamba-2 head (each head its own set)"),
+):
+    METHODS.declare(_unit, "sensitivity.pruning.structured", options=_options, description=_description, unit=_unit,
+                    per_layer=True, calibration=lambda o: o.score in _CALIBRATED_SCORES,
+                    archs=None if _unit == "state" else MAMBA2_ARCHS,
+                    needs=None if _unit == "state" else "Mamba-2 mixers with heads")  # fmt: skip
+METHODS.declare("blocks", "sensitivity.pruning.blocks", options=BlockOptions, calibration=True, kind="blocks",
+                description="remove whole blocks (or one unit kind) greedily by measured loss increase, "
+                "Mamba-Shedder")  # fmt: skip
 
 
 def check_target(method: Method, options: Spec, sparsity, has_schedule: bool) -> None:

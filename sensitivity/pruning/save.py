@@ -11,12 +11,12 @@ import torch
 from ..core.loading import LoadedModel
 from ..core.output import OutputError, check_publish, publish_dir, shown, write_manifest
 from ..core.zoo import ZOO_MODELS, zoo_path
+from .methods import MANIFEST
 
 __all__ = ["MANIFEST", "check_out", "save_pruned", "source_dir"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "pruning_manifest.json"
 
 
 def source_dir(name: str) -> Path | None:

@@ -53,14 +53,14 @@ from transformers import AutoModelForCausalLM
 from ..attribution import weight_scores
 from ..core.hooks import hook_name
 from ..core.instrumented import instrument, is_instrumented
-from ..core.loading import LoadedModel, as_loaded, tiny_config
-from ..core.registry import ARCHITECTURES, Registry, TensorSlice, build_registry
+from ..core.loading import LoadedModel, as_loaded
+from ..core.registry import Registry, TensorSlice, build_registry
 from ..core.removal import missing_unit
 from ..core.spec import SpecError
 from ..core.stats import channel_stats
 from ..data import Windows
 from ._config import derived_fields, rewrite_config
-from .methods import METHODS, HeadOptions, StateOptions, resolve
+from .methods import _CALIBRATED_SCORES, METHODS, resolve
 
 __all__ = [
     "UNITS",
@@ -84,7 +84,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UNITS = ("state", "head", "headdim")
-_CALIBRATED = ("taylor", "flap")
 # Components whose Fisher a head / head-channel Taylor score needs (every parameter the unit owns).
 _TAYLOR_COMPONENTS = {
     "head": ("z", "x", "dt", "conv1d", "A_log", "D", "norm", "out_proj"),
@@ -797,7 +796,7 @@ def plan_structured(lm: LoadedModel, unit: str, opts, sparsity, from_schedule: b
     score, mode, bias_compensation = opts.score, opts.mode, getattr(opts, "bias_compensation", False)
     unit_index(reg, unit)  # SpecError for heads on Mamba-1 mixers
     targets = _targets(reg, opts.layers)
-    if score in _CALIBRATED:
+    if score in _CALIBRATED_SCORES:
         as_loaded(lm, instrumented=True)  # ValueError naming the fix
     per_layer = _per_layer(reg, sparsity, targets, from_schedule)
     blocks, n, what = _blocks(reg, unit)
@@ -885,11 +884,9 @@ def compensation(reg: Registry, mixer: nn.Module, unit: str, units: list[int], m
     return flap_bias(out_w, mean, _channels(unit, units, reg.dims["P"]))  # (D,)
 
 
-_MAMBA2_ARCHS = tuple(a for a in ARCHITECTURES if "H" in build_registry(tiny_config(a)).dims)
-"""The architectures whose SSM mixers are Mamba-2 (heads), where ``head`` and ``headdim`` apply."""
 
 
-def _register(unit: str, options, description: str) -> None:
+def _implement(unit: str) -> None:
     def apply(lm, opts, *, sparsity, schedule, windows, seed, batch_size, show_progress):
         if schedule is not None:
             schedule.validate(lm.registry)
@@ -898,15 +895,11 @@ def _register(unit: str, options, description: str) -> None:
                              from_schedule=schedule is not None)  # fmt: skip
         return schedule, result.to_dict()
 
-    METHODS.register(unit, options=options, description=description, unit=unit, per_layer=True,
-                     calibration=lambda o: o.score in _CALIBRATED,
-                     archs=None if unit == "state" else _MAMBA2_ARCHS,
-                     needs=None if unit == "state" else "Mamba-2 mixers with heads")(apply)  # fmt: skip
+    METHODS.implement(unit)(apply)
 
 
-_register("state", StateOptions, "remove SSM states: B and C rows (and their conv channels), Ghattas et al. 2025")
-_register("head", HeadOptions, "remove Mamba-2 heads, the same number from every B/C group")
-_register("headdim", HeadOptions, "remove channels of every Mamba-2 head (each head its own set)")
+for _unit in UNITS:
+    _implement(_unit)
 
 
 def applicable_units(registry: Registry) -> tuple[str, ...]:

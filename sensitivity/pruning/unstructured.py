@@ -38,7 +38,7 @@ from ..core.scores import input_norm, wanda_score
 from ..core.spec import SpecError
 from ..core.stats import ChannelStats, channel_stats
 from ..data import Windows
-from .methods import METHODS, UnstructuredOptions, WandaOptions, resolve
+from .methods import METHODS, UnstructuredOptions, resolve
 
 __all__ = ["prune_unstructured"]
 
@@ -156,14 +156,12 @@ def _weights(lm: LoadedModel, method: str, options: UnstructuredOptions, sparsit
     return schedule
 
 
-@METHODS.register("magnitude", options=UnstructuredOptions, description="zero the smallest |W| of every weight "
-                  "matrix (unstructured or N:M)")  # fmt: skip
+@METHODS.implement("magnitude")
 def _magnitude(lm, options, *, sparsity, schedule, windows, seed, batch_size, show_progress):
     return _weights(lm, "magnitude", options, sparsity, schedule, None, batch_size, show_progress), None
 
 
-@METHODS.register("wanda", options=WandaOptions, calibration=True, description="zero the smallest |W_ij| ||X_j|| "
-                  "of every weight matrix (Sun et al., 2023; unstructured or N:M)")  # fmt: skip
+@METHODS.implement("wanda")
 def _wanda(lm, options, *, sparsity, schedule, windows, seed, batch_size, show_progress):
     as_loaded(lm, instrumented=True)
     return _weights(lm, "wanda", options, sparsity, schedule, windows, batch_size, show_progress), None

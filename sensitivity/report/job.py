@@ -7,28 +7,20 @@ import json
 import os
 from typing import Annotated, ClassVar, Literal
 
-import pandas as pd
 from pydantic import AfterValidator
-from tqdm.auto import tqdm
 
-from ..allocation import METHODS as ALLOCATORS
-from ..allocation import allocate
-from ..core.distributed import Execution, cluster
+from ..allocation.options import METHODS as ALLOCATORS
+from ..core.execution import Execution
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
-from ..core.loading import DEVICES, check_source
-from ..core.masks import Structure
 from ..core.methods import Methods
+from ..core.names import DEVICES
 from ..core.objective import Tasks
 from ..core.output import OutputDir, versions
-from ..core.spec import Count, Names, Seed, Seqlen, Sparsities, SpecError, Text
+from ..core.spec import Count, Names, Seed, Seqlen, Sparsities, SpecError, Structure, Text
 from ..core.zoo import ZOO_MODELS
-from ..data import calibration_windows, eval_windows
 from ..data.corpus import DEFAULT_CORPUS
-from ..eval import definition, objective_definition
-from ..probes import probe
-from ..pruning import METHODS
-from .grid import DENSE, GridPayload, plan_grid, run_grid_rows
-from .pipeline import EvalWindows, ReportSpec, _read_csv, build_report
+from ..pruning.methods import METHODS
+from .options import EvalWindows, ReportSpec
 
 __all__ = ["GridSpec", "ReportSpec", "run_grid", "run_report"]
 
@@ -38,6 +30,8 @@ __all__ = ["GridSpec", "ReportSpec", "run_grid", "run_report"]
 def run_report(spec: ReportSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True
                ) -> JobResult:  # fmt: skip
     """Build the report ``spec`` describes; the paths it wrote are the job's value."""
+    from .pipeline import build_report
+
     paths = build_report(spec.out, spec, overwrite=overwrite, show_progress=show_progress, inputs=inputs)
     return JobResult(spec, dict(paths), paths)
 
@@ -97,6 +91,18 @@ def _score(method: str) -> str:
 @JOBS.register("grid", options=GridSpec, description="the pruning grid on one or more models (test perplexity)")
 def run_grid(spec: GridSpec, inputs: Inputs, *, overwrite: bool = False, show_progress: bool = True) -> JobResult:
     """Prune every model with every method and evaluate each; the grid table is the job's value."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from ..allocation import allocate
+    from ..core.distributed import cluster
+    from ..core.loading import check_source
+    from ..data import calibration_windows, eval_windows
+    from ..eval import definition, objective_definition
+    from ..probes import probe
+    from .grid import DENSE, GridPayload, plan_grid, run_grid_rows
+    from .pipeline import _read_csv
+
     out = OutputDir(spec.out, "grid", spec, overwrite=overwrite).check()
     for name in spec.models:
         try:
