@@ -347,14 +347,15 @@ _PRINTERS = {"evaluate": _print_evaluate, "probe": _print_probe, "attribute": _p
 
 
 def _cmd_components(args) -> int:
-    from ..core import load_model
-    from ..core.loading import DTYPES
+    from ..core.names import DTYPE_NAMES
     from ..core.spec import SpecError
 
     if args.format not in _FORMATS:
         raise SpecError(f"{args.format!r} is invalid; allowed: {', '.join(_FORMATS)}", "format")
-    if args.dtype not in DTYPES:
-        raise SpecError(f"{args.dtype!r} is invalid; allowed: {', '.join(DTYPES)}", "dtype")
+    if args.dtype not in DTYPE_NAMES:
+        raise SpecError(f"{args.dtype!r} is invalid; allowed: {', '.join(DTYPE_NAMES)}", "dtype")
+    from ..core import load_model
+
     _quiet_transformers(args)
     lm = load_model(args.model, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite)
     table = lm.registry.table(lm.model)

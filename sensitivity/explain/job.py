@@ -15,8 +15,8 @@ from ..core.objective import TaskOptions, objective_windows
 from ..core.output import check_publish, versions
 from ..core.spec import Count, Fraction, Seqlen, SpecError, Text
 from ..data.corpus import DEFAULT_CORPUS
-from ..pruning.methods import MANIFEST as PRUNING_MANIFEST
-from ..pruning.methods import METHODS as PRUNING_METHODS
+from ..pruning import MANIFEST as PRUNING_MANIFEST
+from ..pruning import METHODS as PRUNING_METHODS
 from .options import ExplainOptions
 
 __all__ = ["ExplainSpec", "run_explain"]

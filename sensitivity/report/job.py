@@ -9,7 +9,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator
 
-from ..allocation.options import METHODS as ALLOCATORS
+from ..allocation import METHODS as ALLOCATORS
 from ..core.execution import Execution
 from ..core.jobs import JOBS, Inputs, JobResult, JobSpec
 from ..core.methods import Methods
@@ -19,7 +19,7 @@ from ..core.output import OutputDir, versions
 from ..core.spec import Count, Names, Seed, Seqlen, Sparsities, SpecError, Structure, Text
 from ..core.zoo import ZOO_MODELS
 from ..data.corpus import DEFAULT_CORPUS
-from ..pruning.methods import METHODS
+from ..pruning import METHODS
 from .options import EvalWindows, ReportSpec
 
 __all__ = ["GridSpec", "ReportSpec", "run_grid", "run_report"]

@@ -15,8 +15,8 @@ from ..core.objective import Tasks
 from ..core.spec import Count, Counts, Names, OpenFraction, Seed, Seqlen, Sparsities, SpecError, Text
 from ..data.corpus import DEFAULT_CORPUS
 from ..data.objective import check_recall_size, parse_task
-from ..explain.options import Thresholds
-from ..probes.options import KINDS
+from ..explain import Thresholds
+from ..probes import KINDS
 
 __all__ = ["GRIDS", "EvalWindows", "ExactProbes", "ReportOptions", "ReportSpec"]
 
