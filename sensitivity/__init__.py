@@ -5,8 +5,10 @@ runner, statistics, pure scores, specs, method tables, the output layer); ``data
 windows. Stages, one subpackage each: ``eval`` (perplexity, KL) -> ``probes`` (ablation damage per layer and
 component) and ``attribution`` (activation, gradient and captum scores; agreement with the probes) ->
 ``allocation`` (sparsity schedules) -> ``pruning`` (magnitude, WANDA, state, head, head-dim) -> ``explain`` (why a
-pruned model degrades) -> ``report``. Every stage defines its job (a validated spec and a runner);
-:mod:`sensitivity.jobs` runs any of them. ``zoo`` holds the trained models shipped with the package.
+pruned model degrades) -> ``report``. Every stage defines its options and method table (``options.py``) and its
+job (a validated spec and a runner, ``job.py``), all importable without torch so that a bad spec is refused before
+any heavy import; :mod:`sensitivity.jobs` runs any of them. ``zoo`` holds the trained models shipped with the
+package. Names are exported lazily: ``import sensitivity`` loads nothing heavy until a name is used.
 """
 
 from ._lazy import exports
