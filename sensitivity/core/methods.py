@@ -162,12 +162,14 @@ class Methods:
         object.__setattr__(self._entries[name], "info", _Info(info, load))
 
     def implement(self, name: str, **info: Any) -> Callable[[Callable], Callable]:
-        """Decorator giving the declared method ``name`` its implementation (and the ``info`` only it can give)."""
-        entry = self._entries[name]
+        """Decorator giving the declared method ``name`` its implementation (and the ``info`` only it can give); an
+        entry registered over the declaration meanwhile (``register(..., replace=True)``) keeps its own."""
+        entry = self._entries.get(name)
 
         def decorate(fn: Callable) -> Callable:
-            object.__setattr__(entry, "impl", fn)
-            dict.update(entry.info, info)
+            if entry is not None and entry.module is not None and entry.impl is None:
+                object.__setattr__(entry, "impl", fn)
+                dict.update(entry.info, info)
             return fn
 
         return decorate

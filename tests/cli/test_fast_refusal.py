@@ -144,3 +144,22 @@ def test_a_package_export_that_is_also_a_module_name_stays_the_export():
 
     assert callable(perplexity) and perplexity.__module__ == "sensitivity.eval.perplexity"
     assert callable(allocate) and callable(hooks)
+
+
+def test_a_method_registered_over_a_declared_one_keeps_its_implementation():
+    """Replacing a built-in before its module is imported: importing the module later leaves the replacement."""
+    from sensitivity.core.methods import Methods
+    from sensitivity.core.spec import Spec
+
+    table = Methods("test method")
+    table.declare("m", "sensitivity.core.spec", options=Spec, description="declared")
+
+    def mine():
+        return "mine"
+
+    table.register("m", replace=True, description="mine")(mine)
+    table.implement("m")(lambda: "built-in")  # what the implementing module does when it is imported
+    assert table["m"].fn is mine and table["m"].description == "mine"
+    table.declare("n", "sensitivity.core.spec", description="declared")
+    table.implement("n", extra=1)(mine)
+    assert table["n"].fn is mine and table["n"].info["extra"] == 1
