@@ -33,8 +33,8 @@ class EvaluateSpec(ModelData):
     seed: Seed = 0
     """Seed recorded with the result, and lm-eval's seeds (the toolkit's evaluation draws nothing at random)."""
     tasks: Exclude = ()
-    """Also score these zero-shot tasks: built-in (cloze, choice), lm-eval task names (their data available), or
-    paths to lm-eval task YAMLs; comma-separated (default: none)."""
+    """Also score these zero-shot tasks: built-in (cloze, choice, recall, recall:P, long), lm-eval task names (their
+    data available), or paths to lm-eval task YAMLs; comma-separated (default: none)."""
     engine: Literal[ENGINES] = "auto"  # type: ignore[valid-type]
     """Who scores the tasks: auto (the toolkit the built-in ones, lm-eval the rest), builtin (the toolkit only) or
     lm-eval (every task, the built-in ones through their shipped YAMLs)."""

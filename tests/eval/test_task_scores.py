@@ -163,7 +163,8 @@ def test_one_item_has_no_stderr(lm):
     "tasks,engine,message",
     [
         (["nope"], "builtin", "task 'nope' has no built-in scorer; allowed with engine 'builtin': cloze, choice"),
-        (["nope"], "auto", "task 'nope' is not a built-in task (cloze, choice), an existing task YAML file"),
+        (["nope"], "auto", "task 'nope' is not a built-in task (cloze, choice, recall, long, recall:P), an existing "
+                           "task YAML file"),
         (["cloze"], "fast", "engine: 'fast' is invalid; allowed: auto, builtin, lm-eval"),
         ([], "auto", "tasks: [] is invalid; allowed: a non-empty list"),
         ("cloze", "auto", "tasks: 'cloze' is invalid"),
