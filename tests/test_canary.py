@@ -76,4 +76,5 @@ def test_the_canary_fails_with_one_line_on_a_release_missing_a_name(tmp_path):
     assert run.returncode == 1
     assert run.stdout.splitlines()[-1] == (
         f"canary: transformers {transformers.__version__} breaks sensitivity: ImportError: cannot import name "
-        "'create_causal_mask' from 'transformers.masking_utils' [import sensitivity (sensitivity/core/runner.py:23)]")
+        "'create_causal_mask' from 'transformers.masking_utils' [import sensitivity.core.runner "
+        "(sensitivity/core/runner.py:23)] (+1 more failures)")
