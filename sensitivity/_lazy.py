@@ -17,7 +17,7 @@ def exports(package: str, names: dict[str, str]) -> tuple[Callable[[str], object
     ``perplexity``) stays the export once the submodule is imported, as an eager ``from .perplexity import
     perplexity`` in the package would leave it.
 
-    Example:
+    Examples:
         >>> __getattr__, __dir__ = exports(__name__, {"Schedule": ".schedule", "allocate": ".allocate"})
     """
 

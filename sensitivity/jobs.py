@@ -1,7 +1,7 @@
 """Run any job from its spec: ``evaluate``, ``probe``, ``attribute``, ``agreement``, ``schedule``, ``prune``,
 ``explain``, ``report``, ``grid`` (and jobs registered from user code).
 
-Example:
+Examples:
     >>> from sensitivity.jobs import load_spec, run
     >>> spec = load_spec("job.yaml")             # a spec file, or a manifest.json a job wrote
     >>> result = run(spec.replace(out="runs/again"))
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -38,6 +39,9 @@ kinds and allocators they register appear in the command line; packages can inst
 def load_plugins() -> list[str]:
     """Import the plugin modules named by ``$SENSITIVITY_PLUGINS`` and the ``sensitivity.plugins`` entry points.
 
+    The working directory is searched first, as ``python -m`` does, so a ``my_methods.py`` beside the user's data is
+    found without setting ``PYTHONPATH``.
+
     Returns:
         The names imported.
 
@@ -46,6 +50,8 @@ def load_plugins() -> list[str]:
     """
     names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
     loaded = []
+    if names and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for name in names:
         try:
             importlib.import_module(name)

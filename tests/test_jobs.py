@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -192,3 +193,19 @@ def test_a_plugin_module_named_in_the_environment_registers_its_methods(tmp_path
     assert schedule.per_layer() == pytest.approx([0.0, 0.5])
     missing = subprocess.run(cmd, capture_output=True, text=True, env={**env, "SENSITIVITY_PLUGINS": "nowhere"})
     assert missing.returncode == 2 and "cannot import plugin module 'nowhere'" in missing.stderr
+
+
+def test_plugin_module_found_in_working_directory(tmp_path):
+    """The ``sensitivity`` script (unlike ``python -m``) does not put the working directory on ``sys.path``; plugins
+    are looked up there anyway, as the docs' "Add a method" page runs them."""
+    (tmp_path / "cwd_methods.py").write_text(
+        "from sensitivity.allocation import METHODS\nfrom sensitivity.core.spec import Spec\n\n\n"
+        "@METHODS.register('from-cwd', options=Spec, description='a plugin beside the data')\n"
+        "def from_cwd(ctx, options):\n    return ctx.fit(ctx.common.budget + 0 * ctx.layer_of.double()), {}\n"
+    )
+    script = Path(sys.executable).parent / "sensitivity"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"SENSITIVITY_PLUGINS": "cwd_methods"}
+    helped = subprocess.run([str(script), "schedule", "--help"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)  # fmt: skip
+    assert helped.returncode == 0, helped.stderr
+    assert "from-cwd" in helped.stdout

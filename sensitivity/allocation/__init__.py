@@ -5,7 +5,7 @@
 pure functions behind them (:func:`fit_budget`, :func:`owl_sparsity`, :func:`depth_ramp`, :func:`greedy_allocate`,
 :func:`lower_convex_hull`) work on plain numbers.
 
-Example:
+Examples:
     >>> lm = load_model("tiny:mamba2")
     >>> schedule = allocate(lm, "depth", 0.5, depth_spread=0.2)
     >>> [round(s, 6) for s in schedule.per_layer()]

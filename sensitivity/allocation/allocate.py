@@ -115,7 +115,7 @@ def fit_budget(raw, sizes, budget: float, lo=0.0, hi=1.0) -> torch.Tensor:
     Raises:
         ValueError: If ``lo > hi`` somewhere, or ``budget`` is outside the range the bounds allow (naming both).
 
-    Example:
+    Examples:
         >>> fit_budget([0.2, 0.6], [1, 3], 0.5)  # shift by t = 0: (0.2 + 3 * 0.6) / 4 = 0.5
         tensor([0.2000, 0.6000], dtype=torch.float64)
     """
@@ -172,7 +172,7 @@ def owl_sparsity(outlier_ratios, budget: float, lam: float) -> torch.Tensor:
     Returns:
         (L,) float64 sparsities (not clipped: :func:`fit_budget` applies bounds).
 
-    Example:
+    Examples:
         >>> owl_sparsity([1.0, 3.0], 0.5, 0.1)  # normalised [0, 0.2], density [0.4, 0.6]
         tensor([0.6000, 0.4000], dtype=torch.float64)
     """
@@ -193,7 +193,7 @@ def depth_ramp(n_layers: int, budget: float, spread: float) -> torch.Tensor:
 
     Its mean is ``budget``; a negative ``spread`` ramps the other way. One layer gets ``budget``.
 
-    Example:
+    Examples:
         >>> depth_ramp(3, 0.5, 0.1)
         tensor([0.4000, 0.5000, 0.6000], dtype=torch.float64)
     """
@@ -213,7 +213,7 @@ def lower_convex_hull(points: Iterable[tuple[float, float]]) -> list[tuple[float
     For points sorted by x with distinct x, the hull is the greatest convex function below the piecewise-linear
     curve through them; it passes through the first and last points.
 
-    Example:
+    Examples:
         >>> lower_convex_hull([(0, 0), (0.25, 0.5), (0.5, 0.15), (0.75, 0.3), (1, 1)])
         [(0.0, 0.0), (0.5, 0.15), (0.75, 0.3), (1.0, 1.0)]
     """
@@ -256,7 +256,12 @@ def _curve(i: int, points) -> tuple[list[float], list[float]]:
 
 
 class Allocation(NamedTuple):
-    """What :func:`greedy_allocate` returns."""
+    """What :func:`greedy_allocate` returns.
+
+    Attributes:
+        sparsity: (E,) float64 sparsity of each entry.
+        loss: The predicted total loss: the sum over entries of their piecewise-linear curves at ``sparsity``.
+    """
 
     sparsity: torch.Tensor  # (E,) float64
     loss: float  # sum over entries of the piecewise-linear curves at ``sparsity``
@@ -292,7 +297,7 @@ def greedy_allocate(curves: Sequence[Sequence[tuple[float, float]]], sizes, budg
         ValueError: For a malformed curve, or a budget the bounds and measured ranges cannot meet (naming the
             reachable range).
 
-    Example:
+    Examples:
         >>> curves = [[(0, 0), (0.5, 0.1), (0.9, 1.0)], [(0, 0), (0.5, 0.4), (0.9, 2.0)]]
         >>> greedy_allocate(curves, [100, 100], 0.5)  # both first segments (slopes 0.2, 0.8) before any second
         Allocation(sparsity=tensor([0.5000, 0.5000], dtype=torch.float64), loss=0.5)
@@ -422,7 +427,18 @@ def _fisher_curves(lm: LoadedModel, windows: Windows, keys, names, *, batch_size
 
 @dataclass
 class AllocationContext:
-    """What an allocator works on: the model, the (layer, component) entries and their sizes, and its inputs."""
+    """What an allocator works on: the model, the (layer, component) entries and their sizes, and its inputs.
+
+    Attributes:
+        lm: The model.
+        keys: The (layer, component) entries to schedule, layer-major, in registry order.
+        n: (E,) float64 parameters per entry.
+        layer_of: (E,) layer of each entry.
+        common: The options every method takes (budget, bounds, components...).
+        windows: Calibration windows (n, L), or None when none were given.
+        probes: Probe results (a frame, ``probes.csv`` or its directory), or None when none were given.
+        show_progress: Whether to show tqdm bars.
+    """
 
     lm: LoadedModel
     keys: list[tuple[int, str]]  # layer-major, registry order
@@ -558,7 +574,7 @@ def allocate(
         SpecError: Unknown method or option, a value out of range, a missing input (windows, probes), entries
             without probe curves, an infeasible budget.
 
-    Example:
+    Examples:
         >>> lm = load_model()
         >>> probes = probe(lm, kinds=["wanda"], components=["z", "x", "B", "C", "dt", "out_proj"])
         >>> schedule = allocate(lm, "sensitivity", 0.5, probes=probes)

@@ -54,11 +54,15 @@ class AllocateOptions(Spec):
 
 
 class DepthOptions(Spec):
+    """Options of the ``depth`` allocator."""
+
     depth_spread: Number = 0.1
     """Depth ramp: budget - spread at layer 0 to budget + spread at the last layer (negative: the other way)."""
 
 
 class OwlOptions(Spec):
+    """Options of the ``owl`` allocator."""
+
     owl_m: Annotated[Number, Field(gt=0)] = 5.0
     """OWL's outlier threshold M: a WANDA score above M times the mean is an outlier."""
     owl_lambda: Annotated[Number, Field(ge=0)] = 0.08
@@ -66,6 +70,8 @@ class OwlOptions(Spec):
 
 
 class SensitivityOptions(Spec):
+    """Options of the ``sensitivity`` allocator."""
+
     source: Literal["probes", "fisher"] = "probes"
     """Loss curves from measured probes (sensitivity probe's wanda/magnitude kinds) or from Fisher (OBD)."""
     probe_method: Literal["wanda", "magnitude"] = "wanda"

@@ -95,7 +95,7 @@ class Schedule:
         ValueError: On construction, for a bad type or range, mismatched ``sparsity``/``params`` keys, an excluded
             component listed, or a ``budget`` the entries do not meet (naming both numbers).
 
-    Example:
+    Examples:
         >>> s = uniform_schedule(load_model("tiny:mamba2"), 0.5)
         >>> s.overall(), s.per_layer()
         (0.5, [0.5, 0.5])
@@ -396,7 +396,7 @@ def uniform_schedule(
     Returns:
         A :class:`Schedule` with ``method="uniform"`` and ``budget=sparsity``.
 
-    Example:
+    Examples:
         >>> uniform_schedule(load_model("tiny:mamba"), 0.5).get(1, "out_proj")
         0.5
     """

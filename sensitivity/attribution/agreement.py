@@ -94,7 +94,7 @@ def agreement(
         ValueError: Missing columns, ``probe_metric`` absent from the probes table (or without any value), or no
             (layer, component) with values in both tables.
 
-    Example:
+    Examples:
         >>> agreement(probes, attribute(lm, windows)).query("ablation == 'zero'").head()
     """
     _check_columns(probes_df, _PROBE_COLUMNS, "probes")

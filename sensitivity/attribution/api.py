@@ -53,12 +53,19 @@ logger = logging.getLogger(__name__)
 WEIGHT_METHODS = ("magnitude", "wanda", "taylor", "fisher", "gblm")
 """Per-weight scores :func:`weight_scores` returns."""
 COLUMNS = ("layer", "component", "kind", "metric", "value", "seed")
+"""Columns of the table :func:`attribute` returns, one row per (layer, component, kind, metric)."""
 _GRADIENT_METHODS = ("taylor", "fisher", "gblm")
 _INPUT_METHODS = ("act_norm", "wanda", "gblm")  # need ||X_j||: only weights with an input hook
 
 
 class ScoreKey(NamedTuple):
-    """Key of :func:`weight_scores`: a plain ``(layer, component, tensor)`` tuple with names."""
+    """Key of :func:`weight_scores`: a plain ``(layer, component, tensor)`` tuple with names.
+
+    Attributes:
+        layer: The layer (block index).
+        component: The registry component name.
+        tensor: The parameter slice, as :meth:`TensorSlice.describe` writes it, e.g. ``"in_proj.weight[512:1024]"``.
+    """
 
     layer: int
     component: str
@@ -220,7 +227,19 @@ def _sum_mean_rows(kind: str, scores: dict[ScoreKey, torch.Tensor]) -> list[tupl
 
 @dataclass
 class AttributionContext:
-    """What an attribution method reads: the model, the pairs asked for, the collected statistics, the options."""
+    """What an attribution method reads: the model, the pairs asked for, the collected statistics, the options.
+
+    Attributes:
+        model: The model as given to :func:`attribute` (a ``LoadedModel`` or instrumented HF causal LM).
+        module: Its torch module.
+        registry: Its registry.
+        windows: The calibration windows (n, L).
+        pairs: The (layer, component) pairs asked for that exist, in order.
+        got: The collected statistics: ``norms`` ((layer, hook) -> per-channel input norm ``||X_j||``) and
+            ``grads`` ((layer, unit, param) -> per-window gradient sums), each empty unless a method needs it.
+        options: The validated options.
+        show_progress: Whether to show tqdm bars.
+    """
 
     model: object
     module: nn.Module
@@ -278,7 +297,7 @@ def attribute(
         SpecError: For an unknown method, component, objective or baseline, a layer out of range, a component none
             of the chosen layers holds, or a value out of range (naming the field).
 
-    Example:
+    Examples:
         >>> lm = load_model("tiny:mamba2")
         >>> windows = calibration_windows(load_corpus("sample"), lm.tokenizer, 4, 64)
         >>> df = attribute(lm, windows, methods=["taylor", "grad_x_act"], layers=[0])
@@ -403,7 +422,7 @@ def weight_scores(
         :class:`ScoreKey` -> float32 scores shaped like the slice ``TensorSlice.get(Registry.owner(model, layer,
         component))`` (higher = keep), for the (layer, component) pairs that exist.
 
-    Example:
+    Examples:
         >>> scores = weight_scores(lm, windows, "wanda", layers=[0], components=["x"])
         >>> scores[(0, "x", "in_proj.weight[256:512]")].shape
     """

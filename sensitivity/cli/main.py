@@ -238,7 +238,8 @@ def _print_probe(result, args) -> None:
     what = f" ({n_est} estimated to first order)" if n_est else ""
     print(f"{len(df) // 3} probes of {result.spec.model}{what} -> {os.path.join(result.spec.out, 'probes.csv')}")
     if top:
-        damage = df[df.metric == "delta_nll"].sort_values("value", ascending=False, kind="stable").head(top)
+        damage = df[df.metric == "delta_nll"]  # ranked as shown (4 decimals), ties in plan order: no float-noise order
+        damage = damage.loc[damage["value"].round(4).sort_values(ascending=False, kind="stable").index].head(top)
         damage = damage.assign(index=damage["index"].astype("string").fillna("-"),
                                sparsity=damage["sparsity"].map(lambda s: "-" if s != s else f"{s:g}"))  # fmt: skip
         columns = ["layer", "component", "index", "kind", "sparsity", "value"] + (["estimated"] if n_est else [])

@@ -58,7 +58,7 @@ def hooks(model, fwd_hooks: Mapping[str, HookFn], *, check_fired: bool = True) -
     Raises:
         RuntimeError: If ``check_fired`` and a hook did not fire.
 
-    Example:
+    Examples:
         >>> with hooks(lm, {"layers.0.dt": lambda dt: dt.mean(1, keepdim=True).expand_as(dt)}):
         ...     logits = lm.model(ids, use_cache=False).logits
     """
@@ -112,7 +112,7 @@ def active_hooks(model) -> list[ActiveHook]:
 def capture(model, names: Iterable[str], *, detach: bool = True) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record activations at hook points: name -> one tensor per forward call.
 
-    Example:
+    Examples:
         >>> with capture(lm, ["layers.0.dt"]) as acts:
         ...     lm.model(ids, use_cache=False)
         >>> acts["layers.0.dt"][0].shape  # (B, L, ED) or (B, L, H)

@@ -55,13 +55,18 @@ AUTO_CHUNKED_MIN_LEN = 1024
 
 
 class HookPoint(nn.Identity):
-    """Identity module marking one named activation; forward hooks on it may read or replace the activation."""
+    """Identity module marking one named activation; forward hooks on it may read or replace the activation.
+
+    Attributes:
+        name: The hook point's name (a :class:`~sensitivity.core.registry.HookSpec` name, e.g. ``"dt"``).
+    """
 
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
 
     def extra_repr(self) -> str:
+        """The hook point's name, shown in the module's repr."""
         return self.name
 
 
@@ -72,12 +77,17 @@ class GroupedRMSNormGated(nn.Module):
     changes every number of a model with ``n_groups > 1``. :func:`instrument` gives each Mamba-2 mixer's ``norm`` a
     subclass of its own class with this forward (same ``weight`` parameter, same ``state_dict``), so the
     instrumented forward computes the grouped norm whatever transformers is installed.
+
+    Attributes:
+        group_size: Channels per group, ``ED / G`` (set by :func:`instrument` where transformers has none).
+        variance_epsilon: The epsilon added to the mean square, from the HF norm.
     """
 
     group_size: int
     variance_epsilon: float
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight * rmsnorm(hidden_states * silu(gate))``, the RMS taken per group; ``(B, L, ED)`` in and out."""
         dtype = hidden_states.dtype
         h = hidden_states.float()  # (B, L, ED)
         if gate is not None:

@@ -39,6 +39,11 @@ class JobSpec(Spec):
     ``method_table`` is the table a ``method`` field names an entry of (whose options the ``options`` field holds);
     ``name_tables`` maps fields holding names of table entries (``kinds``, ``methods``) to their tables. Front ends
     read both (the command line lists the names and every method's options as flags).
+
+    Attributes:
+        method_table: The table the ``method`` field names an entry of; None for jobs without a ``method`` field.
+        name_tables: Field holding names of table entries -> that table, e.g. ``{"kinds": KINDS}``.
+        job: The job's name, its key in :data:`JOBS`.
     """
 
     method_table: ClassVar[Methods | None] = None
@@ -74,7 +79,13 @@ class ModelData(JobSpec):
 
 @dataclass
 class JobResult:
-    """What a job produced: its spec, the files it wrote and an in-memory value for the caller to show."""
+    """What a job produced: its spec, the files it wrote and an in-memory value for the caller to show.
+
+    Attributes:
+        spec: The spec the job ran.
+        outputs: Name -> path of each file or directory it wrote.
+        value: What the job computed (a table, a report...), for the caller to show; None when there is nothing.
+    """
 
     spec: JobSpec
     outputs: dict[str, Path] = field(default_factory=dict)
@@ -94,6 +105,7 @@ class Inputs:
         """Where models load (a :data:`~sensitivity.core.loading.DEVICES` name); jobs set it from their spec."""
 
     def corpus(self, data: str, text_field: str = "text") -> Corpus:
+        """The corpus ``data`` (loaded once, see :func:`~sensitivity.load_corpus`), its text in ``text_field``."""
         key = (data, text_field)
         if key not in self._corpora:
             from ..data import load_corpus
@@ -124,6 +136,7 @@ class Inputs:
         self._models[(name, dtype, self.device)] = lm
 
     def fresh(self, name: str, dtype: str = "float32", *, allow_nonfinite: bool = False) -> LoadedModel:
+        """A deep copy of the model :meth:`model` returns, for jobs that modify it (pruning)."""
         from .loading import LoadedModel
 
         lm = self.model(name, dtype, allow_nonfinite=allow_nonfinite)

@@ -141,14 +141,17 @@ class LoadedModel:
 
     @property
     def arch(self) -> str:
+        """The architecture's ``model_type`` (that of :attr:`registry`)."""
         return self.registry.arch
 
     @property
     def device(self) -> torch.device:
+        """Device of the model's first parameter."""
         return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the model's first parameter."""
         return next(self.model.parameters()).dtype
 
     @property
@@ -507,7 +510,7 @@ def load_model(
             unsupported architecture or dtype, unreachable hub.
         NonFiniteError: Weights holding NaN or infinity, without ``allow_nonfinite``.
 
-    Example:
+    Examples:
         >>> lm = load_model("tiny:mamba2")
         >>> lm.registry.component_names
         ('z', 'x', 'B', 'C', 'dt', 'conv1d', 'A_log', 'D', 'norm', 'out_proj')

@@ -26,7 +26,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, *, per_row: bool = 
     Returns:
         A bool tensor shaped like ``scores``; True = keep.
 
-    Example:
+    Examples:
         >>> unstructured_mask(torch.tensor([[3.0, 1.0, 2.0, 0.5]]), 0.5)
         tensor([[ True, False,  True, False]])
     """
@@ -53,7 +53,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     Returns:
         A bool tensor shaped like ``scores``; True = keep.
 
-    Example:
+    Examples:
         >>> nm_mask(torch.tensor([[4.0, 1.0, 3.0, 2.0]]), 2, 4)
         tensor([[ True, False,  True, False]])
     """

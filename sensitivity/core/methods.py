@@ -5,7 +5,7 @@ Each stage owns one :class:`Methods` table and registers its implementations in 
 the report, the grid and the explainer read the tables instead of copying names. Adding a method is one function
 plus one registration, also from user code:
 
-Example:
+Examples:
     >>> from sensitivity.pruning import METHODS, UnstructuredOptions
     >>> @METHODS.register("random", options=UnstructuredOptions, calibration=False,
     ...                   description="zero random weights (a baseline)")
@@ -66,6 +66,8 @@ class Method:
         name: What users type (``wanda``, ``zero``, ``taylor``, ``owl``).
         fn: The implementation (its signature is the table's convention); for a declared method, reading it imports
             the implementing module.
+        impl: The implementation as stored: None for a declared method until its module is imported (read
+            :attr:`fn` instead).
         options: The :class:`~sensitivity.core.spec.Spec` its options validate into.
         description: One line for ``--help`` and tables.
         calibration: Whether it needs calibration windows: a bool, or a function of its validated options.
@@ -98,6 +100,7 @@ class Method:
         return bool(self.calibration)
 
     def applies_to(self, arch: str) -> bool:
+        """Whether the method applies to architecture ``arch`` (a ``model_type``)."""
         return self.archs is None or arch in self.archs
 
     def validate(self, options: dict | Spec | None = None, where: str = "options") -> Spec:
@@ -124,7 +127,11 @@ def _import(module: str | None, name: str) -> None:
 
 
 class Methods:
-    """A named table of :class:`Method` entries of one kind (``"pruning method"``, ``"ablation kind"``...)."""
+    """A named table of :class:`Method` entries of one kind (``"pruning method"``, ``"ablation kind"``...).
+
+    Attributes:
+        kind: What the entries are, as error messages name them (``"pruning method"``, ``"job"``...).
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind

@@ -151,7 +151,13 @@ class OutputDir:
             stored, and a resume must match them too.
         overwrite: Empty a directory holding a sensitivity output of another job or spec.
 
-    Example:
+    Attributes:
+        path: The directory, absolute (``~`` expanded).
+        defaults: Each field's default (:meth:`~sensitivity.core.spec.Spec.defaults`) when ``spec`` was given as a
+            spec, else ``{}``; fields a resumed manifest lacks take these.
+        previous: The manifest of the run this one resumes, once checked on entry; None for a new output.
+
+    Examples:
         >>> with OutputDir("runs/p", "probe", spec.to_dict()) as out:
         ...     out.write_text("probes.csv", text)
         ...     out.manifest(status="complete")
@@ -239,6 +245,7 @@ class OutputDir:
         return self._fd is not None
 
     def file(self, name: str) -> Path:
+        """The path of ``name`` inside the directory (nothing is created)."""
         return self.path / name
 
     def write_text(self, name: str, text: str) -> Path:

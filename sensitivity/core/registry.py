@@ -91,6 +91,7 @@ class TensorSlice:
         return full if self.cols is None else full[:, self.cols[0] : self.cols[1]]
 
     def describe(self) -> str:
+        """The slice as text: ``param``, or ``param[rows, cols]`` in slice notation, e.g. ``in_proj.weight[0:64]``."""
         rows = "" if self.rows is None else f"{self.rows[0]}:{self.rows[1]}"
         cols = "" if self.cols is None else f", {self.cols[0]}:{self.cols[1]}"
         return self.param if not (rows or cols) else f"{self.param}[{rows or ':'}{cols}]"
@@ -121,7 +122,14 @@ class Component:
 
 @dataclass(frozen=True)
 class HookSpec:
-    """A named activation of the instrumented mixer forward and its shape (legend letters plus B, L)."""
+    """A named activation of the instrumented mixer forward and its shape (legend letters plus B, L).
+
+    Attributes:
+        name: Hook point name, e.g. ``"dt"``; unique within a registry.
+        shape: Shape of the activation in legend letters, e.g. ``"(B, L, ED)"``.
+        description: One line for tables.
+        unit: The kind of unit whose forward produces it (:data:`UNIT_KINDS`).
+    """
 
     name: str
     shape: str
@@ -232,7 +240,7 @@ class Registry:
         regroup_norm: The HF mixer's gated norm is transformers' Mamba-2 one, which some releases normalise over
             all ED channels: the instrumented forward swaps in the grouped norm (per group of ED / G channels).
 
-    Example:
+    Examples:
         >>> reg = build_registry(model.config)
         >>> reg.component("B").tensors[0].get(reg.mixer(model, 0)).shape
         torch.Size([16, 256])
@@ -273,10 +281,12 @@ class Registry:
 
     @property
     def component_names(self) -> tuple[str, ...]:
+        """Names of :attr:`components`, in their order."""
         return tuple(c.name for c in self.components)
 
     @property
     def hook_names(self) -> tuple[str, ...]:
+        """Names of :attr:`hooks`, in forward order."""
         return tuple(h.name for h in self.hooks)
 
     @property
@@ -306,7 +316,7 @@ class Registry:
         Raises:
             SpecError: If ``layer`` does not hold component ``name``.
 
-        Example:
+        Examples:
             >>> build_registry(tiny_config("zamba2")).sharing(1, "q")
             (1, 3)
         """
@@ -356,7 +366,7 @@ class Registry:
         depthwise conv's taps), what WANDA, magnitude and the schedules prune; biases, ``A_log``, ``D``,
         ``dt_bias`` and norms are never among them.
 
-        Example:
+        Examples:
             >>> [t.describe() for t in build_registry(tiny_config("mamba")).weights("dt")]
             ['x_proj.weight[0:8]', 'dt_proj.weight']
         """
@@ -377,7 +387,7 @@ class Registry:
             ValueError: For an unknown or non-prunable name, a component both asked for and excluded, or nothing
                 left.
 
-        Example:
+        Examples:
             >>> build_registry(tiny_config("mamba")).resolve(exclude=("conv1d", "dt"))
             ('x', 'z', 'B', 'C', 'out_proj')
         """

@@ -37,7 +37,7 @@ def removal_hooks(registry: Registry, layer: int, what: str) -> dict[str, HookFn
     Raises:
         SpecError: If ``what`` is unknown, or ``layer`` holds no such unit (naming the layers that do).
 
-    Example:
+    Examples:
         >>> with hooks(lm, removal_hooks(lm.registry, 1, "attention")):
         ...     logits = lm.model(ids, use_cache=False).logits  # layer 1 without its attention
     """
@@ -61,7 +61,7 @@ def removal_hooks(registry: Registry, layer: int, what: str) -> dict[str, HookFn
 def missing_unit(registry: Registry, layer: int, unit: str, field: str = "layers") -> SpecError:
     """The error for ``layer`` lacking a ``unit`` it was asked for, naming the layers holding one.
 
-    Example:
+    Examples:
         >>> str(missing_unit(build_registry(tiny_config("bamba")), 1, "ssm"))
         'layers: layer 1 is an attention+mlp layer with no ssm unit; layers with one: 0, 2, 3'
     """

@@ -38,7 +38,7 @@ class BlockCaller:
     keyword names of ``registry.block_args``; the blocks of ``registry.embeds_layers`` (Zamba2's hybrid layers) also
     read the model's input embeddings, which the caller passes as ``embeds``.
 
-    Example:
+    Examples:
         >>> call = BlockCaller(lm.model, lm.registry)
         >>> embeds = lm.model.get_input_embeddings()(ids) * lm.registry.embed_scale  # (B, L, D)
         >>> hidden = call(0, embeds, embeds)  # (B, L, D)
@@ -97,7 +97,20 @@ class LayerRunner:
         batch_size: Windows per forward.
         piece_windows: Windows per log-softmax piece; None = as many as fit in 16 MB of float32 log-probs.
 
-    Example:
+    Attributes:
+        lm: The model, as given.
+        model: Its HF causal LM (``lm.model``).
+        registry: Its registry (``lm.registry``).
+        blocks: The model's blocks, in order.
+        call: The :class:`BlockCaller` that runs one block.
+        batch_size: Windows per forward.
+        ids: The windows' token ids on the model's device, (n, L).
+        targets: Next-token targets, (n, L-1); -100 at positions not scored (a task's context).
+        scored: Mask of the scored positions, (n, L-1), for windows with ``labels``; None when every position is.
+        batches: Slices of ``batch_size`` windows covering all windows, in order.
+        piece_windows: Windows per log-softmax piece (resolved from the argument).
+
+    Examples:
         >>> run = LayerRunner(lm, windows)
         >>> stream = run.stream()                   # n_layers + 1 tensors (n, L, D)
         >>> nll, _ = run.loss(stream[3], start=3)  # the dense loss again, from layer 3 on

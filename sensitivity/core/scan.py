@@ -76,7 +76,7 @@ def selective_scan_chunked(
     Same arguments and result as :func:`selective_scan_ref` (``B`` and ``C`` of shape ``(B, L, N)``), with
     ``chunk_size`` defaulting to ``ceil(sqrt(L))``. Gradients flow through plain autograd ops.
 
-    Example:
+    Examples:
         >>> y = selective_scan_chunked(x, dt, -torch.exp(A_log), B, C)  # (B, L, ED)
     """
     x, dt, A, B, C = (_at_least_f32(t) for t in (x, dt, A, B, C))

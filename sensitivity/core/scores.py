@@ -65,7 +65,7 @@ def wanda_score(weight: torch.Tensor, input_l2: torch.Tensor) -> torch.Tensor:
     Returns:
         Float32 scores shaped like ``weight``.
 
-    Example:
+    Examples:
         >>> wanda_score(torch.tensor([[1.0, -2.0]]), torch.tensor([3.0, 0.5]))
         tensor([[3., 1.]])
     """
@@ -84,7 +84,7 @@ def owl_outlier_ratio(scores: torch.Tensor, m: float = 5.0) -> float:
     Returns:
         A float in [0, 1].
 
-    Example:
+    Examples:
         >>> owl_outlier_ratio(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0]), m=5)
         0.1
     """

@@ -6,7 +6,7 @@ stage's options, or a validator next to it. A bad value raises :class:`SpecError
 is one line naming the field, the value and what is allowed, and whose ``field`` says which field it was (front
 ends map it to their own names, e.g. a command-line flag).
 
-Example:
+Examples:
     >>> class Options(Spec):
     ...     sparsity: Fraction = 0.5
     >>> Options(sparsity=1.5)
@@ -196,6 +196,8 @@ class Spec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True,
                               validate_default=True)  # fmt: skip
+    """Pydantic settings: unknown keys and non-finite numbers refused, instances frozen, defaults validated, field
+    descriptions taken from the attribute docstrings."""
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -221,6 +223,7 @@ class Spec(BaseModel):
                 if not f.is_required() and f.default_factory is None}  # fmt: skip
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as indented JSON, with a final newline."""
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def to_yaml(self) -> str:

@@ -90,7 +90,7 @@ class StreamedCheckpoint:
         ValueError: For a directory that is not a complete safetensors checkpoint of a family in
             :data:`STREAMED_ARCHS`.
 
-    Example:
+    Examples:
         >>> ckpt = StreamedCheckpoint("checkpoints/mamba2-1.3b")
         >>> with ckpt.block(0) as block:
         ...     hidden = block(hidden)  # (B, L, D)
@@ -393,7 +393,7 @@ class ResidualCache:
         shape: (layers, n, L, D).
         dtype: The stream's dtype.
 
-    Example:
+    Examples:
         >>> with ResidualCache(None, (n_layers + 1, n, L, D), torch.float32) as cache:
         ...     cache[0][k] = embeds  # (L, D)
     """

@@ -15,6 +15,7 @@ from pathlib import Path
 __all__ = ["ZOO_DIR", "ZOO_MODELS", "ZooModel", "list_models", "zoo_path"]
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo" / "models"
+"""The directory holding the zoo's checkpoints (``sensitivity/zoo/models`` in the installed package)."""
 ZOO_MODELS = {"default": "default", "default-mamba2": "default", "default-mamba1": "default-mamba1",
               "default-hybrid": "default-hybrid", "recall": "recall"}
 """Zoo names (and aliases) mapped to their directory under :data:`ZOO_DIR`."""

@@ -115,7 +115,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     Returns:
         ``(context_ids, continuation_ids)``.
 
-    Example:
+    Examples:
         >>> encode_pair(byte_tokenizer(), "In the beginning ", "God")
         ([73, 110, 32, 116, 104, 101, 32, 98, 101, 103, 105, 110, 110, 105, 110, 103], [32, 71, 111, 100])
     """
@@ -175,7 +175,7 @@ def task_windows(name: str, tokenizer: Any, *, max_items: int | None = None) -> 
     Returns:
         Windows with ``ids`` and ``labels`` of shape (N, L), ``kind="eval"``, ``stride=0``, ``seed=None``.
 
-    Example:
+    Examples:
         >>> w = task_windows("cloze", lm.tokenizer, max_items=64)
         >>> w.labels.ne(-100).sum(1)  # target tokens per item
     """

@@ -50,7 +50,15 @@ class Perplexity(_Result):
 
 @dataclass(frozen=True)
 class KLDivergence(_Result):
-    """Mean per-token ``KL(reference || model)`` of next-token distributions, in nats."""
+    """Mean per-token ``KL(reference || model)`` of next-token distributions, in nats.
+
+    Attributes:
+        kl: Mean KL divergence per scored position, in nats.
+        tokens: Number of scored positions (those :func:`perplexity` scores on the same windows).
+        windows: Number of windows.
+        seqlen: Window length in tokens.
+        definition: One sentence stating exactly what was computed.
+    """
 
     kl: float
     tokens: int
@@ -110,7 +118,7 @@ def perplexity(model, windows: Windows, *, batch_size: int = 8, show_progress: b
     Returns:
         A :class:`Perplexity` whose ``definition`` states window length, stride, split and source.
 
-    Example:
+    Examples:
         >>> ppl = perplexity(lm, eval_windows(load_corpus("sample"), lm.tokenizer, seqlen=256))
         >>> ppl.perplexity, ppl.definition
     """

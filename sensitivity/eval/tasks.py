@@ -198,7 +198,7 @@ def score_builtin(model, name: str, *, max_items: int | None = None, batch_size:
     Returns:
         Rows ``{task, metric, value, stderr, n, definition}``, one per metric.
 
-    Example:
+    Examples:
         >>> rows = score_builtin(load_model("default"), "choice", max_items=100)
         >>> [(r["metric"], round(r["value"], 3)) for r in rows]
     """
@@ -586,7 +586,7 @@ def evaluate_tasks(model, tasks: Sequence[str], *, engine: str = "auto", max_len
     Raises:
         ValueError: For a name that is no task (one line naming it and what is allowed) or a malformed task YAML.
 
-    Example:
+    Examples:
         >>> evaluate_tasks(load_model("default"), ["cloze", "choice"], limit=100)
     """
     plan = _plan(tasks, engine)

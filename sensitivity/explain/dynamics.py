@@ -27,6 +27,8 @@ __all__ = [
 
 QUANTITIES = ("delta", "decay", "memory", "state_norm", "gate_closed", "outlier_x", "outlier_z", "outlier_y",
               "live_units")
+"""The per-layer quantities of an explanation's ``dynamics`` table: Δ, the decay ``exp(ΔA)``, the memory length,
+the state norm, the share of closed gates, the shares of outliers in x, z and y, and the share of live units."""
 # SiLU(z) = z·σ(z); below σ(z) = 0.05 (z < -2.944) the gate passes under 5% of what an open gate would.
 GATE_CLOSED_BELOW = 0.05
 # An activation entry is an outlier when its magnitude exceeds M times the layer's mean magnitude (OWL's M).

@@ -129,14 +129,17 @@ class Explanation:
 
     @property
     def ppl_dense(self) -> float:
+        """Perplexity of the dense model, ``exp(nll_dense)``."""
         return math.exp(self.nll_dense)
 
     @property
     def ppl_pruned(self) -> float:
+        """Perplexity of the pruned model, ``exp(nll_pruned)``."""
         return math.exp(self.nll_pruned)
 
     @property
     def ppl_ratio(self) -> float:
+        """Pruned over dense perplexity, ``exp(nll_pruned - nll_dense)``."""
         return math.exp(self.nll_pruned - self.nll_dense)
 
     @property
@@ -445,7 +448,7 @@ def explain(
         SpecError: If the models differ in architecture or depth, an option is out of range, or
             ``dynamics_layers`` names a layer without an SSM mixer.
 
-    Example:
+    Examples:
         >>> dense = load_model(); pruned = load_model()
         >>> prune(pruned, "magnitude", sparsity=0.5)
         >>> e = explain(dense, pruned, calibration_windows(load_corpus(), dense.tokenizer, 8, 256,

@@ -12,6 +12,8 @@ from ..core.spec import Count, Ints, Names, Number, Seed, Spec, SpecError
 __all__ = ["COLLAPSED", "DRIFT", "HEALTHY", "VERDICTS", "ExplainOptions", "Thresholds"]
 
 VERDICTS = ("healthy", "degraded", "collapsed")
+"""An explanation's verdicts, by perplexity ratio: up to :attr:`Thresholds.healthy`, between, and from
+:attr:`Thresholds.collapsed`."""
 HEALTHY, COLLAPSED, DRIFT = 1.2, 2.0, 0.1
 
 

@@ -153,7 +153,16 @@ _SPARSIFIABLE = ("x", "z", "B", "C", "dt", "conv1d", "out_proj", "q", "k", "v", 
 @dataclass(frozen=True)
 class Probe:
     """One ablation: ``kind`` (a name in :data:`KINDS`) applied to ``component`` of ``layer``; ``index`` names a
-    head or state of a unit probe, ``sparsity`` the level of a sparsify kind (``magnitude``, ``wanda``)."""
+    head or state of a unit probe, ``sparsity`` the level of a sparsify kind (``magnitude``, ``wanda``).
+
+    Attributes:
+        layer: The layer (block index) ablated.
+        component: A registry component name, or a whole unit of :data:`UNITS`.
+        kind: The ablation kind, a name in :data:`KINDS`.
+        index: The head, attention head, expert or state a unit probe (``head``, ``attn_head``, ``expert``,
+            ``state``) removes; None otherwise.
+        sparsity: The sparsity of a sparsify kind, in (0, 1); None otherwise.
+    """
 
     layer: int
     component: str

@@ -32,8 +32,12 @@ KINDS.declare("remove", _IMPL, description="a whole unit removed (mixer, head h,
               "MLP, MoE, expert e, block)")  # fmt: skip
 
 METRICS = ("delta_nll", "ppl_ratio", "kl")
+"""What each probe measures: ``delta_nll`` (mean next-token NLL ablated minus dense, nats/token), ``ppl_ratio``
+(``exp(delta_nll)``) and ``kl`` (mean per-token ``KL(dense || ablated)``, nats)."""
 SWEEPS = ("cached", "batched", "naive")
+"""How a sweep runs the probes (:attr:`ProbeOptions.sweep`); all give the same numbers."""
 COLUMNS = ("layer", "component", "index", "kind", "sparsity", "metric", "value", "seed", "estimated")
+"""Columns of ``probes.csv``, one row per probe and metric of :data:`METRICS`."""
 
 
 def _distinct(values):

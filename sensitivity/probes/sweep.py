@@ -302,7 +302,7 @@ def probe(
         SpecError: For unknown options, components, kinds or layers.
         OutputError: For an ``out`` holding another sweep or being written by another process.
 
-    Example:
+    Examples:
         >>> df = probe(load_model("default"), components=["dt", "conv1d"], kinds=["zero", "bypass"])
         >>> df[df.metric == "delta_nll"].sort_values("value").tail(3)
     """

@@ -29,7 +29,7 @@ def rewrite_config(config: PretrainedConfig, changes: dict) -> PretrainedConfig:
         Exception: Whatever the config class raises for values it refuses (strict HF configs raise
             ``huggingface_hub`` validation errors).
 
-    Example:
+    Examples:
         >>> rewrite_config(tiny_config("zamba2"), {"layers_block_type": ["hybrid", "mamba"]}).hybrid_layer_ids
         [0]
     """

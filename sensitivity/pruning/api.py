@@ -128,7 +128,7 @@ def prune(
     Raises:
         SpecError: An unknown method or option, or an invalid request (naming the field).
 
-    Example:
+    Examples:
         >>> lm = load_model()
         >>> result = prune(lm, "wanda", sparsity=0.5, windows=calibration_windows(corpus, lm.tokenizer, 64, 256))
         >>> result.save("runs/wanda50")

@@ -102,7 +102,7 @@ class BlocksResult:
 def periodic(flags: Sequence[bool]) -> tuple[int, int] | None:
     """The smallest ``(period, offset)`` with ``flags[j] == (j % period == offset)`` for every ``j``, or None.
 
-    Example:
+    Examples:
         >>> periodic([False, True, False, True]), periodic([False, False, True]), periodic([False, True, True])
         ((2, 1), (3, 2), None)
     """
@@ -120,7 +120,7 @@ def layout_changes(reg: Registry, config, keep: Sequence[int]) -> dict:
     Raises:
         SpecError: If the family's config cannot express that layout (Jamba's periodic attention / MoE layers).
 
-    Example:
+    Examples:
         >>> layout_changes(build_registry(tiny_config("bamba")), tiny_config("bamba"), [0, 1, 3])
         {'num_hidden_layers': 3, 'attn_layer_indices': [1]}
     """
@@ -377,7 +377,7 @@ def prune_blocks(
             ``unit`` (naming the layers with one) or whose removal cannot be saved; more candidates asked for than
             can go.
 
-    Example:
+    Examples:
         >>> lm = load_model("tiny:bamba")
         >>> result = prune_blocks(lm, 1, windows=windows)
         >>> result.removed, lm.model.config.num_hidden_layers

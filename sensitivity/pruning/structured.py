@@ -84,6 +84,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UNITS = ("state", "head", "headdim")
+"""The SSM units structured pruning removes: states, heads and head channels (``head``, ``headdim``: Mamba-2
+mixers only)."""
 # Components whose Fisher a head / head-channel Taylor score needs (every parameter the unit owns).
 _TAYLOR_COMPONENTS = {
     "head": ("z", "x", "dt", "conv1d", "A_log", "D", "norm", "out_proj"),
@@ -143,7 +145,7 @@ def removal_counts(n: int, sparsity: Sequence[float], what: str = "units", layer
     Raises:
         ValueError: If a sparsity would remove all ``n``.
 
-    Example:
+    Examples:
         >>> removal_counts(16, [0.25, 0.5])
         [4, 8]
     """
@@ -165,7 +167,7 @@ def select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         (blocks, k) int64 indices within each row.
 
-    Example:
+    Examples:
         >>> select_lowest(torch.tensor([[3.0, 1.0, 2.0, 0.5]]), 2)
         tensor([[1, 3]])
     """
@@ -309,7 +311,7 @@ def unit_index(reg: Registry, unit: str) -> UnitIndex:
     Raises:
         SpecError: ``head`` or ``headdim`` on Mamba-1 mixers, naming the units they have.
 
-    Example:
+    Examples:
         >>> dim, idx = unit_index(build_registry(tiny_config("mamba2")), "head")["out_proj.weight"]
         >>> dim, idx.shape
         (1, torch.Size([8, 16]))
@@ -737,7 +739,7 @@ def prune_structured(
             unit of a layer / group / head; missing windows for ``taylor`` or ``flap``; ``mode="shrink"`` with
             differing per-layer counts or a shape the config cannot hold.
 
-    Example:
+    Examples:
         >>> lm = load_model("tiny:mamba2")
         >>> result = prune_structured(lm, "state", 0.25, windows=windows)
         >>> result.mode, lm.model.config.state_size

@@ -117,7 +117,7 @@ def prune_unstructured(
     Raises:
         SpecError: An unknown method or option, or a request :func:`~sensitivity.pruning.methods.resolve` refuses.
 
-    Example:
+    Examples:
         >>> prune_unstructured(lm, "wanda", sparsity=0.5, windows=calib)
         >>> prune_unstructured(lm, "magnitude", structure="2:4")
     """

@@ -28,7 +28,7 @@ per component present, grouped by unit kind (SSM, attention, MLP, MoE, whole blo
 column per layer labelled with its kind (``layer_kinds``, e.g. ``1 attention+mlp``); a cell of a component its
 layer does not hold stays blank.
 
-Example:
+Examples:
     >>> fig = sensitivity_heatmap(tables["probes"], kind="zero")
     >>> fig.savefig("heatmap.png", dpi=110)
     >>> make_figures(tables, meta, Path("report/figures"))["drift"]
@@ -164,7 +164,7 @@ def component_units(components: pd.DataFrame | None) -> dict[str, str]:
     """Component -> unit kind, from the report's ``components`` table (its ``unit`` column), plus the whole-unit
     rows (:data:`WHOLE_UNITS`); empty when the table has no ``unit`` column.
 
-    Example:
+    Examples:
         >>> component_units(tables["components"])["q"]
         'attention'
     """
@@ -328,7 +328,7 @@ def component_probes(probes: pd.DataFrame, metric: str = "delta_nll") -> pd.Data
     """Component-level probe rows of one metric: ``index`` NaN (no per-head/per-channel probes) and no ``head``
     unit rows; ``mixer`` rows stay (a whole-mixer column).
 
-    Example:
+    Examples:
         >>> component_probes(probes).kind.unique()
         array(['zero', 'mean', 'magnitude', 'wanda'], dtype=object)
     """
@@ -372,7 +372,7 @@ def sensitivity_heatmap(
     Raises:
         ValueError: No component-level rows of that kind and metric (or the table is empty).
 
-    Example:
+    Examples:
         >>> sensitivity_heatmap(probes, kind="mean").axes[0].get_title()
         'Δ NLL (nats/token) per component, mean ablation'
     """
@@ -407,7 +407,7 @@ def sparsity_curves(
     Raises:
         ValueError: No component-level rows with a sparsity for any of ``methods``.
 
-    Example:
+    Examples:
         >>> [ax.get_title() for ax in sparsity_curves(probes).axes]
         ['wanda pruning', 'magnitude pruning']
     """
@@ -889,7 +889,7 @@ def make_figures(
     Returns:
         Figure name -> PNG path, in :data:`FIGURES` order, for the figures written.
 
-    Example:
+    Examples:
         >>> sorted(make_figures({"drift": drift}, {}, Path("figs")))
         ['drift']
     """

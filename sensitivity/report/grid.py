@@ -53,6 +53,8 @@ class GridRun:
             f" {self.structure}" if self.structure else "")
 
     def record(self) -> dict:
+        """The run's columns of a grid row: ``label``, ``method``, ``allocator``, ``structure`` (``""`` when
+        None) and ``sparsity``."""
         return {"label": self.label, "method": self.method, "allocator": self.allocator or "",
                 "structure": self.structure or "", "sparsity": self.sparsity}  # fmt: skip
 

@@ -21,6 +21,7 @@ from ..probes import KINDS
 __all__ = ["GRIDS", "EvalWindows", "ExactProbes", "ReportOptions", "ReportSpec"]
 
 GRIDS = ("reduced", "full")
+"""The pruning grids a report can run (its ``grid`` option): ``full`` adds the OWL and depth schedules."""
 
 def _all_or_count(value):
     return None if value == "all" else value
@@ -126,7 +127,12 @@ class ReportOptions(Execution, Thresholds):
 
 
 class ReportSpec(ReportOptions, JobSpec):
-    """The ``report`` job."""
+    """The ``report`` job.
+
+    Attributes:
+        name_tables: The ``probe_kinds`` field names entries of :data:`~sensitivity.probes.KINDS`.
+        job: ``"report"``.
+    """
 
     name_tables: ClassVar[dict[str, Methods]] = {"probe_kinds": KINDS}
 

@@ -320,7 +320,7 @@ def build_report(
         OutputError: For an ``out`` that holds another report (without ``overwrite``), or is being written by
             another process.
 
-    Example:
+    Examples:
         >>> paths = build_report("reports/default")  # the embedded default model and corpus, about 10 min
         >>> paths["html"]
     """

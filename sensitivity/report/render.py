@@ -15,7 +15,7 @@ The pages' layout lives in jinja2 templates shipped with the package (``template
 ``templates/report.html.j2`` with ``templates/report.css``); this module chooses the sections and turns them into
 plain data for the templates: text cells (floats to 4 significant digits), heading anchors, base64 figures.
 
-Example:
+Examples:
     >>> paths = write_report(Path("reports/default"), tables, meta)
     >>> paths["html"], paths["markdown"], paths["drift"]
     (PosixPath('reports/default/report.html'), PosixPath('reports/default/report.md'),
@@ -514,7 +514,7 @@ def sections(tables: Mapping[str, pd.DataFrame | None], meta: Mapping, figures: 
         figures: Figure name -> PNG path, as returned by :func:`~sensitivity.report.figures.make_figures`;
             sections reference only these.
 
-    Example:
+    Examples:
         >>> [s.title for s in sections({}, {"model": "m"}, {})]
         ['Summary', 'Reproducibility']
     """
@@ -657,7 +657,7 @@ def render_markdown(sections: list[Section], meta: Mapping) -> str:
     """The report as GitHub markdown: a title, a table of contents, then each section's heading, text, figure
     (``![title](figures/NAME.png)``) and pipe table.
 
-    Example:
+    Examples:
         >>> print(render_markdown([Section("Summary", "Model m.")], {"model": "m"}))  # doctest: +ELLIPSIS
         # Sensitivity report: m
         ...
@@ -718,7 +718,7 @@ def render_html(sections: list[Section], meta: Mapping, figures_dir: Path) -> st
 
     Nothing is fetched from elsewhere: no scripts, no external stylesheets, fonts, images or links.
 
-    Example:
+    Examples:
         >>> page = render_html([Section("Summary", "a <b> label")], {"model": "m"}, Path("figures"))
         >>> "a &lt;b&gt; label" in page
         True
