@@ -9,7 +9,7 @@ MALLOC := MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000
 REPORT ?= reports/default
 PIP_TOOLS := pip-tools==7.7.0
 
-.PHONY: install test test-fast test-latest test-oldest lock report bench grid lint clean corpus
+.PHONY: install test test-fast test-latest test-oldest lock report bench grid lint clean corpus docs docs-check
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ test-oldest: $(STAMP)  # the compatibility subset on every range's floor
 
 lock:  # maintainer: re-resolve requirements/lock.txt from pyproject.toml and requirements/lock.in, then make test
 	test -x .venv-tools/bin/pip-compile || ($(PYTHON) -m venv .venv-tools && .venv-tools/bin/pip install --quiet "$(PIP_TOOLS)")
-	.venv-tools/bin/pip-compile --quiet --upgrade --extra dev --strip-extras --allow-unsafe --no-emit-index-url \
+	.venv-tools/bin/pip-compile --quiet --upgrade --extra dev --extra docs --strip-extras --allow-unsafe --no-emit-index-url \
 		--no-emit-find-links --no-emit-trusted-host --output-file $(LOCK) pyproject.toml requirements/lock.in
 	sed -i "1i # Locked on $$(date -u +%F) with Python $$($(PYTHON) -c 'import platform; print(platform.python_version())') by make lock." $(LOCK)
 
@@ -58,11 +58,18 @@ bench: $(STAMP)
 grid: $(STAMP)  # the pruning grid on both shipped models (about 30 min on 2 cores; resumes)
 	$(MALLOC) $(BIN)/sensitivity grid --out benchmarks/results/grid
 
+docs: $(STAMP)  # the documentation site, built strictly (a warning fails) into site/: open site/index.html, no network
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs-check: docs  # every page of site/ opened in headless Chromium (Debian's package): no broken link, image or script
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	$(BIN)/python tools/check_site.py site --shots index.html studies/paper.html reference/api/probes.html
+
 lint: $(STAMP)
-	$(BIN)/ruff check sensitivity tests benchmarks notebooks
+	$(BIN)/ruff check sensitivity tests benchmarks notebooks docs tools conftest.py
 
 corpus: $(STAMP)  # maintainer: rebuild the built-in corpus from Debian packages (needs apt-get and dpkg-deb)
 	$(BIN)/python -m sensitivity.data.build_corpus
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-tools build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-tools build *.egg-info site site-screenshots
