@@ -9,6 +9,7 @@ package (the parser, the job specs, the registry, the method tables) or from a r
 - ``gen:components MODEL``: the registry's table for a model (``tiny:<family>`` or a shipped model): each unit's
   components, tensors, packed rows, layout and hook point, one layer per kind of layer.
 - ``gen:ablations MODEL``: the ablation kinds that apply to each component of the model's architecture.
+- ``gen:grid FILE MODEL``: a pruning grid's results (``grid.csv``) as a method x sparsity table.
 - ``gen:table FILE [KEY]`` followed by a header line and a row template (Python format fields over each record of
   ``FILE``'s ``KEY`` list, default ``rows``; CSV files are records), closed by ``-->``: a table from a results file.
 
@@ -251,7 +252,32 @@ def _number(value: str):
     return value
 
 
-_KINDS = {"cli": _cli, "spec": _spec, "api": _api, "components": _components, "ablations": _ablations}
+def _grid(args: str) -> str:
+    """The pruning grid of one model (``FILE MODEL``) as method x sparsity: perplexity, x dense, and the share of
+    non-embedding parameters removed (the embedding is the shipped model's ``vocab_size x hidden_size``)."""
+    file, model = args.split()
+    with (ROOT / file).open() as f:
+        rows = [r for r in csv.DictReader(f) if r["model"] == model]
+    if not rows:
+        raise GenError(f"gen:grid: no rows of model {model!r} in {file}")
+    config = json.loads((ROOT / "sensitivity/zoo/models" / model / "config.json").read_text())
+    dense = next(r for r in rows if r["label"] == "dense")
+    body = int(dense["params"]) - config["vocab_size"] * config["hidden_size"]
+    sparsities = sorted({float(r["sparsity"]) for r in rows if r["label"] != "dense"})
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["label"] != "dense"))
+    cells = {(r["label"], float(r["sparsity"])): r for r in rows}
+    lines = ["| method | " + " | ".join(f"{s:g}" for s in sparsities) + " |", "|---" * (len(sparsities) + 1) + "|"]
+    for label in labels:
+        out = []
+        for sp in sparsities:
+            r = cells.get((label, sp))
+            removed = (int(dense["params"]) - int(r["nonzero"])) / body if r else 0
+            out.append(f"{float(r['perplexity']):.1f} (x{float(r['ppl_ratio']):.2f}, {removed:.0%})" if r else "—")
+        lines.append(f"| {label} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+_KINDS = {"cli": _cli, "grid": _grid, "spec": _spec, "api": _api, "components": _components, "ablations": _ablations}
 
 
 def generate(kind: str, args: str, body: str | None) -> str:

@@ -140,3 +140,16 @@ def test_the_site_checker_finds_broken_links_missing_images_and_anchors(tmp_path
         f"index.html: link to {(tmp_path / 'other.html').as_uri()}#nowhere (no anchor #nowhere)",
         f"index.html: link to {(tmp_path / 'missing.html').as_uri()} (no such file)",
     ])  # fmt: skip
+
+
+def test_the_grid_table_is_the_grid_csv():
+    table = hooks.generate("grid", " benchmarks/results/grid/grid.csv default", None)
+    with (ROOT / "benchmarks/results/grid/grid.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["model"] == "default"]
+    wanda = next(r for r in rows if r["label"] == "wanda" and float(r["sparsity"]) == 0.5)
+    removed = (5_820_864 - int(wanda["nonzero"])) / (5_820_864 - 8192 * 256)  # the default: vocab 8192, width 256
+    row = next(line for line in table.split("\n") if line.startswith("| wanda |"))
+    assert row.split(" | ")[2] == f"{float(wanda['perplexity']):.1f} (x{float(wanda['ppl_ratio']):.2f}, {removed:.0%})"
+    assert table.split("\n")[0] == "| method | 0.25 | 0.5 | 0.75 |"
+    with pytest.raises(hooks.GenError, match="no rows of model 'nope'"):
+        hooks.generate("grid", "benchmarks/results/grid/grid.csv nope", None)
