@@ -11,7 +11,8 @@ package (the parser, the job specs, the registry, the method tables) or from a r
 - ``gen:ablations MODEL``: the ablation kinds that apply to each component of the model's architecture.
 - ``gen:grid FILE MODEL``: a pruning grid's results (``grid.csv``) as a method x sparsity table.
 - ``gen:table FILE [KEY]`` followed by a header line and a row template (Python format fields over each record of
-  ``FILE``'s ``KEY`` list, default ``rows``; CSV files are records), closed by ``-->``: a table from a results file.
+  ``FILE``'s ``KEY`` list, default ``rows``; a mapping's items are records with its key as ``key``; CSV files are
+  records; fields index nested values, ``{seconds[exact]}``), closed by ``-->``: a table from a results file.
 
 An unknown directive, a missing file or a failed generator stops the build (``mkdocs build --strict``).
 """
@@ -233,7 +234,7 @@ def _table(args: str, body: str | None) -> str:
         data = json.loads(file.read_text())
         for key in (parts[1] if len(parts) > 1 else "rows").split("."):
             data = data[int(key)] if isinstance(data, list) else data[key]
-        records = data
+        records = [{"key": k, **v} for k, v in data.items()] if isinstance(data, dict) else data  # a dict: its items
     lines = body.strip().split("\n")
     header, template = lines[0], lines[1]
     where = lines[2].removeprefix("where ") if len(lines) > 2 else None

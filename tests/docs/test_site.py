@@ -110,6 +110,10 @@ def test_generated_tables_come_from_the_results_and_the_specs(tmp_path):
     results.write_text("label,ratio\na,1.23456\nb,2.5\n")
     table = hooks._table(str(results), "| label | x |\n| {label} | {ratio:.2f} |\nwhere ratio > 2")
     assert table == "| label | x |\n|---|---|\n| b | 2.50 |"
+    nested = tmp_path / "n.json"
+    nested.write_text('{"models": {"m1": {"s": {"exact": 10.0, "fast": 0.5}}}}')
+    nested_table = hooks._table(f"{nested} models", "| model | x |\n| {key} | {s[exact]:.0f}/{s[fast]} |")
+    assert nested_table.endswith("| m1 | 10/0.5 |")
     escaped = hooks._table(str(results), "| a \\| b | x |\n| {label} | {ratio:.1f} |")
     assert escaped.split("\n")[1] == "|---|---|"
     spec = hooks.generate("spec", " prune", None)
