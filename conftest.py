@@ -56,6 +56,8 @@ def _setup(namespace: dict) -> None:
 
 
 def _teardown(namespace: dict) -> None:
+    if (namespace["__cwd__"] / "ray-start.log").exists():  # a page that started a Ray cluster stops it, even failing
+        subprocess.run([str(BIN / "ray"), "stop"], capture_output=True, timeout=120, env=_env(namespace["__cwd__"]))
     os.chdir(namespace["__old_cwd__"])
     sys.path.remove(str(namespace["__cwd__"]))
     shutil.rmtree(namespace["__cwd__"].parent, ignore_errors=True)
