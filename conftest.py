@@ -33,11 +33,12 @@ from sybil import Sybil
 from sybil.evaluators.python import PythonEvaluator
 from sybil.parsers.markdown import CodeBlockParser, SkipParser
 
+from sensitivity.jobs import JOBS  # the job names the command line has (torch-free)
+
 ROOT = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*(?:e[-+]?\d+)?")
 _DURATION = re.compile(r"\d+(?:\.\d+)? (?:s|ms|min)\b")
-_JOBS = ("evaluate", "probe", "attribute", "agreement", "schedule", "prune", "explain", "report", "grid")
 
 
 def _env(cwd: Path) -> dict[str, str]:
@@ -179,7 +180,7 @@ def evaluate_sh(example) -> str | None:
         words = shlex.split(line) if line else []
         while words and re.fullmatch(r"\w+=\S*", words[0]):
             words.pop(0)
-        if len(words) >= 2 and words[0] == "sensitivity" and words[1] in _JOBS:
+        if len(words) >= 2 and words[0] == "sensitivity" and words[1] in JOBS:
             rc, _, err = _run(shlex.join([*words, "--print-spec"]), cwd, timeout=120)
             if rc:
                 return f"{line}\n{err}"

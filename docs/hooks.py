@@ -151,19 +151,16 @@ PAGES = ("sensitivity", "sensitivity.core", "sensitivity.data", "sensitivity.eva
 def _owners() -> dict[str, str]:
     """Object -> the one page that documents it in full: the page of the package defining it when that package
     exports it, else the first page that does."""
-    exported = {page: _exports(page) for page in PAGES}
+    def ident(name: str, where: str) -> str:
+        module, _, attribute = where.partition(":")
+        return f"{module}.{attribute or name}"
+
+    exported = {page: [ident(n, w) for n, w in _exports(page).items()] for page in PAGES}
     owners: dict[str, str] = {}
-    for page, names in exported.items():
-        for name, where in names.items():
-            module, _, attribute = where.partition(":")
-            ident = f"{module}.{attribute or name}"
-            home = max((p for p in PAGES if module == p or module.startswith(p + ".")), key=len, default=None)
-            if home is not None and home != "sensitivity" and ident in {
-                f"{m}.{a or n}" for n, (m, _, a) in ((n, w.partition(":")) for n, w in exported[home].items())
-            }:
-                owners[ident] = home
-            else:
-                owners.setdefault(ident, page)
+    for page, idents in exported.items():
+        for obj in idents:
+            home = max((p for p in PAGES[1:] if obj.startswith(p + ".")), key=len, default=None)
+            owners[obj] = home if home is not None and obj in exported[home] else owners.get(obj, page)
     return owners
 
 

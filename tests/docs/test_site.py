@@ -157,3 +157,25 @@ def test_the_grid_table_is_the_grid_csv():
     assert table.split("\n")[0] == "| method | 0.25 | 0.5 | 0.75 |"
     with pytest.raises(hooks.GenError, match="no rows of model 'nope'"):
         hooks.generate("grid", "benchmarks/results/grid/grid.csv nope", None)
+
+
+def test_the_site_checker_refuses_a_folder_without_a_site(tmp_path, capsys):
+    import check_site
+
+    assert check_site.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"check_site: {tmp_path} holds no index.html; build it first (make docs)\n"
+
+
+def test_transcripts_match_elisions_durations_and_numbers_within_tolerance():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_runner", ROOT / "conftest.py")  # the root conftest
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    _matches = runner._matches
+
+    assert _matches(["pruned in 4.07 s -> out", "...", "perplexity  63.298"],
+                    ["pruned in 0.12 s -> out", "a", "b", "perplexity  63.300"])  # fmt: skip
+    assert not _matches(["perplexity  63.298"], ["perplexity  63.400"])
+    assert not _matches(["--method METHOD"], ["--methods METHOD"])
+    assert not _matches(["a", "b"], ["a"])
