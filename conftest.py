@@ -3,8 +3,8 @@
 Each page runs top to bottom in a fresh working directory (with an empty ``runs/``), so a later block may use what an
 earlier one wrote:
 
-- ``python`` blocks are executed, in one namespace per page. A block whose first line is ``# NAME.py`` is also
-  written to ``NAME.py`` in the working directory (a module the page's commands import).
+- ``python`` blocks are executed, in one namespace per page. A block whose first line is ``# NAME.py`` is instead
+  written to ``NAME.py`` in the working directory and compiled (a module the page's commands import and run).
 - ``console`` blocks are transcripts: each ``$ COMMAND`` line runs in bash and its output must match the lines below
   it. In the expected text a line ``...`` stands for any number of lines and ``...`` inside a line for any text;
   numbers match within 2 units of their last shown digit or 0.05%, and durations (``2.19 s``) match any duration.
@@ -189,8 +189,10 @@ def evaluate_sh(example) -> str | None:
 
 def evaluate_python(example) -> None:
     first = example.parsed.split("\n", 1)[0]
-    if m := re.fullmatch(r"# (\w+\.py)", first.strip()):
+    if m := re.fullmatch(r"# (\w+\.py)", first.strip()):  # a module file: written, compiled, run by the page's commands
         (example.namespace["__cwd__"] / m.group(1)).write_text(example.parsed)
+        compile(example.parsed, m.group(1), "exec")  # not executed here: its registrations would outlive the page
+        return None
     return _PYTHON(example)
 
 
