@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_refusal.py
 	$(BIN)/python benchmarks/bench_ray.py
 	$(BIN)/python benchmarks/bench_streamed.py  # writes about 11 GB under /tmp
+	$(BIN)/python benchmarks/bench_streamed_estimate.py  # the same checkpoint, every probe of 48 layers (~30 min)
 
 grid: $(STAMP)  # the pruning grid on both shipped models (about 30 min on 2 cores; resumes)
 	$(MALLOC) $(BIN)/sensitivity grid --out benchmarks/results/grid

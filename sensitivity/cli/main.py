@@ -232,21 +232,27 @@ def _print_tasks(rows: list[dict]) -> None:
         print(f"  {row['task']} {row['metric']}: {row['definition']}")
 
 
+_ESTIMATORS = {"fisher": "second order, the Fisher quadratic of the KL plus the first-order term",
+               "empirical": "the squared first-order term per window", "linear": "first-order attribution patching",
+               "local": "first order with the ablated layer run exactly"}  # fmt: skip
+
+
 def _print_probe(result, args) -> None:
     df, top = result.value, int(getattr(args, "top", 10) or 0)
     n_est = int(df[df.metric == "delta_nll"].estimated.sum()) if "estimated" in df else 0
-    what = f" ({n_est} estimated to first order)" if n_est else ""
+    how = ", ".join(df[df.estimated].estimator.unique()) if n_est else ""
+    what = f" ({n_est} estimated: {how})" if n_est else ""
     print(f"{len(df) // 3} probes of {result.spec.model}{what} -> {os.path.join(result.spec.out, 'probes.csv')}")
     if top:
         damage = df[df.metric == "delta_nll"]  # ranked as shown (4 decimals), ties in plan order: no float-noise order
         damage = damage.loc[damage["value"].round(4).sort_values(ascending=False, kind="stable").index].head(top)
         damage = damage.assign(index=damage["index"].astype("string").fillna("-"),
                                sparsity=damage["sparsity"].map(lambda s: "-" if s != s else f"{s:g}"))  # fmt: skip
-        columns = ["layer", "component", "index", "kind", "sparsity", "value"] + (["estimated"] if n_est else [])
+        columns = ["layer", "component", "index", "kind", "sparsity", "value"] + (["estimator"] if n_est else [])
         table = damage[columns].rename(columns={"value": "delta_nll"}).to_string(
             index=False, float_format=lambda v: f"{v:.4f}")  # fmt: skip
-        print(f"most damaging (delta_nll = mean next-token NLL ablated - dense, nats/token"
-              f"{'; estimated: first-order attribution patching' if n_est else ''}):\n{table}")  # fmt: skip
+        note = f"; estimated: {_ESTIMATORS[how.split()[0]]}" if n_est and "," not in how else ""
+        print(f"most damaging (delta_nll = mean next-token NLL ablated - dense, nats/token{note}):\n{table}")
 
 
 def _print_attribute(result, args) -> None:

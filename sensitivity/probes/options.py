@@ -33,11 +33,13 @@ KINDS.declare("remove", _IMPL, description="a whole unit removed (mixer, head h,
 
 METRICS = ("delta_nll", "ppl_ratio", "kl")
 """What each probe measures: ``delta_nll`` (mean next-token NLL ablated minus dense, nats/token), ``ppl_ratio``
-(``exp(delta_nll)``) and ``kl`` (mean per-token ``KL(dense || ablated)``, nats)."""
+(``exp(delta_nll)``) and ``kl`` (mean per-token ``KL(dense || ablated)``, nats; estimated by the fisher estimator
+only)."""
 SWEEPS = ("cached", "batched", "naive")
 """How a sweep runs the probes (:attr:`ProbeOptions.sweep`); all give the same numbers."""
-COLUMNS = ("layer", "component", "index", "kind", "sparsity", "metric", "value", "seed", "estimated")
-"""Columns of ``probes.csv``, one row per probe and metric of :data:`METRICS`."""
+COLUMNS = ("layer", "component", "index", "kind", "sparsity", "metric", "value", "seed", "estimated", "estimator")
+"""Columns of ``probes.csv``, one row per probe and metric of :data:`METRICS`; ``estimator`` is ``exact`` for a
+measured probe, else the estimator (``fisher K=2``, ``empirical``, ``linear``, ``local``)."""
 
 
 def _distinct(values):
@@ -80,27 +82,40 @@ class ProbeOptions(Execution, TaskOptions):
     stack: Count = 4
     """With sweep=batched: probes of one layer per stacked forward."""
     estimate: bool = False
-    """First-order estimates of every probe from one forward and backward per batch (attribution patching)
-    instead of exact damage; rows are marked ``estimated`` and have no ``kl``."""
-    estimator: Literal["linear", "local"] = "linear"
-    """With estimate: linear (AtP: every activation and weight change linearised) or local (the ablated layer run
-    exactly, the rest linearised; one block forward per probe)."""
+    """Estimate every probe from gradients (K+1 backward passes in all) instead of measuring its damage; rows are
+    marked ``estimated`` and name their ``estimator``."""
+    estimator: Literal["fisher", "empirical", "linear", "local"] = "fisher"
+    """With estimate: fisher (second order: the Fisher quadratic of the KL from K label sequences drawn from the
+    dense model, plus the first-order term; fills kl), empirical (the squared first-order term per window on the
+    real labels), linear (attribution patching: first order) or local (first order, the ablated layer run exactly,
+    the rest linearised)."""
+    samples: Count = 2
+    """With estimator=fisher: label sequences drawn from the dense model per window (K)."""
+    layer_kinds: Annotated[Names | None, AfterValidator(_distinct)] = None
+    """With estimate: kinds whose probes are read at their layer's output (the ablated layer run exactly, one block
+    forward per probe) instead of at their hook points; default none."""
     streamed: bool = False
     """Read the model (a local safetensors checkpoint) one block at a time, for checkpoints larger than memory:
     the cached sweep's numbers, the residual streams kept in memory-mapped files on disk (exact sweep, in process)."""
 
     @model_validator(mode="after")
     def _streamable(self) -> ProbeOptions:
-        if self.streamed and (self.estimate or self.sweep != "cached" or self.backend != "local"):
-            asked = "estimate" if self.estimate else f"sweep={self.sweep}" if self.sweep != "cached" else \
-                f"backend={self.backend}"  # fmt: skip
-            raise SpecError(f"a streamed sweep is exact, cached and in process; {asked} is not", "streamed")
-        if not self.estimate and self.estimator != type(self).model_fields["estimator"].default:
+        if self.streamed and (self.sweep != "cached" or self.backend != "local"):
+            asked = f"sweep={self.sweep}" if self.sweep != "cached" else f"backend={self.backend}"
+            raise SpecError(f"a streamed sweep is cached and in process; {asked} is not", "streamed")
+        default = type(self).model_fields
+        if not self.estimate and self.estimator != default["estimator"].default:
             raise SpecError(f"{self.estimator!r} chooses how estimate estimates; it needs estimate (without it every "
                             "probe is measured exactly)", "estimator")  # fmt: skip
+        if self.samples != default["samples"].default and not (self.estimate and self.estimator == "fisher"):
+            raise SpecError(f"{self.samples} label samples are drawn by the fisher estimator only; it needs estimate "
+                            f"and estimator=fisher (here {self.estimator if self.estimate else 'no estimate'})",
+                            "samples")  # fmt: skip
+        if self.layer_kinds and not self.estimate:
+            raise SpecError("layer_kinds chooses how estimate reads probes; it needs estimate", "layer_kinds")
         return self
 
-    @field_validator("kinds")
+    @field_validator("kinds", "layer_kinds")
     @classmethod
     def _known(cls, kinds):
         for kind in kinds or ():

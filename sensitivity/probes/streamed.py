@@ -9,6 +9,10 @@ them. Every batch of windows goes through the same blocks as in the cached sweep
 same bits. Memory: the parts outside the blocks, one block, one batch of the stream, and the dense log-probabilities
 of the held-out windows (as in memory).
 
+Estimates (``estimate=True``) stream too: :func:`~sensitivity.probes.estimate.estimate` runs its dense pass and its
+layer-by-layer backward pass with one block loaded at a time and the residual stream in a memory-mapped file, the
+same computation as in memory.
+
 Shape legend: B batch (windows), L sequence length, D model width, V vocabulary.
 """
 
@@ -23,7 +27,8 @@ from ..core.finite import NonFiniteError
 from ..core.runner import LayerRunner
 from ..core.streamed import ResidualCache, StreamedCheckpoint, streamed_channel_stats
 from .ablations import Probe, ablate, resample_point
-from .estimate import ResampleSources
+from .estimate import estimate
+from .sweep import ResampleSources
 
 __all__ = ["StreamedProbeJob"]
 
@@ -51,6 +56,9 @@ class StreamedProbeJob:
         self.ctx = _calibrate(self.lm, payload.calibration, payload.todo, o, payload.show_progress,
                               stats_of=lambda lm, *args, **kw: streamed_channel_stats(ckpt, *args, **kw))  # fmt: skip
         self.timings["calibration_s"] = time.perf_counter() - t0
+        self.cache = None
+        if o.estimate:  # the estimates run their own dense pass, block by block
+            return
         t0 = time.perf_counter()
         self.run_ = run = LayerRunner(self.lm, payload.windows, o.batch_size)
         self.first = min(p.layer for p in payload.todo)
@@ -72,8 +80,18 @@ class StreamedProbeJob:
         self.stream = _Stream(self.cache, self.first)
         self.timings["dense_s"] = time.perf_counter() - t0
 
+    def run(self, shard: list[Probe]) -> tuple[list[dict[str, float]], float | None, dict[str, float]]:
+        o = self.p.options
+        if o.estimate:
+            values = estimate(self.lm, shard, self.p.windows, self.ctx, estimator=o.estimator, samples=o.samples,
+                              layer_kinds=o.layer_kinds or (),
+                              seed=o.seed, batch_size=o.batch_size, show_progress=self.p.show_progress,
+                              block=self.ckpt.block, stream=lambda shape, dtype: ResidualCache(None, shape, dtype))
+            return [values[p.key] for p in shard], None, self.timings
+        return self._exact(shard)
+
     @torch.no_grad()
-    def run(self, shard: list[Probe]) -> tuple[list[dict[str, float]], float, dict[str, float]]:
+    def _exact(self, shard: list[Probe]) -> tuple[list[dict[str, float]], float, dict[str, float]]:
         run, reg, model, layer = self.run_, self.lm.registry, self.lm.model, shard[0].layer
         n, L = run.ids.shape
         with ResidualCache(None, (len(shard), n, L, model.config.hidden_size), self.lm.dtype) as states:
@@ -106,4 +124,5 @@ class StreamedProbeJob:
 
     def close(self) -> None:
         """Delete the dense stream's cache file."""
-        self.cache.close()
+        if self.cache is not None:
+            self.cache.close()

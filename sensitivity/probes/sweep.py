@@ -57,7 +57,7 @@ from .ablations import (
     present,
     resample_point,
 )
-from .estimate import ResampleSources, estimate
+from .estimate import estimate
 from .options import COLUMNS, METRICS, SWEEPS, ProbeOptions
 
 __all__ = ["COLUMNS", "METRICS", "SWEEPS", "ProbeOptions", "plan", "probe"]
@@ -113,6 +113,25 @@ def plan(registry: Registry, options: ProbeOptions) -> list[Probe]:
     if not probes:
         raise SpecError(f"no probe applies: components {comps} x kinds {list(kinds)}; see ablation_table()", "kinds")
     return probes
+
+
+class ResampleSources:
+    """The dense activations at a layer's resampled hook points on the windows a batch resamples from (window i
+    takes window i+1's): one block forward per layer and batch for all of that layer's points, from the dense
+    residual ``stream`` entering each layer. Shared by the cached, batched and streamed sweeps."""
+
+    def __init__(self, runner: LayerRunner, stream, points: dict[int, list[str]]) -> None:
+        self.runner, self.stream, self.points, self.cache = runner, stream, points, {}
+        n = len(runner.ids)
+        self.source = (torch.arange(n) + 1) % n
+
+    def __call__(self, layer: int, point: str, b: slice) -> dict[str, torch.Tensor]:
+        if layer not in self.cache:
+            src = self.source[b].to(self.runner.ids.device)
+            acts = self.runner.capture(layer, self.points[layer], self.stream[layer][src], rows=src)
+            self.cache[layer] = {hook_name(layer, pt): torch.cat(a) for pt, a in acts.items()}
+        name = hook_name(layer, point)
+        return {name: self.cache[layer][name]}
 
 
 @dataclass
@@ -243,10 +262,20 @@ def _calibrate(lm: LoadedModel, windows: Windows, probes: list[Probe], options: 
     return Context(means, {n: input_norm(s.sumsq, len(windows)) for n, s in stats.items()})
 
 
-def _rows(probe: Probe, values: dict[str, float], seed: int, estimated: bool = False) -> list[dict]:
+def estimator_label(options: ProbeOptions, kind: str | None = None) -> str:
+    """What the ``estimator`` column says of a sweep's rows (of ``kind``): ``exact``, or the estimator (with K for
+    fisher; ``, layer`` for the kinds of ``layer_kinds``, read at their layer's output)."""
+    if not options.estimate:
+        return "exact"
+    label = f"fisher K={options.samples}" if options.estimator == "fisher" else options.estimator
+    return f"{label}, layer" if kind in (options.layer_kinds or ()) else label
+
+
+def _rows(probe: Probe, values: dict[str, float], seed: int, estimator: str = "exact") -> list[dict]:
     return [
         {"layer": probe.layer, "component": probe.component, "index": probe.index, "kind": probe.kind,
-         "sparsity": probe.sparsity, "metric": m, "value": values[m], "seed": seed, "estimated": estimated}
+         "sparsity": probe.sparsity, "metric": m, "value": values[m], "seed": seed,
+         "estimated": estimator != "exact", "estimator": estimator}
         for m in METRICS
     ]  # fmt: skip
 
@@ -254,7 +283,7 @@ def _rows(probe: Probe, values: dict[str, float], seed: int, estimated: bool = F
 def _frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     return df.astype({"layer": "int64", "index": "Int64", "sparsity": "float64", "value": "float64", "seed": "int64",
-                      "estimated": "bool"})  # fmt: skip
+                      "estimated": "bool", "estimator": "object"})  # fmt: skip
 
 
 def _to_csv(df: pd.DataFrame) -> str:
@@ -293,10 +322,11 @@ def probe(
         show_progress: Show tqdm bars.
 
     Returns:
-        A tidy frame with columns ``layer, component, index, kind, sparsity, metric, value, seed, estimated``;
-        ``index`` is the head or state of unit probes (else missing), ``sparsity`` the level of sparsify kinds
-        (else missing), ``metric`` one of ``delta_nll``, ``ppl_ratio``, ``kl``; ``estimated`` is True for
-        first-order estimates (``estimate=True``; their ``kl`` is missing).
+        A tidy frame with columns ``layer, component, index, kind, sparsity, metric, value, seed, estimated,
+        estimator``; ``index`` is the head or state of unit probes (else missing), ``sparsity`` the level of
+        sparsify kinds (else missing), ``metric`` one of ``delta_nll``, ``ppl_ratio``, ``kl``; ``estimated`` is True
+        for estimates (``estimate=True``; ``kl`` is missing but for the fisher estimator) and ``estimator`` names
+        how each row was obtained (``exact``, ``fisher K=2``, ...).
 
     Raises:
         SpecError: For unknown options, components, kinds or layers.
@@ -386,8 +416,9 @@ class _ProbeJob:
     def run(self, shard: list[Probe]) -> tuple[list[dict[str, float]], float | None, dict[str, float]]:
         o = self.p.options
         if o.estimate:
-            values = estimate(self.lm, shard, self.p.windows, self.ctx, estimator=o.estimator,
-                              batch_size=o.batch_size, show_progress=self.p.show_progress)  # fmt: skip
+            values = estimate(self.lm, shard, self.p.windows, self.ctx, estimator=o.estimator, samples=o.samples,
+                              layer_kinds=o.layer_kinds or (),
+                              seed=o.seed, batch_size=o.batch_size, show_progress=self.p.show_progress)  # fmt: skip
             return [values[p.key] for p in shard], None, self.timings
         if o.sweep == "batched" and len(shard) > 1:
             values = self.sweep.run_layer(shard, self.dense, self.ctx)
@@ -397,7 +428,7 @@ class _ProbeJob:
 
 
 def _shards(todo: list[Probe], options: ProbeOptions) -> list[list[Probe]]:
-    """The sweep's pieces: every estimate at once (one forward and backward per batch covers them all); on Ray the
+    """The sweep's pieces: every estimate at once (one backward pass per label sequence covers them all); on Ray the
     probes of each layer (a worker reuses its cached stream); in process one probe at a time (written as it ends),
     or a layer's probes for the batched sweep."""
     if options.estimate:
@@ -427,7 +458,7 @@ def _sweep(lm: LoadedModel, probes: list[Probe], options: ProbeOptions, windows:
             if dense_nll is not None:
                 record["dense_nll"] = dense_nll
             for p, v in zip(shard, values):
-                rows_of[p.key] = _rows(p, v, options.seed, estimated=options.estimate)
+                rows_of[p.key] = _rows(p, v, options.seed, estimator_label(options, p.kind))
             bar.update(len(shard))
             if out is not None:
                 ordered = [r for q in probes if q.key in rows_of for r in rows_of[q.key]]
@@ -473,6 +504,9 @@ def _load_finished(out: OutputDir) -> dict[tuple, list[dict]]:
     df = pd.read_csv(csv_path, float_precision="round_trip", keep_default_na=True)
     if "estimated" not in df.columns:  # written before estimates existed: every row exact
         df["estimated"] = False
+    if "estimator" not in df.columns:  # written before the column: the estimator its spec names (first order)
+        named = (out.previous or {}).get("spec", {}).get("estimator", "linear")
+        df["estimator"] = df.estimated.map({False: "exact", True: named})
     finished: dict[tuple, list[dict]] = {}
     for rec in _frame(df.to_dict("records")).to_dict("records"):
         rec = {k: (None if pd.isna(v) else v) for k, v in rec.items()}

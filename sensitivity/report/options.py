@@ -67,10 +67,11 @@ class ReportOptions(Execution, Thresholds):
     """Ablation kinds probed."""
     probe_sparsities: Sparsities = (0.25, 0.5, 0.75, 0.9)
     """Sparsities of the magnitude/WANDA probes (the sensitivity allocator's curves)."""
-    exact: ExactProbes = "all"
-    """Which probes are measured exactly: all; none (first-order estimates of every probe, from one forward and
-    backward per batch); top:K (estimate every probe, then measure the K with the largest estimated damage
-    exactly). Estimated rows are marked in data/probes.csv and counted in the report."""
+    exact: ExactProbes = "top:32"
+    """Which probes are measured exactly: all; none (estimates of every probe by the fisher estimator, from K+1
+    backward passes, zero/mean/resample read at the layer output); top:K (estimate every probe, then measure
+    exactly the K with the largest estimated damage and every probe of the kind the sensitivity schedule reads,
+    WANDA). Estimated rows are marked in data/probes.csv and counted in the report."""
     attribution_windows: Count = 8
     """Calibration windows for attribution."""
     calib_windows: Count = 32

@@ -59,9 +59,8 @@ def test_streamed_sweep_resumes_an_in_memory_one(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize(("options", "match"), [
-    ({"estimate": True}, "streamed: a streamed sweep is exact, cached and in process; estimate is not"),
-    ({"sweep": "batched"}, "streamed: a streamed sweep is exact, cached and in process; sweep=batched is not"),
-    ({"backend": "ray"}, "streamed: a streamed sweep is exact, cached and in process; backend=ray is not"),
+    ({"sweep": "batched"}, "streamed: a streamed sweep is cached and in process; sweep=batched is not"),
+    ({"backend": "ray"}, "streamed: a streamed sweep is cached and in process; backend=ray is not"),
 ])  # fmt: skip
 def test_streamed_sweep_refusals(tmp_path, options, match):
     src = _save("tiny:mamba", tmp_path / "m")
@@ -82,4 +81,18 @@ def test_cli_streamed_probe(tmp_path):
     assert (tmp_path / "s" / "probes.csv").read_bytes() == (tmp_path / "m2" / "probes.csv").read_bytes()
     bad = run("--streamed", "--sweep", "naive", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
-    assert "a streamed sweep is exact, cached and in process; sweep=naive is not" in bad.stderr
+    assert "a streamed sweep is cached and in process; sweep=naive is not" in bad.stderr
+
+
+@pytest.mark.parametrize(("name", "estimator"), [("tiny:mamba2", "fisher"), ("tiny:bamba", "fisher"),
+                                                ("tiny:zamba2", "fisher"), ("tiny:mamba", "local")])  # fmt: skip
+def test_streamed_estimates_write_the_in_memory_csv(name, estimator, tmp_path, one_thread):
+    src = _save(name, tmp_path / "m")
+    lm = load_model(str(src))
+    layers = [lm.registry.n_layers - 2, lm.registry.n_layers - 1]
+    kw = dict(layers=layers, sparsities=(0.5,), estimate=True, estimator=estimator, **SMALL)
+    memory = probe(lm, load_corpus("sample"), out=tmp_path / "memory", **kw)
+    streamed = probe(str(src), load_corpus("sample"), out=tmp_path / "streamed", streamed=True, **kw)
+    assert len(memory) > 60 and memory.estimated.all() and memory.value.notna().sum() > len(memory) // 2
+    assert (tmp_path / "streamed" / "probes.csv").read_bytes() == (tmp_path / "memory" / "probes.csv").read_bytes()
+    assert streamed.equals(memory)

@@ -141,20 +141,25 @@ def test_bad_settings_are_named(options, message):
 
 
 def test_exact_top_k_estimates_every_probe_and_measures_the_k_worst_exactly(tmp_path):
+    # the K most damaging by the estimate, and every WANDA probe (the sensitivity schedule's curves: exact)
     out = tmp_path / "topk"
     build_report(out, show_progress=False, exact="top:3", **TINY)
     probes = pd.read_csv(out / "data" / "probes.csv")
     estimates = pd.read_csv(out / "probes-estimate" / "probes.csv")
     exact = pd.read_csv(out / "probes" / "probes.csv")
-    assert estimates.estimated.all() and not exact.estimated.any() and len(exact) == 3 * 3
-    damage = estimates[estimates.metric == "delta_nll"].nlargest(3, "value")
+    damage = estimates[estimates.metric == "delta_nll"]
+    wanted = pd.concat([damage.nlargest(3, "value"), damage[damage.kind == "wanda"]]).drop_duplicates()
+    assert estimates.estimated.all() and not exact.estimated.any() and len(exact) == 3 * len(wanted)
+    assert len(wanted) < len(damage)
     measured = probes[~probes.estimated]
     key = ["layer", "component", "kind", "sparsity"]
     assert sorted(map(tuple, measured[measured.metric == "delta_nll"][key].fillna(-1).values.tolist())) == sorted(
-        map(tuple, damage[key].fillna(-1).values.tolist()))  # fmt: skip
+        map(tuple, wanted[key].fillna(-1).values.tolist()))  # fmt: skip
     got = measured.set_index(key + ["metric"]).value.sort_index()
     assert got.to_numpy() == pytest.approx(exact.set_index(key + ["metric"]).value.sort_index().to_numpy())
-    assert len(probes) == len(estimates) and probes.estimated.sum() == len(probes) - 9
+    assert len(probes) == len(estimates) and probes.estimated.sum() == len(probes) - 3 * len(wanted)
+    assert set(probes[~probes.estimated].estimator) == {"exact"}
+    assert set(probes[probes.estimated].estimator) == {"fisher K=2, layer"}  # zero probes: read at the layer output
     md = (out / "report.md").read_text()
-    assert f"{len(probes) // 3 - 3} of {len(probes) // 3} probes are first-order estimates" in md
+    assert f"{len(probes) // 3 - len(wanted)} of {len(probes) // 3} probes are estimates ('fisher K=2, layer'" in md
     assert json.loads((out / "manifest.json").read_text())["spec"]["exact"] == "top:3"
