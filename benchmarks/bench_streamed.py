@@ -48,6 +48,15 @@ def generate(path: Path) -> None:
     load_model("default").tokenizer.save_pretrained(path)
 
 
+def ensure_checkpoint(src: Path) -> Path:
+    """The random 1.3B checkpoint at ``src``, generated (and timed) if it is not there yet."""
+    if not (src / "model.safetensors.index.json").is_file():
+        t0 = time.perf_counter()
+        generate(src)
+        print(f"generated {src} in {time.perf_counter() - t0:.0f} s")
+    return src
+
+
 PROBE = dict(layers=[46, 47], components=["dt", "B", "x", "out_proj", "mixer"], kinds=["zero", "mean"], windows=4,
              calib_windows=4, seqlen=128, batch_size=2)  # fmt: skip
 STATE = dict(sparsity=0.25, score="taylor", windows=4)
@@ -121,11 +130,7 @@ def main() -> None:
 
     from sensitivity.core.output import atomic_write_text, versions
 
-    src = Path(args.dir)
-    if not (src / "model.safetensors.index.json").is_file():
-        t0 = time.perf_counter()
-        generate(src)
-        print(f"generated {src} in {time.perf_counter() - t0:.0f} s")
+    src = ensure_checkpoint(Path(args.dir))
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     runs, work = {}, src.parent
     tasks = [("wanda-streamed", "wanda50-streamed"), ("evaluate-streamed", "wanda50-streamed"),

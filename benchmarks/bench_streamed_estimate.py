@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_streamed import CONFIG, PROBE, _peak_mb, generate  # noqa: E402
+from bench_streamed import CONFIG, PROBE, _peak_mb, ensure_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "streamed_estimate.json"
 WINDOWS = dict(windows=4, calib_windows=4, seqlen=128, batch_size=2)
@@ -54,11 +54,7 @@ def main() -> None:
 
     from sensitivity.core.output import atomic_write_text, versions
 
-    src = Path(args.dir)
-    if not (src / "model.safetensors.index.json").is_file():
-        t0 = time.perf_counter()
-        generate(src)
-        print(f"generated {src} in {time.perf_counter() - t0:.0f} s")
+    src = ensure_checkpoint(Path(args.dir))
     runs, work = {}, src.parent
     for task in ("all", "estimate-2", "exact-2"):
         out = work / f"probe-{task}"
